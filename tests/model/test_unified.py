@@ -1,0 +1,192 @@
+"""The unified model on CPU: shapes, masks, heads, presets and the pretrained text tower."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from umt.model import build_model, list_presets, preset_config
+from umt.objectives import ObjectiveConfig
+
+
+def tiny(**changes):
+    cfg = preset_config("tiny")
+    cfg.text.vocab_size = 300
+    for key, value in changes.items():
+        obj = cfg
+        *path, last = key.split(".")
+        for p in path:
+            obj = getattr(obj, p)
+        setattr(obj, last, value)
+    torch.manual_seed(0)
+    return build_model(cfg, log_table=False)
+
+
+def batch(n=4, t=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(n, 3, 32, 32, generator=g)
+    ids = torch.randint(5, 300, (n, t), generator=g)
+    mask = torch.ones(n, t, dtype=torch.long)
+    mask[0, t - 3 :] = 0
+    ids[0, t - 3 :] = 0
+    return pixels, ids, mask
+
+
+def test_forward_backward_reaches_every_parameter():
+    model = tiny()
+    pixels, ids, mask = batch()
+    out = model(pixels, ids, mask, torch.tensor([0, 1, 2, 2]), seed=3)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    out.loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert missing == []
+    assert {"loss/itc", "loss/itm", "itc/accuracy_i2t", "itm/accuracy", "logit_scale"} <= set(
+        out.logs
+    )
+
+
+def test_embeddings_are_normalised_with_the_configured_size():
+    model = tiny()
+    pixels, ids, mask = batch()
+    img, txt = model.encode_image(pixels), model.encode_text(ids, mask)
+    assert img.shape == txt.shape == (4, 32)
+    torch.testing.assert_close(img.norm(dim=-1), torch.ones(4))
+    torch.testing.assert_close(txt.norm(dim=-1), torch.ones(4))
+
+
+def test_extra_padding_changes_nothing():
+    model = tiny().eval()
+    pixels, ids, mask = batch()
+    padded_ids = torch.cat([ids, torch.zeros(4, 5, dtype=torch.long)], dim=1)
+    padded_mask = torch.cat([mask, torch.zeros(4, 5, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.encode_text(ids, mask),
+            model.encode_text(padded_ids, padded_mask),
+            atol=1e-6,
+            rtol=0,
+        )
+        torch.testing.assert_close(
+            model.score_pairs(ids, mask, pixels),
+            model.score_pairs(padded_ids, padded_mask, pixels),
+            atol=1e-6,
+            rtol=0,
+        )
+
+
+def test_padded_token_values_are_ignored_by_fusion():
+    model = tiny().eval()
+    pixels, ids, mask = batch()
+    other = ids.clone()
+    other[0, -3:] = 77  # garbage under the mask
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.score_pairs(ids, mask, pixels),
+            model.score_pairs(other, mask, pixels),
+            atol=1e-6,
+            rtol=0,
+        )
+
+
+def test_logit_scale_starts_at_one_over_0_07_and_is_clamped_at_100():
+    model = tiny()
+    assert model.scale().item() == pytest.approx(1 / 0.07, rel=1e-6)
+    with torch.no_grad():
+        model.logit_scale.log_scale.fill_(10.0)
+    assert model.scale().item() == pytest.approx(100.0, rel=1e-6)
+
+
+def test_no_weight_decay_on_norms_biases_modality_embeddings_and_logit_scale():
+    model = tiny()
+    decay, no_decay = model.optimizer_groups(0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    exempt = {names[id(p)] for p in no_decay["params"]}
+    assert "logit_scale.log_scale" in exempt and "fusion.modality_embed" in exempt
+    assert all(p.ndim >= 2 for p in decay["params"])
+    assert "fusion.blocks.0.attn.qkv.weight" not in exempt
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    pixels, ids, mask = batch()
+    grads = []
+    for ckpt in (False, True):
+        model = tiny(**{"fusion.activation_checkpointing": ckpt})
+        model(pixels, ids, mask, seed=1).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5)
+
+
+def test_mlm_head_is_tied_to_the_word_embeddings_and_trains():
+    model = tiny(mlm=True)
+    assert model.mlm_head.word_embeddings[0] is model.text_tower.get_input_embeddings()
+    pixels, ids, mask = batch(t=16)
+    out = model(
+        pixels, ids, mask, seed=5, objectives=ObjectiveConfig(mlm_weight=1.0, mlm_probability=0.5)
+    )
+    assert torch.isfinite(out.logs["loss/mlm"]) and out.logs["loss/mlm"] > 0
+    out.loss.backward()
+    assert model.mlm_head.bias.grad is not None
+
+
+def test_mlm_without_head_is_a_clear_error():
+    model = tiny()
+    pixels, ids, mask = batch()
+    with pytest.raises(ValueError, match="model.mlm"):
+        model(pixels, ids, mask, objectives=ObjectiveConfig(mlm_weight=1.0))
+
+
+def test_itm_off_skips_the_fusion_pass():
+    model = tiny()
+    pixels, ids, mask = batch()
+    out = model(pixels, ids, mask, objectives=ObjectiveConfig(itm_weight=0.0))
+    out.loss.backward()
+    assert "loss/itm" not in out.logs
+    assert model.fusion.blocks[0].attn.qkv.weight.grad is None
+
+
+def test_presets_are_listed_and_sized():
+    assert list_presets() == ["tiny", "small", "base", "large"]
+    counts = {}
+    for name in list_presets():
+        with torch.device("meta"):
+            counts[name] = build_model(name, log_table=False).num_parameters()
+    # base: BERT-base (no pooler) 108.9M + ViT-B/16 85.8M + 6 fusion layers of width 768.
+    assert counts["base"]["text_tower"] == 108_891_648
+    assert counts["base"]["image_tower"] == 85_798_656
+    assert counts["base"]["fusion"] == 6 * (12 * 768 * 768 + 13 * 768) + 2 * 768 + 2 * 768
+    assert (
+        counts["tiny"]["total"]
+        < counts["small"]["total"]
+        < counts["base"]["total"]
+        < counts["large"]["total"]
+    )
+    assert all(c["total"] == sum(v for k, v in c.items() if k != "total") for c in counts.values())
+
+
+def test_unknown_preset_names_the_key():
+    with pytest.raises(ValueError, match="model.preset"):
+        preset_config("huge")
+
+
+def test_text_tower_loads_pretrained_minilm_and_matches_its_bert(minilm_dir):
+    from transformers import BertModel, BertTokenizerFast
+
+    cfg = preset_config("tiny")
+    cfg.text.pretrained = minilm_dir
+    model = build_model(cfg, log_table=False).eval()
+    assert model.text_tower.config.hidden_size == 384
+    tok = BertTokenizerFast.from_pretrained(minilm_dir)
+    enc = tok(
+        ["a small red circle above a large blue square", "a dog"], padding=True, return_tensors="pt"
+    )
+    reference = BertModel.from_pretrained(minilm_dir).eval()
+    with torch.no_grad():
+        ours = model.embed_text(enc["input_ids"], enc["attention_mask"]).tokens
+        theirs = reference(**enc).last_hidden_state
+    real = enc["attention_mask"].bool()
+    torch.testing.assert_close(ours[real], theirs[real], atol=1e-5, rtol=1e-5)
+    assert model.text_proj.in_features == 384 and not math.isnan(ours.sum().item())

@@ -1,0 +1,44 @@
+"""ITM loss with invalid negatives left out; MLM masking rules."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from umt.objectives import itm_loss, mask_tokens
+from umt.objectives.mlm import IGNORE
+
+
+def test_itm_labels_are_one_zero_zero():
+    logits = torch.randn(6, 2, generator=torch.Generator().manual_seed(0))
+    valid = torch.ones(2, dtype=torch.bool)
+    out = itm_loss(logits, valid, valid)
+    want = F.cross_entropy(logits, torch.tensor([1, 1, 0, 0, 0, 0]))
+    torch.testing.assert_close(out.loss, want)
+
+
+def test_itm_leaves_out_invalid_negatives():
+    logits = torch.randn(6, 2, generator=torch.Generator().manual_seed(1))
+    out = itm_loss(logits, torch.tensor([True, False]), torch.tensor([False, False]))
+    kept = logits[[0, 1, 2]]
+    want = F.cross_entropy(kept, torch.tensor([1, 1, 0]))
+    torch.testing.assert_close(out.loss, want)
+    none = itm_loss(logits, torch.tensor([False, False]), torch.tensor([False, False]))
+    assert torch.isfinite(none.loss) and none.accuracy_negatives == 0
+
+
+def test_mlm_masks_only_real_inner_tokens_in_80_10_10():
+    n, t = 400, 32
+    ids = torch.randint(1000, 2000, (n, t), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(n, t, dtype=torch.long)
+    mask[:, 20:] = 0
+    masked, labels = mask_tokens(ids, mask, 103, 3000, torch.Generator().manual_seed(1), 0.15)
+    chosen = labels != IGNORE
+    assert not chosen[:, 0].any() and not chosen[:, 19].any() and not chosen[:, 20:].any()
+    assert torch.equal(labels[chosen], ids[chosen])
+    frac = chosen.sum().item() / (n * 18)
+    assert 0.13 < frac < 0.17
+    as_mask = (masked[chosen] == 103).float().mean().item()
+    unchanged = (masked[chosen] == ids[chosen]).float().mean().item()
+    assert 0.77 < as_mask < 0.83 and 0.07 < unchanged < 0.13
+    assert torch.equal(masked[~chosen], ids[~chosen])

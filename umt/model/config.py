@@ -1,0 +1,181 @@
+"""Typed model configuration and the named presets (`tiny`, `small`, `base`, `large`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TextTowerConfig:
+    """BERT-family text tower. With `pretrained` set, the architecture fields are ignored."""
+
+    pretrained: str | None = None
+    """HF name or local folder for `BertModel.from_pretrained` (and its tokenizer)."""
+    vocab_size: int = 30522
+    """Vocabulary size; 30522 matches bert-base-uncased WordPiece tokenizers."""
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    dropout: float = 0.1
+    pad_token_id: int = 0
+    mask_token_id: int = 103
+    """Id of `[MASK]` for MLM (103 in bert-base-uncased vocabularies)."""
+
+
+@dataclass
+class ImageTowerConfig:
+    """ViT image tower. With `pretrained` set, the architecture fields are ignored."""
+
+    pretrained: str | None = None
+    """HF name or local folder for `ViTModel.from_pretrained`."""
+    image_size: int = 224
+    patch_size: int = 16
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    dropout: float = 0.0
+
+
+@dataclass
+class FusionConfig:
+    """Fusion transformer over concat(text tokens, image tokens)."""
+
+    num_layers: int = 6
+    hidden_size: int = 768
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    activation_checkpointing: bool = False
+    """Recompute each block in backward: less activation memory, ~1/3 more fusion compute."""
+
+
+@dataclass
+class ModelConfig:
+    """The unified multimodal transformer: two towers, a fusion transformer and the heads."""
+
+    preset: str | None = None
+    """Name of the preset these values started from (informational once resolved)."""
+    text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    embed_dim: int = 256
+    """Shared embedding size of the contrastive projections."""
+    logit_scale_init: float = 2.6592600369327779
+    """ln(1/0.07), as in CLIP."""
+    logit_scale_max: float = 4.605170185988092
+    """The logit scale is clamped at ln(100)."""
+    mlm: bool = False
+    """Build the MLM head (tied to the word embeddings)."""
+
+
+def _preset(text: dict, image: dict, fusion: dict, embed_dim: int, name: str) -> ModelConfig:
+    return ModelConfig(
+        preset=name,
+        text=TextTowerConfig(**text),
+        image=ImageTowerConfig(**image),
+        fusion=FusionConfig(**fusion),
+        embed_dim=embed_dim,
+    )
+
+
+def _tiny() -> ModelConfig:
+    return _preset(
+        dict(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, dropout=0.0),
+        dict(
+            image_size=32,
+            patch_size=8,
+            hidden_size=64,
+            num_layers=2,
+            num_heads=2,
+            intermediate_size=128,
+        ),
+        dict(num_layers=2, hidden_size=64, num_heads=2),
+        32,
+        "tiny",
+    )
+
+
+def _small() -> ModelConfig:
+    return _preset(
+        dict(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024, dropout=0.0),
+        dict(
+            image_size=96,
+            patch_size=16,
+            hidden_size=256,
+            num_layers=4,
+            num_heads=4,
+            intermediate_size=1024,
+        ),
+        dict(num_layers=2, hidden_size=256, num_heads=4),
+        128,
+        "small",
+    )
+
+
+def _base() -> ModelConfig:
+    # ViT-B/16 + BERT-base + 6 fusion layers, 768 wide (ALBEF/BLIP-base proportions).
+    return _preset(
+        dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072),
+        dict(
+            image_size=224,
+            patch_size=16,
+            hidden_size=768,
+            num_layers=12,
+            num_heads=12,
+            intermediate_size=3072,
+        ),
+        dict(num_layers=6, hidden_size=768, num_heads=12),
+        256,
+        "base",
+    )
+
+
+def _large() -> ModelConfig:
+    # ViT-L/16 + BERT-large + 12 fusion layers, 1024 wide.
+    return _preset(
+        dict(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096),
+        dict(
+            image_size=224,
+            patch_size=16,
+            hidden_size=1024,
+            num_layers=24,
+            num_heads=16,
+            intermediate_size=4096,
+        ),
+        dict(num_layers=12, hidden_size=1024, num_heads=16),
+        512,
+        "large",
+    )
+
+
+PRESETS = {"tiny": _tiny, "small": _small, "base": _base, "large": _large}
+
+
+def list_presets() -> list[str]:
+    return list(PRESETS)
+
+
+def preset_config(name: str) -> ModelConfig:
+    """A fresh `ModelConfig` of the named preset."""
+    if name not in PRESETS:
+        raise ValueError(f"model.preset: unknown preset {name!r}; choose one of {list_presets()}")
+    return PRESETS[name]()
+
+
+def model_config_to_dict(cfg: ModelConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def model_config_from_dict(d: dict) -> ModelConfig:
+    """Inverse of `model_config_to_dict` (used by exports, which carry their config)."""
+    d = dict(d)
+    return ModelConfig(
+        text=TextTowerConfig(**d.pop("text", {})),
+        image=ImageTowerConfig(**d.pop("image", {})),
+        fusion=FusionConfig(**d.pop("fusion", {})),
+        **d,
+    )

@@ -1,0 +1,210 @@
+"""`UnifiedMultimodalTransformer`: text tower + image tower + fusion transformer + heads."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from umt.model.config import ModelConfig
+from umt.model.fusion import FusionTransformer
+from umt.objectives.pretrain import ObjectiveConfig, PretrainOutput, pretraining_losses
+
+
+class TextFeatures(NamedTuple):
+    tokens: torch.Tensor  # (B, T, Dt) last hidden states of the text tower
+    mask: torch.Tensor  # (B, T) attention mask, 1 for real tokens
+    embeds: torch.Tensor  # (B, E) projected, L2-normalised CLS
+
+
+class ImageFeatures(NamedTuple):
+    tokens: torch.Tensor  # (B, P, Dv) last hidden states of the image tower (CLS + patches)
+    embeds: torch.Tensor  # (B, E) projected, L2-normalised CLS
+
+
+class LogitScale(nn.Module):
+    """Learnable temperature: exp(log_scale), clamped at `max_log` (CLIP's ln(100))."""
+
+    def __init__(self, init_log: float, max_log: float):
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.tensor(float(init_log)))
+        self.max_log = max_log
+
+    def forward(self) -> torch.Tensor:
+        return self.log_scale.clamp(max=self.max_log).exp()
+
+
+class MLMHead(nn.Module):
+    """Fused width -> text width -> vocabulary, decoder tied to the text tower's word embeddings."""
+
+    def __init__(self, fused_width: int, word_embeddings: nn.Embedding):
+        super().__init__()
+        text_width = word_embeddings.embedding_dim
+        self.transform = nn.Sequential(
+            nn.Linear(fused_width, text_width), nn.GELU(), nn.LayerNorm(text_width)
+        )
+        self.word_embeddings = [word_embeddings]  # a list: shared, not registered twice
+        self.bias = nn.Parameter(torch.zeros(word_embeddings.num_embeddings))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # (N, D) -> (N, V)
+        return F.linear(self.transform(hidden), self.word_embeddings[0].weight, self.bias)
+
+
+class UnifiedMultimodalTransformer(nn.Module):
+    """Composes built towers and fusion; `forward` computes the pretraining losses of one batch."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        text_tower: nn.Module,
+        image_tower: nn.Module,
+        fusion: FusionTransformer,
+    ):
+        super().__init__()
+        self.config = cfg
+        self.text_tower = text_tower
+        self.image_tower = image_tower
+        self.fusion = fusion
+        text_width = text_tower.config.hidden_size
+        image_width = image_tower.config.hidden_size
+        fused_width = fusion.ln_final.normalized_shape[0]
+        self.text_proj = nn.Linear(text_width, cfg.embed_dim)
+        self.image_proj = nn.Linear(image_width, cfg.embed_dim)
+        self.logit_scale = LogitScale(cfg.logit_scale_init, cfg.logit_scale_max)
+        self.itm_head = nn.Linear(fused_width, 2)
+        word_embeddings = text_tower.get_input_embeddings()
+        self.mlm_head = MLMHead(fused_width, word_embeddings) if cfg.mlm else None
+        self.mask_token_id = cfg.text.mask_token_id
+        self.vocab_size = word_embeddings.num_embeddings
+        for head in (self.text_proj, self.image_proj, self.itm_head):
+            nn.init.normal_(head.weight, std=0.02)
+            nn.init.zeros_(head.bias)
+
+    # --- the parts, used by the objectives, evaluation and users --------------------------
+    def embed_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextFeatures:
+        tokens = self.text_tower(
+            input_ids=input_ids, attention_mask=attention_mask
+        ).last_hidden_state
+        embeds = F.normalize(self.text_proj(tokens[:, 0]), dim=-1)
+        return TextFeatures(tokens, attention_mask, embeds)
+
+    def embed_image(self, pixel_values: torch.Tensor) -> ImageFeatures:
+        tokens = self.image_tower(pixel_values=pixel_values).last_hidden_state
+        embeds = F.normalize(self.image_proj(tokens[:, 0]), dim=-1)
+        return ImageFeatures(tokens, embeds)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, E) normalised text embeddings."""
+        return self.embed_text(input_ids, attention_mask).embeds
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, E) normalised image embeddings."""
+        return self.embed_image(pixel_values).embeds
+
+    def scale(self) -> torch.Tensor:
+        """The current logit scale (exp of the learnable log-temperature, clamped)."""
+        return self.logit_scale()
+
+    def itm_logits(
+        self, text_tokens: torch.Tensor, text_mask: torch.Tensor, image_tokens: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, 2) match logits of pairs (text i, image i) through the fusion transformer."""
+        fused = self.fusion(text_tokens, text_mask, image_tokens)
+        return self.itm_head(fused[:, 0])
+
+    def score_pairs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor
+    ) -> torch.Tensor:
+        """(B,) match probability of raw pairs: a convenience over `itm_logits`."""
+        text = self.embed_text(input_ids, attention_mask)
+        image = self.embed_image(pixel_values)
+        return self.itm_logits(text.tokens, text.mask, image.tokens).softmax(-1)[:, 1]
+
+    def mlm_logits(
+        self,
+        text_tokens: torch.Tensor,  # (B, T, Dt)
+        text_mask: torch.Tensor,  # (B, T)
+        image_tokens: torch.Tensor,  # (B, P, Dv)
+        positions: torch.Tensor,  # (B, T) bool, the masked tokens to predict
+    ) -> torch.Tensor:  # (N, V), N = positions.sum()
+        if self.mlm_head is None:
+            raise ValueError(
+                "objectives.mlm_weight > 0 needs model.mlm: true (no MLM head was built)"
+            )
+        fused = self.fusion(text_tokens, text_mask, image_tokens)
+        return self.mlm_head(fused[:, : text_tokens.shape[1]][positions])
+
+    # --- training ----------------------------------------------------------------------------
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_ids: torch.Tensor | None = None,
+        seed: int = 0,
+        objectives: ObjectiveConfig | None = None,
+    ) -> PretrainOutput:
+        """Pretraining losses of this rank's batch (collectives over the default process group).
+
+        One call so that DeepSpeed's engine (ZeRO-3 parameter gathering) wraps the whole step.
+        `seed` makes hard-negative and MLM sampling reproducible (mix in the step).
+        """
+        return pretraining_losses(
+            self,
+            pixel_values,
+            input_ids,
+            attention_mask,
+            image_ids,
+            objectives or ObjectiveConfig(),
+            seed,
+        )
+
+    # --- bookkeeping -------------------------------------------------------------------------
+    def num_parameters(self) -> dict[str, int]:
+        """Parameter counts by part (tied weights counted once, in the text tower)."""
+        parts = {
+            "text_tower": self.text_tower,
+            "image_tower": self.image_tower,
+            "fusion": self.fusion,
+        }
+        counts = {name: sum(p.numel() for p in m.parameters()) for name, m in parts.items()}
+        seen = {id(p) for m in parts.values() for p in m.parameters()}
+        counts["heads"] = sum(p.numel() for p in self.parameters() if id(p) not in seen)
+        counts["total"] = sum(p.numel() for p in self.parameters())
+        return counts
+
+    def optimizer_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: no decay on norms, biases, embeddings of modality type and the logit scale."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            exempt = p.ndim < 2 or "modality_embed" in name or "logit_scale" in name
+            (no_decay if exempt else decay).append(p)
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+
+def format_parameter_table(counts: dict[str, int]) -> str:
+    """A small table of `num_parameters()` in millions."""
+    lines = [f"{'part':<12} {'params':>14} {'M':>9}"]
+    for name, n in counts.items():
+        lines.append(f"{name:<12} {n:>14,} {n / 1e6:>9.2f}")
+    return "\n".join(lines)
+
+
+def _check_heads(cfg: ModelConfig) -> None:
+    if cfg.fusion.hidden_size % cfg.fusion.num_heads:
+        raise ValueError(
+            f"model.fusion.hidden_size ({cfg.fusion.hidden_size}) must be divisible by "
+            f"model.fusion.num_heads ({cfg.fusion.num_heads})"
+        )
+    if not 0 < cfg.logit_scale_init <= cfg.logit_scale_max or not math.isfinite(
+        cfg.logit_scale_max
+    ):
+        raise ValueError("model.logit_scale_init must be in (0, model.logit_scale_max]")

@@ -1,0 +1,113 @@
+"""Image-text contrastive loss (symmetric InfoNCE) with negatives gathered from every rank.
+
+Each rank scores its own rows against the columns of the whole global batch ("local loss").
+Samples that share an image key (COCO's five captions of one image) are positives of each other:
+the target of a row is spread uniformly over its positives (ALBEF/BLIP), never a negative.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from umt.distributed import gather_no_grad, gather_with_grad, rank
+
+
+def key_ids(
+    image_keys: Sequence[str] | torch.Tensor, device: torch.device | None = None
+) -> torch.Tensor:
+    """Image keys as int64 ids (stable 63-bit hash of the string), so they can be all-gathered."""
+    if isinstance(image_keys, torch.Tensor):
+        return image_keys.to(device=device, dtype=torch.long)
+    ids = [
+        int.from_bytes(hashlib.blake2b(str(k).encode(), digest_size=8).digest(), "little") >> 1
+        for k in image_keys
+    ]
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+class ContrastiveOutput(NamedTuple):
+    loss: torch.Tensor  # () this rank's loss: mean of the i2t and t2i terms over its rows
+    logits_i2t: torch.Tensor  # (b, W*b) local images against every text, float32 or wider
+    logits_t2i: torch.Tensor  # (b, W*b) local texts against every image
+    positives: torch.Tensor  # (b, W*b) bool, True where the column shares the row's image key
+    accuracy_i2t: torch.Tensor  # () fraction of local rows whose top column is a positive
+    accuracy_t2i: torch.Tensor
+
+
+def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Similarities, softmax and cross-entropy in float32 at least, even under bf16.
+    return torch.promote_types(dtype, torch.float32)
+
+
+def positive_mask(local_ids: torch.Tensor, global_ids: torch.Tensor, offset: int) -> torch.Tensor:
+    """(b, W*b) bool: column j is a positive of local row i (same image key, or the pair itself)."""
+    b = local_ids.shape[0]
+    pos = local_ids[:, None] == global_ids[None, :]
+    own = torch.arange(b, device=pos.device)
+    pos[own, own + offset] = True
+    return pos
+
+
+def _soft_target_ce(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    targets = positives.to(logits.dtype)
+    targets = targets / targets.sum(dim=1, keepdim=True)
+    return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+def _top1_is_positive(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    return positives.gather(1, logits.argmax(dim=1, keepdim=True)).float().mean()
+
+
+def contrastive_outputs(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    image_keys: Sequence[str] | torch.Tensor | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> ContrastiveOutput:
+    """ITC loss of this rank's rows plus the logits and positive mask that ITM mining reuses.
+
+    `image_embeds`, `text_embeds`: (b, D) L2-normalised; pair i is (image i, text i). Every rank
+    must pass the same b. `image_keys`: (b,) strings or int64 ids; None means all pairs distinct.
+    """
+    dtype = _loss_dtype(image_embeds.dtype)
+    image_embeds, text_embeds = image_embeds.to(dtype), text_embeds.to(dtype)
+    b = image_embeds.shape[0]
+    all_images = gather_with_grad(image_embeds, group)  # (W*b, D)
+    all_texts = gather_with_grad(text_embeds, group)
+    offset = rank(group) * b
+
+    device = image_embeds.device
+    if image_keys is None:
+        local_ids = torch.arange(b, device=device) + offset
+        global_ids = torch.arange(all_images.shape[0], device=device)
+    else:
+        local_ids = key_ids(image_keys, device)
+        global_ids = gather_no_grad(local_ids, group)
+    positives = positive_mask(local_ids, global_ids, offset)
+
+    scale = torch.as_tensor(logit_scale, device=device).to(dtype)
+    logits_i2t = scale * image_embeds @ all_texts.T
+    logits_t2i = scale * text_embeds @ all_images.T
+    loss = (_soft_target_ce(logits_i2t, positives) + _soft_target_ce(logits_t2i, positives)) / 2
+    with torch.no_grad():
+        acc_i2t = _top1_is_positive(logits_i2t, positives)
+        acc_t2i = _top1_is_positive(logits_t2i, positives)
+    return ContrastiveOutput(loss, logits_i2t, logits_t2i, positives, acc_i2t, acc_t2i)
+
+
+def contrastive_loss(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    image_keys: Sequence[str] | torch.Tensor | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """This rank's scalar ITC loss, gathering negatives over `group` (default: the world) if initialised."""
+    return contrastive_outputs(image_embeds, text_embeds, logit_scale, image_keys, group).loss

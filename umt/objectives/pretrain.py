@@ -1,0 +1,140 @@
+"""The pretraining objective: ITC with gathered negatives, ITM on global hard negatives, optional MLM.
+
+`pretraining_losses` reads top to bottom as the step does: embed -> ITC -> mine negatives ->
+fetch them -> fuse -> ITM (-> MLM). It needs only the model's parts named below, so it knows
+nothing of DeepSpeed, files or launchers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from umt.distributed import all_reduce_max, fetch_rows, rank
+from umt.objectives.contrastive import contrastive_outputs
+from umt.objectives.hard_negatives import negatives_generator, sample_hard_negatives
+from umt.objectives.itm import itm_loss
+from umt.objectives.mlm import IGNORE, mask_tokens, mlm_loss
+
+
+@dataclass
+class ObjectiveConfig:
+    """Loss weights and objective options."""
+
+    itc_weight: float = 1.0
+    """Weight of the image-text contrastive loss."""
+    itm_weight: float = 1.0
+    """Weight of image-text matching on hard negatives (0 turns ITM and its fusion pass off)."""
+    mlm_weight: float = 0.0
+    """Weight of masked language modelling on the fused text (0: off; needs model.mlm)."""
+    mlm_probability: float = 0.15
+    """Fraction of text tokens chosen for MLM."""
+
+
+@dataclass
+class PretrainOutput:
+    loss: torch.Tensor  # () weighted sum, the one to backpropagate
+    logs: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars for TensorBoard
+
+
+class PretrainableModel(Protocol):
+    """What the objective needs of a model (`UnifiedMultimodalTransformer` provides it)."""
+
+    mask_token_id: int
+    vocab_size: int
+
+    def embed_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor): ...
+    def embed_image(self, pixel_values: torch.Tensor): ...
+    def scale(self) -> torch.Tensor: ...
+    def itm_logits(self, text_tokens, text_mask, image_tokens) -> torch.Tensor: ...
+    def mlm_logits(self, text_tokens, text_mask, image_tokens, positions) -> torch.Tensor: ...
+
+
+def mix_seed(seed: int, *parts: int) -> int:
+    """A 63-bit seed from `seed` and e.g. (step, rank): distinct streams, no global RNG involved."""
+    h = seed & 0xFFFFFFFFFFFFFFFF
+    for p in parts:
+        h = (h ^ (p + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2))) & 0xFFFFFFFFFFFFFFFF
+        h = (h * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    return h >> 1
+
+
+def _pad_to(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Right-pad dim 1 of (B, T, ...) to `length` with zeros."""
+    extra = length - x.shape[1]
+    if extra == 0:
+        return x
+    pad = [0, 0] * (x.dim() - 2) + [0, extra]
+    return F.pad(x, pad)
+
+
+def pretraining_losses(
+    model: PretrainableModel,
+    pixel_values: torch.Tensor,  # (b, 3, H, W)
+    input_ids: torch.Tensor,  # (b, T)
+    attention_mask: torch.Tensor,  # (b, T)
+    image_ids: torch.Tensor | None,  # (b,) int64 image keys (see key_ids); None: all distinct
+    cfg: ObjectiveConfig,
+    seed: int,
+    group: dist.ProcessGroup | None = None,
+) -> PretrainOutput:
+    """All objectives of one step on this rank's batch; collectives run over `group`."""
+    text = model.embed_text(input_ids, attention_mask)
+    image = model.embed_image(pixel_values)
+    itc = contrastive_outputs(image.embeds, text.embeds, model.scale(), image_ids, group)
+    loss = cfg.itc_weight * itc.loss
+    logs = {
+        "loss/itc": itc.loss.detach(),
+        "itc/accuracy_i2t": itc.accuracy_i2t,
+        "itc/accuracy_t2i": itc.accuracy_t2i,
+        "logit_scale": model.scale().detach(),
+    }
+    generator = negatives_generator(mix_seed(seed, rank(group)), pixel_values.device)
+
+    if cfg.itm_weight > 0:
+        b = input_ids.shape[0]
+        negatives = sample_hard_negatives(
+            itc.logits_i2t, itc.logits_t2i, itc.positives, rank(group) * b, generator
+        )
+        # Equal sequence length on every rank so rows can travel between them.
+        length = all_reduce_max(text.tokens.shape[1], input_ids.device, group)
+        text_tokens, text_mask = _pad_to(text.tokens, length), _pad_to(text.mask, length)
+        neg_text_tokens = fetch_rows(text_tokens, negatives.text_index, group)
+        neg_text_mask = fetch_rows(text_mask, negatives.text_index, group)
+        neg_image_tokens = fetch_rows(image.tokens, negatives.image_index, group)
+        # One fusion pass over (text, image), (negative text, image), (text, negative image).
+        logits = model.itm_logits(
+            torch.cat([text_tokens, neg_text_tokens, text_tokens]),
+            torch.cat([text_mask, neg_text_mask, text_mask]),
+            torch.cat([image.tokens, image.tokens, neg_image_tokens]),
+        )
+        itm = itm_loss(logits, negatives.text_valid, negatives.image_valid)
+        loss = loss + cfg.itm_weight * itm.loss
+        logs |= {
+            "loss/itm": itm.loss.detach(),
+            "itm/accuracy": itm.accuracy,
+            "itm/accuracy_negatives": itm.accuracy_negatives,
+        }
+
+    if cfg.mlm_weight > 0:
+        masked_ids, labels = mask_tokens(
+            input_ids,
+            attention_mask,
+            model.mask_token_id,
+            model.vocab_size,
+            generator,
+            cfg.mlm_probability,
+        )
+        masked = model.embed_text(masked_ids, attention_mask)
+        positions = labels != IGNORE  # (b, T) bool
+        logits = model.mlm_logits(masked.tokens, masked.mask, image.tokens, positions)
+        mlm = mlm_loss(logits, labels[positions])
+        loss = loss + cfg.mlm_weight * mlm
+        logs["loss/mlm"] = mlm.detach()
+
+    logs["loss/total"] = loss.detach()
+    return PretrainOutput(loss, logs)
