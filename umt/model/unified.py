@@ -30,11 +30,12 @@ class LogitScale(nn.Module):
 
     def __init__(self, init_log: float, max_log: float):
         super().__init__()
-        self.log_scale = nn.Parameter(torch.tensor(float(init_log)))
+        # Shape (1,), not (): DeepSpeed's parameter broadcast cannot view a 0-dim tensor as bytes.
+        self.log_scale = nn.Parameter(torch.full((1,), float(init_log)))
         self.max_log = max_log
 
     def forward(self) -> torch.Tensor:
-        return self.log_scale.clamp(max=self.max_log).exp()
+        return self.log_scale.clamp(max=self.max_log).exp()[0]
 
 
 class MLMHead(nn.Module):

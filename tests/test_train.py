@@ -1,0 +1,204 @@
+"""`umt train` on real DeepSpeed ZeRO with 2 gloo ranks: stages, exact and elastic resume, faults, logs."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO, run_torchrun
+
+pytestmark = pytest.mark.slow
+TRAIN = REPO / "launch" / "train.py"
+
+TINY = [
+    "model.preset=tiny",
+    "model.text.vocab_size=512",
+    "data.train.synthetic=true",
+    "data.train.max_text_len=12",
+    "train.micro_batch_size=4",
+    "train.lr=1e-3",
+    "train.warmup_steps=2",
+    "log.every_steps=1",
+]
+
+
+def train(out: Path, *overrides: str, nproc: int = 2, resume: str = "none", env=None, check=True):
+    return run_torchrun(
+        TRAIN,
+        "--resume",
+        resume,
+        f"output_dir={out}",
+        *TINY,
+        *overrides,
+        nproc=nproc,
+        env=env,
+        check=check,
+    )
+
+
+def scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    """step -> value of a TensorBoard scalar (a later event file overrides an earlier one)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values: dict[int, float] = {}
+    for events in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            values |= {e.step: e.value for e in acc.Scalars(tag)}
+    return values
+
+
+def consolidated(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=tag)
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_stage_trains_and_loss_goes_down_on_a_fixed_batch(tmp_path, stage):
+    out = tmp_path / f"zero{stage}"
+    train(out, f"zero.stage={stage}", "data.train.synthetic_distinct=1", "train.steps=8")
+    loss = scalars(out, "loss/total")
+    assert sorted(loss) == list(range(1, 9))
+    assert loss[8] < 0.8 * loss[1], loss
+    assert (out / "checkpoints" / "latest").read_text() == "step8"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted")
+    train(out, "zero.stage=2", "train.steps=8", "checkpoint.every_steps=2", "checkpoint.keep=10")
+    return out
+
+
+def test_kill_9_at_a_random_step_then_resume_auto_is_bit_identical(tmp_path, uninterrupted):
+    kill_step = random.Random(0).choice([3, 5, 7])  # between checkpoints, so work is lost
+    out = tmp_path / "killed"
+    common = ("zero.stage=2", "train.steps=8", "checkpoint.every_steps=2", "checkpoint.keep=10")
+    killed = train(out, *common, env={"UMT_FAULT_KILL_AT_STEP": str(kill_step)}, check=False)
+    assert killed.returncode != 0
+    assert (out / "checkpoints" / "latest").read_text() == f"step{kill_step - 1}"
+    resumed = train(out, *common, resume="auto")
+    assert f"resumed from {out / 'checkpoints' / f'step{kill_step - 1}'}" in resumed.stderr
+    assert_same_weights(consolidated(out, "step8"), consolidated(uninterrupted, "step8"))
+    want, got = scalars(uninterrupted, "loss/total"), scalars(out, "loss/total")
+    assert got == want  # every step's logged loss, before and after the kill, bit for bit
+
+
+def test_tensorboard_has_the_documented_scalars(uninterrupted):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(next((uninterrupted / "tensorboard").glob("events.*"))))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    expected = {
+        "loss/total",
+        "loss/itc",
+        "loss/itm",
+        "itm/accuracy",
+        "itc/accuracy_i2t",
+        "itc/accuracy_t2i",
+        "lr",
+        "logit_scale",
+        "grad_norm",
+        "throughput/samples_per_s",
+        "throughput/samples_per_s_per_rank",
+        "time/data_wait_fraction",
+        "memory/rss_peak_gib",
+    }
+    assert expected <= tags, expected - tags
+
+
+def test_resume_auto_without_checkpoint_starts_fresh_and_says_so(tmp_path):
+    out = tmp_path / "fresh"
+    proc = train(out, "train.steps=1", nproc=1, resume="auto")
+    assert "no complete checkpoint" in proc.stderr
+    assert (out / "checkpoints" / "latest").read_text() == "step1"
+
+
+def test_resume_from_a_path_that_does_not_load_fails_loudly(tmp_path):
+    proc = train(
+        tmp_path / "x", "train.steps=1", nproc=1, resume=str(tmp_path / "nowhere"), check=False
+    )
+    assert proc.returncode == 1
+    assert "not a checkpoint folder" in proc.stderr
+
+
+def test_a_non_finite_loss_is_skipped_and_counted(tmp_path):
+    out = tmp_path / "nan"
+    train(out, "train.steps=4", env={"UMT_FAULT_NAN_AT_STEP": "2"})
+    skipped = scalars(out, "train/nonfinite_skipped")
+    assert skipped[1] == 0 and skipped[2] == 1 and skipped[4] == 1
+    assert all(torch.isfinite(torch.tensor(v)) for v in scalars(out, "loss/total").values())
+
+
+def test_consecutive_non_finite_losses_stop_with_a_clear_message(tmp_path):
+    out = tmp_path / "nan_stop"
+    proc = train(
+        out,
+        "train.steps=4",
+        "train.max_nonfinite=1",
+        "checkpoint.every_steps=1",
+        env={"UMT_FAULT_NAN_AT_STEP": "3"},
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert "non-finite losses at step 3" in proc.stderr
+    assert "last checkpoint:" in proc.stderr and "step2" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def itc_only_run(tmp_path_factory) -> Path:
+    """2 ranks x 4 samples, ITC only: the global gradient does not depend on the rank split."""
+    out = tmp_path_factory.mktemp("itc_only")
+    train(out, *ELASTIC, "train.steps=6", "checkpoint.every_steps=1", "checkpoint.keep=10")
+    return out
+
+
+ELASTIC = ("zero.stage=2", "objectives.itm_weight=0")
+
+
+def assert_close_weights(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        err = (a[k] - b[k]).abs().max().item()
+        assert err <= atol, f"{k}: {err:.2e}"
+
+
+def test_elastic_resume_2_to_1_to_2_ranks_continues_the_same_run(tmp_path, itc_only_run):
+    ref = itc_only_run
+    one = tmp_path / "one_rank"
+    proc = train(
+        one,
+        *ELASTIC,
+        "train.steps=6",
+        "checkpoint.every_steps=1",
+        "train.micro_batch_size=8",  # the same global batch on 1 rank
+        nproc=1,
+        resume=str(ref / "checkpoints" / "step4"),
+    )
+    assert "converted from 2 to 1 ranks" in proc.stderr
+    # Same weights, optimizer moments and schedule: the run matches the 2-rank one up to the
+    # order of float additions (a lost Adam state would move weights by ~lr = 1e-3).
+    assert_close_weights(consolidated(one, "step6"), consolidated(ref, "step6"), atol=5e-6)
+    lr_one, lr_ref = scalars(one, "lr"), scalars(ref, "lr")
+    assert sorted(lr_one) == [5, 6]
+    assert [lr_one[s] for s in (5, 6)] == pytest.approx([lr_ref[s] for s in (5, 6)], rel=1e-9)
+
+    two = tmp_path / "two_ranks"
+    proc = train(two, *ELASTIC, "train.steps=6", nproc=2, resume=str(one / "checkpoints" / "step5"))
+    assert "converted from 1 to 2 ranks" in proc.stderr
+    assert_close_weights(consolidated(two, "step6"), consolidated(ref, "step6"), atol=5e-6)
+    # The flag is off again: the new checkpoint is an ordinary 2-rank ZeRO checkpoint.
+    resumed = train(two, *ELASTIC, "train.steps=7", nproc=2, resume="auto")
+    assert "converted" not in resumed.stderr and "resumed from" in resumed.stderr

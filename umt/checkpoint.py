@@ -1,0 +1,214 @@
+"""Checkpoints: save (ZeRO shards + client state + per-rank RNG), find the newest complete one, resume
+(also on another world size through DeepSpeed's universal checkpoint), prune.
+
+Layout of `CKPT_ROOT/`:
+    step{N}/                 DeepSpeed's files (model states, ZeRO optimizer shards)
+    step{N}/umt_meta.json    step, world size, ZeRO stage (rank 0; read before the engine exists)
+    step{N}/rank{R}.pt       per-rank RNG states and loader state (DeepSpeed keeps no RNG and writes
+                             client_state from rank 0 only)
+    step{N}_universal/       created on demand when resuming on a different world size
+    latest                   the newest complete tag, written last, atomically
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("umt.checkpoint")
+LATEST = "latest"
+META = "umt_meta.json"
+TAG = re.compile(r"^step(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used, with the path and the reason."""
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    root: Path
+    tag: str
+    step: int
+    world_size: int
+    zero_stage: int
+
+    @property
+    def path(self) -> Path:
+        return self.root / self.tag
+
+
+def tag_for(step: int) -> str:
+    return f"step{step}"
+
+
+def rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save(
+    engine,
+    root: Path,
+    step: int,
+    client_state: dict,
+    rank_state: dict,
+    keep: int,
+) -> Path:
+    """Save on every rank; `latest` is written by rank 0 only after every rank's files are on disk."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    tag = tag_for(step)
+    root.mkdir(parents=True, exist_ok=True)
+    # DeepSpeed's universal conversion requires this entry to exist in the client state.
+    client_state = {**client_state, "universal_checkpoint_info": {}}
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    path = root / tag
+    torch.save({**rank_state, "rng": rng_state()}, path / f"rank{rank}.pt")
+    if rank == 0:
+        meta = {"step": step, "world_size": world, "zero_stage": engine.zero_optimization_stage()}
+        _atomic_write(path / META, json.dumps(meta))
+    _barrier()  # every rank's shards and state files are written
+    if rank == 0:
+        _atomic_write(root / LATEST, tag)
+        prune(root, keep)
+    _barrier()
+    return path
+
+
+def prune(root: Path, keep: int) -> None:
+    """Delete complete checkpoints older than the newest `keep` (and their universal copies)."""
+    latest = find_latest(root)
+    if latest is None:
+        return
+    steps = sorted(
+        int(m.group(1))
+        for p in root.iterdir()
+        if (m := TAG.match(p.name)) and int(m.group(1)) <= latest.step
+    )
+    for step in steps[:-keep]:
+        for name in (tag_for(step), tag_for(step) + "_universal"):
+            shutil.rmtree(root / name, ignore_errors=True)
+
+
+def read_ref(root: Path, tag: str) -> CheckpointRef:
+    path = root / tag
+    meta_path = path / META
+    if not meta_path.is_file():
+        raise CheckpointError(f"{path} is not a complete UMT checkpoint (no {META})")
+    meta = json.loads(meta_path.read_text())
+    return CheckpointRef(
+        root, tag, int(meta["step"]), int(meta["world_size"]), int(meta["zero_stage"])
+    )
+
+
+def find_latest(root: Path) -> CheckpointRef | None:
+    """The checkpoint named by `root/latest`, or None. Folders newer than `latest` are incomplete."""
+    latest = root / LATEST
+    if not latest.is_file():
+        return None
+    tag = latest.read_text().strip()
+    return read_ref(root, tag)
+
+
+def resolve(resume: str | None, default_root: Path) -> CheckpointRef | None:
+    """`--resume`: None/'none' -> fresh; 'auto' -> newest complete or None; a path -> that one or an error.
+
+    A path may be a checkpoint root (uses its `latest`) or one `step{N}` folder.
+    """
+    if resume in (None, "", "none"):
+        return None
+    if resume == "auto":
+        return find_latest(default_root)
+    path = Path(resume)
+    if (path / LATEST).is_file():
+        ref = find_latest(path)
+        assert ref is not None
+        return ref
+    if (path / META).is_file():
+        return read_ref(path.parent, path.name)
+    raise CheckpointError(
+        f"--resume {resume}: not a checkpoint folder (no {LATEST} and no {META} in it)"
+    )
+
+
+def universal_tag(ref: CheckpointRef) -> str:
+    return ref.tag + "_universal"
+
+
+def convert_to_universal(ref: CheckpointRef) -> str:
+    """Convert `ref` with `deepspeed.checkpoint.ds_to_universal` (rank 0; others wait). Returns the tag."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    out = ref.root / universal_tag(ref)
+    if rank == 0 and not (out / META).is_file():
+        tmp = ref.root / (universal_tag(ref) + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.info(
+            "converting %s (saved by %d ranks) to a universal checkpoint", ref.path, ref.world_size
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder",
+            str(ref.path),
+            "--output_folder",
+            str(tmp),
+            "--num_extract_workers",
+            "1",
+            "--num_merge_workers",
+            "1",
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise CheckpointError(
+                f"universal conversion of {ref.path} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+            )
+        for f in ref.path.glob("rank*.pt"):
+            shutil.copy2(f, tmp / f.name)
+        shutil.copy2(ref.path / META, tmp / META)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+        (ref.root / "latest_universal").unlink(missing_ok=True)  # written by the converter; unused
+    _barrier()
+    return universal_tag(ref)

@@ -1,0 +1,441 @@
+"""Typed run configuration: dataclasses with defaults < preset < YAML < `a.b.c=value` overrides.
+
+Validated once at start-up; every error names the key (and the file) so a person can fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from umt.model.config import ModelConfig, model_config_to_dict, preset_config
+from umt.objectives.pretrain import ObjectiveConfig
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the person who wrote the config."""
+
+
+@dataclass
+class DataSplitConfig:
+    """One data split (train or eval) for the streaming loader."""
+
+    shards: str | list[str] | None = None
+    """A shard folder with its manifest.json, a brace pattern (`/d/data-{000000..000099}.tar`), or a list of them."""
+    num_workers: int = 2
+    """Loader worker processes per rank."""
+    shuffle_buffer: int = 1000
+    """Samples held in the shuffle buffer (raw bytes, before decode)."""
+    resampled: bool = False
+    """Draw shards with replacement (mixing weights allowed) instead of epochs."""
+    max_text_len: int = 64
+    """Captions are truncated to this many tokens."""
+    synthetic: bool = False
+    """Deterministic in-memory random batches instead of shards (benchmarks, GPU smoke tests)."""
+    synthetic_distinct: int = 0
+    """With synthetic: cycle this many distinct batches per rank (1: one fixed batch; 0: endless)."""
+
+
+@dataclass
+class DataConfig:
+    train: DataSplitConfig = field(default_factory=DataSplitConfig)
+    eval: DataSplitConfig = field(
+        default_factory=lambda: DataSplitConfig(num_workers=1, shuffle_buffer=0)
+    )
+    tokenizer: str | None = None
+    """Tokenizer name or folder; default: model.text.pretrained."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    """Optimizer steps to train for (each is grad_accum micro-batches on every rank)."""
+    micro_batch_size: int = 32
+    """Samples per rank per micro-batch; the global batch is micro_batch_size * grad_accum * ranks."""
+    grad_accum: int = 1
+    lr: float = 1e-4
+    """Peak learning rate (after warmup)."""
+    min_lr_ratio: float = 0.01
+    """The cosine schedule ends at lr * min_lr_ratio."""
+    warmup_steps: int = 100
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    grad_clip: float = 1.0
+    """Gradient-norm clipping (always explicit; 0 turns it off)."""
+    seed: int = 0
+    precision: str = "auto"
+    """`auto` (bf16 on GPU, fp32 on CPU), `fp32`, `bf16` or `fp16`."""
+    max_nonfinite: int = 5
+    """Stop after this many consecutive micro-batches with a non-finite loss."""
+    torch_adam: bool = True
+    """Use torch's AdamW inside DeepSpeed (False: DeepSpeed's fused/CPU Adam, needs its ops built)."""
+
+
+@dataclass
+class ZeroConfig:
+    stage: int = 2
+    """ZeRO stage 0-3."""
+    offload_optimizer: str = "none"
+    """`none` or `cpu`."""
+    overlap_comm: bool = True
+    contiguous_gradients: bool = True
+    reduce_bucket_size: int = 50_000_000
+    allgather_bucket_size: int = 50_000_000
+    stage3_prefetch_bucket_size: int = 50_000_000
+    stage3_param_persistence_threshold: int = 100_000
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000
+    """Save every N steps (0: only at the end and on signals)."""
+    keep: int = 3
+    """Complete checkpoints kept (older ones deleted after a newer one is complete)."""
+    dir: str | None = None
+    """Default: OUTPUT_DIR/checkpoints."""
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 0
+    """Run retrieval evaluation on data.eval every N steps (0: off)."""
+    itm_rerank_k: int = 0
+    """Re-rank the ITC top-k with the ITM head (0: ITC only)."""
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = 10
+    """TensorBoard scalars and the progress line every N steps."""
+    tensorboard: bool = True
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/umt"
+    """Run folder: resolved config, DeepSpeed config, TensorBoard logs, checkpoints."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objectives: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# --- building dataclasses from plain dicts, with errors that name the key -------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check `value` against the annotation `tp`; convert where it is lossless (int -> float, list -> tuple)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise ConfigError(f"{key} must be {_type_name(tp)} (got {value!r}){source}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list (got {value!r}){source}")
+        return [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is tuple:
+        items = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(items):
+            raise ConfigError(
+                f"{key} must be a list of {len(items)} values (got {value!r}){source}"
+            )
+        return tuple(
+            _coerce(v, t, f"{key}[{i}]", source) for i, (v, t) in enumerate(zip(value, items))
+        )
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping (got {value!r}){source}")
+        return from_dict(tp, value, key, source)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is Any:
+        return value
+    raise ConfigError(f"{key} must be {_type_name(tp)} (got {value!r}){source}")
+
+
+def from_dict(cls: type, data: dict, prefix: str = "", source: str = "") -> Any:
+    """Build dataclass `cls` from `data`; unknown keys and wrong types raise `ConfigError`."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else ""
+            raise ConfigError(f"unknown config key {full}{source}{hint}")
+        kwargs[key] = _coerce(value, hints[key], full, source)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain, YAML-safe dict of a config (tuples become lists)."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = (
+            _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        )
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a", "b", "c"], value parsed as YAML: 3, 1e-4, true, [1, 2], text)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _set_path(d: dict, path: list[str], value: Any) -> None:
+    for part in path[:-1]:
+        d = d.setdefault(part, {})
+        if not isinstance(d, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {part} is not a section")
+    d[path[-1]] = value
+
+
+def _apply_preset(raw: dict, source: str) -> dict:
+    """Expand `model.preset` into the model section; explicit model keys win over the preset."""
+    model = raw.get("model") or {}
+    if not isinstance(model, dict):
+        raise ConfigError(f"model must be a mapping{source}")
+    name = model.get("preset")
+    if name is None:
+        return raw
+    try:
+        base = model_config_to_dict(preset_config(name))
+    except ValueError as exc:
+        raise ConfigError(f"{exc}{source}") from None
+    return {**raw, "model": _deep_merge(base, model)}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults < model preset < YAML file < overrides; validated."""
+    raw: dict = {}
+    source = ""
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        source = f" in {path}"
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    for text in overrides:
+        keys, value = parse_override(text)
+        _set_path(raw, keys, value)
+    raw = _apply_preset(raw, source)
+    cfg = from_dict(Config, raw, "", source)
+    validate(cfg, source)
+    return cfg
+
+
+def _require(ok: bool, message: str, source: str) -> None:
+    if not ok:
+        raise ConfigError(message + source)
+
+
+def validate(cfg: Config, source: str = "") -> None:
+    """Range and consistency checks, each naming its key."""
+    t = cfg.train
+    _require(t.steps > 0, f"train.steps must be > 0 (got {t.steps})", source)
+    _require(
+        t.micro_batch_size > 0,
+        f"train.micro_batch_size must be > 0 (got {t.micro_batch_size})",
+        source,
+    )
+    _require(t.grad_accum > 0, f"train.grad_accum must be > 0 (got {t.grad_accum})", source)
+    _require(t.lr > 0, f"train.lr must be > 0 (got {t.lr})", source)
+    _require(
+        0 <= t.min_lr_ratio <= 1,
+        f"train.min_lr_ratio must be in [0, 1] (got {t.min_lr_ratio})",
+        source,
+    )
+    _require(0 <= t.warmup_steps, f"train.warmup_steps must be >= 0 (got {t.warmup_steps})", source)
+    _require(t.grad_clip >= 0, f"train.grad_clip must be >= 0 (got {t.grad_clip})", source)
+    _require(
+        t.max_nonfinite > 0, f"train.max_nonfinite must be > 0 (got {t.max_nonfinite})", source
+    )
+    _require(
+        t.precision in ("auto", "fp32", "bf16", "fp16"),
+        f"train.precision must be auto, fp32, bf16 or fp16 (got {t.precision!r})",
+        source,
+    )
+    z = cfg.zero
+    _require(z.stage in (0, 1, 2, 3), f"zero.stage must be 0, 1, 2 or 3 (got {z.stage})", source)
+    _require(
+        z.offload_optimizer in ("none", "cpu"),
+        f"zero.offload_optimizer must be none or cpu (got {z.offload_optimizer!r})",
+        source,
+    )
+    _require(
+        z.offload_optimizer == "none" or z.stage >= 1,
+        "zero.offload_optimizer: cpu needs zero.stage >= 1",
+        source,
+    )
+    c = cfg.checkpoint
+    _require(
+        c.every_steps >= 0, f"checkpoint.every_steps must be >= 0 (got {c.every_steps})", source
+    )
+    _require(c.keep >= 1, f"checkpoint.keep must be >= 1 (got {c.keep})", source)
+    _require(
+        cfg.log.every_steps > 0, f"log.every_steps must be > 0 (got {cfg.log.every_steps})", source
+    )
+    _require(
+        cfg.eval.every_steps >= 0,
+        f"eval.every_steps must be >= 0 (got {cfg.eval.every_steps})",
+        source,
+    )
+    o = cfg.objectives
+    for name in ("itc_weight", "itm_weight", "mlm_weight"):
+        _require(getattr(o, name) >= 0, f"objectives.{name} must be >= 0", source)
+    _require(
+        o.itc_weight > 0 or o.itm_weight > 0 or o.mlm_weight > 0,
+        "objectives: every weight is 0",
+        source,
+    )
+    _require(
+        o.mlm_weight == 0 or cfg.model.mlm,
+        "objectives.mlm_weight > 0 needs model.mlm: true (the MLM head)",
+        source,
+    )
+    _require(
+        0 < o.mlm_probability < 1,
+        f"objectives.mlm_probability must be in (0, 1) (got {o.mlm_probability})",
+        source,
+    )
+    d = cfg.data.train
+    _require(
+        d.synthetic or d.shards is not None,
+        "data.train.shards is required (a shard folder, brace pattern or list), or data.train.synthetic: true",
+        source,
+    )
+    _require(
+        d.num_workers >= 0, f"data.train.num_workers must be >= 0 (got {d.num_workers})", source
+    )
+    _require(
+        cfg.eval.every_steps == 0 or cfg.data.eval.shards is not None,
+        "eval.every_steps > 0 needs data.eval.shards",
+        source,
+    )
+    _require(
+        d.synthetic or tokenizer_name(cfg) is not None,
+        "data.tokenizer is required when model.text.pretrained is not set",
+        source,
+    )
+
+
+def tokenizer_name(cfg: Config) -> str | None:
+    return cfg.data.tokenizer or cfg.model.text.pretrained
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def config_reference() -> str:
+    """Markdown table of every key with its default and docstring (for the README)."""
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+
+    def walk(cls: type, obj: Any, prefix: str) -> None:
+        docs = _field_docs(cls)
+        for f in dataclasses.fields(cls):
+            value = getattr(obj, f.name)
+            key = f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(value):
+                walk(type(value), value, key + ".")
+            else:
+                rows.append(f"| `{key}` | `{value!r}` | {docs.get(f.name, '')} |")
+
+    walk(Config, Config(), "")
+    return "\n".join(rows)
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings (the string literal after a field) of a dataclass."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
