@@ -72,6 +72,51 @@ def test_zero_stage_trains_and_loss_goes_down_on_a_fixed_batch(tmp_path, stage):
     assert sorted(loss) == list(range(1, 9))
     assert loss[8] < 0.8 * loss[1], loss
     assert (out / "checkpoints" / "latest").read_text() == "step8"
+    assert_export_round_trip(out)
+
+
+def assert_export_round_trip(run_dir: Path) -> None:
+    """`umt export` + `umt.load` give DeepSpeed's own zero_to_fp32 consolidation, and a working model."""
+    import subprocess
+    import sys
+
+    import umt
+
+    export = run_dir / "export"
+    subprocess.run(
+        [sys.executable, "-m", "launch.cli", "export", str(run_dir / "checkpoints"), str(export)],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
+    script = run_dir / "checkpoints" / "zero_to_fp32.py"
+    fp32 = run_dir / "zero_to_fp32"
+    subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            str(run_dir / "checkpoints"),
+            str(fp32),
+            "--safe_serialization",
+        ],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
+    from safetensors.torch import load_file
+
+    reference = {}
+    for f in sorted(fp32.glob("*.safetensors")):
+        reference |= load_file(str(f))
+    model, processor = umt.load(export)
+    ours = model.state_dict()
+    assert reference and set(reference) <= set(ours)
+    assert all(torch.equal(ours[k], v) for k, v in reference.items())
+    with torch.no_grad():
+        from PIL import Image
+
+        pixels = processor(images=[Image.new("RGB", (50, 40), (200, 30, 30))])["pixel_values"]
+        assert model.encode_image(pixels).shape == (1, 32)
 
 
 @pytest.fixture(scope="module")

@@ -5,3 +5,10 @@ The library part (model, objectives, config, checkpoint, evaluation) imports not
 """
 
 __version__ = "0.1.0"
+
+
+def load(path, device="cpu"):
+    """`(model, processor)` from a `umt export` folder, without DeepSpeed."""
+    from umt.export import load as _load
+
+    return _load(path, device)

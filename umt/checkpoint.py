@@ -3,7 +3,8 @@
 
 Layout of `CKPT_ROOT/`:
     step{N}/                 DeepSpeed's files (model states, ZeRO optimizer shards)
-    step{N}/umt_meta.json    step, world size, ZeRO stage (rank 0; read before the engine exists)
+    step{N}/umt_meta.json    step, world size, ZeRO stage, resolved config (rank 0; read before the
+                             engine exists and by `umt export`)
     step{N}/rank{R}.pt       per-rank RNG states and loader state (DeepSpeed keeps no RNG and writes
                              client_state from rank 0 only)
     step{N}_universal/       created on demand when resuming on a different world size
@@ -94,6 +95,7 @@ def save(
     client_state: dict,
     rank_state: dict,
     keep: int,
+    config: dict | None = None,
 ) -> Path:
     """Save on every rank; `latest` is written by rank 0 only after every rank's files are on disk."""
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -106,7 +108,12 @@ def save(
     path = root / tag
     torch.save({**rank_state, "rng": rng_state()}, path / f"rank{rank}.pt")
     if rank == 0:
-        meta = {"step": step, "world_size": world, "zero_stage": engine.zero_optimization_stage()}
+        meta = {
+            "step": step,
+            "world_size": world,
+            "zero_stage": engine.zero_optimization_stage(),
+            "config": config or {},  # read by `umt export` without DeepSpeed
+        }
         _atomic_write(path / META, json.dumps(meta))
     _barrier()  # every rank's shards and state files are written
     if rank == 0:
@@ -140,6 +147,10 @@ def read_ref(root: Path, tag: str) -> CheckpointRef:
     return CheckpointRef(
         root, tag, int(meta["step"]), int(meta["world_size"]), int(meta["zero_stage"])
     )
+
+
+def read_meta(ref: CheckpointRef) -> dict:
+    return json.loads((ref.path / META).read_text())
 
 
 def find_latest(root: Path) -> CheckpointRef | None:

@@ -313,6 +313,7 @@ class Trainer:
             client_state={"train_state": self.state.state_dict(), "config": to_dict(self.cfg)},
             rank_state={"data": self.data.state_dict()},
             keep=self.cfg.checkpoint.keep,
+            config=to_dict(self.cfg),
         )
         self.last_checkpoint = path
         log.info("saved checkpoint %s", path)

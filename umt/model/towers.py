@@ -10,9 +10,11 @@ from umt.model.config import ImageTowerConfig, TextTowerConfig
 def build_text_tower(cfg: TextTowerConfig) -> BertModel:
     """`BertModel` from `cfg.pretrained` (HF name or folder) or from the architecture fields."""
     if cfg.pretrained:
-        return BertModel.from_pretrained(
+        model = BertModel.from_pretrained(
             cfg.pretrained, add_pooling_layer=False, attn_implementation="sdpa"
         )
+        _record_text_architecture(cfg, model.config)
+        return model
     config = BertConfig(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
@@ -31,9 +33,11 @@ def build_text_tower(cfg: TextTowerConfig) -> BertModel:
 def build_image_tower(cfg: ImageTowerConfig) -> ViTModel:
     """`ViTModel` from `cfg.pretrained` (HF name or folder) or from the architecture fields."""
     if cfg.pretrained:
-        return ViTModel.from_pretrained(
+        model = ViTModel.from_pretrained(
             cfg.pretrained, add_pooling_layer=False, attn_implementation="sdpa"
         )
+        _record_image_architecture(cfg, model.config)
+        return model
     config = ViTConfig(
         image_size=cfg.image_size,
         patch_size=cfg.patch_size,
@@ -46,6 +50,21 @@ def build_image_tower(cfg: ImageTowerConfig) -> ViTModel:
         attn_implementation="sdpa",
     )
     return ViTModel(config, add_pooling_layer=False)
+
+
+def _record_text_architecture(cfg: TextTowerConfig, hf: BertConfig) -> None:
+    """Write a pretrained tower's real sizes into the config, so checkpoints and exports rebuild it."""
+    cfg.vocab_size, cfg.hidden_size = hf.vocab_size, hf.hidden_size
+    cfg.num_layers, cfg.num_heads = hf.num_hidden_layers, hf.num_attention_heads
+    cfg.intermediate_size = hf.intermediate_size
+    cfg.max_position_embeddings = hf.max_position_embeddings
+    cfg.pad_token_id = hf.pad_token_id if hf.pad_token_id is not None else cfg.pad_token_id
+
+
+def _record_image_architecture(cfg: ImageTowerConfig, hf: ViTConfig) -> None:
+    cfg.image_size, cfg.patch_size, cfg.hidden_size = hf.image_size, hf.patch_size, hf.hidden_size
+    cfg.num_layers, cfg.num_heads = hf.num_hidden_layers, hf.num_attention_heads
+    cfg.intermediate_size = hf.intermediate_size
 
 
 def load_tokenizer(name_or_dir: str) -> BertTokenizerFast:

@@ -1,0 +1,122 @@
+"""Typed config: layering, errors that name the key, shipped YAMLs, the DeepSpeed config built from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO
+from umt.config import Config, ConfigError, config_reference, load_config, save_config
+from umt.train import deepspeed_config
+
+SYNTH = ["data.train.synthetic=true"]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    cfg = load_config(path)
+    assert cfg.model.preset in ("tiny", "small", "base", "large")
+    ds = deepspeed_config(cfg, world_size=8, device=torch.device("cuda"), load_universal=False)
+    assert ds["train_batch_size"] == cfg.train.micro_batch_size * cfg.train.grad_accum * 8
+
+
+def test_pretrain_configs_are_what_their_names_say():
+    base = load_config(REPO / "configs" / "pretrain_base.yaml")
+    large = load_config(REPO / "configs" / "pretrain_large.yaml")
+    assert (base.model.fusion.num_layers, base.model.fusion.hidden_size, base.zero.stage) == (
+        6,
+        768,
+        2,
+    )
+    assert large.zero.stage == 3
+    ds = deepspeed_config(base, 8, torch.device("cuda"), False)
+    assert ds["bf16"]["enabled"] and ds["gradient_clipping"] == 1.0
+
+
+def test_layers_defaults_preset_yaml_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  preset: tiny\n  embed_dim: 48\ntrain:\n  lr: 3e-4\n")
+    cfg = load_config(path, [*SYNTH, "train.lr=5e-4", "model.fusion.num_layers=3"])
+    assert cfg.model.text.hidden_size == 64  # from the preset
+    assert cfg.model.embed_dim == 48  # YAML over preset
+    assert cfg.train.lr == 5e-4  # command line over YAML ("5e-4": YAML 1.1 reads it as text)
+    assert cfg.model.fusion.num_layers == 3
+    assert cfg.train.steps == Config().train.steps  # default
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.stepz=3", "unknown config key train.stepz; did you mean train.steps?"),
+        ("train.steps=abc", "train.steps must be int (got 'abc')"),
+        ("train.steps=0", "train.steps must be > 0 (got 0)"),
+        ("zero.stage=4", "zero.stage must be 0, 1, 2 or 3 (got 4)"),
+        ("model.preset=huge", "model.preset: unknown preset 'huge'"),
+        ("train.precision=fp8", "train.precision must be auto, fp32, bf16 or fp16"),
+        ("objectives.mlm_weight=1", "objectives.mlm_weight > 0 needs model.mlm: true"),
+        ("train.betas=[0.9]", "train.betas must be a list of 2 values"),
+    ],
+)
+def test_errors_name_the_key(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [*SYNTH, override])
+    assert message in str(info.value)
+
+
+def test_errors_name_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  micro_batch_size: many\n")
+    with pytest.raises(ConfigError, match=f"train.micro_batch_size must be int .* in {path}"):
+        load_config(path)
+
+
+def test_missing_data_is_a_clear_error():
+    with pytest.raises(ConfigError, match="data.train.shards is required"):
+        load_config(None, [])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, [*SYNTH, "model.preset=small", "train.betas=[0.9,0.95]"])
+    save_config(cfg, tmp_path / "resolved.yaml")
+    again = load_config(tmp_path / "resolved.yaml")
+    assert again == cfg
+
+
+def test_deepspeed_config_on_cpu_is_fp32_with_explicit_clipping():
+    cfg = load_config(None, [*SYNTH, "zero.stage=3", "train.grad_clip=0.5"])
+    ds = deepspeed_config(cfg, 2, torch.device("cpu"), load_universal=True)
+    assert not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["checkpoint"]["load_universal"] is True
+    assert ds["optimizer"]["params"]["torch_adam"] is True
+
+
+def test_config_reference_lists_every_stable_key():
+    table = config_reference()
+    for key in (
+        "output_dir",
+        "model.preset",
+        "model.text.pretrained",
+        "model.image.pretrained",
+        "data.train.shards",
+        "data.eval.shards",
+        "train.steps",
+        "train.micro_batch_size",
+        "train.grad_accum",
+        "train.lr",
+        "train.seed",
+        "checkpoint.every_steps",
+        "checkpoint.keep",
+        "zero.stage",
+        "eval.every_steps",
+        "log.every_steps",
+    ):
+        assert f"| `{key}` |" in table
+
+
+def test_configs_folder_has_the_three_documented_files():
+    names = {p.name for p in Path(REPO / "configs").glob("*.yaml")}
+    assert {"demo_cpu.yaml", "pretrain_base.yaml", "pretrain_large.yaml"} <= names

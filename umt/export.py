@@ -1,0 +1,173 @@
+"""Export: consolidate a ZeRO checkpoint into safetensors + config + tokenizer, and load it back
+without DeepSpeed (`umt.load(dir) -> (model, processor)`).
+
+Layout of an export folder:
+    model.safetensors   fp32 weights of `UnifiedMultimodalTransformer` (tied weights stored once)
+    umt_export.json     format version, model config, image and text preprocessing, source step
+    tokenizer/          the tokenizer files (when the run's tokenizer could be loaded)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from umt import checkpoint
+from umt.model import UnifiedMultimodalTransformer, build_model, model_config_from_dict
+
+log = logging.getLogger("umt.export")
+EXPORT_VERSION = 1
+WEIGHTS = "model.safetensors"
+MANIFEST = "umt_export.json"
+
+
+class ExportError(RuntimeError):
+    """An export that cannot be written or read, naming the path."""
+
+
+def consolidate(ref: checkpoint.CheckpointRef) -> dict[str, torch.Tensor]:
+    """fp32 weights of every ZeRO stage, through DeepSpeed's own zero_to_fp32 consolidation."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(ref.root), tag=ref.tag)
+
+
+def export_checkpoint(ckpt: str | Path, out_dir: str | Path) -> Path:
+    """Write an export folder from a checkpoint root (its `latest`) or one `step{N}` folder."""
+    from safetensors.torch import save_file
+
+    ref = checkpoint.resolve(str(ckpt), Path(ckpt))
+    if ref is None:
+        raise ExportError(f"{ckpt}: no checkpoint found")
+    meta = checkpoint.read_meta(ref)
+    cfg = meta.get("config") or {}
+    if "model" not in cfg:
+        raise ExportError(f"{ref.path}: the checkpoint carries no model config")
+    state = {k: v.contiguous() for k, v in consolidate(ref).items()}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out / WEIGHTS), metadata={"format": "pt"})
+    data = cfg.get("data", {})
+    tokenizer = data.get("tokenizer") or cfg["model"]["text"].get("pretrained")
+    manifest = {
+        "format_version": EXPORT_VERSION,
+        "source": {"checkpoint": str(ref.path), "step": ref.step},
+        "model": cfg["model"],
+        "image": {
+            "image_size": cfg["model"]["image"]["image_size"],
+            "mean": [0.5, 0.5, 0.5],
+            "std": [0.5, 0.5, 0.5],
+            "transform": "resize shorter side + center crop, bicubic",
+        },
+        "text": {
+            "max_length": data.get("train", {}).get("max_text_len", 64),
+            "tokenizer": None,
+        },
+    }
+    if tokenizer:
+        try:
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(tokenizer).save_pretrained(str(out / "tokenizer"))
+            manifest["text"]["tokenizer"] = "tokenizer"
+        except (OSError, ValueError) as exc:
+            log.warning("tokenizer %s not saved with the export: %s", tokenizer, exc)
+            manifest["text"]["tokenizer"] = tokenizer
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    log.info("exported %s (step %d) to %s", ref.path, ref.step, out)
+    return out
+
+
+@dataclass
+class Processor:
+    """Turns PIL images and strings into model-ready tensors, as evaluation does."""
+
+    tokenizer: object | None
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    max_length: int
+
+    def images(self, images: list[Image.Image]) -> torch.Tensor:
+        import numpy as np
+
+        from data_pipeline.transforms import eval_crop_box, normalize_images
+
+        arrays = []
+        for image in images:
+            box = eval_crop_box(*image.size)
+            rgb = image if image.mode == "RGB" else image.convert("RGB")
+            size = (self.image_size, self.image_size)
+            out = rgb.resize(size, Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
+            arrays.append(np.asarray(out, dtype=np.uint8))
+        return normalize_images(arrays, self.mean, self.std)
+
+    def text(self, text: list[str]) -> dict[str, torch.Tensor]:
+        if self.tokenizer is None:
+            raise ExportError("this export has no tokenizer; pass input ids yourself")
+        enc = self.tokenizer(
+            text,
+            padding="longest",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+            return_token_type_ids=False,
+        )
+        return {
+            "input_ids": enc["input_ids"].long(),
+            "attention_mask": enc["attention_mask"].long(),
+        }
+
+    def __call__(
+        self, images: list[Image.Image] | None = None, text: list[str] | None = None
+    ) -> dict:
+        out: dict[str, torch.Tensor] = {}
+        if images is not None:
+            out["pixel_values"] = self.images(images)
+        if text is not None:
+            out |= self.text(text)
+        return out
+
+
+def load(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[UnifiedMultimodalTransformer, Processor]:
+    """`(model, processor)` from an export folder; no DeepSpeed involved. The model is in eval mode."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise ExportError(f"{path} is not a UMT export (no {MANIFEST}); run `umt export` first")
+    manifest = json.loads(manifest_path.read_text())
+    model_cfg = model_config_from_dict(manifest["model"])
+    # The weights come from the export: build the towers from config, not from the Hub.
+    model_cfg.text.pretrained = None
+    model_cfg.image.pretrained = None
+    model = build_model(model_cfg, log_table=False)
+    state = load_file(str(path / WEIGHTS))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ExportError(f"{path / WEIGHTS}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.to(device).eval()
+    tokenizer = None
+    tok = manifest["text"].get("tokenizer")
+    if tok:
+        from transformers import AutoTokenizer
+
+        tok_path = path / tok
+        tokenizer = AutoTokenizer.from_pretrained(str(tok_path) if tok_path.is_dir() else tok)
+    img = manifest["image"]
+    processor = Processor(
+        tokenizer,
+        img["image_size"],
+        tuple(img["mean"]),
+        tuple(img["std"]),
+        manifest["text"]["max_length"],
+    )
+    return model, processor
