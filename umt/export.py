@@ -171,3 +171,38 @@ def load(
         manifest["text"]["max_length"],
     )
     return model, processor
+
+
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[UnifiedMultimodalTransformer, Processor]:
+    """`(model, processor)` from an export folder or straight from a DeepSpeed checkpoint."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return load(path, device)
+    ref = checkpoint.resolve(str(path), path)
+    if ref is None:
+        raise ExportError(f"{path}: neither a UMT export nor a checkpoint")
+    cfg = checkpoint.read_meta(ref).get("config") or {}
+    if "model" not in cfg:
+        raise ExportError(f"{ref.path}: the checkpoint carries no model config")
+    model_cfg = model_config_from_dict(cfg["model"])
+    model_cfg.text.pretrained = model_cfg.image.pretrained = None
+    model = build_model(model_cfg, log_table=False)
+    model.load_state_dict(consolidate(ref), strict=True)
+    model.to(device).eval()
+    data = cfg.get("data", {})
+    name = data.get("tokenizer") or cfg["model"]["text"].get("pretrained")
+    tokenizer = None
+    if name:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    processor = Processor(
+        tokenizer,
+        model_cfg.image.image_size,
+        (0.5, 0.5, 0.5),
+        (0.5, 0.5, 0.5),
+        data.get("train", {}).get("max_text_len", 64),
+    )
+    return model, processor

@@ -1,0 +1,88 @@
+"""`umt eval --model CKPT_OR_EXPORT --shards SPEC --out report.json [--itm-rerank K]`: image-text
+retrieval (R@1/5/10 both directions), also under torchrun with identical numbers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="umt eval", description=__doc__)
+    parser.add_argument(
+        "--model", required=True, help="export folder, checkpoint root or step{N} folder"
+    )
+    parser.add_argument(
+        "--shards", required=True, help="evaluation shards (folder, brace pattern, list)"
+    )
+    parser.add_argument("--out", help="write the JSON report here")
+    parser.add_argument(
+        "--itm-rerank",
+        type=int,
+        default=0,
+        metavar="K",
+        help="re-rank the ITC top-K with ITM (COCO: 256, Flickr: 128)",
+    )
+    parser.add_argument(
+        "--score", choices=["itm", "itm+itc"], default="itm", help="re-rank score (BLIP adds ITC)"
+    )
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--tensorboard", help="also write eval/<name>/... scalars to this folder")
+    parser.add_argument("--name", default="eval", help="set name in TensorBoard tags")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from umt.distributed import discover_world
+    from umt.evaluate import EvalData, evaluate_retrieval, format_report
+    from umt.export import ExportError, load_model
+    from umt.logging import MetricsWriter, setup_logging
+
+    world = discover_world()
+    setup_logging(world.rank)
+    if world.world_size > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = (
+        torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    )
+    try:
+        model, processor = load_model(args.model, device)
+    except (ExportError, OSError) as exc:
+        print(f"umt eval: {exc}", file=sys.stderr)
+        return 1
+    if processor.tokenizer is None:
+        print("umt eval: the model carries no tokenizer name; export it with one", file=sys.stderr)
+        return 1
+    data = EvalData(
+        args.shards,
+        processor.tokenizer,
+        processor.image_size,
+        processor.max_length,
+        args.batch_size,
+        processor.mean,
+        processor.std,
+    )
+    report = evaluate_retrieval(model, data, args.itm_rerank, args.score == "itm+itc", device)
+    report |= {
+        "model": str(args.model),
+        "shards": args.shards,
+        "itm_rerank": args.itm_rerank,
+        "score": args.score,
+    }
+    if world.rank == 0:
+        print(format_report(report))
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(report, indent=2))
+        if args.tensorboard:
+            writer = MetricsWriter(Path(args.tensorboard))
+            step = 0
+            for scorer in ("itc", "itm"):
+                for key, value in report.get(scorer, {}).items():
+                    writer.scalars({f"eval/{args.name}/{scorer}/{key}": value}, step)
+            writer.close()
+    return 0

@@ -1,0 +1,93 @@
+"""Retrieval evaluation: recall on known matrices, ITM re-ranking bounds, ranks and exports agree."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import REPO, run_torchrun
+from tests.shard_writer import write_color_shards
+from umt.evaluate import recall_at_k, rerank_topk
+
+
+def test_recall_on_a_hand_made_matrix_with_five_captions_per_image():
+    # 2 images x 5 captions. Image 0's captions are texts 0-4, image 1's are 5-9.
+    text_to_image = torch.tensor([0] * 5 + [1] * 5)
+    i2t = torch.zeros(2, 10)
+    i2t[0, 7] = 3.0  # image 0 ranks a wrong caption first ...
+    i2t[0, 2] = 2.0  # ... and its own second: i2t R@1 miss, R@5 hit
+    i2t[1, 6] = 1.0  # image 1: own caption first
+    t2i = torch.zeros(10, 2)
+    t2i[:, 1] = 1.0  # every text picks image 1: right for texts 5-9 only
+    r = recall_at_k(i2t, t2i, text_to_image)
+    assert r["i2t_r1"] == 50.0 and r["i2t_r5"] == 100.0
+    assert r["t2i_r1"] == 50.0 and r["t2i_r5"] == 100.0  # only 2 images: R@5 = 100
+    assert r["r_mean"] == pytest.approx((r["i2t_mean"] + r["t2i_mean"]) / 2)
+
+
+def test_ties_rank_the_lower_index_first():
+    text_to_image = torch.tensor([0, 1, 2])
+    flat = torch.zeros(3, 3)  # every score tied
+    r = recall_at_k(flat, flat, text_to_image, ks=(1,))
+    # ties -> candidate 0 first: only query 0 is right in each direction
+    assert r["i2t_r1"] == pytest.approx(100 / 3) and r["t2i_r1"] == pytest.approx(100 / 3)
+
+
+def test_itm_rerank_only_reorders_inside_the_itc_top_k():
+    itc = torch.tensor([[0.9, 0.8, 0.1, 0.0], [0.1, 0.2, 0.3, 0.4]])
+    itm = torch.tensor([[0.0, 5.0, 100.0, 99.0], [1.0, 1.0, 1.0, 1.0]])  # loves outside candidates
+
+    def score(row, cands):
+        return itm[row, cands]
+
+    out = rerank_topk(itc, 2, score)
+    order = out.argsort(dim=1, descending=True)
+    assert order[0].tolist() == [1, 0, 2, 3]  # ITM reorders 0 and 1; 2 and 3 stay below, ITC order
+    assert order[1, :2].tolist() == [2, 3] or order[1, :2].tolist() == [3, 2]
+    assert set(order[1, :2].tolist()) == {2, 3} and order[1, 2:].tolist() == [1, 0]
+    assert (out[:, :2].min() if False else out[0, [0, 1]].min()) > out[0, [2, 3]].max()
+
+
+def trained_export(tmp_path, minilm_dir):
+    """A tiny model trained 2 steps (synthetic data), its checkpoint and its export."""
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "launch.train", f"output_dir={run}", "model.preset=tiny",
+        "data.train.synthetic=true", f"data.tokenizer={minilm_dir}", "data.train.max_text_len=16",
+        "train.steps=2", "train.micro_batch_size=4", "model.image.image_size=32",
+    ]  # fmt: skip
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
+    export = tmp_path / "export"
+    subprocess.run(
+        [sys.executable, "-m", "launch.cli", "export", str(run / "checkpoints"), str(export)],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
+    return run / "checkpoints", export
+
+
+@pytest.mark.slow
+def test_one_and_two_ranks_and_checkpoint_and_export_give_identical_reports(tmp_path, minilm_dir):
+    ckpt, export = trained_export(tmp_path, minilm_dir)
+    shards = write_color_shards(tmp_path / "shards", n_images=7, per_shard=3)
+    reports = {}
+    for name, model in (("export", export), ("checkpoint", ckpt)):
+        out = tmp_path / f"{name}.json"
+        cmd = [sys.executable, "-m", "launch.cli", "eval", "--model", str(model), "--shards",
+               str(shards), "--out", str(out), "--itm-rerank", "4", "--batch-size", "3"]  # fmt: skip
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "i2t_r1" in proc.stdout  # the printed table
+        reports[name] = json.loads(out.read_text())
+    out2 = tmp_path / "two_ranks.json"
+    run_torchrun(REPO / "tests" / "_ranks_evaluate.py", str(export), str(shards), str(out2))
+    two = json.loads(out2.read_text())
+    one = reports["export"]
+    assert one["images"] == 7 and one["texts"] == 14
+    for scorer in ("itc", "itm"):
+        assert one[scorer] == reports["checkpoint"][scorer] == two[scorer]

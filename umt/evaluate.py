@@ -1,0 +1,319 @@
+"""Image-text retrieval evaluation: the BLIP/ALBEF protocol (R@1/5/10 both directions), ITC and
+ITC top-k re-ranked by ITM, on one or several ranks with identical results.
+
+Protocol: every image of the evaluation set is a candidate for every caption and vice versa. A
+text query is right when the retrieved image is its own; an image query is right when any of its
+captions is retrieved. Ties rank the lower index first. With re-ranking, the ITC top-k of each
+query are scored by the ITM head; the others keep their ITC order below every scored pair.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from umt.distributed import is_distributed, rank, world_size
+
+log = logging.getLogger("umt.evaluate")
+KS = (1, 5, 10)
+
+
+# --- metrics on a score matrix ----------------------------------------------------------------
+
+
+def _ranks_of_best_positive(scores: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """(Q,) 0-based rank of the best-ranked positive of each query row; ties: lower index first."""
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices  # (Q, C)
+    hits = positives.gather(1, order)  # (Q, C) bool in ranked order
+    return hits.float().argmax(dim=1)  # first True
+
+
+def recall_at_k(
+    scores_i2t: torch.Tensor,  # (I, T) image queries against text candidates
+    scores_t2i: torch.Tensor,  # (T, I)
+    text_to_image: torch.Tensor,  # (T,) index of each text's image
+    ks: Iterable[int] = KS,
+) -> dict[str, float]:
+    """`i2t_r{k}`, `t2i_r{k}` (percent), `i2t_mean`, `t2i_mean` and `r_mean`."""
+    n_images = scores_i2t.shape[0]
+    positives_t2i = text_to_image[:, None] == torch.arange(n_images)[None, :]  # (T, I)
+    rank_i2t = _ranks_of_best_positive(scores_i2t, positives_t2i.T)
+    rank_t2i = _ranks_of_best_positive(scores_t2i, positives_t2i)
+    out: dict[str, float] = {}
+    ks = list(ks)
+    for k in ks:
+        out[f"i2t_r{k}"] = 100.0 * (rank_i2t < k).float().mean().item()
+        out[f"t2i_r{k}"] = 100.0 * (rank_t2i < k).float().mean().item()
+    out["i2t_mean"] = sum(out[f"i2t_r{k}"] for k in ks) / len(ks)
+    out["t2i_mean"] = sum(out[f"t2i_r{k}"] for k in ks) / len(ks)
+    out["r_mean"] = (out["i2t_mean"] + out["t2i_mean"]) / 2
+    return out
+
+
+def chance_recall(n_images: int, captions_per_image: float, k: int) -> dict[str, float]:
+    """Expected R@k of a random ranking (percent), for reporting beside the results."""
+    n_texts = n_images * captions_per_image
+    t2i = 100.0 * min(1.0, k / n_images)
+    # an image query succeeds if any of its c captions is among k of T texts
+    c = round(captions_per_image)
+    miss = math.prod((n_texts - c - j) / (n_texts - j) for j in range(min(k, int(n_texts))))
+    return {f"i2t_r{k}": 100.0 * (1 - miss), f"t2i_r{k}": t2i}
+
+
+# --- ITM re-ranking of the ITC top-k -------------------------------------------------------------
+
+
+def rerank_topk(
+    itc: torch.Tensor,  # (Q, C) ITC scores of queries against candidates
+    k: int,
+    score_pairs: Callable[[int, torch.Tensor], torch.Tensor],  # (query, candidates (k,)) -> (k,)
+    add_itc: bool = False,
+) -> torch.Tensor:
+    """(Q, C) scores: each query's ITC top-k re-scored by `score_pairs`; the rest below, in ITC order.
+
+    Rows are split across ranks (row i on rank i % W) and summed, so every rank ends with the same
+    matrix.
+    """
+    q, c = itc.shape
+    k = min(k, c)
+    topk = itc.topk(k, dim=1).indices  # (Q, k); topk is deterministic for distinct scores
+    scored = torch.zeros(q, k, dtype=torch.float64)
+    for row in range(rank(), q, world_size()):
+        s = score_pairs(row, topk[row]).double().cpu()
+        scored[row] = s + itc[row, topk[row]].double().cpu() if add_itc else s
+    if is_distributed():
+        dist.all_reduce(scored)
+    low = scored.min() - 1.0
+    # Unscored pairs: strictly below every scored pair, ordered among themselves by ITC.
+    out = low - (itc.max().double() - itc.double().cpu())
+    out.scatter_(1, topk.cpu(), scored)
+    return out
+
+
+# --- embedding an evaluation set ----------------------------------------------------------------
+
+
+@dataclass
+class EvalFeatures:
+    """Every image and text of the set, in global order, on every rank."""
+
+    image_embeds: torch.Tensor  # (I, E)
+    text_embeds: torch.Tensor  # (T, E)
+    image_tokens: torch.Tensor | None  # (I, P, Dv), kept only for ITM re-ranking
+    text_tokens: torch.Tensor | None  # (T, L, Dt)
+    text_mask: torch.Tensor | None  # (T, L)
+    text_to_image: torch.Tensor  # (T,)
+    image_keys: list[str]
+
+
+def gather_objects(obj):
+    """Every rank's `obj`, in rank order (variable sizes: evaluation is not a hot path)."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _pad_cat(parts: list[torch.Tensor], length: int) -> torch.Tensor:
+    return torch.cat(
+        [
+            torch.nn.functional.pad(p, [0, 0] * (p.dim() - 2) + [0, length - p.shape[1]])
+            for p in parts
+        ]
+    )
+
+
+def retrieval_report(
+    features: EvalFeatures,
+    logit_scale: float,
+    itm_scorer: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None,
+    rerank_k: int = 0,
+    add_itc: bool = False,
+) -> dict[str, dict[str, float]]:
+    """{'itc': recalls, 'itm': recalls (when rerank_k > 0)} from gathered features."""
+    sim = logit_scale * features.image_embeds.double() @ features.text_embeds.double().T  # (I, T)
+    report = {"itc": recall_at_k(sim, sim.T.contiguous(), features.text_to_image)}
+    if rerank_k > 0:
+        if itm_scorer is None or features.image_tokens is None:
+            raise ValueError("ITM re-ranking needs the model's ITM head and the kept tokens")
+        f = features
+
+        def i2t(row: int, cands: torch.Tensor) -> torch.Tensor:
+            n = len(cands)
+            return itm_scorer(
+                f.text_tokens[cands], f.text_mask[cands], f.image_tokens[row].expand(n, -1, -1)
+            )
+
+        def t2i(row: int, cands: torch.Tensor) -> torch.Tensor:
+            n = len(cands)
+            return itm_scorer(
+                f.text_tokens[row].expand(n, -1, -1),
+                f.text_mask[row].expand(n, -1),
+                f.image_tokens[cands],
+            )
+
+        scores_i2t = rerank_topk(sim, rerank_k, i2t, add_itc)
+        scores_t2i = rerank_topk(sim.T.contiguous(), rerank_k, t2i, add_itc)
+        report["itm"] = recall_at_k(scores_i2t, scores_t2i, features.text_to_image)
+    return report
+
+
+# --- from shards ----------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalData:
+    shards: str | list[str]
+    tokenizer: object  # a fast tokenizer
+    image_size: int
+    max_text_len: int = 64
+    batch_size: int = 64
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+
+@torch.no_grad()
+def embed_eval_shards(
+    model, data: EvalData, keep_tokens: bool, device: torch.device
+) -> EvalFeatures:
+    """Embed every image and every caption of the shards; sample i is embedded by rank i % W.
+
+    Each image appears once with all of its captions (shards made with `umt shard --per image`).
+    A sample whose image cannot be decoded is skipped and counted in the log.
+    """
+    import random as _random
+    from collections import Counter
+
+    from data_pipeline.loader import iter_raw_samples
+    from data_pipeline.transforms import ImageTransformConfig, normalize_images, transform_image
+
+    transform = ImageTransformConfig(image_size=data.image_size, train=False)
+    errors: Counter = Counter()
+    me, w = rank(), world_size()
+    dtype = next(model.parameters()).dtype
+    mine: list[dict] = []
+    pending: list = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        index, arrays, captions = zip(*pending)
+        pixels = normalize_images(list(arrays), data.mean, data.std).to(device, dtype)
+        image = model.embed_image(pixels)
+        texts = [c for caps in captions for c in caps]
+        enc = data.tokenizer(
+            texts,
+            padding="max_length",
+            truncation=True,
+            max_length=data.max_text_len,
+            return_tensors="pt",
+            return_token_type_ids=False,
+        )
+        ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        text = model.embed_text(ids, mask)
+        mine.append(
+            {
+                "index": list(index),
+                "n_captions": [len(c) for c in captions],
+                "image_embeds": image.embeds.float().cpu(),
+                "text_embeds": text.embeds.float().cpu(),
+                "image_tokens": image.tokens.cpu() if keep_tokens else None,
+                "text_tokens": text.tokens.cpu() if keep_tokens else None,
+                "text_mask": mask.cpu() if keep_tokens else None,
+            }
+        )
+        pending.clear()
+
+    keys: dict[int, str] = {}
+    for i, sample in enumerate(iter_raw_samples(data.shards, errors)):
+        keys[i] = sample.image_key
+        if i % w != me:
+            continue
+        try:
+            array = transform_image(sample.image, transform, _random.Random(0))
+        except Exception:  # noqa: BLE001 - PIL raises many types for corrupt data
+            errors["corrupt_image"] += 1
+            continue
+        pending.append((i, array, sample.captions))
+        if len(pending) == data.batch_size:
+            flush()
+    flush()
+    if errors:
+        log.warning("evaluation data: skipped %s", dict(errors))
+
+    parts = [p for rank_parts in gather_objects(mine) for p in rank_parts]
+    entries = sorted(
+        (idx, p, j) for p in parts for j, idx in enumerate(p["index"])
+    )  # global sample order, each sample once
+    image_embeds, text_embeds, text_to_image, image_keys = [], [], [], []
+    image_tokens, text_tokens, text_mask = [], [], []
+    for image_row, (idx, p, j) in enumerate(entries):
+        start = sum(p["n_captions"][:j])
+        n = p["n_captions"][j]
+        image_embeds.append(p["image_embeds"][j])
+        text_embeds.append(p["text_embeds"][start : start + n])
+        text_to_image += [image_row] * n
+        image_keys.append(keys[idx])
+        if keep_tokens:
+            image_tokens.append(p["image_tokens"][j])
+            text_tokens.append(p["text_tokens"][start : start + n])
+            text_mask.append(p["text_mask"][start : start + n])
+    if not image_embeds:
+        raise ValueError(f"no decodable samples in {data.shards}")
+    return EvalFeatures(
+        image_embeds=torch.stack(image_embeds),
+        text_embeds=torch.cat(text_embeds),
+        image_tokens=torch.stack(image_tokens) if keep_tokens else None,
+        text_tokens=torch.cat(text_tokens) if keep_tokens else None,
+        text_mask=torch.cat(text_mask) if keep_tokens else None,
+        text_to_image=torch.tensor(text_to_image),
+        image_keys=image_keys,
+    )
+
+
+@torch.no_grad()
+def evaluate_retrieval(
+    model,
+    data: EvalData,
+    rerank_k: int = 0,
+    add_itc: bool = False,
+    device: torch.device | None = None,
+) -> dict:
+    """The full report: sizes, chance levels, ITC recalls and (with rerank_k) ITM re-ranked recalls."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    features = embed_eval_shards(model, data, keep_tokens=rerank_k > 0, device=device)
+
+    def itm_scorer(text_tokens, text_mask, image_tokens) -> torch.Tensor:
+        dtype = next(model.parameters()).dtype
+        logits = model.itm_logits(
+            text_tokens.to(device, dtype), text_mask.to(device), image_tokens.to(device, dtype)
+        )
+        return logits[:, 1].float()
+
+    report = retrieval_report(features, float(model.scale()), itm_scorer, rerank_k, add_itc)
+    model.train(was_training)
+    n_images, n_texts = features.image_embeds.shape[0], features.text_embeds.shape[0]
+    chance: dict[str, float] = {}
+    for k in KS:
+        chance |= chance_recall(n_images, n_texts / n_images, k)
+    return {"images": n_images, "texts": n_texts, "chance": chance, **report}
+
+
+def format_report(report: dict) -> str:
+    """A table: one row per scorer, columns R@1/5/10 in both directions and the mean."""
+    cols = [f"i2t_r{k}" for k in KS] + [f"t2i_r{k}" for k in KS] + ["r_mean"]
+    head = f"{'scorer':<8}" + "".join(f"{c:>9}" for c in cols)
+    lines = [f"{report['images']} images, {report['texts']} texts", head]
+    for name in ("chance", "itc", "itm"):
+        if name in report:
+            row = report[name]
+            lines.append(f"{name:<8}" + "".join(f"{row.get(c, float('nan')):>9.2f}" for c in cols))
+    return "\n".join(lines)
