@@ -1,0 +1,611 @@
+"""The sharder: shard contents and format, failures accounted for, resume, parts, URLs, CLI."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import tarfile
+import threading
+import zlib
+from collections.abc import Iterator
+from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from data_pipeline.shard import (
+    FAILPOINT_ENV,
+    SampleError,
+    ShardError,
+    ShardOptions,
+    merge_parts,
+    prepare_image,
+    shard_dataset,
+)
+from launch import shard as shard_cli
+
+REPO = Path(__file__).resolve().parents[2]
+SMALL = ShardOptions(image_size=32, maxcount=4)
+
+
+# --- inputs written by the tests ----------------------------------------------------------------
+
+
+def jpeg_bytes(width: int, height: int, seed: int, quality: int = 90) -> bytes:
+    """A small JPEG with content that depends on `seed` (two coloured rectangles)."""
+    image = Image.new("RGB", (width, height), ((seed * 37) % 256, (seed * 91) % 256, 128))
+    image.paste((seed % 256, 255 - seed % 256, 60), (width // 4, height // 4, width // 2, height))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def huge_png(width: int = 20_000, height: int = 20_000) -> bytes:
+    """A real, valid 1-bit PNG of width x height pixels (tiny on disk, a bomb when decoded)."""
+    row = b"\0" * (1 + (width + 7) // 8)  # filter byte + packed bits
+    compressor = zlib.compressobj(9)
+    body = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", body)
+        + png_chunk(b"IEND", b"")
+    )
+
+
+def write_csv(path: Path, rows: list[tuple[str, str]]) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "caption"])
+        writer.writerows(rows)
+    return path
+
+
+def good_dataset(folder: Path, n: int = 10) -> Path:
+    """`n` JPEGs of varied sizes and a CSV pairing each with a caption."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        (folder / f"{i}.jpg").write_bytes(jpeg_bytes(40 + 7 * i, 30 + 5 * i, seed=i))
+        rows.append((f"{i}.jpg", f"picture number {i}"))
+    return write_csv(folder / "pairs.csv", rows)
+
+
+def bad_dataset(folder: Path) -> Path:
+    """Good rows mixed with every kind of broken row a local table can have."""
+    folder.mkdir(parents=True, exist_ok=True)
+    good = jpeg_bytes(64, 48, seed=1)
+    (folder / "good.jpg").write_bytes(good)
+    (folder / "also.jpg").write_bytes(jpeg_bytes(48, 64, seed=2))
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    (folder / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (folder / "bomb.png").write_bytes(huge_png())
+    (folder / "tiny.jpg").write_bytes(jpeg_bytes(8, 8, seed=3))
+    (folder / "long.jpg").write_bytes(jpeg_bytes(200, 20, seed=4))
+    table = folder / "pairs.csv"
+    table.write_bytes(
+        b"image,caption\n"
+        b"good.jpg,a good picture\n"
+        b"missing.jpg,no file here\n"
+        b"corrupt.jpg,garbage bytes\n"
+        b"truncated.jpg,half a jpeg\n"
+        b"good.jpg,\n"
+        b'good.jpg," \t "\n'
+        b"good.jpg,caf\xe9 latin-1\n"
+        b"bomb.png,twenty thousand squared\n"
+        b"tiny.jpg,eight pixels\n"
+        b"long.jpg,ten to one\n"
+        b"also.jpg,another good one\n"
+    )
+    return table
+
+
+def read_tar(path: Path) -> list[tarfile.TarInfo]:
+    with tarfile.open(path) as tar:
+        return tar.getmembers()
+
+
+def output_files(out: Path) -> dict[str, bytes]:
+    """Every file under `out` (state folder included) by relative path."""
+    return {
+        p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()
+    }
+
+
+# --- a loopback HTTP server ---------------------------------------------------------------------
+
+
+class ImageServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), ImageHandler)
+        self.images: dict[str, bytes] = {}
+        self.hits: dict[str, int] = {}
+        self.release = threading.Event()  # lets /hang answer when the test ends
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class ImageHandler(BaseHTTPRequestHandler):
+    server: ImageServer
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        self.server.hits[self.path] = self.server.hits.get(self.path, 0) + 1
+        if self.path == "/hang":
+            self.server.release.wait(timeout=30)
+            return
+        if self.path.startswith("/flaky/") and self.server.hits[self.path] == 1:
+            self.send_error(503)
+            return
+        data = self.server.images.get(self.path.rsplit("/", 1)[-1])
+        if data is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: object) -> None:  # keep test output quiet
+        pass
+
+
+@pytest.fixture
+def image_server() -> Iterator[ImageServer]:
+    server = ImageServer()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.release.set()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+# --- shard contents -----------------------------------------------------------------------------
+
+
+def test_shards_read_back_with_tarfile_and_webdataset(tmp_path: Path) -> None:
+    table = good_dataset(tmp_path / "in", n=10)
+    summary = shard_dataset(table, tmp_path / "out", SMALL)
+    assert (summary.rows, summary.written, summary.failed, summary.shards) == (10, 10, 0, 3)
+    shards = sorted((tmp_path / "out").glob("data-*.tar"))
+    assert [p.name for p in shards] == ["data-000000.tar", "data-000001.tar", "data-000002.tar"]
+
+    members = read_tar(shards[0])
+    assert [m.name for m in members[:3]] == ["0000000.jpg", "0000000.txt", "0000000.json"]
+    assert {(m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) for m in members} == {
+        (946684800, 0, 0, "", "", 0o444)
+    }
+    dataset = wds.WebDataset([str(p) for p in shards], shardshuffle=False)
+    samples = list(dataset)
+    assert [s["__key__"] for s in samples] == [f"00000{s}{i}" for s in "012" for i in "0123"][:10]
+    for i, sample in enumerate(samples):
+        meta = json.loads(sample["json"])
+        image = Image.open(io.BytesIO(sample["jpg"]))
+        original = (40 + 7 * i, 30 + 5 * i)
+        assert sample["txt"].decode() == f"picture number {i}" == meta["caption"]
+        assert meta["captions"] == [meta["caption"]]
+        assert (meta["key"], meta["image_key"]) == (sample["__key__"], f"{i}.jpg")
+        assert meta["source"] == {"file": "pairs.csv", "row": i}
+        assert (meta["original_width"], meta["original_height"]) == original
+        assert (meta["width"], meta["height"]) == image.size
+        assert min(image.size) == 32  # keep_ratio: the short side becomes --image-size
+
+
+def test_every_row_is_written_or_reported_with_its_reason(tmp_path: Path) -> None:
+    table = bad_dataset(tmp_path / "in")
+    options = replace(SMALL, min_size=16, max_aspect_ratio=5.0, maxcount=100)
+    summary = shard_dataset(table, tmp_path / "out", options)
+    out = tmp_path / "out"
+    expected = {
+        "bad_aspect_ratio": 1,
+        "corrupt_image": 2,
+        "decompression_bomb": 1,
+        "empty_caption": 2,
+        "missing_file": 1,
+        "not_utf8": 1,
+        "too_small": 1,
+    }
+    assert (summary.rows, summary.written, summary.failed) == (11, 2, 9)
+    assert summary.failures == expected
+    assert summary.line() == (
+        "11 rows: 2 written, 9 failed (bad_aspect_ratio: 1, corrupt_image: 2, "
+        "decompression_bomb: 1, empty_caption: 2, missing_file: 1, not_utf8: 1, too_small: 1); "
+        f"2 samples in 1 shards -> {out}"
+    )
+    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert [(e["source"]["row"], e["reason"]) for e in errors] == [
+        (1, "missing_file"),
+        (2, "corrupt_image"),
+        (3, "corrupt_image"),
+        (4, "empty_caption"),
+        (5, "empty_caption"),
+        (6, "not_utf8"),
+        (7, "decompression_bomb"),
+        (8, "too_small"),
+        (9, "bad_aspect_ratio"),
+    ]
+    assert all(e["message"] and e["source"]["file"] == "pairs.csv" for e in errors)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["rows"], manifest["written"], manifest["failed"]) == (11, 2, 9)
+    assert manifest["failures"] == expected
+    assert manifest["total_samples"] == 2
+    shard = manifest["shards"][0]
+    data = (out / shard["name"]).read_bytes()
+    assert (shard["bytes"], shard["sha256"]) == (len(data), hashlib.sha256(data).hexdigest())
+    assert json.loads((out / "sizes.json").read_text()) == {"data-000000.tar": 2}
+    assert not list(out.glob("*.tmp"))
+
+
+def test_resize_modes_and_skip_reencode() -> None:
+    photo = jpeg_bytes(640, 480, seed=5)
+    sizes = {
+        mode: prepare_image(photo, ShardOptions(resize=mode, image_size=256))
+        for mode in ("none", "keep_ratio", "center_crop", "border")
+    }
+    assert {mode: (s.width, s.height) for mode, s in sizes.items()} == {
+        "none": (640, 480),
+        "keep_ratio": (341, 256),
+        "center_crop": (256, 256),
+        "border": (256, 256),
+    }
+    bordered = Image.open(io.BytesIO(sizes["border"].data))
+    assert bordered.getpixel((128, 2)) == (0, 0, 0)  # 256x192 picture centred on black
+    copied = prepare_image(photo, ShardOptions(resize="none", skip_reencode=True))
+    assert copied.data == photo
+    as_png = prepare_image(photo, ShardOptions(image_size=64, image_format="png"))
+    assert (as_png.ext, Image.open(io.BytesIO(as_png.data)).format) == ("png", "PNG")
+
+
+def test_exif_rotation_and_transparency_are_applied() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown rotated 90 degrees clockwise
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 20), (200, 10, 10)).save(buffer, "JPEG", exif=exif.tobytes())
+    upright = prepare_image(buffer.getvalue(), ShardOptions(resize="none"))
+    assert (upright.width, upright.height, upright.original_width) == (20, 40, 20)
+    assert Image.open(io.BytesIO(upright.data)).size == (20, 40)
+    buffer = io.BytesIO()
+    Image.new("RGBA", (30, 30), (0, 0, 0, 0)).save(buffer, "PNG")
+    flattened = prepare_image(buffer.getvalue(), ShardOptions(resize="none", image_format="png"))
+    assert Image.open(io.BytesIO(flattened.data)).getpixel((5, 5)) == (255, 255, 255)
+
+
+def test_bad_options_name_the_flag() -> None:
+    with pytest.raises(ShardError, match=r"--maxcount must be > 0 \(got 0\)"):
+        shard_dataset("unused.csv", "unused", ShardOptions(maxcount=0))
+    with pytest.raises(ShardError, match="--part-index must be in 0..1"):
+        shard_dataset("unused.csv", "unused", ShardOptions(num_parts=2, part_index=2))
+
+
+def test_bomb_is_rejected_from_its_header_with_a_reason() -> None:
+    with pytest.raises(SampleError) as caught:
+        prepare_image(huge_png(), ShardOptions())
+    assert caught.value.reason == "decompression_bomb"
+
+
+def test_per_caption_and_per_image_policies_on_coco(tmp_path: Path) -> None:
+    images = tmp_path / "val2017"
+    images.mkdir()
+    for i in (1, 2, 3):
+        (images / f"{i}.jpg").write_bytes(jpeg_bytes(50, 40, seed=i))
+    annotations = [{"image_id": 1, "caption": f"first {j}"} for j in range(5)]
+    annotations += [{"image_id": 2, "caption": "second"}, {"image_id": 2, "caption": "  "}]
+    coco = tmp_path / "captions_val2017.json"
+    coco.write_text(
+        json.dumps(
+            {
+                "images": [{"id": i, "file_name": f"{i}.jpg"} for i in (1, 2, 3)],
+                "annotations": annotations,
+            }
+        )
+    )
+    options = replace(SMALL, image_root=str(images))
+    per_image = shard_dataset(coco, tmp_path / "per_image", options)
+    per_caption = shard_dataset(coco, tmp_path / "per_caption", replace(options, per="caption"))
+    assert (per_image.rows, per_image.written, per_image.samples) == (3, 2, 2)
+    assert (per_caption.rows, per_caption.written, per_caption.samples) == (3, 2, 6)
+    assert per_image.failures == per_caption.failures == {"empty_caption": 1}
+    assert per_image.dropped_captions == per_caption.dropped_captions == 1
+
+    def metas(out: Path) -> list[dict]:
+        shards = sorted(str(p) for p in out.glob("data-*.tar"))
+        return [json.loads(s["json"]) for s in wds.WebDataset(shards, shardshuffle=False)]
+
+    assert [(m["image_key"], m["captions"]) for m in metas(tmp_path / "per_image")] == [
+        ("1", [f"first {j}" for j in range(5)]),
+        ("2", ["second"]),
+    ]
+    caption_metas = metas(tmp_path / "per_caption")
+    assert [(m["image_key"], m["caption"], m["caption_index"]) for m in caption_metas] == [
+        *[("1", f"first {j}", j) for j in range(5)],
+        ("2", "second", 0),
+    ]
+    # Five captions of one image: four fill shard 0, the fifth row cannot be split, so all five
+    # go to shard 0's key space (a row never straddles shards) and shard 1 holds image 2.
+    assert [m["key"] for m in caption_metas] == [f"000000{j}" for j in range(5)] + ["0000010"]
+
+
+def test_karpathy_train_split_includes_restval(tmp_path: Path) -> None:
+    (tmp_path / "val2014").mkdir()
+    entries = []
+    for i, split in enumerate(["train", "restval", "val", "test"]):
+        (tmp_path / "val2014" / f"{i}.jpg").write_bytes(jpeg_bytes(40, 40, seed=i))
+        sentences = [{"raw": f"image {i} caption {j}"} for j in range(2)]
+        entries.append(
+            {
+                "filepath": "val2014",
+                "filename": f"{i}.jpg",
+                "cocoid": 100 + i,
+                "split": split,
+                "sentences": sentences,
+            }
+        )
+    karpathy = tmp_path / "dataset_coco.json"
+    karpathy.write_text(json.dumps({"images": entries}))
+    summary = shard_dataset(karpathy, tmp_path / "out", replace(SMALL, per="caption"))
+    assert (summary.rows, summary.samples) == (2, 4)
+    samples = list(wds.WebDataset([str(tmp_path / "out/data-000000.tar")], shardshuffle=False))
+    assert [json.loads(s["json"])["image_key"] for s in samples] == ["100", "100", "101", "101"]
+
+
+def test_image_folder_with_sidecar_captions(tmp_path: Path) -> None:
+    folder = tmp_path / "pics"
+    (folder / "b").mkdir(parents=True)
+    (folder / "a.jpg").write_bytes(jpeg_bytes(40, 40, seed=1))
+    (folder / "a.txt").write_text("an a\nanother a\n")
+    (folder / "b/c.png").write_bytes(jpeg_bytes(40, 40, seed=2))  # a JPEG named .png: still read
+    (folder / "b/c.txt").write_text("a c")
+    (folder / "d.jpg").write_bytes(jpeg_bytes(40, 40, seed=3))  # no sidecar
+    summary = shard_dataset(folder, tmp_path / "out", SMALL)
+    assert (summary.rows, summary.written, summary.failures) == (3, 2, {"missing_caption": 1})
+    samples = list(wds.WebDataset([str(tmp_path / "out/data-000000.tar")], shardshuffle=False))
+    metas = [json.loads(s["json"]) for s in samples]
+    assert [(m["image_key"], m["captions"]) for m in metas] == [
+        ("a.jpg", ["an a", "another a"]),
+        ("b/c.png", ["a c"]),
+    ]
+
+
+def test_seed_shuffles_rows_deterministically(tmp_path: Path) -> None:
+    table = good_dataset(tmp_path / "in", n=8)
+
+    def captions(out: str, seed: int | None) -> list[str]:
+        shard_dataset(table, tmp_path / out, replace(SMALL, seed=seed, maxcount=100))
+        shard = str(tmp_path / out / "data-000000.tar")
+        return [s["txt"].decode() for s in wds.WebDataset([shard], shardshuffle=False)]
+
+    unshuffled = captions("none", None)
+    assert unshuffled == [f"picture number {i}" for i in range(8)]
+    assert captions("a", 3) == captions("b", 3) != unshuffled
+    assert sorted(captions("c", 4)) == sorted(unshuffled)
+
+
+def test_maxsize_rolls_rows_over_into_overflow_shards(tmp_path: Path) -> None:
+    table = good_dataset(tmp_path / "in", n=12)
+    options = replace(SMALL, maxcount=6, maxsize=20_480)  # two 10 KiB tar records
+    summary = shard_dataset(table, tmp_path / "out", options)
+    manifest = json.loads((tmp_path / "out/manifest.json").read_text())
+    assert summary.samples == 12 and summary.failed == 0
+    assert all(shard["bytes"] <= 20_480 for shard in manifest["shards"])
+    names = [shard["name"] for shard in manifest["shards"]]
+    assert names[:2] == ["data-000000.tar", "data-000001.tar"] and len(names) > 2
+    assert names[2:] == [f"data-{i:06d}.tar" for i in range(2, len(names))]  # overflow, numbered on
+    shards = [str(tmp_path / "out" / name) for name in names]
+    keys = [s["__key__"] for s in wds.WebDataset(shards, shardshuffle=False)]
+    assert sorted(keys) == sorted(f"00000{s}{i}" for s in "01" for i in range(6))
+    again = shard_dataset(table, tmp_path / "again", options)
+    assert again.shards == summary.shards
+    for name in names:
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
+
+
+def test_url_inputs_over_loopback_http(tmp_path: Path, image_server: ImageServer) -> None:
+    image_server.images = {"cat.jpg": jpeg_bytes(60, 40, seed=7), "dog.jpg": jpeg_bytes(40, 60, 8)}
+    base = image_server.base
+    rows = [
+        {"url": f"{base}/img/cat.jpg", "caption": "a cat"},
+        {"url": f"{base}/img/gone.jpg", "caption": "a 404"},
+        {"url": f"{base}/hang", "caption": "never answers"},
+        {"url": f"{base}/flaky/dog.jpg", "caption": "503, then a dog"},
+        {"url": f"{base}/img/cat.jpg", "caption": "too big for the limit"},
+    ]
+    table = tmp_path / "urls.jsonl"
+    table.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    options = replace(SMALL, timeout_s=1.0, retries=1, maxcount=100)
+    summary = shard_dataset(table, tmp_path / "out", options)
+    assert (summary.rows, summary.written) == (5, 3)
+    assert summary.failures == {"http_404": 1, "timeout": 1}
+    assert image_server.hits["/flaky/dog.jpg"] == 2 and image_server.hits["/img/gone.jpg"] == 1
+    samples = list(wds.WebDataset([str(tmp_path / "out/data-000000.tar")], shardshuffle=False))
+    keys = [json.loads(s["json"])["image_key"] for s in samples]
+    assert keys == [f"{base}/img/cat.jpg", f"{base}/flaky/dog.jpg", f"{base}/img/cat.jpg"]
+    limited = replace(options, max_download_bytes=100, timeout_s=5.0, retries=0)
+    table.write_text(json.dumps(rows[0]) + "\n")
+    assert shard_dataset(table, tmp_path / "limited", limited).failures == {"too_large": 1}
+
+
+# --- resume, refusal, parts ---------------------------------------------------------------------
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`umt shard ARGS` in its own process group, so a failpoint's SIGKILL hits only that run."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    command = [sys.executable, "-m", "launch.cli", "shard", *args, "--no-progress"]
+    return subprocess.run(
+        command,
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        start_new_session=True,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("kill_at", "workers"), [("2", "1"), ("renamed", "2")])
+def test_resume_after_kill_is_byte_identical(tmp_path: Path, kill_at: str, workers: str) -> None:
+    table = bad_dataset(tmp_path / "in")
+    with open(table, "a") as handle:  # enough good rows for several full shards
+        handle.writelines(f"good.jpg,good again {i}\n" for i in range(9))
+    args = [str(table), "--image-size", "32", "--maxcount", "3", "--seed", "1"]
+    args += ["--workers", workers]
+    reference = run_cli(*args, "--out", str(tmp_path / "reference"))
+    assert reference.returncode == 0, reference.stderr
+    manifest = json.loads((tmp_path / "reference/manifest.json").read_text())
+    shard = [s["name"] for s in manifest["shards"] if s["count"] >= 2][1]  # not the first one
+
+    out = tmp_path / "resumed"
+    killed = run_cli(*args, "--out", str(out), env={FAILPOINT_ENV: f"{shard}:{kill_at}"})
+    assert killed.returncode == -signal.SIGKILL
+    assert not (out / "manifest.json").exists()
+    assert not (out / f".umt-shard/done/{shard}.json").exists()
+    if kill_at == "2":  # killed while writing: only the temporary exists
+        assert (out / f"{shard}.tmp").is_file() and not (out / shard).exists()
+    else:  # killed between the rename and the done-record
+        assert (out / shard).is_file()
+
+    resumed = run_cli(*args, "--out", str(out))
+    assert resumed.returncode == 0, resumed.stderr
+    if workers == "1":  # with 2 workers, whether the other finished a shard first is timing
+        assert "already done" in resumed.stdout
+    assert resumed.stdout.split(";")[0] == reference.stdout.split(";")[0]
+    assert output_files(out) == output_files(tmp_path / "reference")
+
+
+@pytest.mark.slow
+def test_two_workers_write_the_same_bytes_as_one(tmp_path: Path) -> None:
+    table = good_dataset(tmp_path / "in", n=12)
+    shard_dataset(table, tmp_path / "one", SMALL)
+    shard_dataset(table, tmp_path / "two", replace(SMALL, workers=2))
+    assert output_files(tmp_path / "one") == output_files(tmp_path / "two")
+
+
+def test_finished_output_is_skipped_and_unchanged(tmp_path: Path) -> None:
+    table = good_dataset(tmp_path / "in", n=6)
+    first = shard_dataset(table, tmp_path / "out", SMALL)
+    before = output_files(tmp_path / "out")
+    second = shard_dataset(table, tmp_path / "out", SMALL)
+    assert (first.resumed_shards, second.resumed_shards) == (0, 2)
+    assert output_files(tmp_path / "out") == before
+
+
+def test_other_input_or_shard_size_is_refused_until_overwrite(tmp_path: Path) -> None:
+    table = good_dataset(tmp_path / "in", n=6)
+    out = tmp_path / "out"
+    shard_dataset(table, out, SMALL)
+    with pytest.raises(ShardError, match="--maxcount was 4, now 3.*pass --overwrite"):
+        shard_dataset(table, out, replace(SMALL, maxcount=3))
+    other = write_csv(tmp_path / "in/other.csv", [("0.jpg", "something else")])
+    with pytest.raises(ShardError, match="input differs"):
+        shard_dataset(other, out, SMALL)
+    summary = shard_dataset(other, out, replace(SMALL, overwrite=True))
+    assert summary.rows == 1 and sorted(p.name for p in out.glob("*.tar")) == ["data-000000.tar"]
+
+
+def test_folder_with_foreign_shards_is_refused(tmp_path: Path) -> None:
+    table = good_dataset(tmp_path / "in", n=2)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out/data-000000.tar").write_bytes(b"someone else's")
+    with pytest.raises(ShardError, match="did not make"):
+        shard_dataset(table, tmp_path / "out", SMALL)
+
+
+def test_parts_merged_equal_a_single_run(tmp_path: Path) -> None:
+    table = bad_dataset(tmp_path / "in")
+    options = replace(SMALL, maxcount=2, seed=0)
+    single = shard_dataset(table, tmp_path / "single", options)
+    parts = tmp_path / "parts"
+    for index in range(3):
+        shard_dataset(table, parts, replace(options, num_parts=3, part_index=index))
+    assert not (parts / "manifest.json").exists()
+    merged = merge_parts([parts], parts)
+    assert merged.line().split(" -> ")[0] == single.line().split(" -> ")[0]
+    for name in ("manifest.json", "sizes.json", "errors.jsonl"):
+        assert (parts / name).read_bytes() == (tmp_path / "single" / name).read_bytes()
+    for tar in (tmp_path / "single").glob("*.tar"):
+        assert (parts / tar.name).read_bytes() == tar.read_bytes()
+
+
+def test_merge_names_the_missing_part(tmp_path: Path) -> None:
+    table = good_dataset(tmp_path / "in", n=6)
+    shard_dataset(table, tmp_path / "p", replace(SMALL, maxcount=1, num_parts=3, part_index=1))
+    with pytest.raises(ShardError, match=r"parts \[0, 2\] of 3 are missing"):
+        merge_parts([tmp_path / "p"], tmp_path / "p")
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+def test_cli_prints_the_summary_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    table = good_dataset(tmp_path / "in", n=3)
+    out = tmp_path / "out"
+    args = [
+        str(table),
+        "--out",
+        str(out),
+        "--image-size",
+        "32",
+        "--maxsize",
+        "1MB",
+        "--no-progress",
+    ]
+    assert shard_cli.main(args) == 0
+    assert (
+        capsys.readouterr().out == f"3 rows: 3 written, 0 failed; 3 samples in 1 shards -> {out}\n"
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["args"]["maxsize"], manifest["args"]["image_size"]) == (1_000_000, 32)
+
+
+def test_cli_reports_a_missing_column_and_an_empty_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    table = good_dataset(tmp_path / "in", n=1)
+    assert shard_cli.main([str(table), "--out", str(tmp_path / "o"), "--caption-col", "alt"]) == 2
+    assert "umt shard: error:" in capsys.readouterr().err
+    empty = write_csv(tmp_path / "empty.csv", [])
+    assert shard_cli.main([str(empty), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.endswith("has no rows: nothing to shard\n")
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_exits_1_when_every_row_fails(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    table = write_csv(tmp_path / "pairs.csv", [("missing.jpg", "nothing there")])
+    assert shard_cli.main([str(table), "--out", str(tmp_path / "out"), "--no-progress"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.startswith("1 rows: 0 written, 1 failed (missing_file: 1); 0 samples")
+    assert "every row failed" in captured.err
+
+
+def test_slurm_array_variables_choose_the_part() -> None:
+    env = {"SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "1"}
+    assert shard_cli.slurm_part_defaults(env) == (4, 2)
+    assert shard_cli.slurm_part_defaults({}) == (1, 0)
+    assert (
+        shard_cli.parse_bytes("1.5GiB") == 1610612736
+        and shard_cli.parse_bytes("500MB") == 500 * 10**6
+    )
