@@ -1,0 +1,159 @@
+"""Image transforms (JPEG draft decode, random-resized / center crop, ViT normalisation) and batch tokenisation.
+
+Pure functions of bytes, sizes and an explicit `random.Random`, so the loader can seed them per
+sample and a test can call each one alone. No torchvision: crops are PIL boxes, tensors come
+from numpy.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+Box = tuple[float, float, float, float]  # (left, top, right, bottom) in source pixels
+
+
+@dataclass(frozen=True)
+class ImageTransformConfig:
+    """How one encoded image becomes a (size, size, 3) uint8 array."""
+
+    image_size: int = 224
+    """Output side in pixels (square)."""
+    train: bool = True
+    """Random-resized crop (train) or resize shorter side + center crop (eval)."""
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    """Train crop area as a fraction of the image area (ALBEF/BLIP use 0.5-1.0)."""
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    """Train crop aspect ratio range (width / height)."""
+    hflip: bool = False
+    """Random horizontal flip in train mode. Off by default: captions say "left" and "right"."""
+    draft: bool = True
+    """Let the JPEG decoder downscale by 1/2, 1/4 or 1/8 when the crop is much larger than the output."""
+
+
+def train_crop_box(
+    width: int,
+    height: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    rng: random.Random,
+) -> Box:
+    """Random-resized-crop box (Inception style): 10 tries at a random area and aspect, else center."""
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        crop_w = round(math.sqrt(target_area * aspect))
+        crop_h = round(math.sqrt(target_area / aspect))
+        if 0 < crop_w <= width and 0 < crop_h <= height:
+            left = rng.randint(0, width - crop_w)
+            top = rng.randint(0, height - crop_h)
+            return (left, top, left + crop_w, top + crop_h)
+    # Fallback: the largest center crop whose aspect lies within `ratio`.
+    aspect = width / height
+    if aspect < ratio[0]:
+        crop_w, crop_h = width, round(width / ratio[0])
+    elif aspect > ratio[1]:
+        crop_w, crop_h = round(height * ratio[1]), height
+    else:
+        crop_w, crop_h = width, height
+    left, top = (width - crop_w) / 2, (height - crop_h) / 2
+    return (left, top, left + crop_w, top + crop_h)
+
+
+def eval_crop_box(width: int, height: int) -> Box:
+    """Central square of side min(width, height): resize-shorter-side then center-crop in one box."""
+    side = min(width, height)
+    left, top = (width - side) / 2, (height - side) / 2
+    return (left, top, left + side, top + side)
+
+
+def crop_box(width: int, height: int, cfg: ImageTransformConfig, rng: random.Random) -> Box:
+    """The source region that becomes the output image."""
+    if cfg.train:
+        return train_crop_box(width, height, cfg.crop_scale, cfg.crop_ratio, rng)
+    return eval_crop_box(width, height)
+
+
+def draft_jpeg(image: Image.Image, box: Box, out_size: int) -> Box:
+    """Ask the JPEG decoder for the smallest 1/2^k scale that keeps `box` at >= `out_size`; rescale `box`.
+
+    Decoding at 1/4 scale skips most of the IDCT work, which is where full-size decode spends
+    its time. A no-op for formats other than JPEG.
+    """
+    if image.format != "JPEG":
+        return box
+    width, height = image.size
+    crop_w, crop_h = box[2] - box[0], box[3] - box[1]
+    want = (
+        max(1, math.ceil(out_size * width / crop_w)),
+        max(1, math.ceil(out_size * height / crop_h)),
+    )
+    image.draft("RGB", want)
+    fx, fy = image.size[0] / width, image.size[1] / height
+    return (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
+
+
+def transform_image(data: bytes, cfg: ImageTransformConfig, rng: random.Random) -> np.ndarray:
+    """Encoded image bytes -> (image_size, image_size, 3) uint8 RGB array. Raises on a corrupt image."""
+    image = Image.open(io.BytesIO(data))
+    box = crop_box(image.size[0], image.size[1], cfg, rng)
+    if cfg.draft:
+        box = draft_jpeg(image, box, cfg.image_size)
+    if image.mode not in ("RGB", "L"):
+        image = image.convert("RGB")  # palette / alpha / CMYK: resample in RGB
+    out = image.resize(
+        (cfg.image_size, cfg.image_size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0
+    )
+    if out.mode != "RGB":
+        out = out.convert("RGB")
+    if cfg.train and cfg.hflip and rng.random() < 0.5:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(out, dtype=np.uint8)
+
+
+def normalize_images(
+    images: list[np.ndarray], mean: tuple[float, ...], std: tuple[float, ...]
+) -> torch.Tensor:
+    """List of (H, W, 3) uint8 arrays -> (B, 3, H, W) float32, (x / 255 - mean) / std, in one batched op."""
+    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # (B, 3, H, W) view of NHWC
+    # One pass to contiguous float NCHW, one fused multiply-add: x * (1 / 255 std) - mean / std.
+    batch = pixels.to(torch.float32, memory_format=torch.contiguous_format)
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    return batch.mul_(1.0 / (255.0 * std_t)).sub_(mean_t / std_t)
+
+
+def load_tokenizer(name_or_dir: str):
+    """A fast (Rust) tokenizer from a Hub name or a local folder; error names the argument if not fast."""
+    from transformers import AutoTokenizer  # imported here: `umt data order` never needs it
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_dir)
+    if not tokenizer.is_fast:
+        raise ValueError(
+            f"tokenizer {name_or_dir!r} has no fast (Rust) implementation; "
+            "the loader tokenises whole batches and needs one"
+        )
+    return tokenizer
+
+
+def tokenize_batch(
+    tokenizer, captions: list[str], max_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One call for the whole batch: (input_ids, attention_mask), both (B, T) int64, padded to the longest."""
+    out = tokenizer(
+        captions,
+        padding="longest",
+        truncation=True,
+        max_length=max_len,
+        return_tensors="pt",
+        return_token_type_ids=False,
+    )
+    return out["input_ids"].long(), out["attention_mask"].long()

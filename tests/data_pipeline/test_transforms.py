@@ -1,0 +1,113 @@
+"""Tests of data_pipeline/transforms.py: crop boxes, JPEG draft decode, modes, flip, normalisation, tokenisation."""
+
+from __future__ import annotations
+
+import io
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data_pipeline.transforms import (
+    ImageTransformConfig,
+    draft_jpeg,
+    eval_crop_box,
+    load_tokenizer,
+    normalize_images,
+    tokenize_batch,
+    train_crop_box,
+    transform_image,
+)
+
+
+def smooth_image(width: int, height: int, mode: str = "RGB") -> Image.Image:
+    """A gradient with a bright left edge, so resampling error is small and a flip is visible."""
+    x = np.linspace(0, 255, width)[None, :, None]
+    y = np.linspace(0, 255, height)[:, None, None]
+    rgb = np.concatenate([np.broadcast_to(255 - x, (height, width, 1)), y + 0 * x, (x + y) / 2], 2)
+    return Image.fromarray(rgb.astype(np.uint8), "RGB").convert(mode)
+
+
+def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def test_train_crop_box_stays_inside_with_area_and_aspect_in_range():
+    rng = random.Random(0)
+    for _ in range(200):
+        left, top, right, bottom = train_crop_box(640, 480, (0.5, 1.0), (3 / 4, 4 / 3), rng)
+        assert 0 <= left < right <= 640 and 0 <= top < bottom <= 480
+        area = (right - left) * (bottom - top) / (640 * 480)
+        assert 0.49 <= area <= 1.01
+        assert 3 / 4 - 0.02 <= (right - left) / (bottom - top) <= 4 / 3 + 0.02
+
+
+def test_train_crop_box_falls_back_to_a_center_crop_for_extreme_aspect():
+    box = train_crop_box(1000, 10, (0.9, 1.0), (3 / 4, 4 / 3), random.Random(0))
+    assert box[3] - box[1] == 10 and box[2] - box[0] == round(10 * 4 / 3)
+    assert box[0] == pytest.approx((1000 - box[2] + box[0]) / 2)
+
+
+def test_eval_crop_box_is_the_central_square():
+    assert eval_crop_box(640, 480) == (80, 0, 560, 480)
+    assert eval_crop_box(300, 400) == (0, 50, 300, 350)
+
+
+def test_draft_decodes_a_large_jpeg_at_reduced_size_and_rescales_the_box():
+    image = Image.open(io.BytesIO(encode(smooth_image(640, 480), "JPEG")))
+    box = draft_jpeg(image, eval_crop_box(640, 480), out_size=64)
+    assert image.size == (160, 120)  # 1/4 scale still covers 64 px of the 480 px crop
+    assert box == pytest.approx((20, 0, 140, 120))
+
+
+def test_draft_output_is_close_to_full_decode():
+    data = encode(smooth_image(640, 480), "JPEG", quality=95)
+    rng = random.Random
+    fast = transform_image(data, ImageTransformConfig(64, train=False), rng(0))
+    full = transform_image(data, ImageTransformConfig(64, train=False, draft=False), rng(0))
+    assert fast.shape == full.shape == (64, 64, 3) and fast.dtype == np.uint8
+    assert np.abs(fast.astype(float) - full.astype(float)).mean() < 4.0
+
+
+@pytest.mark.parametrize(
+    ("mode", "fmt"), [("RGBA", "PNG"), ("L", "PNG"), ("P", "PNG"), ("RGB", "WEBP")]
+)
+def test_other_modes_and_formats_become_rgb(mode, fmt):
+    data = encode(smooth_image(40, 30, mode), fmt)
+    out = transform_image(data, ImageTransformConfig(16, train=True), random.Random(1))
+    assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+
+
+def test_flip_is_off_by_default_and_random_when_on():
+    data = encode(smooth_image(32, 32), "PNG")
+    eval_like = ImageTransformConfig(32, train=True, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
+    outs = [transform_image(data, eval_like, random.Random(s)) for s in range(8)]
+    assert all(o[:, 0].mean() > o[:, -1].mean() for o in outs)  # bright left edge kept
+    flipping = ImageTransformConfig(32, True, (1.0, 1.0), (1.0, 1.0), hflip=True)
+    flips = [transform_image(data, flipping, random.Random(s)) for s in range(8)]
+    assert {bool(o[:, 0].mean() < o[:, -1].mean()) for o in flips} == {True, False}
+
+
+def test_corrupt_bytes_raise():
+    with pytest.raises(Exception):  # noqa: B017 - PIL raises several types; the loader counts any
+        transform_image(b"\xff\xd8 not a jpeg", ImageTransformConfig(16), random.Random(0))
+
+
+def test_normalize_maps_0_255_to_minus_1_1_in_nchw():
+    images = [np.zeros((4, 4, 3), np.uint8), np.full((4, 4, 3), 255, np.uint8)]
+    out = normalize_images(images, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert out.shape == (2, 3, 4, 4) and out.dtype == torch.float32
+    assert out[0].eq(-1).all() and out[1].eq(1).all()
+
+
+def test_tokenize_batch_pads_to_longest_and_truncates(minilm_dir):
+    tokenizer = load_tokenizer(minilm_dir)
+    ids, mask = tokenize_batch(tokenizer, ["a dog", "a dog on a red sofa next to a window"], 6)
+    assert ids.shape == mask.shape == (2, 6) and ids.dtype == mask.dtype == torch.long
+    assert mask[0].tolist() == [1, 1, 1, 1, 0, 0] and mask[1].all()
+    short_ids, _ = tokenize_batch(tokenizer, ["a dog", "a cat"], 64)
+    assert short_ids.shape == (2, 4)  # [CLS] a dog [SEP]
