@@ -84,6 +84,3 @@ class SyntheticBatches:
                 f"of the global batch {global_batch}; resume with the same global batch size"
             )
         self.next_index = state["samples_consumed"] // global_batch
-
-    def elastic_state(self, saved: dict, saved_world: int) -> dict:
-        return saved  # positions are counted in global samples: valid on any topology

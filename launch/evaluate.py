@@ -30,13 +30,15 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--tensorboard", help="also write eval/<name>/... scalars to this folder")
-    parser.add_argument("--name", default="eval", help="set name in TensorBoard tags")
+    parser.add_argument(
+        "--name", help="set name in TensorBoard tags (default: the shard folder's name)"
+    )
     args = parser.parse_args(argv)
 
     import torch
 
     from umt.distributed import discover_world
-    from umt.evaluate import EvalData, evaluate_retrieval, format_report
+    from umt.evaluate import EvalData, evaluate_retrieval, format_report, report_scalars, set_name
     from umt.export import ExportError, load_model
     from umt.logging import MetricsWriter, setup_logging
 
@@ -80,9 +82,6 @@ def main(argv: list[str]) -> int:
             Path(args.out).write_text(json.dumps(report, indent=2))
         if args.tensorboard:
             writer = MetricsWriter(Path(args.tensorboard))
-            step = 0
-            for scorer in ("itc", "itm"):
-                for key, value in report.get(scorer, {}).items():
-                    writer.scalars({f"eval/{args.name}/{scorer}/{key}": value}, step)
+            writer.scalars(report_scalars(report, args.name or set_name(args.shards)), 0)
             writer.close()
     return 0

@@ -37,6 +37,8 @@ class DataSplitConfig:
     """Draw shards with replacement (mixing weights allowed) instead of epochs."""
     max_text_len: int = 64
     """Captions are truncated to this many tokens."""
+    caption: str = "txt"
+    """Training caption: `txt` (the sample's .txt) or `random` (one of its json captions, per epoch)."""
     synthetic: bool = False
     """Deterministic in-memory random batches instead of shards (benchmarks, GPU smoke tests)."""
     synthetic_distinct: int = 0

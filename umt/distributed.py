@@ -7,11 +7,21 @@ objectives run unchanged in a single process.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
+
+# torch 2.10+ flags the autograd collectives as deprecated in favour of private functional ones;
+# they remain the public, documented way to gather with gradients, so keep user logs clean.
+warnings.filterwarnings(
+    "ignore", message=r".*torch\.distributed\.nn\.functional", category=FutureWarning
+)
+warnings.filterwarnings(
+    "ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning
+)
 
 
 @dataclass(frozen=True)

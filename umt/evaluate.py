@@ -317,3 +317,56 @@ def format_report(report: dict) -> str:
             row = report[name]
             lines.append(f"{name:<8}" + "".join(f"{row.get(c, float('nan')):>9.2f}" for c in cols))
     return "\n".join(lines)
+
+
+def report_scalars(report: dict, set_name: str) -> dict[str, float]:
+    """TensorBoard tags: `eval/<set>/i2t_r1` ... for ITC, `eval/<set>/itm_i2t_r1` ... re-ranked."""
+    out = {}
+    for scorer, prefix in (("itc", ""), ("itm", "itm_")):
+        for key, value in report.get(scorer, {}).items():
+            out[f"eval/{set_name}/{prefix}{key}"] = value
+    return out
+
+
+def set_name(shards: str | list[str]) -> str:
+    """A short name for an evaluation set: the shard folder's name."""
+    from pathlib import Path
+
+    first = shards[0] if isinstance(shards, list) else shards.split(",")[0]
+    path = Path(first.split("{")[0].rstrip("/"))
+    return (path.name if path.suffix != ".tar" else path.parent.name) or "eval"
+
+
+@torch.no_grad()
+def itm_pair_accuracy(
+    model,
+    pixel_values: torch.Tensor,
+    positives: list[str],
+    negatives: list[str],
+    tokenizer,
+    max_len: int,
+) -> dict[str, float]:
+    """ITM on (image, its caption) and (image, a hard-negative caption) pairs.
+
+    `accuracy`: pairs classified right (match probability > 0.5 for positives, < 0.5 for
+    negatives); `preference`: images whose own caption scores above the negative.
+    """
+    device = next(model.parameters()).device
+    enc = tokenizer(
+        positives + negatives,
+        padding="longest",
+        truncation=True,
+        max_length=max_len,
+        return_tensors="pt",
+    )
+    ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    pixels = pixel_values.to(device, next(model.parameters()).dtype)
+    n = len(positives)
+    p = model.score_pairs(ids, mask, torch.cat([pixels, pixels])).float().cpu()
+    pos, neg = p[:n], p[n:]
+    return {
+        "accuracy": 100.0
+        * ((pos > 0.5).float().sum() + (neg < 0.5).float().sum()).item()
+        / (2 * n),
+        "preference": 100.0 * (pos > neg).float().mean().item(),
+    }

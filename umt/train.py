@@ -195,7 +195,7 @@ def deepspeed_config(
 # --- data --------------------------------------------------------------------------------------
 
 
-def build_train_data(cfg: Config, rank: int, world_size: int):
+def build_train_data(cfg: Config, rank: int, world_size: int, epoch: int = 0):
     """The training stream for this rank: the streaming loader over shards, or synthetic batches."""
     d = cfg.data.train
     if d.synthetic:
@@ -224,8 +224,9 @@ def build_train_data(cfg: Config, rank: int, world_size: int):
         max_text_len=d.max_text_len,
         tokenizer=tokenizer_name(cfg),
         train=True,
+        caption=d.caption,
     )
-    return build_loader(loader_cfg, rank=rank, world_size=world_size)
+    return build_loader(loader_cfg, rank=rank, world_size=world_size, epoch=epoch)
 
 
 # --- the trainer -------------------------------------------------------------------------------
@@ -286,7 +287,7 @@ class Trainer:
         rank_file = ref.root / tag / f"rank{self.rank if not elastic else 0}.pt"
         rank_state = torch.load(rank_file, weights_only=False)
         if elastic:
-            self.data.load_state_dict(self._elastic_data_state(rank_state["data"], ref.world_size))
+            self._resume_data_on_new_topology(rank_state["data"], ref.world_size)
             seed_everything(self.cfg.train.seed + 1000 * (self.rank + 1) + self.state.step)
         else:
             self.data.load_state_dict(rank_state["data"])
@@ -299,11 +300,22 @@ class Trainer:
             f", converted from {ref.world_size} to {self.world_size} ranks" if elastic else "",
         )
 
-    def _elastic_data_state(self, saved: dict, saved_world: int) -> dict:
-        convert = getattr(self.data, "elastic_state", None)
-        if convert is not None:
-            return convert(saved, saved_world)
-        return saved  # synthetic stream: a batch index, valid on any topology
+    def _resume_data_on_new_topology(self, saved: dict, saved_world: int) -> None:
+        """The synthetic stream counts global samples and resumes anywhere; the shard loader's split
+        depends on the topology, so it starts the next epoch (the rest of the epoch is skipped)."""
+        if saved.get("kind") == "synthetic":
+            self.data.load_state_dict(saved)
+            return
+        epoch = int(saved["epoch"]) + 1
+        if self.rank == 0:
+            log.warning(
+                "world size changed (%d -> %d ranks): the loader cannot split the rest of epoch %d "
+                "the same way, so it starts epoch %d (%d of %d batches of epoch %d were unseen)",
+                saved_world, self.world_size, epoch - 1, epoch,
+                int(saved["batches_per_epoch"]) - int(saved["batches_in_epoch"]),
+                int(saved["batches_per_epoch"]), epoch - 1,
+            )  # fmt: skip
+        self.data = build_train_data(self.cfg, self.rank, self.world_size, epoch=epoch)
 
     def save_checkpoint(self) -> Path:
         path = checkpoint.save(
@@ -398,6 +410,34 @@ class Trainer:
             out[f"data/errors_{reason}"] = float(count)
         return out
 
+    def evaluate(self) -> dict:
+        """Retrieval on data.eval with the same code as `umt eval`; every rank takes part."""
+        from data_pipeline.transforms import load_tokenizer
+        from umt.evaluate import (
+            EvalData,
+            evaluate_retrieval,
+            format_report,
+            report_scalars,
+            set_name,
+        )
+
+        cfg = self.cfg
+        if getattr(self, "_eval_tokenizer", None) is None:
+            self._eval_tokenizer = load_tokenizer(tokenizer_name(cfg))
+        data = EvalData(
+            cfg.data.eval.shards,
+            self._eval_tokenizer,
+            cfg.model.image.image_size,
+            cfg.data.eval.max_text_len,
+            cfg.train.micro_batch_size,
+        )
+        report = evaluate_retrieval(
+            self.engine.module, data, cfg.eval.itm_rerank_k, device=self.device
+        )
+        self.writer.scalars(report_scalars(report, set_name(cfg.data.eval.shards)), self.state.step)
+        log.info("evaluation at step %d:\n%s", self.state.step, format_report(report))
+        return report
+
     # --- the loop ----------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
         """SIGUSR1 (Slurm's warning before the time limit) and SIGTERM: checkpoint at the next step."""
@@ -433,6 +473,8 @@ class Trainer:
                 window_start, window_steps = now, 0
             if step == self.faults.kill_at_step:
                 os.kill(os.getpid(), signal.SIGKILL)
+            if cfg.eval.every_steps and step % cfg.eval.every_steps == 0:
+                self.evaluate()
             stop = self._any_rank(self.stop_signal is not None)
             every = cfg.checkpoint.every_steps
             if stop or (every and step % every == 0) or step == cfg.train.steps:
