@@ -33,6 +33,9 @@ class ObjectiveConfig:
     """Weight of masked language modelling on the fused text (0: off; needs model.mlm)."""
     mlm_probability: float = 0.15
     """Fraction of text tokens chosen for MLM."""
+    itm_mining_sharpness: float = 1.0
+    """Hard negatives are drawn with weights exp(sharpness * ITC logit): 1 is BLIP/ALBEF's softmax;
+    smaller values draw easier negatives (useful when training small models from scratch)."""
 
 
 @dataclass
@@ -97,8 +100,9 @@ def pretraining_losses(
 
     if cfg.itm_weight > 0:
         b = input_ids.shape[0]
+        sharp = cfg.itm_mining_sharpness
         negatives = sample_hard_negatives(
-            itc.logits_i2t, itc.logits_t2i, itc.positives, rank(group) * b, generator
+            itc.logits_i2t * sharp, itc.logits_t2i * sharp, itc.positives, rank(group) * b, generator
         )
         # Equal sequence length on every rank so rows can travel between them.
         length = all_reduce_max(text.tokens.shape[1], input_ids.device, group)
