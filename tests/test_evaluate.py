@@ -41,8 +41,8 @@ def test_itm_rerank_only_reorders_inside_the_itc_top_k():
     itc = torch.tensor([[0.9, 0.8, 0.1, 0.0], [0.1, 0.2, 0.3, 0.4]])
     itm = torch.tensor([[0.0, 5.0, 100.0, 99.0], [1.0, 1.0, 1.0, 1.0]])  # loves outside candidates
 
-    def score(row, cands):
-        return itm[row, cands]
+    def score(rows, cands):
+        return itm[rows, cands]
 
     out = rerank_topk(itc, 2, score)
     order = out.argsort(dim=1, descending=True)

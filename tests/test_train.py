@@ -126,6 +126,45 @@ def uninterrupted(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def demo_shards(tmp_path_factory) -> tuple[Path, Path]:
+    """Real webdataset shards of the built-in dataset (made by the sharder) and their tokenizer."""
+    from data_pipeline.builtin import write_split, write_tokenizer
+    from data_pipeline.shard import ShardOptions, shard_dataset
+
+    root = tmp_path_factory.mktemp("demo_data")
+    table = write_split(root / "data", "train", 96, 32)
+    options = ShardOptions(image_col="image", caption_col="captions", resize="none", maxcount=12)
+    shard_dataset(table, root / "shards", options)
+    return root / "shards", write_tokenizer(root / "tokenizer")
+
+
+def test_kill_9_with_real_shards_and_loader_workers_resumes_bit_identical(tmp_path, demo_shards):
+    shards, tokenizer = demo_shards
+    common = (
+        f"data.train.shards={shards}",
+        f"data.tokenizer={tokenizer}",
+        "data.train.synthetic=false",
+        "data.train.num_workers=2",
+        "data.train.shuffle_buffer=16",
+        "data.train.caption=random",
+        "model.text.vocab_size=25",
+        "model.image.image_size=32",
+        "zero.stage=2",
+        "train.steps=10",
+        "checkpoint.every_steps=4",
+        "checkpoint.keep=5",
+    )  # fmt: skip  (96 samples / (2 ranks x 4) = 12 batches per epoch: the run crosses no epoch)
+    reference = tmp_path / "reference"
+    train(reference, *common)
+    out = tmp_path / "killed"
+    killed = train(out, *common, env={"UMT_FAULT_KILL_AT_STEP": "11"}, check=False)
+    assert killed.returncode != 0
+    train(out, *common, resume="auto")
+    assert_same_weights(consolidated(out, "step15"), consolidated(reference, "step15"))
+    assert scalars(out, "loss/total") == scalars(reference, "loss/total")
+
+
 def test_kill_9_at_a_random_step_then_resume_auto_is_bit_identical(tmp_path, uninterrupted):
     kill_step = random.Random(0).choice([3, 5, 7])  # between checkpoints, so work is lost
     out = tmp_path / "killed"

@@ -71,27 +71,32 @@ def chance_recall(n_images: int, captions_per_image: float, k: int) -> dict[str,
 def rerank_topk(
     itc: torch.Tensor,  # (Q, C) ITC scores of queries against candidates
     k: int,
-    score_pairs: Callable[[int, torch.Tensor], torch.Tensor],  # (query, candidates (k,)) -> (k,)
+    score_pairs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],  # (queries, cands) -> (n,)
     add_itc: bool = False,
+    pairs_per_call: int = 256,
 ) -> torch.Tensor:
     """(Q, C) scores: each query's ITC top-k re-scored by `score_pairs`; the rest below, in ITC order.
 
     Rows are split across ranks (row i on rank i % W) and summed, so every rank ends with the same
-    matrix.
+    matrix. `score_pairs` gets flat (query index, candidate index) lists, several rows per call.
     """
     q, c = itc.shape
     k = min(k, c)
-    topk = itc.topk(k, dim=1).indices  # (Q, k); topk is deterministic for distinct scores
+    topk = itc.topk(k, dim=1).indices.cpu()  # (Q, k)
     scored = torch.zeros(q, k, dtype=torch.float64)
-    for row in range(rank(), q, world_size()):
-        s = score_pairs(row, topk[row]).double().cpu()
-        scored[row] = s + itc[row, topk[row]].double().cpu() if add_itc else s
+    rows = torch.arange(rank(), q, world_size())
+    per_call = max(1, pairs_per_call // k)
+    for chunk in rows.split(per_call):
+        queries = chunk.repeat_interleave(k)
+        cands = topk[chunk].flatten()
+        s = score_pairs(queries, cands).double().cpu().view(len(chunk), k)
+        scored[chunk] = s + itc[chunk[:, None], topk[chunk]].double().cpu() if add_itc else s
     if is_distributed():
         dist.all_reduce(scored)
     low = scored.min() - 1.0
     # Unscored pairs: strictly below every scored pair, ordered among themselves by ITC.
     out = low - (itc.max().double() - itc.double().cpu())
-    out.scatter_(1, topk.cpu(), scored)
+    out.scatter_(1, topk, scored)
     return out
 
 
@@ -144,19 +149,11 @@ def retrieval_report(
             raise ValueError("ITM re-ranking needs the model's ITM head and the kept tokens")
         f = features
 
-        def i2t(row: int, cands: torch.Tensor) -> torch.Tensor:
-            n = len(cands)
-            return itm_scorer(
-                f.text_tokens[cands], f.text_mask[cands], f.image_tokens[row].expand(n, -1, -1)
-            )
+        def i2t(images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+            return itm_scorer(f.text_tokens[texts], f.text_mask[texts], f.image_tokens[images])
 
-        def t2i(row: int, cands: torch.Tensor) -> torch.Tensor:
-            n = len(cands)
-            return itm_scorer(
-                f.text_tokens[row].expand(n, -1, -1),
-                f.text_mask[row].expand(n, -1),
-                f.image_tokens[cands],
-            )
+        def t2i(texts: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+            return itm_scorer(f.text_tokens[texts], f.text_mask[texts], f.image_tokens[images])
 
         scores_i2t = rerank_topk(sim, rerank_k, i2t, add_itc)
         scores_t2i = rerank_topk(sim.T.contiguous(), rerank_k, t2i, add_itc)
