@@ -4,7 +4,13 @@ the deepspeed launcher or srun."""
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import subprocess
 import sys
+from collections.abc import Mapping
+
+log = logging.getLogger("umt.launch")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -45,7 +51,27 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, TrainingError) as exc:
         print(f"umt train: {exc}", file=sys.stderr)
         return 1
+    # train() returns before train.steps only after a signal, once every rank's checkpoint is on disk.
+    if trainer.state.step < cfg.train.steps and trainer.rank == 0:
+        requeue_slurm_job(os.environ)
     return 0
+
+
+def requeue_slurm_job(env: Mapping[str, str]) -> None:
+    """Put this Slurm job back in the queue (it resumes with --resume auto), if it is requeueable."""
+    job = env.get("SLURM_JOB_ID")
+    if not job:
+        log.info("not a Slurm job: continue with `umt train --resume auto`")
+        return
+    show = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True)
+    if "Requeue=1" not in show.stdout.split():
+        log.info("Slurm job %s is not requeueable (sbatch --requeue): exiting cleanly", job)
+        return
+    proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if proc.returncode == 0:
+        log.info("requeued Slurm job %s; it resumes from the checkpoint", job)
+    else:  # e.g. the job was cancelled meanwhile: the checkpoint is kept either way
+        log.warning("scontrol requeue %s failed: %s", job, (proc.stderr or proc.stdout).strip())
 
 
 if __name__ == "__main__":

@@ -102,7 +102,11 @@ def pretraining_losses(
         b = input_ids.shape[0]
         sharp = cfg.itm_mining_sharpness
         negatives = sample_hard_negatives(
-            itc.logits_i2t * sharp, itc.logits_t2i * sharp, itc.positives, rank(group) * b, generator
+            itc.logits_i2t * sharp,
+            itc.logits_t2i * sharp,
+            itc.positives,
+            rank(group) * b,
+            generator,
         )
         # Equal sequence length on every rank so rows can travel between them.
         length = all_reduce_max(text.tokens.shape[1], input_ids.device, group)

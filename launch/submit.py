@@ -1,0 +1,352 @@
+"""`umt submit train|shard|eval`: render a `slurm/*.sbatch` template from options (and, for
+training, the config), write it into the run's folder and `sbatch` it.
+
+Every value a user fills in comes from an option here, never from editing a script: partition,
+account, time, nodes, GPUs, CPUs, memory and how the job activates its Python environment
+(default: the virtual environment of the Python running `umt submit`). `--dry-run` prints the
+script and submits nothing. A template line whose value is not given is left out (no
+`--gres` without GPUs, no `--account` without an account).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+SLURM_DIR = Path(__file__).resolve().parents[1] / "slurm"
+ENV_SETUP = "env_setup.sh"
+PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
+
+EXAMPLES = """examples:
+  umt submit train --config configs/pretrain_base.yaml --nodes 4 --gpus-per-node 8 \\
+      --time 24:00:00 --partition gpu --account proj --chain 3
+  umt submit train --config configs/demo_cpu.yaml --gpus-per-node 0 --tasks-per-node 2 \\
+      --dry-run -- train.steps=50 output_dir=runs/try
+  umt submit shard pairs.parquet --out shards/web --parts 16 --cpus-per-task 8 -- --maxcount 5000
+  umt submit eval --model runs/x/checkpoints --shards coco-test/ --out runs/x/coco.json \\
+      --gpus-per-node 1 -- --itm-rerank 256"""
+
+
+class SubmitError(RuntimeError):
+    """A submission that cannot be rendered or queued; the message says what to change."""
+
+
+# --- rendering ----------------------------------------------------------------------------------
+
+
+def default_env_setup() -> tuple[str, str]:
+    """(activation line, python) for the job: this interpreter's virtual environment, if any."""
+    python = sys.executable
+    if sys.prefix != sys.base_prefix:  # a venv: activate it so `umt`, torchrun... are on PATH
+        return f". {shlex.quote(str(Path(sys.prefix) / 'bin' / 'activate'))}", shlex.quote(python)
+    return "", shlex.quote(python)
+
+
+def env_setup_values(env_setup: str | None) -> dict[str, str]:
+    """`--env-setup`: a file to source, or shell commands; the job then runs `python` from PATH."""
+    if env_setup is None:
+        activate, python = default_env_setup()
+    elif Path(env_setup).is_file():
+        activate, python = f". {shlex.quote(str(Path(env_setup).resolve()))}", "python"
+    else:
+        activate, python = env_setup, "python"
+    return {"activate": activate, "python": python}
+
+
+def render(template: str, values: dict[str, object]) -> str:
+    """`slurm/<template>` with `{{env_setup}}` inlined and every `{{name}}` replaced.
+
+    A line with a placeholder whose value is None is dropped (an option not given); every
+    placeholder must have a value, so a template and this module cannot drift apart silently.
+    """
+    text = (SLURM_DIR / template).read_text()
+    text = text.replace("{{env_setup}}\n", (SLURM_DIR / ENV_SETUP).read_text())
+    lines = []
+    for line in text.splitlines(keepends=True):
+        names = PLACEHOLDER.findall(line)
+        unknown = sorted(set(names) - set(values))
+        if unknown:
+            raise SubmitError(f"slurm/{template} uses {unknown}, which umt submit does not fill")
+        if any(values[name] is None for name in names):
+            continue
+        lines.append(PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), line))
+    return "".join(lines)
+
+
+def split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(options of umt submit, arguments after `--` for the command the job runs)."""
+    if "--" not in argv:
+        return argv, []
+    cut = argv.index("--")
+    return argv[:cut], argv[cut + 1 :]
+
+
+def quote_all(args: list[str]) -> str:
+    return " ".join(shlex.quote(a) for a in args)
+
+
+# --- options shared by every job ----------------------------------------------------------------
+
+
+def add_job_options(parser: argparse.ArgumentParser, cpus_default: int | None) -> None:
+    job = parser.add_argument_group("Slurm job")
+    job.add_argument("--partition", help="partition (default: the cluster's default)")
+    job.add_argument("--account", help="account to charge")
+    job.add_argument("--time", help="time limit, e.g. 24:00:00 (default: the partition's)")
+    job.add_argument("--mem", help="memory per node, e.g. 200G (default: the partition's)")
+    job.add_argument("--cpus-per-task", type=int, default=cpus_default, help="CPUs per task")
+    job.add_argument("--job-name", help="job name (default: umt-<what>-<folder name>)")
+    job.add_argument(
+        "--env-setup",
+        help="a file to source or shell commands that activate the environment in the job "
+        "(e.g. 'module load cuda/12.4; . ~/venvs/umt/bin/activate'); "
+        "default: this Python's virtual environment",
+    )
+    job.add_argument(
+        "--sbatch-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra sbatch option, repeatable (e.g. --sbatch-arg=--qos=high)",
+    )
+    job.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
+
+
+def job_values(
+    args: argparse.Namespace, name: str, log_dir: Path, cpus_per_task: int | None = None
+) -> dict[str, object]:
+    return {
+        "job_name": args.job_name or name,
+        "partition": args.partition,
+        "account": args.account,
+        "time": args.time,
+        "mem": args.mem,
+        "cpus_per_task": cpus_per_task or args.cpus_per_task,
+        "workdir": str(Path.cwd()),  # an #SBATCH line: no shell quoting
+        "log_dir": str(log_dir),
+        **env_setup_values(args.env_setup),
+    }
+
+
+def sbatch(script: Path, extra: list[str], dependency: str | None = None) -> str:
+    """Queue `script`; returns the job id."""
+    cmd = ["sbatch", "--parsable", *extra]
+    if dependency:
+        cmd.append(f"--dependency={dependency}")
+    cmd.append(str(script))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise SubmitError("sbatch not found: run this on a Slurm login node") from None
+    if proc.returncode != 0:
+        raise SubmitError(f"{' '.join(cmd)} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout.strip().split(";")[0]  # "id" or "id;cluster"
+
+
+def write_script(folder: Path, name: str, text: str) -> Path:
+    (folder / "logs").mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
+# --- train --------------------------------------------------------------------------------------
+
+
+def train_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="umt submit train",
+        description="Render slurm/train.sbatch for a config and sbatch it. The job resumes from "
+        "the newest checkpoint (--resume auto), checkpoints on USR1/TERM and requeues itself.",
+    )
+    parser.add_argument("--config", help="YAML config (default: configs/demo_cpu.yaml values)")
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument(
+        "--gpus-per-node", type=int, default=8, help="GPUs per node; 0: a CPU job (no --gres)"
+    )
+    parser.add_argument(
+        "--tasks-per-node",
+        type=int,
+        help="ranks per node (default: --gpus-per-node, or 1 without GPUs)",
+    )
+    parser.add_argument(
+        "--launcher",
+        choices=["srun", "torchrun"],
+        default="srun",
+        help="srun: one task per rank; torchrun: one task per node, torchrun starts the ranks",
+    )
+    parser.add_argument(
+        "--signal-s",
+        type=int,
+        default=300,
+        help="USR1 this many seconds before the time limit (time to finish a step and save)",
+    )
+    parser.add_argument(
+        "--chain", type=int, default=1, help="queue K jobs, each starting after the previous ends"
+    )
+    parser.add_argument("--nccl-socket-ifname", help="NCCL/Gloo network interface, e.g. ib0")
+    add_job_options(parser, cpus_default=None)
+    parser.add_argument("overrides", nargs="*", help="config overrides key.path=value (after --)")
+    return parser
+
+
+def submit_train(argv: list[str]) -> int:
+    own, passthrough = split_passthrough(argv)
+    args = train_parser().parse_args(own)
+    args.overrides += passthrough
+    from umt.config import ConfigError, load_config
+
+    try:  # validate now: a config error should not wait in the queue
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        raise SubmitError(str(exc)) from None
+    if args.nodes < 1 or args.gpus_per_node < 0 or args.chain < 1:
+        raise SubmitError("--nodes and --chain must be >= 1 and --gpus-per-node >= 0")
+    procs = args.tasks_per_node or args.gpus_per_node or 1
+    torchrun = args.launcher == "torchrun"
+    cpus = args.cpus_per_task or (8 if args.gpus_per_node else 1)
+    if args.cpus_per_task is None and torchrun:
+        cpus *= procs  # one task holds every rank of the node
+    out = Path(cfg.output_dir).resolve()
+    folder = out / "slurm"
+    train_args = ["--config", str(Path(args.config).resolve())] if args.config else []
+    train_args += list(args.overrides)
+    values = job_values(args, f"umt-train-{out.name}", folder / "logs", cpus)
+    values |= {
+        "nodes": args.nodes,
+        "tasks_per_node": 1 if torchrun else procs,
+        "procs_per_node": procs,
+        "gpus_per_node": args.gpus_per_node or None,
+        "signal_s": args.signal_s,
+        "socket_ifname": args.nccl_socket_ifname,
+        "launcher": args.launcher,
+        "train_args": quote_all(train_args),
+    }
+    text = render("train.sbatch", values)
+    if args.dry_run:
+        print(text, end="")
+        return 0
+    script = write_script(folder, "train.sbatch", text)
+    previous: str | None = None
+    for _ in range(args.chain):
+        dependency = f"afterany:{previous}" if previous else None
+        previous = sbatch(script, args.sbatch_arg, dependency)
+        print(f"submitted training job {previous} ({script})")
+    return 0
+
+
+# --- shard --------------------------------------------------------------------------------------
+
+
+def shard_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="umt submit shard",
+        description="Shard a dataset as a Slurm job array (one part per array task) and queue "
+        "the merge of the part manifests after it. Options after -- go to `umt shard` "
+        "(e.g. -- --maxcount 5000 --image-size 256).",
+    )
+    parser.add_argument("input", help="the input of `umt shard` (table, JSON or folder)")
+    parser.add_argument("--out", required=True, help="output folder for shards and manifest")
+    parser.add_argument("--parts", type=int, required=True, help="array tasks (parts)")
+    parser.add_argument("--max-parallel", type=int, help="array tasks running at once")
+    add_job_options(parser, cpus_default=4)
+    return parser
+
+
+def submit_shard(argv: list[str]) -> int:
+    own, shard_options = split_passthrough(argv)
+    args = shard_parser().parse_args(own)
+    if args.parts < 1:
+        raise SubmitError(f"--parts must be >= 1 (got {args.parts})")
+    out = Path(args.out).resolve()
+    folder = out / "slurm"
+    values = job_values(args, f"umt-shard-{out.name}", folder / "logs")
+    shard_args = [str(Path(args.input).resolve()), "--out", str(out), *shard_options]
+    values |= {
+        "parts": args.parts,
+        "last_index": args.parts - 1,
+        "throttle": f"%{args.max_parallel}" if args.max_parallel else "",
+        "shard_args": quote_all(shard_args),
+        "out": shlex.quote(str(out)),
+    }
+    array_text = render("shard_array.sbatch", values)
+    merge_values = {**values, "job_name": f"{values['job_name']}-merge"}
+    merge_text = render("shard_merge.sbatch", merge_values)
+    if args.dry_run:
+        print(array_text, end="")
+        print("# ---- then, after every array task: ----")
+        print(merge_text, end="")
+        return 0
+    array_script = write_script(folder, "shard_array.sbatch", array_text)
+    merge_script = write_script(folder, "shard_merge.sbatch", merge_text)
+    array_id = sbatch(array_script, args.sbatch_arg)
+    merge_id = sbatch(merge_script, args.sbatch_arg, f"afterany:{array_id}")
+    print(f"submitted shard array {array_id} ({args.parts} parts) and merge job {merge_id}")
+    return 0
+
+
+# --- eval ---------------------------------------------------------------------------------------
+
+
+def eval_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="umt submit eval",
+        description="Retrieval evaluation of a checkpoint or export as a Slurm job (`umt eval`). "
+        "Options after -- go to `umt eval` (e.g. --itm-rerank 256).",
+    )
+    parser.add_argument("--model", required=True, help="export folder, checkpoint root or step")
+    parser.add_argument("--shards", required=True, help="evaluation shards")
+    parser.add_argument("--out", required=True, help="the JSON report")
+    parser.add_argument("--gpus-per-node", type=int, default=1, help="0: a CPU job")
+    add_job_options(parser, cpus_default=8)
+    return parser
+
+
+def submit_eval(argv: list[str]) -> int:
+    own, eval_options = split_passthrough(argv)
+    args = eval_parser().parse_args(own)
+    report = Path(args.out).resolve()
+    folder = report.parent / "slurm"
+    values = job_values(args, f"umt-eval-{report.stem}", folder / "logs")
+    model = args.model if "://" in args.model else str(Path(args.model).resolve())
+    eval_args = ["--model", model, "--shards", args.shards, "--out", str(report), *eval_options]
+    values |= {
+        "gpus_per_node": args.gpus_per_node or None,
+        "procs_per_node": args.gpus_per_node or 1,
+        "eval_args": quote_all(eval_args),
+    }
+    text = render("eval.sbatch", values)
+    if args.dry_run:
+        print(text, end="")
+        return 0
+    script = write_script(folder, f"eval-{report.stem}.sbatch", text)
+    print(f"submitted eval job {sbatch(script, args.sbatch_arg)} ({script})")
+    return 0
+
+
+COMMANDS = {"train": submit_train, "shard": submit_shard, "eval": submit_eval}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    usage = f"usage: umt submit {{{','.join(COMMANDS)}}} [options]  (-h for each)\n\n{EXAMPLES}"
+    if argv[:1] in (["-h"], ["--help"]):
+        print(usage)
+        return 0
+    if not argv or argv[0] not in COMMANDS:
+        print(usage, file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except SubmitError as exc:
+        print(f"umt submit {argv[0]}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Every `umt` command answers --help, and the command list matches the modules that exist."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+
+import pytest
+
+from launch.cli import COMMANDS
+from tests.conftest import REPO
+
+
+def umt(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "launch.cli", *args], cwd=REPO, capture_output=True, text=True
+    )
+
+
+def test_top_level_help_lists_every_command():
+    proc = umt("--help")
+    assert proc.returncode == 0
+    for name in COMMANDS:
+        assert f"  {name} " in proc.stdout
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_command_has_help(name):
+    importlib.import_module(COMMANDS[name][0])  # every listed command is built
+    proc = umt(name, "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert f"umt {name}" in proc.stdout
+
+
+def test_unknown_command_is_a_clear_error():
+    proc = umt("trian")
+    assert proc.returncode == 2 and "unknown command 'trian'" in proc.stderr
+
+
+def test_model_command_prints_parameter_counts():
+    proc = umt("model", "tiny")
+    assert proc.returncode == 0 and "total" in proc.stdout and "fusion" in proc.stdout
+
+
+def test_train_config_error_is_one_line_naming_the_key():
+    proc = umt("train", "data.train.synthetic=true", "train.stepz=3")
+    assert proc.returncode == 2
+    assert (
+        proc.stderr.strip()
+        == "umt train: unknown config key train.stepz; did you mean train.steps?"
+    )

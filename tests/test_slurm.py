@@ -1,0 +1,377 @@
+"""Slurm templates and `umt submit` on a real one-node cluster (slurm/local_cluster.sh): scripts
+that sbatch accepts, a 2-rank training job, USR1 -> checkpoint -> requeue -> the same weights as
+an uninterrupted job, and a sharding job array whose merge equals a single-process run.
+
+The cluster is the running one, else one that `slurm/local_cluster.sh start` brings up (and
+stops afterwards); tests that need it skip, with the script's reason, only where it cannot start.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from launch import submit as submit_module
+from tests.conftest import REPO
+from tests.test_train import TINY, assert_same_weights, consolidated, scalars
+
+pytestmark = pytest.mark.slow
+CLUSTER_SCRIPT = REPO / "slurm" / "local_cluster.sh"
+JOB_TIMEOUT_S = 600  # a job takes ~1 min on 2 idle cores (more when shared); a stuck one fails
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
+# The tiny synthetic run of tests/test_train.py; the signal lands after the step-20 checkpoint,
+# with 60 steps (~12 s) to spare, and the signal's checkpoint is the one the job resumes from.
+STEPS, EVERY = 80, 20
+TRAIN = [*TINY, "log.every_steps=10", f"train.steps={STEPS}", f"checkpoint.every_steps={EVERY}"]
+
+
+# --- the cluster ------------------------------------------------------------------------------
+
+
+def default_partition() -> str | None:
+    """The default partition when a controller answers and a node takes jobs, else None."""
+    if shutil.which("sinfo") is None:
+        return None
+    proc = subprocess.run(["sinfo", "-h", "-o", "%P %T"], capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        name, state = line.split()
+        if name.endswith("*") and state.rstrip("*~#").split("+")[0] in ("idle", "mixed", "alloc"):
+            return name.rstrip("*")
+    return None
+
+
+@pytest.fixture(scope="module")
+def partition():
+    """A partition of a usable cluster: the running one, or one this fixture starts and stops."""
+    name = default_partition()
+    if name is not None:
+        yield name
+        return
+    proc = subprocess.run(
+        ["bash", str(CLUSTER_SCRIPT), "start"], capture_output=True, text=True, timeout=900
+    )
+    name = default_partition()
+    if name is None:
+        pytest.skip(f"no Slurm cluster: slurm/local_cluster.sh start said: {proc.stderr[-600:]}")
+    yield name
+    subprocess.run(["bash", str(CLUSTER_SCRIPT), "stop"], capture_output=True, timeout=120)
+
+
+@pytest.fixture
+def jobs():
+    """Job ids a test submitted; any still queued or running when it ends is cancelled."""
+    ids: list[str] = []
+    yield ids
+    if ids:
+        subprocess.run(["scancel", *ids], capture_output=True)
+
+
+def umt_submit(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.cli", "submit", *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, f"umt submit failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def submitted_ids(stdout: str) -> list[str]:
+    return re.findall(r"(?:job|array) (\d+)", stdout)
+
+
+def job_info(job_id: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
+    return dict(re.findall(r"(\w+)=(\S*)", out.stdout))
+
+
+def logs(folder: Path) -> str:
+    return "".join(p.read_text(errors="replace") for p in sorted(folder.glob("slurm/logs/*.out")))
+
+
+def wait_until(predicate, what: str, log_folder: Path, timeout_s: float = JOB_TIMEOUT_S):
+    """Poll the cluster (an external system) until `predicate()` is truthy, at most `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(
+        f"{what}: not within {timeout_s} s\n--- job log\n{logs(log_folder)[-6000:]}"
+    )
+
+
+def wait_for_job(job_id: str, log_folder: Path) -> dict[str, str]:
+    """The job's final record (state COMPLETED, FAILED, ...)."""
+
+    def finished():
+        info = job_info(job_id)
+        return info if info.get("JobState") in FINAL_STATES else None
+
+    return wait_until(finished, f"job {job_id} to finish", log_folder)
+
+
+def submit_training(out: Path, partition: str, jobs: list[str]) -> str:
+    proc = umt_submit(
+        "train",
+        "--config",
+        str(REPO / "configs" / "demo_cpu.yaml"),
+        "--gpus-per-node=0",
+        "--tasks-per-node=2",
+        "--cpus-per-task=1",
+        "--time=00:15:00",
+        f"--partition={partition}",
+        "--",
+        f"output_dir={out}",
+        *TRAIN,
+        cwd=out.parent,
+    )
+    [job_id] = submitted_ids(proc.stdout)
+    jobs.append(job_id)
+    return job_id
+
+
+# --- rendering (no cluster) -------------------------------------------------------------------
+
+
+def render_train(*args: str, capsys) -> str:
+    config = str(REPO / "configs" / "demo_cpu.yaml")
+    argv = ["train", "--config", config, *args, "--dry-run", "--", "output_dir=/tmp/x"]
+    assert submit_module.main(argv) == 0
+    return capsys.readouterr().out
+
+
+def test_gpu_script_asks_for_gpus_one_task_each_and_requeues(capsys):
+    text = render_train(
+        "--nodes=4", "--gpus-per-node=8", "--time=24:00:00", "--partition=p", capsys=capsys
+    )
+    for line in [
+        "#SBATCH --nodes=4",
+        "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --gres=gpu:8",
+        "#SBATCH --partition=p",
+        "#SBATCH --signal=B:USR1@300",
+        "#SBATCH --requeue",
+        "#SBATCH --open-mode=append",
+    ]:
+        assert line + "\n" in text, line
+    assert "--account" not in text  # options not given leave no line
+    assert "TRAIN_ARGS=(--resume auto --config /" in text and "output_dir=/tmp/x)" in text
+    torchrun = render_train("--gpus-per-node=8", "--launcher=torchrun", capsys=capsys)
+    assert "#SBATCH --ntasks-per-node=1\n" in torchrun and "--nproc_per_node=8" in torchrun
+
+
+def test_cpu_script_has_no_gres(capsys):
+    text = render_train("--gpus-per-node=0", "--tasks-per-node=2", capsys=capsys)
+    assert "--gres" not in text and "#SBATCH --ntasks-per-node=2\n" in text
+
+
+def test_chain_links_jobs_with_afterany(tmp_path, monkeypatch, capsys):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(
+        f'#!/bin/sh\necho "$@" >> {bin_dir}/calls.txt\nwc -l < {bin_dir}/calls.txt\n'
+    )
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    config = str(REPO / "configs" / "demo_cpu.yaml")
+    argv = ["train", "--config", config, "--chain=3", "--sbatch-arg=--qos=high"]
+    assert submit_module.main([*argv, "--", f"output_dir={tmp_path / 'run'}"]) == 0
+    script = tmp_path / "run" / "slurm" / "train.sbatch"
+    assert script.is_file() and (script.parent / "logs").is_dir()
+    calls = (bin_dir / "calls.txt").read_text().splitlines()
+    assert calls == [
+        f"--parsable --qos=high {script}",
+        f"--parsable --qos=high --dependency=afterany:1 {script}",
+        f"--parsable --qos=high --dependency=afterany:2 {script}",
+    ]
+    assert submitted_ids(capsys.readouterr().out) == ["1", "2", "3"]
+
+
+def fake_scontrol(folder: Path, requeue_flag: int) -> Path:
+    """An `scontrol` that answers `show job` and records every call in calls.txt."""
+    folder.mkdir()
+    script = folder / "scontrol"
+    script.write_text(
+        f'#!/bin/sh\necho "$@" >> {folder}/calls.txt\n'
+        f'[ "$1" = show ] && echo "JobId=7 JobName=x Requeue={requeue_flag} Restarts=0"\nexit 0\n'
+    )
+    script.chmod(0o755)
+    return folder
+
+
+@pytest.mark.parametrize("requeueable", [1, 0])
+def test_rank0_requeues_only_a_requeueable_job(tmp_path, monkeypatch, requeueable):
+    from launch.train import requeue_slurm_job
+
+    bin_dir = fake_scontrol(tmp_path / "bin", requeueable)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    requeue_slurm_job({"SLURM_JOB_ID": "7"})
+    calls = (bin_dir / "calls.txt").read_text().splitlines()
+    assert calls == ["show job -o 7", "requeue 7"] if requeueable else ["show job -o 7"]
+
+
+# --- on the cluster ---------------------------------------------------------------------------
+
+
+def assert_sbatch_accepts(script: Path) -> None:
+    test = subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True, text=True)
+    assert test.returncode == 0 and "to start at" in test.stderr, test.stderr
+
+
+@pytest.mark.parametrize("launcher", ["srun", "torchrun"])
+def test_dry_run_script_passes_sbatch_test_only(tmp_path, partition, launcher, capsys):
+    argv = [
+        "train",
+        "--gpus-per-node=0",
+        "--tasks-per-node=2",
+        f"--launcher={launcher}",
+        "--time=00:10:00",
+        f"--partition={partition}",
+        "--dry-run",
+        "--",
+        f"output_dir={tmp_path / 'run'}",
+        *TRAIN,
+    ]
+    assert submit_module.main(argv) == 0
+    script = tmp_path / "train.sbatch"
+    script.write_text(capsys.readouterr().out)
+    assert_sbatch_accepts(script)
+    assert not (tmp_path / "run").exists()  # a dry run writes and queues nothing
+
+
+def test_shard_and_eval_dry_runs_pass_sbatch_test_only(tmp_path, partition, capsys):
+    common = ["--time=00:10:00", f"--partition={partition}", "--cpus-per-task=1", "--dry-run"]
+    shard = ["shard", "in.csv", f"--out={tmp_path / 's'}", "--parts=2", *common]
+    assert submit_module.main([*shard, "--", "--maxcount=2"]) == 0
+    array_text, merge_text = capsys.readouterr().out.split("# ---- then, after every array task")
+    assert "#SBATCH --array=0-1\n" in array_text and "--maxcount=2" in array_text
+    (tmp_path / "array.sbatch").write_text(array_text)
+    assert_sbatch_accepts(tmp_path / "array.sbatch")
+    assert "shard merge" in merge_text
+    evaluate = ["eval", "--model=m", "--shards=s", f"--out={tmp_path / 'r.json'}"]
+    assert (
+        submit_module.main([*evaluate, "--gpus-per-node=0", *common, "--", "--itm-rerank=8"]) == 0
+    )
+    (tmp_path / "eval.sbatch").write_text(eval_text := capsys.readouterr().out)
+    assert "--itm-rerank=8" in eval_text and "--gres" not in eval_text
+    assert_sbatch_accepts(tmp_path / "eval.sbatch")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, partition) -> Path:
+    out = tmp_path_factory.mktemp("slurm") / "uninterrupted"
+    ids: list[str] = []
+    job_id = submit_training(out, partition, ids)
+    try:
+        info = wait_for_job(job_id, out)
+    finally:
+        subprocess.run(["scancel", *ids], capture_output=True)  # a no-op once it finished
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", logs(out)[-6000:]
+    return out
+
+
+def test_sbatch_trains_the_demo_config_with_2_ranks(uninterrupted):
+    ckpt = uninterrupted / "checkpoints"
+    assert (ckpt / "latest").read_text() == f"step{STEPS}"
+    meta = json.loads((ckpt / f"step{STEPS}" / "umt_meta.json").read_text())
+    assert meta["world_size"] == 2
+    assert {p.name for p in (ckpt / f"step{STEPS}").glob("rank*.pt")} == {"rank0.pt", "rank1.pt"}
+    assert sorted(scalars(uninterrupted, "loss/total")) == list(range(10, STEPS + 1, 10))
+    assert (uninterrupted / "slurm" / "train.sbatch").is_file()
+
+
+def test_usr1_checkpoints_requeues_and_resumes_to_the_same_weights(
+    tmp_path, partition, jobs, uninterrupted
+):
+    out = tmp_path / "preempted"
+    job_id = submit_training(out, partition, jobs)
+    latest = out / "checkpoints" / "latest"
+    wait_until(
+        lambda: latest.is_file() and latest.read_text() == f"step{EVERY}",
+        f"job {job_id} to write its step-{EVERY} checkpoint",
+        out,
+    )
+    # As Slurm does before the time limit (--signal=B:USR1@S): USR1 to the batch shell only.
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
+    info = wait_for_job(job_id, out)
+    log = logs(out)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-6000:]
+    assert info["Restarts"] == "1", log[-6000:]
+    stopped = re.search(r"\[rank 0\] umt.train: stopping at step (\d+) after a signal", log)
+    assert stopped, log[-6000:]
+    step = int(stopped.group(1))
+    assert EVERY < step < STEPS
+    assert f"requeued Slurm job {job_id}" in log
+    # No step lost: the requeued run starts from the signal's checkpoint.
+    assert f"resumed from {out / 'checkpoints' / f'step{step}'} at step {step}" in log
+    assert "restart 1" in log  # the same log file, appended to
+    assert_same_weights(
+        consolidated(out, f"step{STEPS}"), consolidated(uninterrupted, f"step{STEPS}")
+    )
+    assert scalars(out, "loss/total") == scalars(uninterrupted, "loss/total")
+
+
+def write_pairs(folder: Path, n: int) -> Path:
+    """`n` small PNGs and a CSV pairing each with a caption."""
+    folder.mkdir(parents=True)
+    table = folder / "pairs.csv"
+    with open(table, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "caption"])
+        for i in range(n):
+            Image.new("RGB", (20 + i, 16), (i * 20 % 256, 90, 200)).save(folder / f"{i}.png")
+            writer.writerow([f"{i}.png", f"picture number {i}"])
+    return table
+
+
+def test_shard_array_and_merge_equal_a_single_process_run(tmp_path, partition, jobs):
+    table = write_pairs(tmp_path / "in", n=10)
+    options = ["--maxcount=2", "--image-size=16", "--seed=0"]
+    single = tmp_path / "single"
+    subprocess.run(
+        [sys.executable, "-m", "launch.cli", "shard", str(table), "--out", str(single), *options],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        check=True,
+        capture_output=True,
+    )
+    parts = tmp_path / "parts"
+    proc = umt_submit(
+        "shard",
+        str(table),
+        f"--out={parts}",
+        "--parts=2",
+        "--cpus-per-task=1",
+        "--time=00:10:00",
+        f"--partition={partition}",
+        "--",
+        *options,
+        cwd=tmp_path,
+    )
+    array_id, merge_id = submitted_ids(proc.stdout)
+    jobs += [array_id, merge_id]
+    info = wait_for_job(merge_id, parts)
+    assert info["JobState"] == "COMPLETED", logs(parts)[-6000:]
+    assert (
+        len(list(parts.glob("manifest-part-*-of-00002.json"))) == 2
+    )  # each array task wrote a part
+    for name in ("manifest.json", "sizes.json", "errors.jsonl"):
+        assert (parts / name).read_bytes() == (single / name).read_bytes(), name
+    tars = sorted(p.name for p in single.glob("*.tar"))
+    assert tars and tars == sorted(p.name for p in parts.glob("*.tar"))
+    for name in tars:
+        assert (parts / name).read_bytes() == (single / name).read_bytes(), name
