@@ -19,6 +19,14 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--out", help="write the JSON report here")
     parser.add_argument(
+        "--classes", help="zero-shot classification instead: a file with one class name per line"
+    )
+    parser.add_argument(
+        "--templates",
+        help="with --classes: prompt templates with {} for the class name, separated by '|' "
+        "(default: 'a photo of a {}.|a picture of a {}.|{}')",
+    )
+    parser.add_argument(
         "--itm-rerank",
         type=int,
         default=0,
@@ -68,6 +76,23 @@ def main(argv: list[str]) -> int:
         processor.mean,
         processor.std,
     )
+    if args.classes:
+        from umt.evaluate import DEFAULT_TEMPLATES, zero_shot_classification
+
+        classes = [c.strip() for c in Path(args.classes).read_text().splitlines() if c.strip()]
+        templates = args.templates.split("|") if args.templates else DEFAULT_TEMPLATES
+        report = zero_shot_classification(model, data, classes, templates)
+        report |= {"model": str(args.model), "shards": args.shards, "templates": list(templates)}
+        if world.rank == 0:
+            print(
+                f"zero-shot: {report['samples']} images, {report['classes']} classes: "
+                f"top-1 {report['top1']:.2f}%, top-5 {report['top5']:.2f}% "
+                f"({report['unlabelled']} unlabelled left out)"
+            )
+            if args.out:
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(json.dumps(report, indent=2))
+        return 0
     report = evaluate_retrieval(model, data, args.itm_rerank, args.score == "itm+itc", device)
     report |= {
         "model": str(args.model),

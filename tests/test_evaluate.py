@@ -91,3 +91,33 @@ def test_one_and_two_ranks_and_checkpoint_and_export_give_identical_reports(tmp_
     assert one["images"] == 7 and one["texts"] == 14
     for scorer in ("itc", "itm"):
         assert one[scorer] == reports["checkpoint"][scorer] == two[scorer]
+
+
+@pytest.mark.slow
+def test_zero_shot_classification_labels_images_by_caption(tmp_path, minilm_dir):
+    """Class-name prompts against images whose caption is the class name."""
+    import tarfile
+
+    _, export = trained_export(tmp_path, minilm_dir)
+    shards = write_color_shards(tmp_path / "shards", n_images=6, per_shard=3, captions=1)
+    # Re-caption: the class of image i is its colour name, given as the caption.
+    for tar_path in sorted(shards.glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+        with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for m, data in members:
+                if m.name.endswith(".txt"):
+                    data = data.decode().split()[1].encode()  # "a red picture" -> "red"
+                    m.size = len(data)
+                tar.addfile(m, __import__("io").BytesIO(data))
+    classes = tmp_path / "classes.txt"
+    classes.write_text("red\ngreen\nblue\nyellow\npurple\norange\nwhite\n")
+    out = tmp_path / "zs.json"
+    cmd = [sys.executable, "-m", "launch.cli", "eval", "--model", str(export), "--shards",
+           str(shards), "--classes", str(classes), "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["samples"] == 6 and report["unlabelled"] == 0 and report["classes"] == 7
+    assert 0 <= report["top1"] <= report["top5"] <= 100
+    assert "top-1" in proc.stdout

@@ -367,3 +367,90 @@ def itm_pair_accuracy(
         / (2 * n),
         "preference": 100.0 * (pos > neg).float().mean().item(),
     }
+
+
+# --- zero-shot classification ---------------------------------------------------------------------
+
+DEFAULT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "{}")
+
+
+def sample_label(captions: Iterable[str], lookup: dict[str, int]) -> int | None:
+    """The class of a sample: the first of its captions that equals a class name (any case)."""
+    for caption in captions:
+        if caption.strip().lower() in lookup:
+            return lookup[caption.strip().lower()]
+    return None
+
+
+@torch.no_grad()
+def zero_shot_classification(
+    model, data: EvalData, classes: list[str], templates: Iterable[str] = DEFAULT_TEMPLATES
+) -> dict:
+    """Top-1/top-5 accuracy (percent) of images against class-name prompts averaged over templates.
+
+    A sample's label is the caption that equals a class name (shard a folder of `<class>.txt`
+    sidecars or a table whose caption column is the class); others are counted as unlabelled.
+    """
+    import random as _random
+
+    from data_pipeline.loader import iter_raw_samples
+    from data_pipeline.transforms import ImageTransformConfig, normalize_images, transform_image
+
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    templates = list(templates)
+    prompts = [t.format(c) for c in classes for t in templates]
+    enc = data.tokenizer(
+        prompts,
+        padding="longest",
+        truncation=True,
+        max_length=data.max_text_len,
+        return_tensors="pt",
+    )
+    text = model.encode_text(enc["input_ids"].to(device), enc["attention_mask"].to(device)).float()
+    class_embeds = torch.nn.functional.normalize(
+        text.view(len(classes), len(templates), -1).mean(1), dim=-1
+    )
+
+    lookup = {c.strip().lower(): i for i, c in enumerate(classes)}
+    transform = ImageTransformConfig(image_size=data.image_size, train=False)
+    correct1 = correct5 = counted = unlabelled = 0
+    arrays, labels = [], []
+
+    def flush() -> None:
+        nonlocal correct1, correct5, counted
+        if not arrays:
+            return
+        pixels = normalize_images(arrays, data.mean, data.std).to(device, dtype)
+        logits = model.encode_image(pixels).float() @ class_embeds.T
+        top = logits.topk(min(5, len(classes)), dim=1).indices.cpu()
+        target = torch.tensor(labels)
+        correct1 += int((top[:, 0] == target).sum())
+        correct5 += int((top == target[:, None]).any(1).sum())
+        counted += len(labels)
+        arrays.clear()
+        labels.clear()
+
+    for i, sample in enumerate(iter_raw_samples(data.shards)):
+        if i % world_size() != rank():
+            continue
+        label = sample_label((sample.text, *sample.captions), lookup)
+        if label is None:
+            unlabelled += 1
+            continue
+        arrays.append(transform_image(sample.image, transform, _random.Random(0)))
+        labels.append(label)
+        if len(arrays) == data.batch_size:
+            flush()
+    flush()
+    totals = torch.tensor([correct1, correct5, counted, unlabelled], dtype=torch.long)
+    if is_distributed():
+        dist.all_reduce(totals)
+    c1, c5, n, skipped = totals.tolist()
+    return {
+        "classes": len(classes),
+        "samples": n,
+        "unlabelled": skipped,
+        "top1": 100.0 * c1 / max(n, 1),
+        "top5": 100.0 * c5 / max(n, 1),
+    }
