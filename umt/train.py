@@ -24,6 +24,7 @@ import torch.distributed as dist
 from umt import checkpoint
 from umt.config import Config, save_config, to_dict, tokenizer_name
 from umt.distributed import WorldInfo, discover_world
+from umt.flops import StepShape, gpu_peak_flops, train_step_flops
 from umt.logging import MetricsWriter, progress
 from umt.model import build_model
 from umt.objectives import key_ids, mix_seed
@@ -406,6 +407,20 @@ class Trainer:
         if self.device.type == "cuda":
             out["memory/allocated_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
             out["memory/reserved_peak_gib"] = torch.cuda.max_memory_reserved() / 2**30
+            peak = gpu_peak_flops(torch.cuda.get_device_name(self.device))
+            if peak:
+                # At max_text_len: exact for synthetic batches, an upper bound for the loader's
+                # (padded to the longest caption of each batch).
+                o = self.cfg.objectives
+                shape = StepShape(
+                    t.micro_batch_size,
+                    self.cfg.data.train.max_text_len,
+                    self.world_size,
+                    itm=o.itm_weight > 0,
+                    mlm=o.mlm_weight > 0,
+                )
+                flops_per_sample = train_step_flops(self.cfg.model, shape) / t.micro_batch_size
+                out["throughput/mfu"] = per_rank * flops_per_sample / peak
         for reason, count in self.data.error_counts().items():
             out[f"data/errors_{reason}"] = float(count)
         return out

@@ -1,0 +1,114 @@
+"""Benchmarks stay runnable: each quick mode ends with its SUMMARY line; the FLOP count is right."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import REPO
+from umt.flops import StepShape, forward_flops, layer_flops, train_step_flops
+from umt.model import build_model, preset_config
+from umt.objectives import ObjectiveConfig, mix_seed, negatives_generator
+from umt.objectives.mlm import IGNORE, mask_tokens
+
+
+def run(*cmd: str, timeout_s: int = 300, env: dict | None = None) -> str:
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", **(env or {})}
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout_s
+    )
+    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+def summary(stdout: str) -> dict[str, str]:
+    lines = [line for line in stdout.splitlines() if line.startswith("SUMMARY ")]
+    assert lines, f"no SUMMARY line in:\n{stdout[-3000:]}"
+    assert stdout.rstrip().splitlines()[-1] == lines[-1] or "gpu_smoke: finished" in stdout
+    return dict(pair.split("=", 1) for pair in lines[-1].split()[1:])
+
+
+def test_layer_flops_match_a_hand_count():
+    # One fusion layer of `tiny` (D=64, F=256) on 10 text + 17 image tokens.
+    length, d, f = 27, 64, 256
+    qkv = 2 * length * d * (3 * d)
+    out = 2 * length * d * d
+    mlp = 2 * length * d * f + 2 * length * f * d
+    scores, weighted = 2 * length * length * d, 2 * length * length * d
+    assert layer_flops(length, d, f) == qkv + out + mlp + scores + weighted == 2_840_832
+
+
+def test_step_flops_of_tiny_match_a_hand_count():
+    cfg = preset_config("tiny")  # text/image/fusion width 64, MLP 128/128/256, 2 layers each
+    b, t, n, e, v = 2, 6, 17, 32, 30522
+    text = b * 2 * layer_flops(t, 64, 128)
+    image = b * (2 * 16 * (3 * 8 * 8) * 64 + 2 * layer_flops(n, 64, 128))
+    itc = 2 * b * (64 + 64) * e + 4 * b * (3 * b) * e  # world of 3
+    itm = 3 * b * (2 * layer_flops(t + n, 64, 256) + 2 * 64 * 2)
+    mlm = (
+        text + 2 * b * 64 * e + b * 2 * layer_flops(t + n, 64, 256) + 5 * (2 * 64 * 64 + 2 * 64 * v)
+    )
+    shape = StepShape(b, t, world_size=3, mlm=True, mlm_tokens=5)
+    assert train_step_flops(cfg, shape) == pytest.approx(3 * (text + image + itc + itm + mlm))
+
+
+def test_forward_flops_equal_torch_flop_counter_on_tiny():
+    """The formula against torch's own matmul count of a real forward (math attention)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = preset_config("tiny")
+    cfg.mlm = True
+    torch.manual_seed(0)
+    model = build_model(cfg, log_table=False)
+    b, t, seed = 4, 10, 3
+    ids = torch.randint(5, 1000, (b, t))
+    mask = torch.ones_like(ids)
+    pixels = torch.randn(b, 3, 32, 32)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(pixels, ids, mask, None, seed=seed, objectives=ObjectiveConfig(mlm_weight=1.0))
+    # The masked-token count the objective drew: replay its generator (two negative draws first).
+    g = negatives_generator(mix_seed(seed, 0), pixels.device)
+    torch.rand((b, b), generator=g), torch.rand((b, b), generator=g)
+    _, labels = mask_tokens(ids, mask, cfg.text.mask_token_id, cfg.text.vocab_size, g)
+    shape = StepShape(b, t, mlm=True, mlm_tokens=int((labels != IGNORE).sum()))
+    assert counter.get_total_flops() == pytest.approx(sum(forward_flops(cfg, shape).values()))
+
+
+def test_train_step_quick_prints_summary():
+    out = run(
+        sys.executable, "benchmarks/train_step.py", "--quick", "--presets", "tiny",
+        "--ablate", "tiny", "--batch", "4", "--rounds", "1", "--no-profile",
+    )  # fmt: skip
+    values = summary(out)
+    assert float(values["tiny_speedup"]) > 0 and float(values["tiny_mfu"]) > 0
+    assert "tiny_three_fusion_passes_time_ratio" in values
+    losses = re.findall(r"^(\w+)\s.*\s(\d\.\de[+-]\d\d)\s", out, re.M)
+    assert losses and all(
+        float(d) < 1e-4 for name, d in losses if name not in ("bf16_autocast", "padded_text")
+    )
+
+
+@pytest.mark.slow
+def test_objective_scaling_quick_prints_summary_and_matches_formulas():
+    out = run(
+        sys.executable, "benchmarks/objective_scaling.py", "--quick", "--worlds", "2",
+        "--batch", "4", "--text-len", "8", "--image-size", "32",
+    )  # fmt: skip
+    values = summary(out)
+    assert float(values["max_formula_error"]) < 1e-3
+    assert float(values["w2_itm_bytes_ratio"]) > 1
+
+
+@pytest.mark.slow
+def test_gpu_smoke_cpu_mode_runs_to_completion(tmp_path):
+    out = run("bash", "benchmarks/gpu_smoke.sh", "--cpu", env={"UMT_SMOKE_OUT": str(tmp_path)})
+    values = summary(out)
+    assert float(values["synthetic_samples_per_s"]) > 0
+    assert float(values["shards_samples_per_s"]) > 0
+    assert 0 <= float(values["shards_data_wait"]) <= 1
