@@ -40,7 +40,7 @@ def step(n: int, text: str) -> None:
     print(f"\n[{n}/5] {text}", flush=True)
 
 
-def make_data(out: Path, sizes: dict[str, int], side: int) -> None:
+def make_data(out: Path, sizes: dict[str, int], side: int, ranks: int) -> None:
     from data_pipeline.builtin import write_split, write_tokenizer
     from data_pipeline.shard import ShardOptions, shard_dataset
 
@@ -53,7 +53,8 @@ def make_data(out: Path, sizes: dict[str, int], side: int) -> None:
             resize="none",
             image_format="png",
             skip_reencode=True,
-            maxcount=500,
+            # Epoch mode gives every rank x worker its own shards: at least 4 shards per rank.
+            maxcount=max(8, -(-count // (4 * ranks))),
             seed=0 if split == "train" else None,
         )
         summary = shard_dataset(table, out / "shards" / split, options, progress=True)
@@ -170,6 +171,7 @@ def main(argv: list[str]) -> int:
         out,
         {"train": args.train_size, "val": SPLITS["val"], "test": args.test_size},
         cfg.model.image.image_size,
+        args.ranks,
     )
     step(2, f"training {cfg.train.steps} steps on {args.ranks} rank(s), ZeRO-{cfg.zero.stage}")
     train(out, args.ranks, overrides)

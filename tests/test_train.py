@@ -151,10 +151,10 @@ def test_kill_9_with_real_shards_and_loader_workers_resumes_bit_identical(tmp_pa
         "model.text.vocab_size=25",
         "model.image.image_size=32",
         "zero.stage=2",
-        "train.steps=10",
+        "train.steps=15",
         "checkpoint.every_steps=4",
         "checkpoint.keep=5",
-    )  # fmt: skip  (96 samples / (2 ranks x 4) = 12 batches per epoch: the run crosses no epoch)
+    )  # 96 samples / (2 ranks x 4) = 12 batches per epoch: the resumed part crosses into epoch 1
     reference = tmp_path / "reference"
     train(reference, *common)
     out = tmp_path / "killed"
