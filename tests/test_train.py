@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, run_torchrun
+from tests.conftest import REPO, free_port, run_torchrun
 
 pytestmark = pytest.mark.slow
 TRAIN = REPO / "launch" / "train.py"
@@ -286,3 +286,21 @@ def test_elastic_resume_2_to_1_to_2_ranks_continues_the_same_run(tmp_path, itc_o
     # The flag is off again: the new checkpoint is an ordinary 2-rank ZeRO checkpoint.
     resumed = train(two, *ELASTIC, "train.steps=7", nproc=2, resume="auto")
     assert "converted" not in resumed.stderr and "resumed from" in resumed.stderr
+
+
+def test_the_deepspeed_launcher_runs_the_same_entry_point(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ds_launcher"
+    cmd = [
+        sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+        "--master_port", str(free_port()),
+        str(TRAIN), f"output_dir={out}", *TINY, "train.steps=2",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    meta = (out / "checkpoints" / "step2" / "umt_meta.json").read_text()
+    assert '"world_size": 2' in meta
