@@ -149,6 +149,14 @@ def vocabulary() -> list[str]:
     return sorted(words)
 
 
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def tokenizer_vocab() -> list[str]:
+    """The demo tokenizer's vocabulary in id order: special tokens, then every caption word."""
+    return [*SPECIAL_TOKENS, *vocabulary()]
+
+
 def write_tokenizer(out: Path) -> Path:
     """A BERT WordPiece tokenizer over the demo vocabulary ([PAD]=0 ... [MASK]), saved to `out`."""
     import transformers
@@ -157,7 +165,7 @@ def write_tokenizer(out: Path) -> Path:
     if (out / "tokenizer.json").is_file():
         return out
     out.mkdir(parents=True, exist_ok=True)
-    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *vocabulary()]
+    tokens = tokenizer_vocab()
     (out / "vocab.txt").write_text("\n".join(tokens) + "\n")
     if int(transformers.__version__.split(".")[0]) >= 5:  # the vocabulary argument was renamed
         tokenizer = BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)})

@@ -153,6 +153,7 @@ def main(argv: list[str]) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
+    from data_pipeline.builtin import tokenizer_vocab
     from umt.config import load_config
 
     overrides = [
@@ -160,8 +161,8 @@ def main(argv: list[str]) -> int:
         f"data.tokenizer={out / 'tokenizer'}",
         f"data.train.shards={out / 'shards' / 'train'}",
         f"data.eval.shards={out / 'shards' / 'test'}",
-        "model.text.vocab_size=25",
-        "model.text.mask_token_id=4",
+        f"model.text.vocab_size={len(tokenizer_vocab())}",  # the demo tokenizer's own size
+        f"model.text.mask_token_id={tokenizer_vocab().index('[MASK]')}",
         *([f"train.steps={args.steps}"] if args.steps else []),
         *args.overrides,
     ]

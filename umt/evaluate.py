@@ -125,15 +125,6 @@ def gather_objects(obj):
     return out
 
 
-def _pad_cat(parts: list[torch.Tensor], length: int) -> torch.Tensor:
-    return torch.cat(
-        [
-            torch.nn.functional.pad(p, [0, 0] * (p.dim() - 2) + [0, length - p.shape[1]])
-            for p in parts
-        ]
-    )
-
-
 def retrieval_report(
     features: EvalFeatures,
     logit_scale: float,

@@ -15,7 +15,7 @@ from umt.model.config import (
     preset_config,
 )
 from umt.model.fusion import FusionTransformer
-from umt.model.towers import build_image_tower, build_text_tower, load_tokenizer
+from umt.model.towers import build_image_tower, build_text_tower
 from umt.model.unified import (
     ImageFeatures,
     TextFeatures,
@@ -58,7 +58,6 @@ __all__ = [
     "build_text_tower",
     "format_parameter_table",
     "list_presets",
-    "load_tokenizer",
     "model_config_from_dict",
     "model_config_to_dict",
     "preset_config",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from transformers import BertConfig, BertModel, BertTokenizerFast, ViTConfig, ViTModel
+from transformers import BertConfig, BertModel, ViTConfig, ViTModel
 
 from umt.model.config import ImageTowerConfig, TextTowerConfig
 
@@ -65,8 +65,3 @@ def _record_image_architecture(cfg: ImageTowerConfig, hf: ViTConfig) -> None:
     cfg.image_size, cfg.patch_size, cfg.hidden_size = hf.image_size, hf.patch_size, hf.hidden_size
     cfg.num_layers, cfg.num_heads = hf.num_hidden_layers, hf.num_attention_heads
     cfg.intermediate_size = hf.intermediate_size
-
-
-def load_tokenizer(name_or_dir: str) -> BertTokenizerFast:
-    """The fast WordPiece tokenizer that goes with a text tower (same name or folder)."""
-    return BertTokenizerFast.from_pretrained(name_or_dir)
