@@ -304,3 +304,18 @@ def test_the_deepspeed_launcher_runs_the_same_entry_point(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     meta = (out / "checkpoints" / "step2" / "umt_meta.json").read_text()
     assert '"world_size": 2' in meta
+
+
+def test_train_augmentation_options_reach_the_loader(demo_shards):
+    """`data.train.crop_scale` / `hflip` configure the loader; a bad range fails with its key."""
+    from umt.config import load_config
+    from umt.train import build_train_data
+
+    shards, tokenizer = demo_shards
+    base = [f"data.train.shards={shards}", f"data.tokenizer={tokenizer}", "data.train.num_workers=0"]
+    cfg = load_config(None, [*base, "data.train.crop_scale=[1.0,1.0]", "data.train.hflip=true"])
+    loader = build_train_data(cfg, rank=0, world_size=1)
+    assert (loader.cfg.crop_scale, loader.cfg.hflip) == ((1.0, 1.0), True)
+    cfg = load_config(None, [*base, "data.train.crop_scale=[0.9,0.5]"])
+    with pytest.raises(ValueError, match="crop_scale"):
+        build_train_data(cfg, rank=0, world_size=1)

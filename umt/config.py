@@ -39,6 +39,10 @@ class DataSplitConfig:
     """Captions are truncated to this many tokens."""
     caption: str = "txt"
     """Training caption: `txt` (the sample's .txt) or `random` (one of its json captions, per epoch)."""
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    """Random-resized-crop area range (fraction of the image) for training; [1.0, 1.0]: whole image."""
+    hflip: bool = False
+    """Random horizontal flips in training; off because captions say "left" and "right"."""
     synthetic: bool = False
     """Deterministic in-memory random batches instead of shards (benchmarks, GPU smoke tests)."""
     synthetic_distinct: int = 0

@@ -226,6 +226,8 @@ def build_train_data(cfg: Config, rank: int, world_size: int, epoch: int = 0):
         tokenizer=tokenizer_name(cfg),
         train=True,
         caption=d.caption,
+        crop_scale=d.crop_scale,
+        hflip=d.hflip,
     )
     return build_loader(loader_cfg, rank=rank, world_size=world_size, epoch=epoch)
 
