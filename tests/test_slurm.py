@@ -114,14 +114,14 @@ def wait_until(predicate, what: str, log_folder: Path, timeout_s: float = JOB_TI
     )
 
 
-def wait_for_job(job_id: str, log_folder: Path) -> dict[str, str]:
+def wait_for_job(job_id: str, log_folder: Path, timeout_s: float = JOB_TIMEOUT_S) -> dict[str, str]:
     """The job's final record (state COMPLETED, FAILED, ...)."""
 
     def finished():
         info = job_info(job_id)
         return info if info.get("JobState") in FINAL_STATES else None
 
-    return wait_until(finished, f"job {job_id} to finish", log_folder)
+    return wait_until(finished, f"job {job_id} to finish", log_folder, timeout_s)
 
 
 def submit_training(out: Path, partition: str, jobs: list[str]) -> str:
@@ -179,51 +179,6 @@ def test_cpu_script_has_no_gres(capsys):
     assert "--gres" not in text and "#SBATCH --ntasks-per-node=2\n" in text
 
 
-def test_chain_links_jobs_with_afterany(tmp_path, monkeypatch, capsys):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "sbatch").write_text(
-        f'#!/bin/sh\necho "$@" >> {bin_dir}/calls.txt\nwc -l < {bin_dir}/calls.txt\n'
-    )
-    (bin_dir / "sbatch").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    config = str(REPO / "configs" / "demo_cpu.yaml")
-    argv = ["train", "--config", config, "--chain=3", "--sbatch-arg=--qos=high"]
-    assert submit_module.main([*argv, "--", f"output_dir={tmp_path / 'run'}"]) == 0
-    script = tmp_path / "run" / "slurm" / "train.sbatch"
-    assert script.is_file() and (script.parent / "logs").is_dir()
-    calls = (bin_dir / "calls.txt").read_text().splitlines()
-    assert calls == [
-        f"--parsable --qos=high {script}",
-        f"--parsable --qos=high --dependency=afterany:1 {script}",
-        f"--parsable --qos=high --dependency=afterany:2 {script}",
-    ]
-    assert submitted_ids(capsys.readouterr().out) == ["1", "2", "3"]
-
-
-def fake_scontrol(folder: Path, requeue_flag: int) -> Path:
-    """An `scontrol` that answers `show job` and records every call in calls.txt."""
-    folder.mkdir()
-    script = folder / "scontrol"
-    script.write_text(
-        f'#!/bin/sh\necho "$@" >> {folder}/calls.txt\n'
-        f'[ "$1" = show ] && echo "JobId=7 JobName=x Requeue={requeue_flag} Restarts=0"\nexit 0\n'
-    )
-    script.chmod(0o755)
-    return folder
-
-
-@pytest.mark.parametrize("requeueable", [1, 0])
-def test_rank0_requeues_only_a_requeueable_job(tmp_path, monkeypatch, requeueable):
-    from launch.train import requeue_slurm_job
-
-    bin_dir = fake_scontrol(tmp_path / "bin", requeueable)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    requeue_slurm_job({"SLURM_JOB_ID": "7"})
-    calls = (bin_dir / "calls.txt").read_text().splitlines()
-    assert calls == ["show job -o 7", "requeue 7"] if requeueable else ["show job -o 7"]
-
-
 # --- on the cluster ---------------------------------------------------------------------------
 
 
@@ -269,6 +224,92 @@ def test_shard_and_eval_dry_runs_pass_sbatch_test_only(tmp_path, partition, caps
     (tmp_path / "eval.sbatch").write_text(eval_text := capsys.readouterr().out)
     assert "--itm-rerank=8" in eval_text and "--gres" not in eval_text
     assert_sbatch_accepts(tmp_path / "eval.sbatch")
+
+
+def test_chain_links_jobs_with_afterany(tmp_path, partition, jobs):
+    out = tmp_path / "run"
+    proc = umt_submit(
+        "train",
+        "--config",
+        str(REPO / "configs" / "demo_cpu.yaml"),
+        "--gpus-per-node=0",
+        "--time=00:05:00",
+        f"--partition={partition}",
+        "--chain=3",
+        "--sbatch-arg=--hold",  # queued, never started: the links are what is tested
+        "--",
+        f"output_dir={out}",
+        cwd=tmp_path,
+    )
+    ids = submitted_ids(proc.stdout)
+    jobs += ids
+    assert len(ids) == 3 and len(set(ids)) == 3, proc.stdout
+    script = out / "slurm" / "train.sbatch"
+    assert script.is_file() and (script.parent / "logs").is_dir()
+    infos = [job_info(job_id) for job_id in ids]
+    for info in infos:
+        assert info["Command"] == str(script), info
+        assert (info["JobState"], info["Reason"]) == ("PENDING", "JobHeldUser"), info
+    # Each job waits for the end (any end) of the one queued before it; the first for none.
+    assert [info["Dependency"] for info in infos] == [
+        "(null)",
+        f"afterany:{ids[0]}(unfulfilled)",
+        f"afterany:{ids[1]}(unfulfilled)",
+    ]
+
+
+# Calls the real requeue_slurm_job in a job (as rank 0 does after a signal's checkpoint); the
+# requeued run, SLURM_RESTART_COUNT=1, only says that it ran. TERM is ignored as training
+# handles it: `scontrol requeue` TERMs the running job, which must not cut the report short.
+REQUEUE_JOB = """\
+#!/bin/bash
+#SBATCH --job-name=umt-requeue-test
+#SBATCH --partition={partition}
+#SBATCH --time=00:05:00
+#SBATCH --cpus-per-task=1
+#SBATCH --chdir={folder}
+#SBATCH --output={folder}/slurm/logs/%j.out
+#SBATCH --open-mode=append
+echo "run restart ${{SLURM_RESTART_COUNT:-0}}"
+[ "${{SLURM_RESTART_COUNT:-0}}" = 0 ] || exit 0
+export PYTHONPATH={repo}
+exec {python} -c '
+import logging, os, signal
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+from launch.train import requeue_slurm_job
+requeue_slurm_job(os.environ)
+'
+"""
+
+
+@pytest.mark.parametrize("requeueable", [1, 0])
+def test_rank0_requeues_only_a_requeueable_job(tmp_path, partition, jobs, requeueable):
+    (tmp_path / "slurm" / "logs").mkdir(parents=True)
+    script = tmp_path / "slurm" / "requeue.sbatch"
+    script.write_text(
+        REQUEUE_JOB.format(partition=partition, folder=tmp_path, repo=REPO, python=sys.executable)
+    )
+    flag = "--requeue" if requeueable else "--no-requeue"
+    proc = subprocess.run(
+        ["sbatch", "--parsable", flag, str(script)], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.strip().split(";")[0]
+    jobs.append(job_id)
+    # A requeued job starts again after cred_expire (10 s on the local cluster).
+    info = wait_for_job(job_id, tmp_path, timeout_s=120)
+    log = logs(tmp_path)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log
+    assert info["Requeue"] == str(requeueable), info
+    assert info["Restarts"] == str(requeueable), log
+    runs = [line for line in log.splitlines() if line.startswith("run restart")]
+    assert runs == (["run restart 0", "run restart 1"] if requeueable else ["run restart 0"]), log
+    if requeueable:
+        assert f"umt.launch: requeued Slurm job {job_id};" in log, log
+    else:
+        assert f"umt.launch: Slurm job {job_id} is not requeueable" in log, log
+    assert "scontrol requeue" not in log, log  # the function's warning that requeue failed
 
 
 @pytest.fixture(scope="module")
