@@ -97,6 +97,7 @@ class ShardOptions:
     image_root: str | None = None  # relative image paths resolve here (default: input's folder)
     split: str = "train"  # Karpathy split; restval counts as train
     per: str = "image"  # "image": one sample per image; "caption": one per caption
+    save_additional_columns: tuple[str, ...] = ()  # table columns copied into each sample's json
     resize: str = "keep_ratio"  # none|keep_ratio (short side)|center_crop|border (long side, pad)
     image_size: int = 256  # pixels
     resample: str = "area"  # downscaling filter: area|bilinear|bicubic|lanczos
@@ -121,6 +122,11 @@ class ShardOptions:
     overwrite: bool = False
 
 
+# Fields every sample's json has; --save-additional-columns adds others beside them.
+RESERVED_JSON_FIELDS = (
+    "key", "image_key", "caption", "captions", "caption_index", "source",
+    "width", "height", "original_width", "original_height",
+)  # fmt: skip
 _RUN_ONLY_FIELDS = ("workers", "download_threads", "num_parts", "part_index", "overwrite")
 
 
@@ -221,6 +227,11 @@ def validate_options(options: ShardOptions) -> None:
             f"--part-index must be in 0..{o.num_parts - 1} (got {o.part_index})",
         ),
         (not prefix_ok, f"--prefix must be non-empty, without dots or slashes (got {o.prefix!r})"),
+        (
+            bool(reserved := set(o.save_additional_columns) & set(RESERVED_JSON_FIELDS)),
+            f"--save-additional-columns cannot replace the sample json's own fields "
+            f"({', '.join(sorted(reserved)) if reserved else ''}); rename those columns",
+        ),
         (
             o.overwrite and o.num_parts > 1,
             "--overwrite cannot be combined with --num-parts > 1 (parts would delete each "
@@ -623,6 +634,7 @@ def sample_members(
         }
         if per_caption:
             meta["caption_index"] = j
+        meta.update(row.extra)
         members += [
             (f"{key}.{stored.ext}", stored.data),
             (f"{key}.txt", caption.encode("utf-8")),
@@ -897,11 +909,12 @@ def run_identity(
     digest = hashlib.sha256()
     for row in rows:
         image = row.image if isinstance(row.image, bytes) else row.image.encode("utf-8", "replace")
-        fields_ = [row.file, str(row.index), row.image_key, *row.captions]
+        fields_ = [row.file, str(row.index), row.image_key, *row.captions, *row.extra]
         digest.update(json.dumps(fields_, ensure_ascii=True).encode() + b"\0")
         digest.update(hashlib.sha256(image).digest())
         digest.update((row.problem.reason if row.problem else "").encode() + b"\n")
     args = {k: v for k, v in asdict(options).items() if k not in _RUN_ONLY_FIELDS}
+    args["save_additional_columns"] = list(options.save_additional_columns)  # as JSON reads back
     return {
         "input": {
             "path": str(input_path),
@@ -1062,6 +1075,7 @@ def shard_dataset(
         caption_col=options.caption_col,
         image_root=Path(options.image_root) if options.image_root else None,
         split=options.split,
+        extra_cols=tuple(options.save_additional_columns),
     )
     source = read_source(spec)
     identity = run_identity(source.rows, source.format, input_path, options)

@@ -14,11 +14,12 @@ import csv
 import hashlib
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 FORMATS = ("csv", "tsv", "jsonl", "parquet", "coco", "karpathy", "folder")
+TABLE_FORMATS = ("csv", "tsv", "jsonl", "parquet")
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # Column names tried, in order, when --image-col / --caption-col are not given.
@@ -59,6 +60,7 @@ class Row:
     image_key: str  # the same for every row made from one image
     captions: tuple[str, ...]
     problem: Problem | None = None
+    extra: tuple[tuple[str, Any], ...] = ()  # (column, JSON value) of --save-additional-columns
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ class SourceSpec:
     caption_col: str | None = None
     image_root: Path | None = None  # relative image paths are resolved against this
     split: str = "train"  # Karpathy only
+    extra_cols: tuple[str, ...] = ()  # tables only: columns copied into each sample's json
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,11 @@ def read_source(spec: SourceSpec) -> Source:
     if spec.split not in SPLITS:
         raise SourceError(f"unknown --split {spec.split!r}; choose one of {', '.join(SPLITS)}")
     fmt = spec.format or detect_format(path)
+    if spec.extra_cols and fmt not in TABLE_FORMATS:
+        raise SourceError(
+            f"--save-additional-columns applies to {'/'.join(TABLE_FORMATS)} inputs, "
+            f"not to {path} ({fmt})"
+        )
     if fmt == "folder":
         rows = list(read_folder(path))
     elif fmt in ("coco", "karpathy"):
@@ -248,11 +256,13 @@ def read_delimited(path: Path, spec: SourceSpec, delimiter: str) -> Iterator[Row
     with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
         reader = csv.DictReader(handle, delimiter=delimiter)
         image_col, caption_col = pick_columns(reader.fieldnames or [], spec, path)
+        check_extra_columns(reader.fieldnames or [], spec, path)
         base = image_base(path, spec)
         try:
             for index, record in enumerate(reader):
                 image, caption = record.get(image_col), record.get(caption_col)
-                yield table_row(path.name, index, image, caption, base)
+                row = table_row(path.name, index, image, caption, base)
+                yield with_extra(row, record, spec.extra_cols)
         except csv.Error as exc:  # e.g. an unterminated quote swallowing the rest of the file
             raise SourceError(f"{path}: line {reader.line_num} is not valid CSV: {exc}") from exc
 
@@ -271,13 +281,15 @@ def read_jsonl(path: Path, spec: SourceSpec) -> Iterator[Row]:
     if not records:
         return
     image_col, caption_col = pick_columns(list(columns), spec, path)
+    check_extra_columns(list(columns), spec, path)
     base = image_base(path, spec)
     for index, record in records:
         if isinstance(record, Problem):
             yield Row(path.name, index, "", "", (), record)
             continue
         image, captions = record.get(image_col), record.get(caption_col)
-        yield table_row(path.name, index, image, captions, base)
+        row = table_row(path.name, index, image, captions, base)
+        yield with_extra(row, record, spec.extra_cols)
 
 
 def parse_json_line(line: bytes, index: int) -> dict | Problem:
@@ -300,12 +312,17 @@ def read_parquet(path: Path, spec: SourceSpec) -> Iterator[Row]:
     except Exception as exc:  # pyarrow raises several unrelated types for unreadable files
         raise SourceError(f"{path} is not a readable Parquet file: {exc}") from exc
     image_col, caption_col = pick_columns(table_file.schema_arrow.names, spec, path)
-    table = table_file.read(columns=list(dict.fromkeys([image_col, caption_col])))
+    check_extra_columns(table_file.schema_arrow.names, spec, path)
+    table = table_file.read(columns=list(dict.fromkeys([image_col, caption_col, *spec.extra_cols])))
     images = table.column(image_col).to_pylist()
     captions = table.column(caption_col).to_pylist()
+    extra = {name: table.column(name).to_pylist() for name in spec.extra_cols}
     base = image_base(path, spec)
     for index, (image, caption) in enumerate(zip(images, captions)):
-        yield table_row(path.name, index, image, caption, base)
+        row = table_row(path.name, index, image, caption, base)
+        yield with_extra(
+            row, {name: values[index] for name, values in extra.items()}, spec.extra_cols
+        )
 
 
 def pick_columns(columns: list[str], spec: SourceSpec, path: Path) -> tuple[str, str]:
@@ -313,6 +330,37 @@ def pick_columns(columns: list[str], spec: SourceSpec, path: Path) -> tuple[str,
     image_col = pick_column(columns, spec.image_col, IMAGE_COLUMNS, "--image-col", path)
     caption_col = pick_column(columns, spec.caption_col, CAPTION_COLUMNS, "--caption-col", path)
     return image_col, caption_col
+
+
+def check_extra_columns(columns: list[str], spec: SourceSpec, path: Path) -> None:
+    for name in spec.extra_cols:
+        pick_column(columns, name, (), "--save-additional-columns", path)
+
+
+def with_extra(row: Row, record: dict[str, Any], names: tuple[str, ...]) -> Row:
+    """The row carrying the values of `names` from its record (missing ones are null)."""
+    if not names:
+        return row
+    return replace(row, extra=tuple((name, json_value(record.get(name))) for name in names))
+
+
+def json_value(value: Any) -> Any:
+    """`value` if JSON can hold it as it is, else its text (bytes as UTF-8, dates as ISO...)."""
+    if isinstance(value, str) and not is_utf8(
+        value
+    ):  # undecodable CSV bytes, kept by surrogateescape
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [json_value(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): json_value(v) for k, v in value.items()}
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "replace")
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return str(value)
 
 
 def pick_column(

@@ -42,6 +42,14 @@ def parse_bytes(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2) or ""])
 
 
+def parse_columns(text: str) -> tuple[str, ...]:
+    """`a,b` -> ("a", "b"); empty names and repeats are errors."""
+    names = tuple(name.strip() for name in text.split(","))
+    if not all(names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"not a list of distinct column names: {text!r}")
+    return names
+
+
 def slurm_part_defaults(environ: Mapping[str, str]) -> tuple[int, int]:
     """(num_parts, part_index) of a Slurm job array task, or (1, 0) outside one."""
     count = environ.get("SLURM_ARRAY_TASK_COUNT")
@@ -75,6 +83,13 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     source.add_argument(
         "--caption-col", help="table column with captions (default: caption, text, ...)"
+    )
+    source.add_argument(
+        "--save-additional-columns",
+        type=parse_columns,
+        default=(),
+        metavar="COL,COL",
+        help="table columns copied into each sample's json (img2dataset's option of that name)",
     )
     source.add_argument(
         "--image-root",

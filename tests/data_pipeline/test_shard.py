@@ -609,3 +609,46 @@ def test_slurm_array_variables_choose_the_part() -> None:
         shard_cli.parse_bytes("1.5GiB") == 1610612736
         and shard_cli.parse_bytes("500MB") == 500 * 10**6
     )
+
+
+def test_additional_columns_land_in_the_sample_json(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "0.jpg").write_bytes(jpeg_bytes(40, 30, seed=0))
+    (folder / "1.jpg").write_bytes(jpeg_bytes(40, 30, seed=1))
+    rows = [
+        {"image": "0.jpg", "caption": "a red cat", "negative": "a blue cat", "id": 3},
+        {"image": "1.jpg", "caption": "a dog", "negative": ["a cat", "a fox"], "id": 4},
+    ]
+    table = folder / "pairs.jsonl"
+    table.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    options = replace(SMALL, save_additional_columns=("negative", "id"))
+    shard_dataset(table, tmp_path / "out", options)
+    samples = list(wds.WebDataset(str(tmp_path / "out" / "data-000000.tar"), shardshuffle=False))
+    metas = [json.loads(s["json"]) for s in samples]
+    assert [(m["caption"], m["negative"], m["id"]) for m in metas] == [
+        ("a red cat", "a blue cat", 3),
+        ("a dog", ["a cat", "a fox"], 4),
+    ]
+    # The columns are part of the run: a rerun without them is refused, not mixed in.
+    with pytest.raises(ShardError, match="--save-additional-columns was"):
+        shard_dataset(table, tmp_path / "out", SMALL)
+    with pytest.raises(
+        ShardError, match="cannot replace the sample json's own fields \\(caption\\)"
+    ):
+        shard_dataset(
+            table, tmp_path / "other", replace(SMALL, save_additional_columns=("caption",))
+        )
+
+
+def test_cli_parses_additional_columns() -> None:
+    options = shard_cli.options_from_args(
+        shard_cli.build_parser({}).parse_args(
+            ["t.csv", "--out", "o", "--save-additional-columns", "neg, id"]
+        )
+    )
+    assert options.save_additional_columns == ("neg", "id")
+    with pytest.raises(SystemExit):
+        shard_cli.build_parser({}).parse_args(
+            ["t.csv", "--out", "o", "--save-additional-columns", "a,,b"]
+        )

@@ -199,3 +199,34 @@ def test_json_that_is_neither_coco_nor_karpathy_is_refused(tmp_path: Path) -> No
     path = write_json(tmp_path / "x.json", {"rows": []})
     with pytest.raises(SourceError, match="neither a COCO captions file"):
         read(path)
+
+
+def test_additional_columns_are_carried_in_every_table_format(tmp_path: Path) -> None:
+    csv_table = tmp_path / "pairs.csv"
+    csv_table.write_bytes(b"image,caption,negative,id\n1.jpg,one,not one,7\n2.jpg,two,\xff,8\n")
+    rows = read(csv_table, extra_cols=("negative", "id"))
+    assert rows[0].extra == (("negative", "not one"), ("id", "7"))
+    assert rows[1].extra == (("negative", "\ufffd"), ("id", "8"))  # non-UTF-8 kept, replaced
+    jsonl = tmp_path / "pairs.jsonl"
+    jsonl.write_text(
+        '{"image": "1.jpg", "caption": "a", "neg": ["b", "c"]}\n{"image": "2.jpg", "caption": "d"}\n'
+    )
+    assert [r.extra for r in read(jsonl, extra_cols=("neg",))] == [
+        (("neg", ["b", "c"]),),
+        (("neg", None),),
+    ]
+    parquet = tmp_path / "pairs.parquet"
+    pq.write_table(
+        pa.table({"url": ["1.jpg"], "text": ["one"], "score": [0.5], "raw": [b"x"]}), parquet
+    )
+    assert read(parquet, extra_cols=("score", "raw"))[0].extra == (("score", 0.5), ("raw", "x"))
+
+
+def test_additional_columns_name_the_flag_when_missing_or_not_a_table(tmp_path: Path) -> None:
+    table = tmp_path / "pairs.csv"
+    table.write_text("image,caption\n1.jpg,one\n")
+    with pytest.raises(SourceError, match=r"no column 'neg' \(--save-additional-columns\)"):
+        read(table, extra_cols=("neg",))
+    coco = write_json(tmp_path / "captions.json", {"images": [], "annotations": []})
+    with pytest.raises(SourceError, match="--save-additional-columns applies to csv/tsv/jsonl"):
+        read(coco, extra_cols=("neg",))
