@@ -85,6 +85,26 @@ def hard_negative(scene: Scene, rng: random.Random) -> Scene:
     return replace(scene, relation=RELATIONS[scene.relation])
 
 
+def binding_negatives(scene: Scene) -> list[Scene]:
+    """Every scene one binding away, in a fixed order: for two shapes their colours, sizes or
+    shapes swapped (where they differ) and the relation flipped; for one shape each other colour."""
+    if scene.second is None:
+        return [
+            replace(scene, first=replace(scene.first, color=c))
+            for c in COLORS
+            if c != scene.first.color
+        ]
+    a, b = scene.first, scene.second
+    out = []
+    for attribute in ("color", "size", "shape"):
+        if getattr(a, attribute) != getattr(b, attribute):
+            swapped_a = replace(a, **{attribute: getattr(b, attribute)})
+            swapped_b = replace(b, **{attribute: getattr(a, attribute)})
+            out.append(replace(scene, first=swapped_a, second=swapped_b))
+    out.append(replace(scene, relation=RELATIONS[scene.relation]))
+    return out
+
+
 def _draw_shape(draw: ImageDraw.ImageDraw, s: Shape, cx: float, cy: float, side: int) -> None:
     r = SIZES[s.size] * side
     box = (cx - r, cy - r, cx + r, cy + r)
@@ -123,7 +143,12 @@ def render(scene: Scene, side: int, rng: random.Random) -> Image.Image:
 
 
 def write_split(out: Path, split: str, count: int, side: int, seed: int = 0) -> Path:
-    """`out/images/{split}-NNNNNN.png` and `out/{split}.jsonl` (image, captions, negative); idempotent."""
+    """`out/images/{split}-NNNNNN.png` and `out/{split}.jsonl`; idempotent.
+
+    Each row: image, captions, `negative` (one attribute-swapped caption, drawn: what the demo
+    evaluates ITM on) and `negatives` (every caption one binding away, phrased like the first
+    caption: hard negatives for training, see `data.train.negatives`).
+    """
     rng = random.Random(seed * 1000 + SPLIT_SEEDS[split])
     (out / "images").mkdir(parents=True, exist_ok=True)
     table = out / f"{split}.jsonl"
@@ -135,7 +160,15 @@ def write_split(out: Path, split: str, count: int, side: int, seed: int = 0) -> 
         name = f"images/{split}-{i:06d}.png"
         render(scene, side, rng).save(out / name, optimize=False)
         negative = captions(hard_negative(scene, rng))[0]
-        rows.append({"image": name, "captions": captions(scene), "negative": negative})
+        negatives = [captions(n)[0] for n in binding_negatives(scene)]
+        rows.append(
+            {
+                "image": name,
+                "captions": captions(scene),
+                "negative": negative,
+                "negatives": negatives,
+            }
+        )
     tmp = table.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tmp.replace(table)

@@ -124,6 +124,10 @@ class LoaderConfig:
     caption: str = "txt"
     """Training caption: "txt" (the sample's .txt, else its json "caption") or "random" (one of
     the json "captions", drawn from the sample's seed, so it changes per epoch)."""
+    negatives: str | None = None
+    """Json field of a sample's hard-negative captions (a string or a list, e.g. a column kept by
+    `umt shard --save-additional-columns`): batches then carry one per sample, drawn by its seed,
+    for ITM (NegCLIP-style). None: off."""
     on_uneven: str = "pad"
     """Equalise batch counts across ranks and workers: "pad" (repeat) or "drop" (tail unseen)."""
     persistent_workers: bool = True
@@ -436,6 +440,7 @@ class RawSample:
     text: str  # the sample's own caption (.txt, else json "caption")
     captions: tuple[str, ...]  # json "captions": all captions of the image
     occurrence: int = 0  # which pass over the worker's stream (pad repeats), or draw position
+    meta: dict = field(default_factory=dict, compare=False)  # the parsed .json member
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -471,7 +476,7 @@ def assemble_sample(key: str, members: dict[str, bytes], errors: Counter) -> Raw
         errors["missing_caption"] += 1
         return None
     image_key = str(meta.get("image_key", key))
-    return RawSample(key, image_key, members[image_ext], text, captions or (text,))
+    return RawSample(key, image_key, members[image_ext], text, captions or (text,), meta=meta)
 
 
 def read_tar_samples(shard: Shard, errors: Counter) -> Iterator[RawSample]:
@@ -598,27 +603,30 @@ class Batch:
     stream_position: int = 0  # that worker's raw samples consumed after this batch
     # Samples skipped by that worker since its previous batch, per reason.
     errors: dict[str, int] = field(default_factory=dict)
+    # With LoaderConfig.negatives: one hard-negative caption per sample ("" where it has none).
+    negative_input_ids: torch.Tensor | None = None  # (B, T') int64
+    negative_attention_mask: torch.Tensor | None = None  # (B, T') int64
+    negative_valid: torch.Tensor | None = None  # (B,) bool: the sample had a negative
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """The same batch with its tensors on `device` (keys and bookkeeping unchanged)."""
-        return replace(
-            self,
-            pixel_values=self.pixel_values.to(device, non_blocking=non_blocking),
-            input_ids=self.input_ids.to(device, non_blocking=non_blocking),
-            attention_mask=self.attention_mask.to(device, non_blocking=non_blocking),
-        )
+        return self._map_tensors(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> Batch:
         """Called by DataLoader(pin_memory=True) on custom batch types."""
+        return self._map_tensors(lambda t: t.pin_memory())
+
+    def _map_tensors(self, fn) -> Batch:
+        names = ("pixel_values", "input_ids", "attention_mask", *_NEGATIVE_FIELDS)
         return replace(
-            self,
-            pixel_values=self.pixel_values.pin_memory(),
-            input_ids=self.input_ids.pin_memory(),
-            attention_mask=self.attention_mask.pin_memory(),
+            self, **{n: fn(getattr(self, n)) for n in names if getattr(self, n) is not None}
         )
+
+
+_NEGATIVE_FIELDS = ("negative_input_ids", "negative_attention_mask", "negative_valid")
 
 
 def sample_rng(seed: int, epoch: int, sample: RawSample) -> random.Random:
@@ -633,11 +641,20 @@ def choose_caption(sample: RawSample, policy: str, rng: random.Random) -> str:
     return sample.text
 
 
+def choose_negative(sample: RawSample, field_name: str, rng: random.Random) -> str | None:
+    """One of the sample's hard-negative captions (json `field_name`), by its seed; None if none."""
+    value = sample.meta.get(field_name)
+    items = value if isinstance(value, list) else [value]
+    choices = [c.strip() for c in items if isinstance(c, str) and c.strip()]
+    return rng.choice(choices) if choices else None
+
+
 @dataclass
 class DecodedSample:
     raw: RawSample
     caption: str
     pixels: np.ndarray | None  # (H, W, 3) uint8; None when not decoding
+    negative: str | None = None  # with LoaderConfig.negatives
 
 
 def decode_sample(
@@ -655,7 +672,9 @@ def decode_sample(
     except Exception:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
         errors["corrupt_image"] += 1
         return None
-    return DecodedSample(sample, choose_caption(sample, cfg.caption, rng), pixels)
+    caption = choose_caption(sample, cfg.caption, rng)
+    negative = choose_negative(sample, cfg.negatives, rng) if cfg.negatives else None
+    return DecodedSample(sample, caption, pixels, negative)
 
 
 def collate_batch(samples: list[DecodedSample], cfg: LoaderConfig, tokenizer: Any) -> Batch:
@@ -669,6 +688,12 @@ def collate_batch(samples: list[DecodedSample], cfg: LoaderConfig, tokenizer: An
         input_ids, attention_mask = tokenize_batch(tokenizer, captions, cfg.max_text_len)
     else:
         input_ids = attention_mask = torch.empty(len(samples), 0, dtype=torch.long)
+    negatives = {}
+    if cfg.negatives and tokenizer is not None:
+        texts = [s.negative or "" for s in samples]
+        ids, mask = tokenize_batch(tokenizer, texts, cfg.max_text_len)
+        valid = torch.tensor([s.negative is not None for s in samples])
+        negatives = dict(negative_input_ids=ids, negative_attention_mask=mask, negative_valid=valid)
     return Batch(
         pixels,
         input_ids,
@@ -676,6 +701,7 @@ def collate_batch(samples: list[DecodedSample], cfg: LoaderConfig, tokenizer: An
         image_keys=[s.raw.image_key for s in samples],
         keys=[s.raw.key for s in samples],
         captions=captions,
+        **negatives,
     )
 
 

@@ -49,6 +49,7 @@ def make_data(out: Path, sizes: dict[str, int], side: int, ranks: int) -> None:
         options = ShardOptions(
             image_col="image",
             caption_col="captions",
+            save_additional_columns=("negatives",),  # hard negatives for ITM (data.train.negatives)
             per="image",
             resize="none",
             image_format="png",

@@ -112,3 +112,20 @@ def test_gpu_smoke_cpu_mode_runs_to_completion(tmp_path):
     assert float(values["synthetic_samples_per_s"]) > 0
     assert float(values["shards_samples_per_s"]) > 0
     assert 0 <= float(values["shards_data_wait"]) <= 1
+
+
+def test_forward_flops_with_data_negatives_equal_torch_flop_counter():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = preset_config("tiny")
+    torch.manual_seed(0)
+    model = build_model(cfg, log_table=False)
+    b, t = 4, 10
+    ids, neg_ids = torch.randint(5, 1000, (b, t)), torch.randint(5, 1000, (b, t))
+    mask = torch.ones_like(ids)
+    negatives = (neg_ids, mask, torch.ones(b, dtype=torch.bool))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(torch.randn(b, 3, 32, 32), ids, mask, None, seed=1, negative_texts=negatives)
+    shape = StepShape(b, t, data_negatives=True)
+    assert counter.get_total_flops() == pytest.approx(sum(forward_flops(cfg, shape).values()))

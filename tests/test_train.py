@@ -312,7 +312,11 @@ def test_train_augmentation_options_reach_the_loader(demo_shards):
     from umt.train import build_train_data
 
     shards, tokenizer = demo_shards
-    base = [f"data.train.shards={shards}", f"data.tokenizer={tokenizer}", "data.train.num_workers=0"]
+    base = [
+        f"data.train.shards={shards}",
+        f"data.tokenizer={tokenizer}",
+        "data.train.num_workers=0",
+    ]
     cfg = load_config(None, [*base, "data.train.crop_scale=[1.0,1.0]", "data.train.hflip=true"])
     loader = build_train_data(cfg, rank=0, world_size=1)
     assert (loader.cfg.crop_scale, loader.cfg.hflip) == ((1.0, 1.0), True)

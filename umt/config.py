@@ -43,6 +43,9 @@ class DataSplitConfig:
     """Random-resized-crop area range (fraction of the image) for training; [1.0, 1.0]: whole image."""
     hflip: bool = False
     """Random horizontal flips in training; off because captions say "left" and "right"."""
+    negatives: str | None = None
+    """Json field with hard-negative captions per sample (e.g. kept by `umt shard
+    --save-additional-columns`); ITM then also scores each image against one of them."""
     synthetic: bool = False
     """Deterministic in-memory random batches instead of shards (benchmarks, GPU smoke tests)."""
     synthetic_distinct: int = 0

@@ -24,6 +24,7 @@ forward = b * Lt * layer(T, Dt, Ft)                text tower
         + b * [2 (N-1) 3p^2 Dv + Lv * layer(N, Dv, Fv)]   image tower (patch conv + layers)
         + 2b (Dt + Dv) E + 4 b (W b) E             ITC projections + both similarity blocks
         + 3b * [in_proj + Lf * layer(T+N, D, 4D) + 4D]    ITM: positives + 2 negatives, head
+        + data negatives: b * Lt * layer(T, Dt, Ft) + b * [in_proj + Lf * layer(T+N, D, 4D) + 4D]
         + MLM: b * [Lt * layer(T, Dt, Ft) + 2 Dt E] + b * [in_proj + Lf * layer(T+N, D, 4D)]
                + m (2 D Dt + 2 Dt V)               masked text pass, fusion pass, head on m tokens
 in_proj = 2 T Dt D [Dt != D] + 2 N Dv D [Dv != D];  m = masked tokens (default 0.15 b (T-2))"""
@@ -40,6 +41,8 @@ class StepShape:
     world_size: int = 1
     """W: ranks, for the (b, W*b) contrastive similarity blocks."""
     itm: bool = True
+    data_negatives: bool = False
+    """ITM also scores one negative caption per image from the data (data.train.negatives)."""
     mlm: bool = False
     mlm_tokens: float | None = None
     """m: masked positions per micro-batch; None: the expected 0.15 * b * (T - 2)."""
@@ -70,7 +73,10 @@ def forward_flops(cfg: ModelConfig, shape: StepShape) -> dict[str, float]:
     fusion_seq = in_proj + f.num_layers * layer_flops(seq + n, d, fused_mlp)
     parts = {"text_tower": text, "image_tower": image, "itc": itc, "itm": 0.0, "mlm": 0.0}
     if shape.itm:
-        parts["itm"] = 3 * b * (fusion_seq + 2.0 * d * 2)
+        groups = 4 if shape.data_negatives else 3
+        parts["itm"] = groups * b * (fusion_seq + 2.0 * d * 2)
+        if shape.data_negatives:  # their text-tower pass (CLS projection included, unused)
+            parts["itm"] += text + 2.0 * b * t.hidden_size * e
     if shape.mlm:
         m = shape.mlm_tokens if shape.mlm_tokens is not None else 0.15 * b * max(seq - 2, 0)
         head = m * (2.0 * d * t.hidden_size + 2.0 * t.hidden_size * t.vocab_size)

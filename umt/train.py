@@ -228,6 +228,7 @@ def build_train_data(cfg: Config, rank: int, world_size: int, epoch: int = 0):
         caption=d.caption,
         crop_scale=d.crop_scale,
         hflip=d.hflip,
+        negatives=d.negatives,
     )
     return build_loader(loader_cfg, rank=rank, world_size=world_size, epoch=epoch)
 
@@ -345,7 +346,25 @@ class Trainer:
         ids = batch.input_ids.to(self.device, non_blocking=True)
         mask = batch.attention_mask.to(self.device, non_blocking=True)
         image_ids = key_ids(batch.image_keys, self.device)
-        return self.engine(pixels, ids, mask, image_ids, seed=seed, objectives=self.cfg.objectives)
+        negative_texts = None
+        if getattr(batch, "negative_input_ids", None) is not None:
+            negative_texts = tuple(
+                t.to(self.device, non_blocking=True)
+                for t in (
+                    batch.negative_input_ids,
+                    batch.negative_attention_mask,
+                    batch.negative_valid,
+                )
+            )
+        return self.engine(
+            pixels,
+            ids,
+            mask,
+            image_ids,
+            seed=seed,
+            objectives=self.cfg.objectives,
+            negative_texts=negative_texts,
+        )
 
     def train_step(self, batches) -> dict[str, float]:
         """One optimizer step: grad_accum micro-batches; a non-finite one on any rank is skipped on all."""
@@ -419,6 +438,7 @@ class Trainer:
                     self.cfg.data.train.max_text_len,
                     self.world_size,
                     itm=o.itm_weight > 0,
+                    data_negatives=o.itm_weight > 0 and bool(self.cfg.data.train.negatives),
                     mlm=o.mlm_weight > 0,
                 )
                 flops_per_sample = train_step_flops(self.cfg.model, shape) / t.micro_batch_size

@@ -61,3 +61,26 @@ def test_tokenizer_knows_every_word(tmp_path):
         for text in captions(sample_scene(rng)):
             assert tok.unk_token_id not in tok(text)["input_ids"]
     assert tok.pad_token_id == 0 and tok.mask_token_id == 4 and len(tok) == 25
+
+
+def test_binding_negatives_are_every_scene_one_binding_away(tmp_path):
+    from data_pipeline.builtin import COLORS, Scene, Shape, binding_negatives
+
+    a, b = Shape("circle", "red", "small"), Shape("square", "blue", "large")
+    scene = Scene(a, b, "above")
+    got = [captions(n)[0] for n in binding_negatives(scene)]
+    assert got == [
+        "a small blue circle above a large red square",
+        "a large red circle above a small blue square",
+        "a small red square above a large blue circle",
+        "a small red circle below a large blue square",
+    ]
+    same_size = Scene(a, Shape("square", "blue", "small"), "left of")
+    assert len(binding_negatives(same_size)) == 3  # nothing to swap in size
+    single = binding_negatives(Scene(a))
+    assert len(single) == len(COLORS) - 1 and Scene(a) not in single
+    rows = [
+        json.loads(line) for line in write_split(tmp_path, "val", 5, 32).read_text().splitlines()
+    ]
+    for row in rows:
+        assert row["negatives"] and not set(row["negatives"]) & set(row["captions"])

@@ -190,3 +190,30 @@ def test_text_tower_loads_pretrained_minilm_and_matches_its_bert(minilm_dir):
     real = enc["attention_mask"].bool()
     torch.testing.assert_close(ours[real], theirs[real], atol=1e-5, rtol=1e-5)
     assert model.text_proj.in_features == 384 and not math.isnan(ours.sum().item())
+
+
+def test_data_negatives_add_a_fourth_itm_group_scored_against_the_own_image():
+    """ITM with the data's negative captions = cross-entropy over the 4 groups, label 0 for them."""
+    model = tiny()
+    pixels, ids, mask = batch()
+    g = torch.Generator().manual_seed(5)
+    neg_ids = torch.randint(5, 300, (4, 11), generator=g)  # longer than the captions: padding
+    neg_mask = torch.ones(4, 11, dtype=torch.long)
+    valid = torch.tensor([True, True, False, True])
+    keys = torch.tensor([0, 1, 2, 3])
+    plain = model(pixels, ids, mask, keys, seed=3)
+    out = model(pixels, ids, mask, keys, seed=3, negative_texts=(neg_ids, neg_mask, valid))
+    # The data negatives, scored alone, with the same fused model the objective used:
+    text = model.embed_text(neg_ids, neg_mask)
+    image = model.embed_image(pixels)
+    data_logits = model.itm_logits(text.tokens, text.mask, image.tokens).float()
+    data_ce = torch.nn.functional.cross_entropy(
+        data_logits[valid], torch.zeros(3).long(), reduction="sum"
+    )
+    # Plain ITM averaged over 12 counted pairs (4 positives + 8 mined); the data adds 3 more.
+    want = (plain.logs["loss/itm"] * 12 + data_ce) / 15
+    torch.testing.assert_close(out.logs["loss/itm"], want, rtol=1e-5, atol=1e-6)
+    right = (data_logits[valid].argmax(1) == 0).float().mean()
+    torch.testing.assert_close(out.logs["itm/accuracy_data_negatives"], right)
+    out.loss.backward()
+    assert model.text_tower.embeddings.word_embeddings.weight.grad[neg_ids[3]].abs().sum() > 0

@@ -42,3 +42,12 @@ def test_mlm_masks_only_real_inner_tokens_in_80_10_10():
     unchanged = (masked[chosen] == ids[chosen]).float().mean().item()
     assert 0.77 < as_mask < 0.83 and 0.07 < unchanged < 0.13
     assert torch.equal(masked[~chosen], ids[~chosen])
+
+
+def test_itm_takes_any_number_of_negative_groups():
+    logits = torch.randn(8, 2, generator=torch.Generator().manual_seed(2))
+    yes, no = torch.tensor([True, True]), torch.tensor([True, False])
+    out = itm_loss(logits, yes, yes, no)
+    kept = logits[[0, 1, 2, 3, 4, 5, 6]]
+    want = F.cross_entropy(kept, torch.tensor([1, 1, 0, 0, 0, 0, 0]))
+    torch.testing.assert_close(out.loss, want)

@@ -147,6 +147,7 @@ class UnifiedMultimodalTransformer(nn.Module):
         image_ids: torch.Tensor | None = None,
         seed: int = 0,
         objectives: ObjectiveConfig | None = None,
+        negative_texts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> PretrainOutput:
         """Pretraining losses of this rank's batch (collectives over the default process group).
 
@@ -161,6 +162,7 @@ class UnifiedMultimodalTransformer(nn.Module):
             image_ids,
             objectives or ObjectiveConfig(),
             seed,
+            negative_texts=negative_texts,
         )
 
     # --- bookkeeping -------------------------------------------------------------------------

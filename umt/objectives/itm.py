@@ -14,18 +14,18 @@ class ItmOutput(NamedTuple):
     accuracy_negatives: torch.Tensor  # () the same over the counted negatives only
 
 
-def itm_loss(
-    logits: torch.Tensor, text_valid: torch.Tensor, image_valid: torch.Tensor
-) -> ItmOutput:
-    """Cross-entropy with labels (1, 0, 0) over `logits` (3b, 2) = [positives; negative texts; negative images].
+def itm_loss(logits: torch.Tensor, *negative_valid: torch.Tensor) -> ItmOutput:
+    """Cross-entropy with labels (1, 0, 0, ...) over `logits` ((1 + k) b, 2) = [positives;
+    k groups of negatives], e.g. negative texts, negative images (and the data's negative texts).
 
-    `text_valid` / `image_valid` (b,) drop negatives that could not be drawn (see
+    Each `negative_valid` (b,) drops the negatives of its group that could not be drawn (see
     `sample_hard_negatives`); positives always count.
     """
-    b = text_valid.shape[0]
+    b = negative_valid[0].shape[0]
+    k = len(negative_valid)
     logits = logits.float()
-    labels = torch.cat([logits.new_ones(b), logits.new_zeros(2 * b)]).long()
-    counted = torch.cat([torch.ones_like(text_valid), text_valid, image_valid]).float()
+    labels = torch.cat([logits.new_ones(b), logits.new_zeros(k * b)]).long()
+    counted = torch.cat([torch.ones_like(negative_valid[0]), *negative_valid]).float()
     per_pair = F.cross_entropy(logits, labels, reduction="none")
     loss = (per_pair * counted).sum() / counted.sum()
     with torch.no_grad():

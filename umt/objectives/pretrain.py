@@ -84,8 +84,14 @@ def pretraining_losses(
     cfg: ObjectiveConfig,
     seed: int,
     group: dist.ProcessGroup | None = None,
+    negative_texts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> PretrainOutput:
-    """All objectives of one step on this rank's batch; collectives run over `group`."""
+    """All objectives of one step on this rank's batch; collectives run over `group`.
+
+    `negative_texts` = (input_ids (b, T'), attention_mask, valid (b,) bool): a hard-negative
+    caption per image from the data (NegCLIP-style), scored by ITM as a fourth group of pairs
+    beside the mined ones.
+    """
     text = model.embed_text(input_ids, attention_mask)
     image = model.embed_image(pixel_values)
     itc = contrastive_outputs(image.embeds, text.embeds, model.scale(), image_ids, group)
@@ -114,19 +120,34 @@ def pretraining_losses(
         neg_text_tokens = fetch_rows(text_tokens, negatives.text_index, group)
         neg_text_mask = fetch_rows(text_mask, negatives.text_index, group)
         neg_image_tokens = fetch_rows(image.tokens, negatives.image_index, group)
-        # One fusion pass over (text, image), (negative text, image), (text, negative image).
-        logits = model.itm_logits(
-            torch.cat([text_tokens, neg_text_tokens, text_tokens]),
-            torch.cat([text_mask, neg_text_mask, text_mask]),
-            torch.cat([image.tokens, image.tokens, neg_image_tokens]),
-        )
-        itm = itm_loss(logits, negatives.text_valid, negatives.image_valid)
+        # One fusion pass over (text, image), (negative text, image), (text, negative image)
+        # [, (the data's negative text, image)].
+        texts = [text_tokens, neg_text_tokens, text_tokens]
+        masks = [text_mask, neg_text_mask, text_mask]
+        images = [image.tokens, image.tokens, neg_image_tokens]
+        valid = [negatives.text_valid, negatives.image_valid]
+        if negative_texts is not None:
+            ids, mask, data_valid = negative_texts
+            data_text = model.embed_text(ids, mask)
+            length = max(length, data_text.tokens.shape[1])
+            texts = [_pad_to(t, length) for t in texts] + [_pad_to(data_text.tokens, length)]
+            masks = [_pad_to(m, length) for m in masks] + [_pad_to(data_text.mask, length)]
+            images.append(image.tokens)
+            valid.append(data_valid.to(negatives.text_valid.device))
+        logits = model.itm_logits(torch.cat(texts), torch.cat(masks), torch.cat(images))
+        itm = itm_loss(logits, *valid)
         loss = loss + cfg.itm_weight * itm.loss
         logs |= {
             "loss/itm": itm.loss.detach(),
             "itm/accuracy": itm.accuracy,
             "itm/accuracy_negatives": itm.accuracy_negatives,
         }
+        if negative_texts is not None:
+            b_valid = valid[-1].float()
+            right = (logits[-b:].argmax(dim=1) == 0).float() * b_valid
+            logs["itm/accuracy_data_negatives"] = (
+                right.sum() / b_valid.sum().clamp_min(1)
+            ).detach()
 
     if cfg.mlm_weight > 0:
         masked_ids, labels = mask_tokens(
