@@ -217,3 +217,24 @@ def test_data_negatives_add_a_fourth_itm_group_scored_against_the_own_image():
     torch.testing.assert_close(out.logs["itm/accuracy_data_negatives"], right)
     out.loss.backward()
     assert model.text_tower.embeddings.word_embeddings.weight.grad[neg_ids[3]].abs().sum() > 0
+
+
+def test_sincos_position_init_gives_each_patch_its_row_and_column():
+    from umt.model.towers import sincos_2d
+
+    model = tiny(**{"image.position_init": "sincos", "image.image_size": 32, "image.patch_size": 8})
+    table = model.image_tower.embeddings.position_embeddings[0].detach()
+    assert table.shape == (17, 64) and table[0].abs().sum() == 0  # CLS slot: no position
+    torch.testing.assert_close(table[1:], sincos_2d(4, 64))
+    # Row channels (first half) are equal along a row, column channels along a column.
+    grid = table[1:].view(4, 4, 64)
+    assert torch.equal(grid[2, 0, :32], grid[2, 3, :32]) and torch.equal(
+        grid[0, 1, 32:], grid[3, 1, 32:]
+    )
+    assert len({tuple(row.tolist()) for row in table[1:]}) == 16  # every patch distinct
+    assert (
+        table.requires_grad is False
+        and model.image_tower.embeddings.position_embeddings.requires_grad
+    )
+    with pytest.raises(ValueError, match="model.image.position_init must be one of normal, sincos"):
+        tiny(**{"image.position_init": "fourier"})

@@ -38,6 +38,9 @@ class ImageTowerConfig:
     num_heads: int = 12
     intermediate_size: int = 3072
     dropout: float = 0.0
+    position_init: str = "normal"
+    """Initial patch-position embeddings when built from scratch (still trained): `normal` (HF's
+    N(0, 0.02)) or `sincos` (the 2-D sine-cosine table of MAE: where a patch is, from step 0)."""
 
 
 @dataclass

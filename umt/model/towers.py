@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from transformers import BertConfig, BertModel, ViTConfig, ViTModel
 
 from umt.model.config import ImageTowerConfig, TextTowerConfig
@@ -49,7 +50,38 @@ def build_image_tower(cfg: ImageTowerConfig) -> ViTModel:
         attention_probs_dropout_prob=cfg.dropout,
         attn_implementation="sdpa",
     )
-    return ViTModel(config, add_pooling_layer=False)
+    if cfg.position_init not in POSITION_INITS:
+        raise ValueError(
+            f"model.image.position_init must be one of {', '.join(POSITION_INITS)} "
+            f"(got {cfg.position_init!r})"
+        )
+    model = ViTModel(config, add_pooling_layer=False)
+    if cfg.position_init == "sincos":
+        table = model.embeddings.position_embeddings  # (1, 1 + g*g, D); slot 0 is the CLS token
+        grid = cfg.image_size // cfg.patch_size
+        with torch.no_grad():
+            table[0, 0].zero_()
+            table[0, 1:].copy_(sincos_2d(grid, cfg.hidden_size))
+    return model
+
+
+POSITION_INITS = ("normal", "sincos")
+
+
+def sincos_2d(grid: int, width: int) -> torch.Tensor:
+    """(grid*grid, width) MAE position table, row-major: half the channels encode the row, half
+    the column, each as sin and cos of the index at geometric frequencies 1 .. 1/10000."""
+    if width % 4:
+        raise ValueError(f"model.image.hidden_size {width} must be divisible by 4 for sincos")
+    quarter = width // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+
+    def encode(index: torch.Tensor) -> torch.Tensor:
+        angles = index.reshape(-1, 1).double() * omega[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([encode(rows), encode(cols)], dim=1).float()
 
 
 def _record_text_architecture(cfg: TextTowerConfig, hf: BertConfig) -> None:
