@@ -51,3 +51,15 @@ def test_itm_takes_any_number_of_negative_groups():
     kept = logits[[0, 1, 2, 3, 4, 5, 6]]
     want = F.cross_entropy(kept, torch.tensor([1, 1, 0, 0, 0, 0, 0]))
     torch.testing.assert_close(out.loss, want)
+
+
+def test_class_balance_weighs_positives_as_much_as_all_negatives():
+    logits = torch.randn(8, 2, generator=torch.Generator().manual_seed(3))
+    yes, no = torch.tensor([True, True]), torch.tensor([True, False])
+    out = itm_loss(logits, yes, yes, no, class_balance=True)
+    positives = F.cross_entropy(logits[:2], torch.tensor([1, 1]))
+    negatives = F.cross_entropy(logits[[2, 3, 4, 5, 6]], torch.zeros(5).long())
+    torch.testing.assert_close(out.loss, 0.5 * positives + 0.5 * negatives)
+    # Every negative invalid: only the positives' half remains, finite.
+    none = itm_loss(logits[:4], no & False, class_balance=True)
+    torch.testing.assert_close(none.loss, 0.5 * positives)

@@ -14,12 +14,15 @@ class ItmOutput(NamedTuple):
     accuracy_negatives: torch.Tensor  # () the same over the counted negatives only
 
 
-def itm_loss(logits: torch.Tensor, *negative_valid: torch.Tensor) -> ItmOutput:
+def itm_loss(
+    logits: torch.Tensor, *negative_valid: torch.Tensor, class_balance: bool = False
+) -> ItmOutput:
     """Cross-entropy with labels (1, 0, 0, ...) over `logits` ((1 + k) b, 2) = [positives;
     k groups of negatives], e.g. negative texts, negative images (and the data's negative texts).
 
     Each `negative_valid` (b,) drops the negatives of its group that could not be drawn (see
-    `sample_hard_negatives`); positives always count.
+    `sample_hard_negatives`); positives always count. `class_balance`: the mean over positives
+    and the mean over counted negatives weigh 1/2 each.
     """
     b = negative_valid[0].shape[0]
     k = len(negative_valid)
@@ -27,7 +30,13 @@ def itm_loss(logits: torch.Tensor, *negative_valid: torch.Tensor) -> ItmOutput:
     labels = torch.cat([logits.new_ones(b), logits.new_zeros(k * b)]).long()
     counted = torch.cat([torch.ones_like(negative_valid[0]), *negative_valid]).float()
     per_pair = F.cross_entropy(logits, labels, reduction="none")
-    loss = (per_pair * counted).sum() / counted.sum()
+    if class_balance:
+        negatives = counted[b:]
+        loss = 0.5 * per_pair[:b].mean() + 0.5 * (
+            per_pair[b:] * negatives
+        ).sum() / negatives.sum().clamp_min(1)
+    else:
+        loss = (per_pair * counted).sum() / counted.sum()
     with torch.no_grad():
         right = (logits.argmax(dim=1) == labels).float() * counted
         accuracy = right.sum() / counted.sum()

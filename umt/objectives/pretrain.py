@@ -33,6 +33,10 @@ class ObjectiveConfig:
     """Weight of masked language modelling on the fused text (0: off; needs model.mlm)."""
     mlm_probability: float = 0.15
     """Fraction of text tokens chosen for MLM."""
+    itm_class_balance: bool = False
+    """Weigh ITM's positives as much as all its negatives together (each class's mean loss,
+    averaged). Off: BLIP/ALBEF's plain mean over 1 positive : 2-3 negatives, whose "no match
+    for everything" answer is a plateau small models sit on for hundreds of steps."""
     itm_mining_sharpness: float = 1.0
     """Hard negatives are drawn with weights exp(sharpness * ITC logit): 1 is BLIP/ALBEF's softmax;
     smaller values draw easier negatives (useful when training small models from scratch)."""
@@ -135,7 +139,7 @@ def pretraining_losses(
             images.append(image.tokens)
             valid.append(data_valid.to(negatives.text_valid.device))
         logits = model.itm_logits(torch.cat(texts), torch.cat(masks), torch.cat(images))
-        itm = itm_loss(logits, *valid)
+        itm = itm_loss(logits, *valid, class_balance=cfg.itm_class_balance)
         loss = loss + cfg.itm_weight * itm.loss
         logs |= {
             "loss/itm": itm.loss.detach(),
