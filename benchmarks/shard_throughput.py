@@ -124,10 +124,11 @@ def run_img2dataset(
     """img2dataset on the same files: (images/s by its own count, images/s of the whole command)."""
     urls = table.with_name("urls.csv")
     with open(table, newline="") as source, open(urls, "w", newline="") as target:
-        writer = csv.writer(target)
-        writer.writerow(["url", "caption"])
-        for row in csv.DictReader(source):
-            writer.writerow([(table.parent / row["image"]).resolve().as_uri(), row["caption"]])
+        rows = [
+            ((table.parent / r["image"]).resolve().as_uri(), r["caption"])
+            for r in csv.DictReader(source)
+        ]
+        csv.writer(target).writerows([("url", "caption"), *rows])
     cmd = [
         executable, "--url_list", str(urls), "--input_format", "csv", "--url_col", "url",
         "--caption_col", "caption", "--output_folder", str(out), "--output_format", "webdataset",
@@ -141,12 +142,7 @@ def run_img2dataset(
     found = re.findall(r"^total\b.*success: ([\d.]+).*images per sec: (\d+)", proc.stdout, re.M)
     if proc.returncode != 0 or not found or float(found[-1][0]) != 1.0:
         raise RuntimeError(f"img2dataset failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
-    return float(found[-1][1]), _count_rows(urls) / wall
-
-
-def _count_rows(table: Path) -> int:
-    with open(table, newline="") as handle:
-        return sum(1 for _ in csv.DictReader(handle))
+    return float(found[-1][1]), len(rows) / wall
 
 
 def cpu_seconds() -> float:

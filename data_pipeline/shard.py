@@ -914,7 +914,7 @@ def run_identity(
         digest.update(hashlib.sha256(image).digest())
         digest.update((row.problem.reason if row.problem else "").encode() + b"\n")
     args = {k: v for k, v in asdict(options).items() if k not in _RUN_ONLY_FIELDS}
-    args["save_additional_columns"] = list(options.save_additional_columns)  # as JSON reads back
+    args = json.loads(json.dumps(args))  # as run.json reads back (tuples become lists)
     return {
         "input": {
             "path": str(input_path),

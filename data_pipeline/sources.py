@@ -346,9 +346,7 @@ def with_extra(row: Row, record: dict[str, Any], names: tuple[str, ...]) -> Row:
 
 def json_value(value: Any) -> Any:
     """`value` if JSON can hold it as it is, else its text (bytes as UTF-8, dates as ISO...)."""
-    if isinstance(value, str) and not is_utf8(
-        value
-    ):  # undecodable CSV bytes, kept by surrogateescape
+    if isinstance(value, str) and not is_utf8(value):  # CSV bytes kept by surrogateescape
         return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     if value is None or isinstance(value, (str, bool, int, float)):
         return value

@@ -12,6 +12,7 @@ class ItmOutput(NamedTuple):
     loss: torch.Tensor  # () mean cross-entropy over the counted pairs
     accuracy: torch.Tensor  # () fraction of counted pairs classified right
     accuracy_negatives: torch.Tensor  # () the same over the counted negatives only
+    accuracy_per_group: torch.Tensor  # (k,) the same over each group of negatives
 
 
 def itm_loss(
@@ -41,4 +42,5 @@ def itm_loss(
         right = (logits.argmax(dim=1) == labels).float() * counted
         accuracy = right.sum() / counted.sum()
         accuracy_negatives = right[b:].sum() / counted[b:].sum().clamp_min(1)
-    return ItmOutput(loss, accuracy, accuracy_negatives)
+        per_group = right[b:].view(k, b).sum(1) / counted[b:].view(k, b).sum(1).clamp_min(1)
+    return ItmOutput(loss, accuracy, accuracy_negatives, per_group)

@@ -147,11 +147,7 @@ def pretraining_losses(
             "itm/accuracy_negatives": itm.accuracy_negatives,
         }
         if negative_texts is not None:
-            b_valid = valid[-1].float()
-            right = (logits[-b:].argmax(dim=1) == 0).float() * b_valid
-            logs["itm/accuracy_data_negatives"] = (
-                right.sum() / b_valid.sum().clamp_min(1)
-            ).detach()
+            logs["itm/accuracy_data_negatives"] = itm.accuracy_per_group[-1]
 
     if cfg.mlm_weight > 0:
         masked_ids, labels = mask_tokens(
