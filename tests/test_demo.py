@@ -24,13 +24,20 @@ def run_demo(out, *extra):
 
 def test_demo_runs_every_stage_and_resumes(tmp_path):
     out = tmp_path / "demo"
-    proc = run_demo(out, "train.micro_batch_size=8", "checkpoint.every_steps=3")
+    proc = run_demo(
+        out, "train.micro_batch_size=8", "checkpoint.every_steps=3", "log.every_steps=3"
+    )
     for split in ("train", "val", "test"):
         manifest = json.loads((out / "shards" / split / "manifest.json").read_text())
         assert manifest["failed"] == 0 and manifest["total_samples"] > 0
     assert (out / "tokenizer" / "tokenizer.json").is_file()
     assert (out / "train" / "checkpoints" / "latest").read_text() == "step6"
     assert list((out / "train" / "tensorboard").glob("events.out.tfevents.*"))
+    # The demo's objectives all ran through DeepSpeed: the data's negatives and MLM included.
+    from tests.test_train import scalars
+
+    for tag in ("loss/itc", "loss/itm", "loss/mlm", "itm/accuracy_data_negatives"):
+        assert scalars(out / "train", tag), tag
     results = json.loads((out / "results.json").read_text())
     for direction in ("i2t", "t2i"):
         for k in (1, 5, 10):
