@@ -3,7 +3,8 @@
 "a small red circle above a large blue square". Solving it needs both objectives: ITC learns
 which colours and shapes are present; telling a scene from its attribute-swapped twin ("a small
 blue circle above a large red square") needs the fused tokens of ITM. Each sample carries such a
-hard-negative caption so the demo can measure exactly that. Splits are disjoint by seed.
+caption one binding away (swapped colours, sizes or shapes, a flipped relation, a recolour),
+labelled with its kind, so the demo can measure exactly that, kind by kind. Splits are disjoint by seed.
 Written as PNG files plus one JSONL per split, so the demo shards them with `umt shard` like any
 user dataset.
 """
@@ -71,26 +72,17 @@ def captions(scene: Scene) -> list[str]:
     return [f"a {a} {rel} a {b}", f"a {b} {inverse} a {a}", f"there is a {a} {rel} a {b}"]
 
 
-def hard_negative(scene: Scene, rng: random.Random) -> Scene:
-    """A scene that differs in one attribute binding: swapped colours, a flipped relation, or a recolour."""
-    if scene.second is None:
-        other = rng.choice([c for c in COLORS if c != scene.first.color])
-        return replace(scene, first=replace(scene.first, color=other))
-    if rng.random() < 0.5:
-        return replace(
-            scene,
-            first=replace(scene.first, color=scene.second.color),
-            second=replace(scene.second, color=scene.first.color),
-        )
-    return replace(scene, relation=RELATIONS[scene.relation])
+NEGATIVE_TYPES = ("recolour", "colour_swap", "size_swap", "shape_swap", "relation_flip")
+"""The kinds of binding negative; the swaps exchange an attribute between the two shapes."""
 
 
-def binding_negatives(scene: Scene) -> list[Scene]:
-    """Every scene one binding away, in a fixed order: for two shapes their colours, sizes or
-    shapes swapped (where they differ) and the relation flipped; for one shape each other colour."""
+def binding_negatives(scene: Scene) -> list[tuple[str, Scene]]:
+    """Every scene one binding away with its kind (`NEGATIVE_TYPES`), in a fixed order: for two
+    shapes their colours, sizes or shapes swapped (where they differ) and the relation flipped;
+    for one shape each other colour."""
     if scene.second is None:
         return [
-            replace(scene, first=replace(scene.first, color=c))
+            ("recolour", replace(scene, first=replace(scene.first, color=c)))
             for c in COLORS
             if c != scene.first.color
         ]
@@ -100,8 +92,9 @@ def binding_negatives(scene: Scene) -> list[Scene]:
         if getattr(a, attribute) != getattr(b, attribute):
             swapped_a = replace(a, **{attribute: getattr(b, attribute)})
             swapped_b = replace(b, **{attribute: getattr(a, attribute)})
-            out.append(replace(scene, first=swapped_a, second=swapped_b))
-    out.append(replace(scene, relation=RELATIONS[scene.relation]))
+            kind = f"{'colour' if attribute == 'color' else attribute}_swap"
+            out.append((kind, replace(scene, first=swapped_a, second=swapped_b)))
+    out.append(("relation_flip", replace(scene, relation=RELATIONS[scene.relation])))
     return out
 
 
@@ -145,28 +138,30 @@ def render(scene: Scene, side: int, rng: random.Random) -> Image.Image:
 def write_split(out: Path, split: str, count: int, side: int, seed: int = 0) -> Path:
     """`out/images/{split}-NNNNNN.png` and `out/{split}.jsonl`; idempotent.
 
-    Each row: image, captions, `negative` (one attribute-swapped caption, drawn: what the demo
-    evaluates ITM on) and `negatives` (every caption one binding away, phrased like the first
-    caption: hard negatives for training, see `data.train.negatives`).
+    Each row: image, captions, `negatives` (every caption one binding away, phrased like the
+    first caption: hard negatives for training, see `data.train.negatives`, and what the demo
+    evaluates ITM on) and `negative_types` (their kinds, `NEGATIVE_TYPES`). A table of another
+    size or an older format is written again (the same seed draws the same scenes).
     """
     rng = random.Random(seed * 1000 + SPLIT_SEEDS[split])
     (out / "images").mkdir(parents=True, exist_ok=True)
     table = out / f"{split}.jsonl"
-    if table.is_file() and sum(1 for _ in table.open()) == count:
-        return table
+    if table.is_file():
+        lines = table.read_text().splitlines()
+        if len(lines) == count and (not lines or "negative_types" in json.loads(lines[0])):
+            return table
     rows = []
     for i in range(count):
         scene = sample_scene(rng)
         name = f"images/{split}-{i:06d}.png"
         render(scene, side, rng).save(out / name, optimize=False)
-        negative = captions(hard_negative(scene, rng))[0]
-        negatives = [captions(n)[0] for n in binding_negatives(scene)]
+        negatives = binding_negatives(scene)
         rows.append(
             {
                 "image": name,
                 "captions": captions(scene),
-                "negative": negative,
-                "negatives": negatives,
+                "negatives": [captions(n)[0] for _, n in negatives],
+                "negative_types": [kind for kind, _ in negatives],
             }
         )
     tmp = table.with_suffix(".tmp")

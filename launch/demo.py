@@ -2,7 +2,7 @@
 
 Generate the dataset -> shard it with `umt shard` -> train `configs/demo_cpu.yaml` on N ranks
 (DeepSpeed ZeRO-2, started through torch's elastic launcher) -> evaluate retrieval and ITM on
-attribute-swapped negatives -> results.json, retrieval_examples.png and the commands to go on.
+hard negatives of each kind -> results.json, retrieval_examples.png and the commands to go on.
 Running it again with the same --out resumes instead of starting over.
 """
 
@@ -42,7 +42,7 @@ def step(n: int, text: str) -> None:
 
 def make_data(out: Path, sizes: dict[str, int], side: int, ranks: int) -> None:
     from data_pipeline.builtin import write_split, write_tokenizer
-    from data_pipeline.shard import ShardOptions, shard_dataset
+    from data_pipeline.shard import ShardError, ShardOptions, shard_dataset
 
     for split, count in sizes.items():
         table = write_split(out / "data", split, count, side)
@@ -58,7 +58,13 @@ def make_data(out: Path, sizes: dict[str, int], side: int, ranks: int) -> None:
             maxcount=max(8, -(-count // (4 * ranks))),
             seed=0 if split == "train" else None,
         )
-        summary = shard_dataset(table, out / "shards" / split, options, progress=True)
+        try:
+            summary = shard_dataset(table, out / "shards" / split, options, progress=True)
+        except ShardError as exc:  # shards of another version of the built-in data
+            raise SystemExit(
+                f"umt demo: {out} holds the {split} shards of another demo dataset version; "
+                f"remove it or choose another --out ({exc})"
+            ) from None
         print(f"  {split}: {summary.line()}")
     write_tokenizer(out / "tokenizer")
 
@@ -84,7 +90,7 @@ def evaluate(out: Path, cfg) -> tuple[dict, dict]:
 
     from data_pipeline.loader import iter_raw_samples
     from data_pipeline.transforms import ImageTransformConfig, normalize_images, transform_image
-    from umt.evaluate import EvalData, evaluate_retrieval, format_report, itm_pair_accuracy
+    from umt.evaluate import EvalData, evaluate_retrieval, format_report
     from umt.export import load_model
 
     torch.manual_seed(0)
@@ -93,10 +99,10 @@ def evaluate(out: Path, cfg) -> tuple[dict, dict]:
     data = EvalData(shards, processor.tokenizer, processor.image_size, processor.max_length, 64)
     report = evaluate_retrieval(model, data, rerank_k=16)
     print(format_report(report))
-    negatives = {}
+    rows = {}
     for line in (out / "data" / "test.jsonl").read_text().splitlines():
         row = json.loads(line)
-        negatives[row["image"]] = (row["captions"][0], row["negative"])
+        rows[row["image"]] = row
     transform = ImageTransformConfig(image_size=processor.image_size, train=False)
     import random
 
@@ -106,14 +112,64 @@ def evaluate(out: Path, cfg) -> tuple[dict, dict]:
         (0.5,) * 3,
         (0.5,) * 3,
     )
-    pos = [negatives[s.image_key][0] for s in samples]
-    neg = [negatives[s.image_key][1] for s in samples]
-    itm = itm_pair_accuracy(model, pixels, pos, neg, processor.tokenizer, processor.max_length)
-    print(
-        f"ITM on attribute-swapped negatives: accuracy {itm['accuracy']:.1f}%, own caption preferred {itm['preference']:.1f}% (chance 50%)"
-    )
+    pos = [rows[s.image_key]["captions"][0] for s in samples]
+    itm = itm_by_negative_type(model, processor, pixels, pos, [rows[s.image_key] for s in samples])
+    print(format_itm(itm))
     examples(out, model, processor, samples, pixels, pos)
     return report, itm
+
+
+def itm_by_negative_type(model, processor, pixels, positives: list[str], rows: list[dict]) -> dict:
+    """ITM accuracy and preference of each image's caption against every caption one binding away,
+    in all, for the attribute swaps (colour, size or shape exchanged between the two shapes) and
+    per kind of negative. Chance is 50% for both figures."""
+    import torch
+
+    from data_pipeline.builtin import NEGATIVE_TYPES
+    from umt.evaluate import itm_pair_accuracy
+
+    index, pos, neg, kinds = [], [], [], []
+    for i, row in enumerate(rows):
+        for caption, kind in zip(row["negatives"], row["negative_types"], strict=True):
+            index.append(i), pos.append(positives[i]), neg.append(caption), kinds.append(kind)
+    pair_pixels = pixels[torch.tensor(index, dtype=torch.long)]
+
+    def score(keep) -> dict:
+        idx = [j for j, kind in enumerate(kinds) if keep(kind)]
+        if not idx:
+            return {"accuracy": None, "preference": None, "pairs": 0}
+        r = itm_pair_accuracy(
+            model,
+            pair_pixels[idx],
+            [pos[j] for j in idx],
+            [neg[j] for j in idx],
+            processor.tokenizer,
+            processor.max_length,
+        )
+        return {**r, "pairs": len(idx)}
+
+    return {
+        **score(lambda kind: True),
+        "chance": 50.0,
+        "attribute_swaps": score(lambda kind: kind.endswith("_swap")),
+        "by_type": {t: score(lambda kind, t=t: kind == t) for t in NEGATIVE_TYPES},
+    }
+
+
+def format_itm(itm: dict) -> str:
+    """The ITM table: accuracy and preference per kind of negative."""
+    lines = [
+        f"ITM on hard negatives (chance {itm['chance']:.0f}%)",
+        f"{'negatives':<16} {'pairs':>6} {'accuracy':>9} {'prefers own':>12}",
+    ]
+    named = [("all", itm), ("attribute swaps", itm["attribute_swaps"])]
+    named += [(kind.replace("_", " "), r) for kind, r in itm["by_type"].items()]
+    for name, r in named:
+        if r["pairs"]:
+            lines.append(
+                f"{name:<16} {r['pairs']:>6} {r['accuracy']:>8.1f}% {r['preference']:>11.1f}%"
+            )
+    return "\n".join(lines)
 
 
 def examples(

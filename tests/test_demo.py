@@ -43,7 +43,16 @@ def test_demo_runs_every_stage_and_resumes(tmp_path):
         for k in (1, 5, 10):
             assert 0 <= results["retrieval_itc"][f"{direction}_r{k}"] <= 100
     assert results["images"] == 40 and results["texts"] == 120 and results["steps"] == 6
-    assert {"accuracy", "preference"} <= set(results["itm_hard_negatives"])
+    itm = results["itm_hard_negatives"]
+    rows = [json.loads(line) for line in (out / "data" / "test.jsonl").read_text().splitlines()]
+    assert itm["pairs"] == sum(len(row["negatives"]) for row in rows)
+    assert itm["pairs"] == sum(r["pairs"] for r in itm["by_type"].values())
+    assert itm["attribute_swaps"]["pairs"] == sum(
+        r["pairs"] for kind, r in itm["by_type"].items() if kind.endswith("_swap")
+    )
+    for r in (itm, itm["attribute_swaps"], *itm["by_type"].values()):
+        assert r["pairs"] == 0 or 0 <= r["accuracy"] <= 100 and 0 <= r["preference"] <= 100
+    assert "relation flip" in proc.stdout and "attribute swaps" in proc.stdout
     assert results["chance"]["t2i_r1"] == pytest.approx(100 / 40)
     with Image.open(out / "retrieval_examples.png") as png:
         assert png.size[0] > 400 and png.size[1] > 300
@@ -53,3 +62,16 @@ def test_demo_runs_every_stage_and_resumes(tmp_path):
     again = run_demo(out, "train.micro_batch_size=8", "checkpoint.every_steps=3", "train.steps=8")
     assert "resumed from" in again.stderr and "step6" in again.stderr
     assert (out / "train" / "checkpoints" / "latest").read_text() == "step8"
+
+
+def test_an_out_folder_of_another_data_version_is_refused_in_one_line(tmp_path):
+    from launch.demo import make_data
+
+    sizes = {"train": 8, "val": 4, "test": 4}
+    make_data(tmp_path, sizes, 32, 1)
+    table = tmp_path / "data" / "test.jsonl"
+    rows = [json.loads(line) for line in table.read_text().splitlines()]
+    rows[0]["negatives"] = ["a small red circle"]  # as if an older version had drawn other ones
+    table.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(SystemExit, match=r"holds the test shards of another demo dataset version"):
+        make_data(tmp_path, sizes, 32, 1)
