@@ -126,27 +126,28 @@ def itm_by_negative_type(model, processor, pixels, positives: list[str], rows: l
     import torch
 
     from data_pipeline.builtin import NEGATIVE_TYPES
-    from umt.evaluate import itm_pair_accuracy
+    from umt.evaluate import itm_pair_metrics, itm_pair_scores
 
-    index, pos, neg, kinds = [], [], [], []
+    index, neg, kinds = [], [], []
     for i, row in enumerate(rows):
         for caption, kind in zip(row["negatives"], row["negative_types"], strict=True):
-            index.append(i), pos.append(positives[i]), neg.append(caption), kinds.append(kind)
-    pair_pixels = pixels[torch.tensor(index, dtype=torch.long)]
+            index.append(i)
+            neg.append(caption)
+            kinds.append(kind)
+    pos_p, neg_p = itm_pair_scores(
+        model,
+        pixels[torch.tensor(index, dtype=torch.long)],
+        [positives[i] for i in index],
+        neg,
+        processor.tokenizer,
+        processor.max_length,
+    )
 
     def score(keep) -> dict:
-        idx = [j for j, kind in enumerate(kinds) if keep(kind)]
-        if not idx:
+        idx = torch.tensor([j for j, kind in enumerate(kinds) if keep(kind)], dtype=torch.long)
+        if not len(idx):
             return {"accuracy": None, "preference": None, "pairs": 0}
-        r = itm_pair_accuracy(
-            model,
-            pair_pixels[idx],
-            [pos[j] for j in idx],
-            [neg[j] for j in idx],
-            processor.tokenizer,
-            processor.max_length,
-        )
-        return {**r, "pairs": len(idx)}
+        return {**itm_pair_metrics(pos_p[idx], neg_p[idx]), "pairs": len(idx)}
 
     return {
         **score(lambda kind: True),

@@ -11,7 +11,7 @@ import torch
 
 from tests.conftest import REPO, run_torchrun
 from tests.shard_writer import write_color_shards
-from umt.evaluate import recall_at_k, rerank_topk
+from umt.evaluate import itm_pair_metrics, itm_pair_scores, recall_at_k, rerank_topk
 
 
 def test_recall_on_a_hand_made_matrix_with_five_captions_per_image():
@@ -50,6 +50,39 @@ def test_itm_rerank_only_reorders_inside_the_itc_top_k():
     assert order[1, :2].tolist() == [2, 3] or order[1, :2].tolist() == [3, 2]
     assert set(order[1, :2].tolist()) == {2, 3} and order[1, 2:].tolist() == [1, 0]
     assert (out[:, :2].min() if False else out[0, [0, 1]].min()) > out[0, [2, 3]].max()
+
+
+def test_itm_pair_scores_in_batches_match_one_pair_at_a_time(tmp_path):
+    from transformers import AutoTokenizer
+
+    from data_pipeline.builtin import tokenizer_vocab, write_tokenizer
+    from umt.model import build_model
+    from umt.model.config import preset_config
+
+    torch.manual_seed(0)
+    cfg = preset_config("tiny")
+    cfg.text.vocab_size = len(tokenizer_vocab())
+    model = build_model(cfg, log_table=False).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(write_tokenizer(tmp_path / "tok")))
+    pixels = torch.randn(5, 3, 32, 32)
+    pos = ["a red circle", "a small blue square above a large red circle", "a green triangle",
+           "there is a white square", "a picture of a large purple circle"]  # fmt: skip
+    neg = ["a blue circle", "a small red square above a large blue circle", "a red triangle",
+           "a white circle", "a small purple circle"]  # fmt: skip
+    p_pos, p_neg = itm_pair_scores(model, pixels, pos, neg, tokenizer, 24, batch_size=3)
+    with torch.no_grad():
+        for i in range(5):
+            for text, got in ((pos[i], p_pos[i]), (neg[i], p_neg[i])):
+                enc = tokenizer([text], return_tensors="pt")
+                want = model.score_pairs(enc["input_ids"], enc["attention_mask"], pixels[i : i + 1])
+                assert got.item() == pytest.approx(want.item(), abs=1e-6)
+
+
+def test_itm_pair_metrics_count_both_sides_of_the_threshold_and_the_preference():
+    pos, neg = torch.tensor([0.9, 0.6, 0.3]), torch.tensor([0.1, 0.7, 0.2])
+    got = itm_pair_metrics(pos, neg)
+    assert got["accuracy"] == pytest.approx(100 * 4 / 6)  # 0.9, 0.6 above; 0.1, 0.2 below
+    assert got["preference"] == pytest.approx(100 * 2 / 3)  # pair 1 prefers its negative
 
 
 def trained_export(tmp_path, minilm_dir):

@@ -326,32 +326,40 @@ def set_name(shards: str | list[str]) -> str:
 
 
 @torch.no_grad()
-def itm_pair_accuracy(
+def itm_pair_scores(
     model,
     pixel_values: torch.Tensor,
     positives: list[str],
     negatives: list[str],
     tokenizer,
     max_len: int,
-) -> dict[str, float]:
-    """ITM on (image, its caption) and (image, a hard-negative caption) pairs.
-
-    `accuracy`: pairs classified right (match probability > 0.5 for positives, < 0.5 for
-    negatives); `preference`: images whose own caption scores above the negative.
-    """
+    batch_size: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Match probabilities of (image i, positives[i]) and (image i, negatives[i]), on the CPU."""
     device = next(model.parameters()).device
-    enc = tokenizer(
-        positives + negatives,
-        padding="longest",
-        truncation=True,
-        max_length=max_len,
-        return_tensors="pt",
-    )
-    ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-    pixels = pixel_values.to(device, next(model.parameters()).dtype)
+    dtype = next(model.parameters()).dtype
     n = len(positives)
-    p = model.score_pairs(ids, mask, torch.cat([pixels, pixels])).float().cpu()
-    pos, neg = p[:n], p[n:]
+    texts, pixels = positives + negatives, torch.cat([pixel_values, pixel_values])
+    out = []
+    for start in range(0, 2 * n, batch_size):
+        enc = tokenizer(
+            texts[start : start + batch_size],
+            padding="longest",
+            truncation=True,
+            max_length=max_len,
+            return_tensors="pt",
+        )
+        batch = pixels[start : start + batch_size].to(device, dtype)
+        ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        out.append(model.score_pairs(ids, mask, batch).float().cpu())
+    p = torch.cat(out)
+    return p[:n], p[n:]
+
+
+def itm_pair_metrics(pos: torch.Tensor, neg: torch.Tensor) -> dict[str, float]:
+    """`accuracy`: pairs classified right (match probability > 0.5 for positives, < 0.5 for
+    negatives); `preference`: images whose own caption scores above the negative. Percent."""
+    n = len(pos)
     return {
         "accuracy": 100.0
         * ((pos > 0.5).float().sum() + (neg < 0.5).float().sum()).item()
