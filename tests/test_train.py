@@ -210,6 +210,13 @@ def test_resume_auto_without_checkpoint_starts_fresh_and_says_so(tmp_path):
     assert (out / "checkpoints" / "latest").read_text() == "step1"
 
 
+def test_cpu_training_compiles_no_deepspeed_op(tmp_path):
+    # DeepSpeed's inference-only shared-memory all-reduce would be JIT-built here (~50 s).
+    extensions = tmp_path / "torch_extensions"
+    train(tmp_path / "run", "train.steps=1", nproc=1, env={"TORCH_EXTENSIONS_DIR": str(extensions)})
+    assert not extensions.exists() or not any(extensions.iterdir())
+
+
 def test_resume_from_a_path_that_does_not_load_fails_loudly(tmp_path):
     proc = train(
         tmp_path / "x", "train.steps=1", nproc=1, resume=str(tmp_path / "nowhere"), check=False

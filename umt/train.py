@@ -6,6 +6,7 @@ MLM inside the model's objective) -> skip if non-finite anywhere -> backward -> 
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -117,6 +118,11 @@ def init_distributed() -> tuple[WorldInfo, torch.device]:
         device = torch.device("cuda", world.local_rank)
     else:
         device = torch.device("cpu")
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce when its process group
+        # starts: ~50 s on 2 cores, once per machine, for an op only inference calls. Training
+        # collectives go through gloo either way.
+        # (`deepspeed.comm.torch` as an attribute is the torch package: import the module by name.)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     return world, device
