@@ -141,7 +141,7 @@ def write_split(out: Path, split: str, count: int, side: int, seed: int = 0) -> 
     Each row: image, captions, `negatives` (every caption one binding away, phrased like the
     first caption: hard negatives for training, see `data.train.negatives`, and what the demo
     evaluates ITM on) and `negative_types` (their kinds, `NEGATIVE_TYPES`). A table of another
-    size or an older format is written again (the same seed draws the same scenes).
+    size or an older format (no `negative_types`) is written again, from the seed.
     """
     rng = random.Random(seed * 1000 + SPLIT_SEEDS[split])
     (out / "images").mkdir(parents=True, exist_ok=True)

@@ -79,6 +79,17 @@ class ShardError(Exception):
     """A run that cannot start or finish; the message says what to change."""
 
 
+class OtherRunError(ShardError):
+    """The output folder holds shards of a run with other input or options (`differences`)."""
+
+    def __init__(self, out: Path, differences: list[str]):
+        self.out, self.differences = out, differences
+        super().__init__(
+            f"{out} already holds shards of a different run ({'; '.join(differences)}); "
+            "pass --overwrite to start over, or choose another --out"
+        )
+
+
 class SampleError(Exception):
     """One row rejected: `reason` is a short stable code, the message is for people."""
 
@@ -935,10 +946,7 @@ def prepare_output(out: Path, identity: dict, options: ShardOptions) -> None:
         existing = json.loads(run_file.read_text(encoding="utf-8"))
         differences = identity_differences(existing, identity)
         if differences:
-            raise ShardError(
-                f"{out} already holds shards of a different run ({'; '.join(differences)}); "
-                "pass --overwrite to start over, or choose another --out"
-            )
+            raise OtherRunError(out, differences)
         return
     if out.is_dir() and (
         any(out.glob(f"{options.prefix}-*.tar")) or any(out.glob("manifest*.json"))

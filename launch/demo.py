@@ -42,7 +42,7 @@ def step(n: int, text: str) -> None:
 
 def make_data(out: Path, sizes: dict[str, int], side: int, ranks: int) -> None:
     from data_pipeline.builtin import write_split, write_tokenizer
-    from data_pipeline.shard import ShardError, ShardOptions, shard_dataset
+    from data_pipeline.shard import OtherRunError, ShardOptions, shard_dataset
 
     for split, count in sizes.items():
         table = write_split(out / "data", split, count, side)
@@ -60,10 +60,11 @@ def make_data(out: Path, sizes: dict[str, int], side: int, ranks: int) -> None:
         )
         try:
             summary = shard_dataset(table, out / "shards" / split, options, progress=True)
-        except ShardError as exc:  # shards of another version of the built-in data
+        except OtherRunError as exc:
             raise SystemExit(
-                f"umt demo: {out} holds the {split} shards of another demo dataset version; "
-                f"remove it or choose another --out ({exc})"
+                f"umt demo: {exc.out} was written from other data or options (another demo "
+                f"version, --ranks, --train-size or --test-size: {'; '.join(exc.differences)}); "
+                f"run with those of the first run, remove {out}, or choose another --out"
             ) from None
         print(f"  {split}: {summary.line()}")
     write_tokenizer(out / "tokenizer")

@@ -64,14 +64,17 @@ def test_demo_runs_every_stage_and_resumes(tmp_path):
     assert (out / "train" / "checkpoints" / "latest").read_text() == "step8"
 
 
-def test_an_out_folder_of_another_data_version_is_refused_in_one_line(tmp_path):
+def test_an_out_folder_of_other_data_or_options_is_refused_in_one_line(tmp_path):
     from launch.demo import make_data
 
-    sizes = {"train": 8, "val": 4, "test": 4}
+    sizes = {"train": 40, "val": 4, "test": 4}
     make_data(tmp_path, sizes, 32, 1)
     table = tmp_path / "data" / "test.jsonl"
     rows = [json.loads(line) for line in table.read_text().splitlines()]
     rows[0]["negatives"] = ["a small red circle"]  # as if an older version had drawn other ones
     table.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    with pytest.raises(SystemExit, match=r"holds the test shards of another demo dataset version"):
+    with pytest.raises(SystemExit, match=r"shards/test was written from other data") as refused:
         make_data(tmp_path, sizes, 32, 1)
+    assert "test.jsonl" in str(refused.value) and "--overwrite" not in str(refused.value)
+    with pytest.raises(SystemExit, match=r"shards/train was written from other data .*maxcount"):
+        make_data(tmp_path, sizes, 32, 2)  # another --ranks: other shard sizes

@@ -335,10 +335,13 @@ def itm_pair_scores(
     max_len: int,
     batch_size: int = 256,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Match probabilities of (image i, positives[i]) and (image i, negatives[i]), on the CPU."""
+    """Match probabilities of (image i, positives[i]) and (image i, negatives[i]), computed on the
+    model's device in batches of `batch_size` pairs, returned as float32 on the CPU."""
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     n = len(positives)
+    if n == 0:
+        return torch.empty(0), torch.empty(0)
     texts, pixels = positives + negatives, torch.cat([pixel_values, pixel_values])
     out = []
     for start in range(0, 2 * n, batch_size):
