@@ -611,6 +611,13 @@ class Batch:
     def __len__(self) -> int:
         return len(self.keys)
 
+    @property
+    def negative_texts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(ids, mask, valid) as the model's `negative_texts` takes them; None without negatives."""
+        if self.negative_input_ids is None:
+            return None
+        return self.negative_input_ids, self.negative_attention_mask, self.negative_valid
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """The same batch with its tensors on `device` (keys and bookkeeping unchanged)."""
         return self._map_tensors(lambda t: t.to(device, non_blocking=non_blocking))

@@ -20,6 +20,7 @@ class SyntheticBatch:
     attention_mask: torch.Tensor  # (B, T)
     image_keys: list[str]
     keys: list[str]
+    negative_texts: None = None  # the loader's Batch has them with data.train.negatives
 
 
 class SyntheticBatches:

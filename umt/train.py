@@ -352,16 +352,9 @@ class Trainer:
         ids = batch.input_ids.to(self.device, non_blocking=True)
         mask = batch.attention_mask.to(self.device, non_blocking=True)
         image_ids = key_ids(batch.image_keys, self.device)
-        negative_texts = None
-        if getattr(batch, "negative_input_ids", None) is not None:
-            negative_texts = tuple(
-                t.to(self.device, non_blocking=True)
-                for t in (
-                    batch.negative_input_ids,
-                    batch.negative_attention_mask,
-                    batch.negative_valid,
-                )
-            )
+        negative_texts = batch.negative_texts
+        if negative_texts is not None:
+            negative_texts = tuple(t.to(self.device, non_blocking=True) for t in negative_texts)
         return self.engine(
             pixels,
             ids,
