@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from umt.distributed import all_reduce_max, fetch_rows, gather_no_grad, gather_with_grad, rank
+from umt.distributed import all_reduce, fetch_rows, gather_no_grad, gather_with_grad, rank
 from umt.model.fusion import SelfAttention
 from umt.objectives import ObjectiveConfig, PretrainOutput, mix_seed
 from umt.objectives.contrastive import contrastive_outputs
@@ -108,7 +108,7 @@ def reference_losses(
         negatives = sample_hard_negatives(
             itc.logits_i2t, itc.logits_t2i, itc.positives, rank(group) * b, generator
         )
-        length = all_reduce_max(text.tokens.shape[1], input_ids.device, group)
+        length = int(all_reduce(torch.tensor([text.tokens.shape[1]]), "max", group))
         text_tokens, text_mask = _pad_to(text.tokens, length), _pad_to(text.mask, length)
         if all_gather:  # every rank's whole sequences: W*b*(T+P)*D floats, and their gradients
             all_text = gather_with_grad(text_tokens, group)

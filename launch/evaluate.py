@@ -43,22 +43,15 @@ def main(argv: list[str]) -> int:
     )
     args = parser.parse_args(argv)
 
-    import torch
-
-    from umt.distributed import discover_world
+    from umt.distributed import discover_world, init_distributed, shutdown
     from umt.evaluate import EvalData, evaluate_retrieval, format_report, report_scalars, set_name
     from umt.export import ExportError, load_model
     from umt.logging import MetricsWriter, setup_logging
 
-    world = discover_world()
-    setup_logging(world.rank)
-    if world.world_size > 1:
-        import torch.distributed as dist
-
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    device = (
-        torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    )
+    setup_logging(discover_world().rank)
+    # Under a launcher: this rank's GPU (LOCAL_RANK mod visible GPUs) and a process group, NCCL
+    # on GPUs; a plain process evaluates alone.
+    world, device = init_distributed(always=False)
     try:
         model, processor = load_model(args.model, device)
     except (ExportError, OSError) as exc:
@@ -92,6 +85,7 @@ def main(argv: list[str]) -> int:
             if args.out:
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.out).write_text(json.dumps(report, indent=2))
+        shutdown()
         return 0
     report = evaluate_retrieval(model, data, args.itm_rerank, args.score == "itm+itc", device)
     report |= {
@@ -109,4 +103,5 @@ def main(argv: list[str]) -> int:
             writer = MetricsWriter(Path(args.tensorboard))
             writer.scalars(report_scalars(report, args.name or set_name(args.shards)), 0)
             writer.close()
+    shutdown()
     return 0

@@ -154,3 +154,51 @@ def test_zero_shot_classification_labels_images_by_caption(tmp_path, minilm_dir)
     assert report["samples"] == 6 and report["unlabelled"] == 0 and report["classes"] == 7
     assert 0 <= report["top1"] <= report["top5"] <= 100
     assert "top-1" in proc.stdout
+
+
+def eval_scalars(run_dir, prefix: str) -> dict[str, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values = {}
+    for events in sorted((run_dir / "tensorboard").glob("events.*")):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            if tag.startswith(prefix):
+                values[tag.removeprefix(prefix)] = acc.Scalars(tag)[-1].value
+    return values
+
+
+@pytest.mark.slow
+def test_zero3_evaluation_with_uneven_work_per_rank_finishes_and_matches_umt_eval(
+    tmp_path, minilm_dir
+):
+    """ZeRO-3 gathers parameters in every forward, a collective: 33 images over 2 ranks in
+    batches of 4 give the ranks unequal forward counts (embedding and ITM re-ranking), which
+    deadlocked or crashed before ranks ran in lockstep."""
+    shards = write_color_shards(tmp_path / "eval", n_images=33, per_shard=5)
+    run = tmp_path / "run"
+    run_torchrun(
+        REPO / "launch" / "train.py",
+        f"output_dir={run}", "model.preset=tiny", "model.image.image_size=32",
+        "data.train.synthetic=true", f"data.tokenizer={minilm_dir}",
+        "data.train.max_text_len=16", "data.eval.max_text_len=16", f"data.eval.shards={shards}",
+        "train.steps=1", "train.micro_batch_size=4", "train.collective_timeout_min=2",
+        "zero.stage=3", "zero.stage3_param_persistence_threshold=0",
+        "eval.every_steps=1", "eval.itm_rerank_k=4",
+        nproc=2,
+    )  # fmt: skip
+    during = eval_scalars(run, "eval/eval/")
+    out = tmp_path / "report.json"
+    cmd = [sys.executable, "-m", "launch.cli", "eval", "--model", str(run / "checkpoints"),
+           "--shards", str(shards), "--out", str(out), "--itm-rerank", "4", "--batch-size", "4"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["images"] == 33
+    want = {k: v for k, v in report["itc"].items()} | {
+        f"itm_{k}": v for k, v in report["itm"].items()
+    }
+    assert set(want) <= set(during)
+    for key, value in want.items():  # float32 in TensorBoard
+        assert during[key] == pytest.approx(value, abs=1e-4), key

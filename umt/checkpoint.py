@@ -21,12 +21,14 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
+
+from umt import distributed
 
 log = logging.getLogger("umt.checkpoint")
 LATEST = "latest"
@@ -74,11 +76,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
@@ -98,8 +95,7 @@ def save(
     config: dict | None = None,
 ) -> Path:
     """Save on every rank; `latest` is written by rank 0 only after every rank's files are on disk."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank, world = distributed.rank(), distributed.world_size()
     tag = tag_for(step)
     root.mkdir(parents=True, exist_ok=True)
     # DeepSpeed's universal conversion requires this entry to exist in the client state.
@@ -115,11 +111,11 @@ def save(
             "config": config or {},  # read by `umt export` without DeepSpeed
         }
         _atomic_write(path / META, json.dumps(meta))
-    _barrier()  # every rank's shards and state files are written
+    distributed.barrier()  # every rank's shards and state files are written
     if rank == 0:
         _atomic_write(root / LATEST, tag)
         prune(root, keep)
-    _barrier()
+    distributed.barrier()
     return path
 
 
@@ -187,16 +183,26 @@ def universal_tag(ref: CheckpointRef) -> str:
     return ref.tag + "_universal"
 
 
-def convert_to_universal(ref: CheckpointRef) -> str:
-    """Convert `ref` with `deepspeed.checkpoint.ds_to_universal` (rank 0; others wait). Returns the tag."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
+def convert_to_universal(ref: CheckpointRef, timeout_s: float = 4 * 3600) -> str:
+    """Convert `ref` with `deepspeed.checkpoint.ds_to_universal` on rank 0; returns the tag.
+
+    The other ranks wait up to `timeout_s` on a group of their own (a large ZeRO-3 checkpoint
+    from many ranks can take longer than the collective timeout of training), and a failure on
+    rank 0 reaches every rank as a CheckpointError instead of a hang.
+    """
     out = ref.root / universal_tag(ref)
-    if rank == 0 and not (out / META).is_file():
+
+    def convert() -> float:
+        if (out / META).is_file():
+            return 0.0
+        started = time.perf_counter()
         tmp = ref.root / (universal_tag(ref) + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         log.info(
-            "converting %s (saved by %d ranks) to a universal checkpoint", ref.path, ref.world_size
-        )
+            "converting %s (saved by %d ranks) to a universal checkpoint; the other ranks wait up "
+            "to %.0f min (checkpoint.conversion_timeout_min)",
+            ref.path, ref.world_size, timeout_s / 60,
+        )  # fmt: skip
         cmd = [
             sys.executable,
             "-m",
@@ -221,5 +227,11 @@ def convert_to_universal(ref: CheckpointRef) -> str:
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
         (ref.root / "latest_universal").unlink(missing_ok=True)  # written by the converter; unused
-    _barrier()
+        seconds = time.perf_counter() - started
+        log.info("converted %s in %.1f s", ref.path, seconds)
+        return seconds
+
+    _, error = distributed.run_on_rank0(convert, timeout_s)
+    if error is not None:
+        raise CheckpointError(f"rank 0 could not convert {ref.path}: {error}")
     return universal_tag(ref)

@@ -15,9 +15,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
-from umt.distributed import is_distributed, rank, world_size
+from umt.distributed import all_gather_object, all_reduce, lockstep, rank, world_size
 
 log = logging.getLogger("umt.evaluate")
 KS = (1, 5, 10)
@@ -78,7 +77,9 @@ def rerank_topk(
     """(Q, C) scores: each query's ITC top-k re-scored by `score_pairs`; the rest below, in ITC order.
 
     Rows are split across ranks (row i on rank i % W) and summed, so every rank ends with the same
-    matrix. `score_pairs` gets flat (query index, candidate index) lists, several rows per call.
+    matrix. `score_pairs` gets flat (query index, candidate index) lists, several rows per call;
+    every rank makes the same number of calls (a rank out of rows scores a throw-away pair), since
+    under ZeRO-3 each call is a collective.
     """
     q, c = itc.shape
     k = min(k, c)
@@ -86,13 +87,13 @@ def rerank_topk(
     scored = torch.zeros(q, k, dtype=torch.float64)
     rows = torch.arange(rank(), q, world_size())
     per_call = max(1, pairs_per_call // k)
-    for chunk in rows.split(per_call):
+    for chunk, real in lockstep(rows.split(per_call), lambda: torch.zeros(1, dtype=torch.long)):
         queries = chunk.repeat_interleave(k)
         cands = topk[chunk].flatten()
         s = score_pairs(queries, cands).double().cpu().view(len(chunk), k)
-        scored[chunk] = s + itc[chunk[:, None], topk[chunk]].double().cpu() if add_itc else s
-    if is_distributed():
-        dist.all_reduce(scored)
+        if real:
+            scored[chunk] = s + itc[chunk[:, None], topk[chunk]].double().cpu() if add_itc else s
+    scored = all_reduce(scored)
     low = scored.min() - 1.0
     # Unscored pairs: strictly below every scored pair, ordered among themselves by ITC.
     out = low - (itc.max().double() - itc.double().cpu())
@@ -114,15 +115,6 @@ class EvalFeatures:
     text_mask: torch.Tensor | None  # (T, L)
     text_to_image: torch.Tensor  # (T,)
     image_keys: list[str]
-
-
-def gather_objects(obj):
-    """Every rank's `obj`, in rank order (variable sizes: evaluation is not a hot path)."""
-    if not is_distributed():
-        return [obj]
-    out = [None] * world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def retrieval_report(
@@ -173,10 +165,14 @@ def embed_eval_shards(
     """Embed every image and every caption of the shards; sample i is embedded by rank i % W.
 
     Each image appears once with all of its captions (shards made with `umt shard --per image`).
-    A sample whose image cannot be decoded is skipped and counted in the log.
+    A sample whose image cannot be decoded is skipped and counted in the log. Every rank runs the
+    same number of forward passes (a rank out of samples embeds a throw-away one), since under
+    ZeRO-3 each forward is a collective.
     """
     import random as _random
     from collections import Counter
+
+    import numpy as np
 
     from data_pipeline.loader import iter_raw_samples
     from data_pipeline.transforms import ImageTransformConfig, normalize_images, transform_image
@@ -186,13 +182,32 @@ def embed_eval_shards(
     me, w = rank(), world_size()
     dtype = next(model.parameters()).dtype
     mine: list[dict] = []
-    pending: list = []
+    keys: dict[int, str] = {}
 
-    def flush() -> None:
-        if not pending:
-            return
-        index, arrays, captions = zip(*pending)
-        pixels = normalize_images(list(arrays), data.mean, data.std).to(device, dtype)
+    def my_batches():
+        pending = []
+        for i, sample in enumerate(iter_raw_samples(data.shards, errors)):
+            keys[i] = sample.image_key
+            if i % w != me:
+                continue
+            try:
+                array = transform_image(sample.image, transform, _random.Random(0))
+            except Exception:  # noqa: BLE001 - PIL raises many types for corrupt data
+                errors["corrupt_image"] += 1
+                continue
+            pending.append((i, array, sample.captions))
+            if len(pending) == data.batch_size:
+                yield pending
+                pending = []
+        if pending:
+            yield pending
+
+    def filler() -> list:
+        return [(-1, np.zeros((data.image_size, data.image_size, 3), np.uint8), ("",))]
+
+    def embed(batch: list) -> dict:
+        index, arrays, captions = zip(*batch)
+        pixels = normalize_images(list(arrays), data.mean, data.std, device, dtype)
         image = model.embed_image(pixels)
         texts = [c for caps in captions for c in caps]
         enc = data.tokenizer(
@@ -205,37 +220,24 @@ def embed_eval_shards(
         )
         ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
         text = model.embed_text(ids, mask)
-        mine.append(
-            {
-                "index": list(index),
-                "n_captions": [len(c) for c in captions],
-                "image_embeds": image.embeds.float().cpu(),
-                "text_embeds": text.embeds.float().cpu(),
-                "image_tokens": image.tokens.cpu() if keep_tokens else None,
-                "text_tokens": text.tokens.cpu() if keep_tokens else None,
-                "text_mask": mask.cpu() if keep_tokens else None,
-            }
-        )
-        pending.clear()
+        return {
+            "index": list(index),
+            "n_captions": [len(c) for c in captions],
+            "image_embeds": image.embeds.float().cpu(),
+            "text_embeds": text.embeds.float().cpu(),
+            "image_tokens": image.tokens.cpu() if keep_tokens else None,
+            "text_tokens": text.tokens.cpu() if keep_tokens else None,
+            "text_mask": mask.cpu() if keep_tokens else None,
+        }
 
-    keys: dict[int, str] = {}
-    for i, sample in enumerate(iter_raw_samples(data.shards, errors)):
-        keys[i] = sample.image_key
-        if i % w != me:
-            continue
-        try:
-            array = transform_image(sample.image, transform, _random.Random(0))
-        except Exception:  # noqa: BLE001 - PIL raises many types for corrupt data
-            errors["corrupt_image"] += 1
-            continue
-        pending.append((i, array, sample.captions))
-        if len(pending) == data.batch_size:
-            flush()
-    flush()
+    for batch, real in lockstep(my_batches(), filler):
+        embedded = embed(batch)
+        if real:
+            mine.append(embedded)
     if errors:
         log.warning("evaluation data: skipped %s", dict(errors))
 
-    parts = [p for rank_parts in gather_objects(mine) for p in rank_parts]
+    parts = [p for rank_parts in all_gather_object(mine) for p in rank_parts]
     entries = sorted(
         (idx, p, j) for p in parts for j, idx in enumerate(p["index"])
     )  # global sample order, each sample once
@@ -395,6 +397,8 @@ def zero_shot_classification(
     """
     import random as _random
 
+    import numpy as np
+
     from data_pipeline.loader import iter_raw_samples
     from data_pipeline.transforms import ImageTransformConfig, normalize_images, transform_image
 
@@ -417,38 +421,41 @@ def zero_shot_classification(
     lookup = {c.strip().lower(): i for i, c in enumerate(classes)}
     transform = ImageTransformConfig(image_size=data.image_size, train=False)
     correct1 = correct5 = counted = unlabelled = 0
-    arrays, labels = [], []
 
-    def flush() -> None:
-        nonlocal correct1, correct5, counted
-        if not arrays:
-            return
-        pixels = normalize_images(arrays, data.mean, data.std).to(device, dtype)
+    def my_batches():
+        nonlocal unlabelled
+        arrays, labels = [], []
+        for i, sample in enumerate(iter_raw_samples(data.shards)):
+            if i % world_size() != rank():
+                continue
+            label = sample_label((sample.text, *sample.captions), lookup)
+            if label is None:
+                unlabelled += 1
+                continue
+            arrays.append(transform_image(sample.image, transform, _random.Random(0)))
+            labels.append(label)
+            if len(arrays) == data.batch_size:
+                yield arrays, labels
+                arrays, labels = [], []
+        if arrays:
+            yield arrays, labels
+
+    def filler() -> tuple[list, list]:
+        return [np.zeros((data.image_size, data.image_size, 3), np.uint8)], [0]
+
+    # The same number of forwards on every rank (each is a collective under ZeRO-3).
+    for (arrays, labels), real in lockstep(my_batches(), filler):
+        pixels = normalize_images(arrays, data.mean, data.std, device, dtype)
         logits = model.encode_image(pixels).float() @ class_embeds.T
+        if not real:
+            continue
         top = logits.topk(min(5, len(classes)), dim=1).indices.cpu()
         target = torch.tensor(labels)
         correct1 += int((top[:, 0] == target).sum())
         correct5 += int((top == target[:, None]).any(1).sum())
         counted += len(labels)
-        arrays.clear()
-        labels.clear()
-
-    for i, sample in enumerate(iter_raw_samples(data.shards)):
-        if i % world_size() != rank():
-            continue
-        label = sample_label((sample.text, *sample.captions), lookup)
-        if label is None:
-            unlabelled += 1
-            continue
-        arrays.append(transform_image(sample.image, transform, _random.Random(0)))
-        labels.append(label)
-        if len(arrays) == data.batch_size:
-            flush()
-    flush()
     totals = torch.tensor([correct1, correct5, counted, unlabelled], dtype=torch.long)
-    if is_distributed():
-        dist.all_reduce(totals)
-    c1, c5, n, skipped = totals.tolist()
+    c1, c5, n, skipped = all_reduce(totals).tolist()
     return {
         "classes": len(classes),
         "samples": n,

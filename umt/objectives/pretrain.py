@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from umt.distributed import all_reduce_max, fetch_rows, rank
+from umt.distributed import fetch, plan_fetches, rank
 from umt.objectives.contrastive import contrastive_outputs
 from umt.objectives.hard_negatives import negatives_generator, sample_hard_negatives
 from umt.objectives.itm import itm_loss
@@ -118,12 +118,15 @@ def pretraining_losses(
             rank(group) * b,
             generator,
         )
-        # Equal sequence length on every rank so rows can travel between them.
-        length = all_reduce_max(text.tokens.shape[1], input_ids.device, group)
+        # One plan exchange for both sets of rows; it also agrees on the padded text length,
+        # which must be equal on every rank before token rows can travel between them.
+        (text_plan, image_plan), length = plan_fetches(
+            [negatives.text_index, negatives.image_index], b, group, text.tokens.shape[1]
+        )
         text_tokens, text_mask = _pad_to(text.tokens, length), _pad_to(text.mask, length)
-        neg_text_tokens = fetch_rows(text_tokens, negatives.text_index, group)
-        neg_text_mask = fetch_rows(text_mask, negatives.text_index, group)
-        neg_image_tokens = fetch_rows(image.tokens, negatives.image_index, group)
+        neg_text_tokens = fetch(text_tokens, text_plan, group)
+        neg_text_mask = fetch(text_mask, text_plan, group)
+        neg_image_tokens = fetch(image.tokens, image_plan, group)
         # One fusion pass over (text, image), (negative text, image), (text, negative image)
         # [, (the data's negative text, image)].
         texts = [text_tokens, neg_text_tokens, text_tokens]
