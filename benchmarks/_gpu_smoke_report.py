@@ -1,15 +1,20 @@
-"""The table of `benchmarks/gpu_smoke.sh`: samples/s, MFU, peak memory, data wait per run.
+"""The table of `benchmarks/gpu_smoke.sh`: samples/s, MFU, peak memory, data wait, host syncs per
+run; the `umt eval` and resume figures below it.
 
 Reads each run's TensorBoard scalars and resolved config.yaml; the first logged window (start-up,
 allocator warm-up, cuDNN/kernel selection) is left out. MFU is the logged `throughput/mfu` where
-the trainer knew the GPU's peak, else computed here the same way (`umt.flops` at max_text_len)
-against the data-sheet bf16 peak, or, on CPU, against an fp32 matmul measured now.
+the trainer knew the GPU's peak (at the text length fed), else computed here at max_text_len
+against the data-sheet bf16 peak, or, on CPU, against an fp32 matmul measured now. Host syncs
+per step are logged by runs started with UMT_SYNC_DEBUG=1 on a GPU.
 
-    python benchmarks/_gpu_smoke_report.py RUN_DIR [RUN_DIR ...]
+    python benchmarks/_gpu_smoke_report.py RUN_DIR [RUN_DIR ...] [--eval REPORT.json
+        --eval-seconds S] [--resume-seconds S]
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import statistics
 import sys
 import time
@@ -88,22 +93,30 @@ def report(run: Path) -> dict:
         "step_s": mean("time/step_s"),
         "mfu_peak": peak_from,
         "loss": sorted(s.get("loss/total", [(0, float("nan"))]))[-1][1],
+        "host_syncs": mean("debug/host_syncs_per_step"),
     }
 
 
-def main(runs: list[str]) -> int:
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("runs", nargs="+")
+    parser.add_argument("--eval", help="the JSON report of `umt eval`")
+    parser.add_argument("--eval-seconds", type=float)
+    parser.add_argument("--resume-seconds", type=float)
+    args = parser.parse_args(argv)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (shrunk mode)"
-    rows = [report(Path(r)) for r in runs]
+    rows = [report(Path(r)) for r in args.runs]
     print(f"device: {device}")
     print(
         f"{'run':<12}{'samples/s':>11}{'per rank':>10}{'MFU %':>8}{'peak GiB':>10}"
-        f"{'data wait':>11}{'step s':>8}{'loss':>8}  memory / MFU peak"
+        f"{'data wait':>11}{'step s':>8}{'syncs':>7}{'loss':>8}  memory / MFU peak"
     )
     for r in rows:
+        syncs = "-" if r["host_syncs"] != r["host_syncs"] else f"{r['host_syncs']:.1f}"
         print(
             f"{r['run']:<12}{r['samples_per_s']:>11.1f}{r['samples_per_s_per_rank']:>10.1f}"
             f"{100 * r['mfu']:>8.1f}{r['peak_memory_gib']:>10.2f}{100 * r['data_wait']:>10.1f}%"
-            f"{r['step_s']:>8.3f}{r['loss']:>8.3f}  {r['memory_kind']} / {r['mfu_peak']}"
+            f"{r['step_s']:>8.3f}{syncs:>7}{r['loss']:>8.3f}  {r['memory_kind']} / {r['mfu_peak']}"
         )
     summary = [f"device={device.replace(' ', '_')}"]
     for r in rows:
@@ -113,10 +126,28 @@ def main(runs: list[str]) -> int:
             f"{r['run']}_peak_gib={r['peak_memory_gib']:.2f}",
             f"{r['run']}_data_wait={r['data_wait']:.3f}",
         ]
-    if len(rows) == 2 and rows[0]["samples_per_s"]:
-        summary.append(
-            f"shards_vs_synthetic={rows[1]['samples_per_s'] / rows[0]['samples_per_s']:.2f}"
+        if r["host_syncs"] == r["host_syncs"]:
+            summary.append(f"{r['run']}_host_syncs_per_step={r['host_syncs']:.1f}")
+    by_name = {r["run"]: r for r in rows}
+    if "synthetic" in by_name and "shards" in by_name and by_name["synthetic"]["samples_per_s"]:
+        ratio = by_name["shards"]["samples_per_s"] / by_name["synthetic"]["samples_per_s"]
+        summary.append(f"shards_vs_synthetic={ratio:.2f}")
+    if args.eval:
+        ev = json.loads(Path(args.eval).read_text())
+        itm = ev.get("itm", {})
+        print(
+            f"umt eval: {ev['images']} images, {ev['texts']} texts in {args.eval_seconds} s; "
+            f"ITC R@1 {ev['itc']['i2t_r1']:.1f}/{ev['itc']['t2i_r1']:.1f}, "
+            f"ITM re-ranked R@1 {itm.get('i2t_r1', float('nan')):.1f}/"
+            f"{itm.get('t2i_r1', float('nan')):.1f} (chance {ev['chance']['i2t_r1']:.1f})"
         )
+        summary += [
+            f"eval_seconds={args.eval_seconds}",
+            f"eval_itc_i2t_r1={ev['itc']['i2t_r1']:.2f}",
+        ]
+    if args.resume_seconds is not None:
+        print(f"resume: checkpoint loaded and steps trained in {args.resume_seconds} s")
+        summary.append(f"resume_seconds={args.resume_seconds}")
     print("SUMMARY " + " ".join(summary))
     return 0
 

@@ -63,10 +63,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_pipeline.transforms import (
     ImageTransformConfig,
     load_tokenizer,
-    normalize_images,
+    normalize_pixels,
+    stack_images,
     tokenize_batch,
     transform_image,
 )
+from umt.objectives.contrastive import key_ids
 
 STATE_FORMAT_VERSION = 1
 MANIFEST_FORMAT_VERSION = 1
@@ -591,12 +593,15 @@ def resampled_stream(
 class Batch:
     """One rank's batch. Pixels and tokens are empty (numel 0) when decode_images is False."""
 
-    pixel_values: torch.Tensor  # (B, 3, H, W) float32, normalised
+    pixel_values: torch.Tensor  # (B, 3, H, W) uint8; `normalized_pixels` on the device
     input_ids: torch.Tensor  # (B, T) int64
     attention_mask: torch.Tensor  # (B, T) int64
     image_keys: list[str]  # samples sharing an image (COCO's 5 captions) share this
     keys: list[str]  # unique per sample
     captions: list[str]
+    image_ids: torch.Tensor | None = None  # (B,) int64 hashes of image_keys (made in the worker)
+    pixel_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    pixel_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     epoch: int = 0
     index: int = 0  # batch index within the epoch on this rank
     worker: int = 0  # logical worker that made it
@@ -618,6 +623,11 @@ class Batch:
             return None
         return self.negative_input_ids, self.negative_attention_mask, self.negative_valid
 
+    def normalized_pixels(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """(B, 3, H, W) `dtype` on `device`: copied there as uint8, normalised there."""
+        pixels = self.pixel_values.to(device, non_blocking=True)
+        return normalize_pixels(pixels, self.pixel_mean, self.pixel_std, dtype)
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """The same batch with its tensors on `device` (keys and bookkeeping unchanged)."""
         return self._map_tensors(lambda t: t.to(device, non_blocking=non_blocking))
@@ -627,7 +637,7 @@ class Batch:
         return self._map_tensors(lambda t: t.pin_memory())
 
     def _map_tensors(self, fn) -> Batch:
-        names = ("pixel_values", "input_ids", "attention_mask", *_NEGATIVE_FIELDS)
+        names = ("pixel_values", "input_ids", "attention_mask", "image_ids", *_NEGATIVE_FIELDS)
         return replace(
             self, **{n: fn(getattr(self, n)) for n in names if getattr(self, n) is not None}
         )
@@ -688,7 +698,7 @@ def collate_batch(samples: list[DecodedSample], cfg: LoaderConfig, tokenizer: An
     """Stack pixels, tokenise all captions in one call."""
     captions = [s.caption for s in samples]
     if samples[0].pixels is not None:
-        pixels = normalize_images([s.pixels for s in samples], cfg.mean, cfg.std)
+        pixels = stack_images([s.pixels for s in samples])
     else:
         pixels = torch.empty(0)
     if tokenizer is not None:
@@ -708,6 +718,9 @@ def collate_batch(samples: list[DecodedSample], cfg: LoaderConfig, tokenizer: An
         image_keys=[s.raw.image_key for s in samples],
         keys=[s.raw.key for s in samples],
         captions=captions,
+        image_ids=key_ids([s.raw.image_key for s in samples]),
+        pixel_mean=cfg.mean,
+        pixel_std=cfg.std,
         **negatives,
     )
 

@@ -12,19 +12,34 @@ from dataclasses import dataclass
 
 import torch
 
+from data_pipeline.transforms import normalize_pixels
+
 
 @dataclass
 class SyntheticBatch:
-    pixel_values: torch.Tensor  # (B, 3, H, W)
+    pixel_values: torch.Tensor  # (B, 3, H, W) uint8, like the loader's
     input_ids: torch.Tensor  # (B, T)
     attention_mask: torch.Tensor  # (B, T)
     image_keys: list[str]
     keys: list[str]
+    image_ids: torch.Tensor  # (B,) int64: every sample its own image
     negative_texts: None = None  # the loader's Batch has them with data.train.negatives
+
+    def normalized_pixels(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        return normalize_pixels(self.pixel_values.to(device, non_blocking=True), MEAN, STD, dtype)
+
+
+MEAN = STD = (0.5, 0.5, 0.5)
 
 
 class SyntheticBatches:
-    """An endless, resumable stream of random batches; `distinct_batches=1` repeats one global batch."""
+    """An endless, resumable stream of random batches; `distinct_batches=1` repeats one global batch.
+
+    With `device` and at most `CACHE_LIMIT` distinct batches, each is built once and kept on the
+    device, so a GPU benchmark measures the step, not the host building its input.
+    """
+
+    CACHE_LIMIT = 64
 
     def __init__(
         self,
@@ -36,22 +51,29 @@ class SyntheticBatches:
         rank: int,
         world_size: int,
         distinct_batches: int = 1 << 30,
+        device: torch.device | None = None,
     ):
         self.batch_size, self.image_size, self.seq_len = batch_size, image_size, seq_len
         self.vocab_size, self.seed = vocab_size, seed
         self.rank, self.world_size = rank, world_size
         self.distinct_batches = distinct_batches
+        self.device = device
+        self._cache: dict[int, SyntheticBatch] | None = (
+            {} if device is not None and distinct_batches <= self.CACHE_LIMIT else None
+        )
         self.next_index = 0
 
     def sample(self, sample_id: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_000_007 + sample_id)
-        pixels = torch.randn(3, self.image_size, self.image_size, generator=g)
+        pixels = torch.randint(0, 256, (3, self.image_size, self.image_size), generator=g)
         ids = torch.randint(5, self.vocab_size, (self.seq_len,), generator=g)
         length = int(torch.randint(max(2, self.seq_len // 2), self.seq_len + 1, (1,), generator=g))
-        return pixels, ids, length
+        return pixels.to(torch.uint8), ids, length
 
     def make(self, index: int) -> SyntheticBatch:
         index %= self.distinct_batches
+        if self._cache is not None and index in self._cache:
+            return self._cache[index]
         first = (index * self.world_size + self.rank) * self.batch_size
         samples = [self.sample(first + j) for j in range(self.batch_size)]
         pixels = torch.stack([s[0] for s in samples])
@@ -59,7 +81,15 @@ class SyntheticBatches:
         mask = (torch.arange(self.seq_len)[None, :] < lengths[:, None]).long()
         ids = torch.stack([s[1] for s in samples]) * mask
         keys = [f"s{first + j}" for j in range(self.batch_size)]
-        return SyntheticBatch(pixels, ids, mask, keys, keys)
+        image_ids = torch.arange(first, first + self.batch_size, dtype=torch.long)
+        batch = SyntheticBatch(pixels, ids, mask, keys, keys, image_ids)
+        if self._cache is not None:
+            device = self.device
+            batch = SyntheticBatch(
+                pixels.to(device), ids.to(device), mask.to(device), keys, keys, image_ids.to(device)
+            )
+            self._cache[index] = batch
+        return batch
 
     def __iter__(self) -> Iterator[SyntheticBatch]:
         while True:

@@ -71,7 +71,7 @@ def make_data(out: Path, sizes: dict[str, int], side: int, ranks: int) -> None:
 
 
 def train(out: Path, ranks: int, overrides: list[str]) -> None:
-    from umt.train import _free_port
+    from umt.distributed import _free_port
 
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",

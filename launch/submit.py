@@ -15,6 +15,7 @@ import re
 import shlex
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 SLURM_DIR = Path(__file__).resolve().parents[1] / "slurm"
@@ -92,13 +93,18 @@ def quote_all(args: list[str]) -> str:
 # --- options shared by every job ----------------------------------------------------------------
 
 
-def add_job_options(parser: argparse.ArgumentParser, cpus_default: int | None) -> None:
+def add_job_options(parser: argparse.ArgumentParser) -> None:
     job = parser.add_argument_group("Slurm job")
     job.add_argument("--partition", help="partition (default: the cluster's default)")
     job.add_argument("--account", help="account to charge")
     job.add_argument("--time", help="time limit, e.g. 24:00:00 (default: the partition's)")
     job.add_argument("--mem", help="memory per node, e.g. 200G (default: the partition's)")
-    job.add_argument("--cpus-per-task", type=int, default=cpus_default, help="CPUs per task")
+    job.add_argument(
+        "--cpus-per-task",
+        type=int,
+        help="CPUs per task (default: train, data.train.num_workers + 2 per rank; shard 4; eval "
+        "8; capped to fit the partition's nodes)",
+    )
     job.add_argument("--job-name", help="job name (default: umt-<what>-<folder name>)")
     job.add_argument(
         "--env-setup",
@@ -130,6 +136,106 @@ def job_values(
         "log_dir": str(log_dir),
         **env_setup_values(args.env_setup),
     }
+
+
+# --- what the partition can give ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Partition:
+    name: str
+    cpus_per_node: int  # the smallest node's
+    gpus_per_node: int  # the smallest node's (0: no GPU gres)
+    nodes: int
+
+
+def partition_info(name: str | None) -> tuple[Partition | None, str | None]:
+    """(the partition a job would run in: `name` or the cluster's default, a problem) from sinfo;
+    (None, None) where sinfo cannot be asked (a laptop rendering a dry run)."""
+    try:
+        proc = subprocess.run(
+            ["sinfo", "-h", "-o", "%P|%c|%G|%D"], capture_output=True, text=True, timeout=30
+        )
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return None, None
+    if proc.returncode != 0:
+        return None, None
+    found: dict[str, list[tuple[int, int, int]]] = {}
+    default = None
+    for line in proc.stdout.splitlines():
+        fields = line.strip().split("|")
+        if len(fields) != 4:
+            continue
+        pname, cpus, gres, nodes = fields
+        if pname.endswith("*"):
+            pname = default = pname[:-1]
+        gpus = sum(int(n) for n in re.findall(r"gpu(?::[^:,(]+)?:(\d+)", gres))
+        found.setdefault(pname, []).append(
+            (int(re.sub(r"\D.*", "", cpus) or 0), gpus, int(nodes or 0))
+        )
+    wanted = name or default
+    if wanted is None:
+        return None, "the cluster has no default partition: pass --partition"
+    if wanted not in found:
+        return None, f"partition {wanted} does not exist (sinfo lists: {', '.join(sorted(found))})"
+    rows = found[wanted]
+    return (
+        Partition(
+            wanted, min(r[0] for r in rows), min(r[1] for r in rows), sum(r[2] for r in rows)
+        ),
+        None,
+    )
+
+
+def request_problems(
+    part: Partition, nodes: int, tasks_per_node: int, cpus_per_task: int, gpus_per_node: int
+) -> list[str]:
+    """What in a request the partition can never give (the job would pend forever, silently)."""
+    problems = []
+    if nodes > part.nodes:
+        problems.append(f"--nodes {nodes}: partition {part.name} has {part.nodes} node(s)")
+    if gpus_per_node > part.gpus_per_node:
+        have = f"{part.gpus_per_node} GPU(s) per node" if part.gpus_per_node else "no GPUs"
+        problems.append(
+            f"--gpus-per-node {gpus_per_node}: partition {part.name} has {have}"
+            + ("; use --gpus-per-node 0 for a CPU job" if not part.gpus_per_node else "")
+        )
+    if tasks_per_node * cpus_per_task > part.cpus_per_node:
+        problems.append(
+            f"{tasks_per_node} task(s) per node x --cpus-per-task {cpus_per_task} = "
+            f"{tasks_per_node * cpus_per_task} CPUs: partition {part.name}'s nodes have "
+            f"{part.cpus_per_node}"
+        )
+    return problems
+
+
+def fit_request(
+    args: argparse.Namespace,
+    wanted_cpus: int,
+    nodes: int = 1,
+    tasks_per_node: int = 1,
+    gpus_per_node: int = 0,
+) -> int:
+    """CPUs per task for the job: `--cpus-per-task`, else `wanted_cpus` capped by the partition's
+    nodes. A request the partition can never run is refused (a dry run only warns)."""
+    part, problem = partition_info(args.partition)
+    cpus, note = args.cpus_per_task or wanted_cpus, None
+    if part is not None and not args.cpus_per_task:
+        fitting = max(1, part.cpus_per_node // max(1, tasks_per_node))
+        if cpus > fitting:
+            note = (
+                f"umt submit: {cpus} CPUs per task wanted, {fitting} fit partition {part.name}'s "
+                f"{part.cpus_per_node}-CPU nodes with {tasks_per_node} task(s) each: asking for that"
+            )
+            cpus = fitting
+    problems = [problem] if problem else []
+    if part is not None:
+        problems += request_problems(part, nodes, tasks_per_node, cpus, gpus_per_node)
+    if problems and not args.dry_run:
+        raise SubmitError("this job could never start: " + "; ".join(problems))
+    for line in ([note] if note else []) + [f"umt submit: warning: {p}" for p in problems]:
+        print(line, file=sys.stderr)
+    return cpus
 
 
 def sbatch(script: Path, extra: list[str], dependency: str | None = None) -> str:
@@ -190,7 +296,7 @@ def train_parser() -> argparse.ArgumentParser:
         "--chain", type=int, default=1, help="queue K jobs, each starting after the previous ends"
     )
     parser.add_argument("--nccl-socket-ifname", help="NCCL/Gloo network interface, e.g. ib0")
-    add_job_options(parser, cpus_default=None)
+    add_job_options(parser)
     parser.add_argument("overrides", nargs="*", help="config overrides key.path=value (after --)")
     return parser
 
@@ -209,9 +315,10 @@ def submit_train(argv: list[str]) -> int:
         raise SubmitError("--nodes and --chain must be >= 1 and --gpus-per-node >= 0")
     procs = args.tasks_per_node or args.gpus_per_node or 1
     torchrun = args.launcher == "torchrun"
-    cpus = args.cpus_per_task or (8 if args.gpus_per_node else 1)
-    if args.cpus_per_task is None and torchrun:
-        cpus *= procs  # one task holds every rank of the node
+    # Each rank feeds its GPU from data.train.num_workers loader processes, plus its own; with
+    # torchrun one task holds every rank of the node.
+    wanted = (cfg.data.train.num_workers + 2) * (procs if torchrun else 1)
+    cpus = fit_request(args, wanted, args.nodes, 1 if torchrun else procs, args.gpus_per_node)
     out = Path(cfg.output_dir).resolve()
     folder = out / "slurm"
     train_args = ["--config", str(Path(args.config).resolve())] if args.config else []
@@ -237,7 +344,14 @@ def submit_train(argv: list[str]) -> int:
         dependency = f"afterany:{previous}" if previous else None
         previous = sbatch(script, args.sbatch_arg, dependency)
         print(f"submitted training job {previous} ({script})")
+    print(follow_hint(folder / "logs", values["job_name"], previous))
     return 0
+
+
+def follow_hint(log_dir: Path, job_name: object, job_id: str) -> str:
+    """Where a job's output goes (the templates' `%x-%j.out`) and how to watch it."""
+    log = log_dir / f"{job_name}-{job_id}.out"
+    return f"log: {log}\nfollow it: squeue -j {job_id}; tail -F {log}"
 
 
 # --- shard --------------------------------------------------------------------------------------
@@ -254,7 +368,7 @@ def shard_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="output folder for shards and manifest")
     parser.add_argument("--parts", type=int, required=True, help="array tasks (parts)")
     parser.add_argument("--max-parallel", type=int, help="array tasks running at once")
-    add_job_options(parser, cpus_default=4)
+    add_job_options(parser)
     return parser
 
 
@@ -265,7 +379,9 @@ def submit_shard(argv: list[str]) -> int:
         raise SubmitError(f"--parts must be >= 1 (got {args.parts})")
     out = Path(args.out).resolve()
     folder = out / "slurm"
-    values = job_values(args, f"umt-shard-{out.name}", folder / "logs")
+    # `umt shard` runs one worker per CPU it is given: 4 by default, fewer where nodes are smaller.
+    cpus = fit_request(args, 4)
+    values = job_values(args, f"umt-shard-{out.name}", folder / "logs", cpus)
     shard_args = [str(Path(args.input).resolve()), "--out", str(out), *shard_options]
     values |= {
         "parts": args.parts,
@@ -287,6 +403,7 @@ def submit_shard(argv: list[str]) -> int:
     array_id = sbatch(array_script, args.sbatch_arg)
     merge_id = sbatch(merge_script, args.sbatch_arg, f"afterany:{array_id}")
     print(f"submitted shard array {array_id} ({args.parts} parts) and merge job {merge_id}")
+    print(f"logs: {folder / 'logs'}; follow them: squeue -j {array_id},{merge_id}")
     return 0
 
 
@@ -303,7 +420,7 @@ def eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shards", required=True, help="evaluation shards")
     parser.add_argument("--out", required=True, help="the JSON report")
     parser.add_argument("--gpus-per-node", type=int, default=1, help="0: a CPU job")
-    add_job_options(parser, cpus_default=8)
+    add_job_options(parser)
     return parser
 
 
@@ -312,7 +429,8 @@ def submit_eval(argv: list[str]) -> int:
     args = eval_parser().parse_args(own)
     report = Path(args.out).resolve()
     folder = report.parent / "slurm"
-    values = job_values(args, f"umt-eval-{report.stem}", folder / "logs")
+    cpus = fit_request(args, 8, gpus_per_node=args.gpus_per_node)
+    values = job_values(args, f"umt-eval-{report.stem}", folder / "logs", cpus)
     model = args.model if "://" in args.model else str(Path(args.model).resolve())
     eval_args = ["--model", model, "--shards", args.shards, "--out", str(report), *eval_options]
     values |= {
@@ -325,7 +443,9 @@ def submit_eval(argv: list[str]) -> int:
         print(text, end="")
         return 0
     script = write_script(folder, f"eval-{report.stem}.sbatch", text)
-    print(f"submitted eval job {sbatch(script, args.sbatch_arg)} ({script})")
+    job = sbatch(script, args.sbatch_arg)
+    print(f"submitted eval job {job} ({script})")
+    print(follow_hint(folder / "logs", values["job_name"], job))
     return 0
 
 

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"umt train: {exc}", file=sys.stderr)
         return 2
 
-    from umt.distributed import discover_world
+    from umt.distributed import discover_world, shutdown
     from umt.logging import setup_logging
     from umt.train import Trainer, TrainingError
 
@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, TrainingError) as exc:
         print(f"umt train: {exc}", file=sys.stderr)
         return 1
+    shutdown()
     # train() returns before train.steps only after a signal, once every rank's checkpoint is on disk.
     if trainer.state.step < cfg.train.steps and trainer.rank == 0:
         requeue_slurm_job(os.environ)

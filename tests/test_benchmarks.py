@@ -107,11 +107,21 @@ def test_objective_scaling_quick_prints_summary_and_matches_formulas():
 
 @pytest.mark.slow
 def test_gpu_smoke_cpu_mode_runs_to_completion(tmp_path):
-    out = run("bash", "benchmarks/gpu_smoke.sh", "--cpu", env={"UMT_SMOKE_OUT": str(tmp_path)})
+    out = run(
+        "bash",
+        "benchmarks/gpu_smoke.sh",
+        "--cpu",
+        timeout_s=600,
+        env={"UMT_SMOKE_OUT": str(tmp_path)},
+    )
     values = summary(out)
     assert float(values["synthetic_samples_per_s"]) > 0
     assert float(values["shards_samples_per_s"]) > 0
     assert 0 <= float(values["shards_data_wait"]) <= 1
+    assert float(values["zero3_samples_per_s"]) > 0  # ZeRO-3 steps with evaluation inside
+    assert 0 <= float(values["eval_itc_i2t_r1"]) <= 100 and float(values["eval_seconds"]) > 0
+    assert float(values["resume_seconds"]) > 0
+    assert "umt eval: 20 images" in out
 
 
 def test_forward_flops_with_data_negatives_equal_torch_flop_counter():

@@ -30,7 +30,8 @@ def test_pretrain_configs_are_what_their_names_say():
         768,
         2,
     )
-    assert large.zero.stage == 3
+    assert (large.zero.stage, large.model.fusion.activation_checkpointing) == (2, False)
+    assert large.zero.communication_dtype == "fp32"
     ds = deepspeed_config(base, 8, torch.device("cuda"), False)
     assert ds["bf16"]["enabled"] and ds["gradient_clipping"] == 1.0
 
@@ -91,7 +92,41 @@ def test_deepspeed_config_on_cpu_is_fp32_with_explicit_clipping():
     assert ds["gradient_clipping"] == 0.5
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["checkpoint"]["load_universal"] is True
-    assert ds["optimizer"]["params"]["torch_adam"] is True
+    assert ds["optimizer"]["params"]["torch_adam"] is True  # torch's AdamW on a CPU-only run
+    assert "fused" not in ds["optimizer"]["params"]
+
+
+def test_the_optimizer_is_chosen_per_device_and_offload():
+    """auto: torch's fused AdamW on GPUs, DeepSpeed's CPU Adam with offload, torch AdamW on CPU."""
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    cfg = load_config(None, SYNTH)
+    params = deepspeed_config(cfg, 8, gpu, False)["optimizer"]["params"]
+    assert params["torch_adam"] is True and params["fused"] is True
+    offload = load_config(None, [*SYNTH, "zero.offload_optimizer=cpu"])
+    for device in (gpu, cpu):
+        params = deepspeed_config(offload, 8, device, False)["optimizer"]["params"]
+        assert params["torch_adam"] is False and "fused" not in params  # DeepSpeedCPUAdam
+    explicit = load_config(None, [*SYNTH, "zero.offload_optimizer=cpu", "train.optimizer=adamw"])
+    assert deepspeed_config(explicit, 8, gpu, False)["optimizer"]["params"]["torch_adam"] is True
+    fused = load_config(None, [*SYNTH, "train.optimizer=fused_adamw"])
+    with pytest.raises(ConfigError, match="fused_adamw needs a CUDA device"):
+        deepspeed_config(fused, 1, cpu, False)
+    with pytest.raises(ConfigError, match="cpu_adam needs zero.offload_optimizer: cpu"):
+        load_config(None, [*SYNTH, "train.optimizer=cpu_adam"])
+    with pytest.raises(ConfigError, match="train.optimizer must be one of"):
+        load_config(None, [*SYNTH, "train.optimizer=sgd"])
+
+
+def test_communication_dtype_reaches_deepspeed():
+    cfg = load_config(None, [*SYNTH, "zero.communication_dtype=fp32"])
+    assert (
+        deepspeed_config(cfg, 64, torch.device("cuda"), False)["communication_data_type"] == "fp32"
+    )
+    assert "communication_data_type" not in deepspeed_config(
+        load_config(None, SYNTH), 64, torch.device("cuda"), False
+    )
+    with pytest.raises(ConfigError, match="zero.communication_dtype"):
+        load_config(None, [*SYNTH, "zero.communication_dtype=int8"])
 
 
 def test_config_reference_lists_every_stable_key():

@@ -174,6 +174,18 @@ def test_gpu_script_asks_for_gpus_one_task_each_and_requeues(capsys):
     assert "#SBATCH --ntasks-per-node=1\n" in torchrun and "--nproc_per_node=8" in torchrun
 
 
+def test_cpus_per_task_default_to_the_loader_workers_plus_two(capsys):
+    """Each rank feeds its GPU from data.train.num_workers processes besides itself: the demo
+    config has 1, so 3 CPUs per task (one task per GPU), 24 for one torchrun task of 8 ranks.
+    (Partition `p` is not the local cluster's: nothing to cap against, a warning says so.)"""
+    text = render_train("--gpus-per-node=8", "--partition=p", capsys=capsys)
+    assert "#SBATCH --cpus-per-task=3\n" in text
+    torchrun = render_train(
+        "--gpus-per-node=8", "--partition=p", "--launcher=torchrun", capsys=capsys
+    )
+    assert "#SBATCH --cpus-per-task=24\n" in torchrun
+
+
 def test_cpu_script_has_no_gres(capsys):
     text = render_train("--gpus-per-node=0", "--tasks-per-node=2", capsys=capsys)
     assert "--gres" not in text and "#SBATCH --ntasks-per-node=2\n" in text
@@ -224,6 +236,42 @@ def test_shard_and_eval_dry_runs_pass_sbatch_test_only(tmp_path, partition, caps
     (tmp_path / "eval.sbatch").write_text(eval_text := capsys.readouterr().out)
     assert "--itm-rerank=8" in eval_text and "--gres" not in eval_text
     assert_sbatch_accepts(tmp_path / "eval.sbatch")
+
+
+def test_requests_the_partition_can_never_give_are_refused_before_sbatch(
+    tmp_path, partition, capsys
+):
+    """A job asking for more than a node has pends forever without a word from Slurm."""
+    nodes = subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True)
+    node_cpus = int(re.sub(r"\D.*", "", nodes.stdout.split()[0]))
+    base = [
+        "train",
+        "--config",
+        str(REPO / "configs" / "demo_cpu.yaml"),
+        f"--partition={partition}",
+    ]
+    out = [f"output_dir={tmp_path / 'run'}"]
+    # Default CPUs (workers + 2 per rank) are capped to what the node has, with a line saying so.
+    argv = [*base, "--gpus-per-node=0", "--tasks-per-node=2", "--dry-run", "--", *out]
+    assert submit_module.main(argv) == 0
+    captured = capsys.readouterr()
+    fitting = max(1, node_cpus // 2)
+    if 3 > fitting:
+        assert f"#SBATCH --cpus-per-task={fitting}\n" in captured.out
+        assert f"{fitting} fit partition {partition}" in captured.err
+    # A GPU job on a partition without GPUs, and more CPUs than a node has: refused, one line.
+    for bad, message in (
+        (["--gpus-per-node=1"], "has no GPUs"),
+        (["--gpus-per-node=0", f"--cpus-per-task={node_cpus + 1}"], f"nodes have {node_cpus}"),
+        (["--gpus-per-node=0", "--nodes=99"], "--nodes 99"),
+    ):
+        assert submit_module.main([*base, *bad, "--", *out]) == 2
+        err = capsys.readouterr().err
+        assert "this job could never start" in err and message in err, err
+        assert len(err.strip().splitlines()) == 1
+    assert submit_module.main([*base, "--partition=nope", "--gpus-per-node=0", "--", *out]) == 2
+    assert "partition nope does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_chain_links_jobs_with_afterany(tmp_path, partition, jobs):

@@ -330,3 +330,52 @@ def test_train_augmentation_options_reach_the_loader(demo_shards):
     cfg = load_config(None, [*base, "data.train.crop_scale=[0.9,0.5]"])
     with pytest.raises(ValueError, match="crop_scale"):
         build_train_data(cfg, rank=0, world_size=1)
+
+
+def test_a_step_reads_device_values_back_twice_at_most(tmp_path):
+    """Steps that do not log read two values from the device (each a host-device sync on a GPU):
+    the ITM fetch plan and the fused (non-finite, stop) flags. Counted on 2 ranks by intercepting
+    every torch call that would read back (`.item()`, truth tests, boolean indexing ...)."""
+    import json
+
+    out = tmp_path / "reads.json"
+    run_torchrun(
+        REPO / "tests" / "_ranks_host_syncs.py", str(out), f"output_dir={tmp_path / 'run'}",
+        *TINY, "log.every_steps=1000", "train.steps=100",
+    )  # fmt: skip
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"reads-rank{rank}.json").read_text())
+        # data_pipeline/: the synthetic batches are built on the host, never on the device
+        ours = {k: v for k, v in result["ours"].items() if k.startswith("umt/")}
+        sites = sorted(k.split(":")[0] for k in ours)
+        assert sites == ["umt/objectives/pretrain.py", "umt/train.py"], ours
+        assert sum(ours.values()) == 2 * result["steps"], ours
+        # The text tower gets a 4-D mask: HF's check whether the mask can be dropped is gone.
+        assert not [k for k in result["others"] if k.startswith("transformers/")], result
+
+
+def test_offloaded_optimizer_states_get_deepspeeds_cpu_adam(tmp_path):
+    """train.optimizer=auto with zero.offload_optimizer=cpu: DeepSpeed builds its vectorised CPU
+    Adam (its op is compiled on first use, ~1 min once per machine)."""
+    proc = train(tmp_path / "offload", "train.steps=2", "zero.offload_optimizer=cpu", nproc=1)
+    assert "optimizer DeepSpeedCPUAdam (train.optimizer=auto)" in proc.stderr
+    loss = scalars(tmp_path / "offload", "loss/total")
+    assert sorted(loss) == [1, 2]
+
+
+def test_torch_adamw_on_a_cpu_only_run(tmp_path):
+    proc = train(tmp_path / "cpu", "train.steps=1", nproc=1)
+    assert "optimizer AdamW (train.optimizer=auto)" in proc.stderr
+
+
+def test_a_failing_evaluation_comes_after_that_steps_checkpoint(tmp_path):
+    """Evaluation runs after the checkpoint of its step: when it fails, the steps before it are
+    saved (it ran first, so a run whose evaluation fails resumed from the previous checkpoint and
+    failed again, forever)."""
+    out = tmp_path / "eval_fails"
+    proc = train(
+        out, "train.steps=4", "checkpoint.every_steps=2", "eval.every_steps=2",
+        f"data.eval.shards={tmp_path / 'no_such_shards'}", nproc=1, check=False,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert (out / "checkpoints" / "latest").read_text() == "step2"

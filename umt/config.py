@@ -84,8 +84,12 @@ class TrainConfig:
     """`auto` (bf16 on GPU, fp32 on CPU), `fp32`, `bf16` or `fp16`."""
     max_nonfinite: int = 5
     """Stop after this many consecutive micro-batches with a non-finite loss."""
-    torch_adam: bool = True
-    """Use torch's AdamW inside DeepSpeed (False: DeepSpeed's fused/CPU Adam, needs its ops built)."""
+    optimizer: str = "auto"
+    """`auto`: torch's fused AdamW on GPUs, DeepSpeed's CPU Adam with zero.offload_optimizer: cpu,
+    torch's AdamW on CPU-only runs; or one of `adamw`, `fused_adamw` (GPU), `cpu_adam` (with
+    offload; DeepSpeed builds its op on first use)."""
+    collective_timeout_min: float = 30.0
+    """A collective that waits longer than this fails the run instead of hanging it."""
 
 
 @dataclass
@@ -100,6 +104,9 @@ class ZeroConfig:
     allgather_bucket_size: int = 50_000_000
     stage3_prefetch_bucket_size: int = 50_000_000
     stage3_param_persistence_threshold: int = 100_000
+    communication_dtype: str | None = None
+    """Dtype of gradient reduction: None (the training dtype), `fp32` (exact sums over many ranks
+    under bf16, twice the bytes of bf16), `bf16` or `fp16`."""
 
 
 @dataclass
@@ -110,6 +117,10 @@ class CheckpointConfig:
     """Complete checkpoints kept (older ones deleted after a newer one is complete)."""
     dir: str | None = None
     """Default: OUTPUT_DIR/checkpoints."""
+    conversion_timeout_min: float = 240.0
+    """Resuming on another number of ranks: how long the other ranks wait while rank 0 converts
+    the checkpoint to DeepSpeed's universal format (a gloo group of its own, so this does not
+    loosen train.collective_timeout_min)."""
 
 
 @dataclass
@@ -336,8 +347,29 @@ def validate(cfg: Config, source: str = "") -> None:
         f"train.precision must be auto, fp32, bf16 or fp16 (got {t.precision!r})",
         source,
     )
+    optimizers = ("auto", "adamw", "fused_adamw", "cpu_adam")
+    _require(
+        t.optimizer in optimizers,
+        f"train.optimizer must be one of {', '.join(optimizers)} (got {t.optimizer!r})",
+        source,
+    )
+    _require(
+        t.collective_timeout_min > 0,
+        f"train.collective_timeout_min must be > 0 (got {t.collective_timeout_min})",
+        source,
+    )
     z = cfg.zero
     _require(z.stage in (0, 1, 2, 3), f"zero.stage must be 0, 1, 2 or 3 (got {z.stage})", source)
+    _require(
+        t.optimizer != "cpu_adam" or z.offload_optimizer == "cpu",
+        "train.optimizer: cpu_adam needs zero.offload_optimizer: cpu (it runs on the offloaded states)",
+        source,
+    )
+    _require(
+        z.communication_dtype in (None, "fp32", "bf16", "fp16"),
+        f"zero.communication_dtype must be fp32, bf16, fp16 or null (got {z.communication_dtype!r})",
+        source,
+    )
     _require(
         z.offload_optimizer in ("none", "cpu"),
         f"zero.offload_optimizer must be none or cpu (got {z.offload_optimizer!r})",
@@ -353,6 +385,11 @@ def validate(cfg: Config, source: str = "") -> None:
         c.every_steps >= 0, f"checkpoint.every_steps must be >= 0 (got {c.every_steps})", source
     )
     _require(c.keep >= 1, f"checkpoint.keep must be >= 1 (got {c.keep})", source)
+    _require(
+        c.conversion_timeout_min > 0,
+        f"checkpoint.conversion_timeout_min must be > 0 (got {c.conversion_timeout_min})",
+        source,
+    )
     _require(
         cfg.log.every_steps > 0, f"log.every_steps must be > 0 (got {cfg.log.every_steps})", source
     )

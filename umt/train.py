@@ -13,22 +13,21 @@ import os
 import random
 import resource
 import signal
-import subprocess
 import time
-from dataclasses import asdict, dataclass
+import warnings
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from umt import checkpoint
-from umt.config import Config, save_config, to_dict, tokenizer_name
-from umt.distributed import WorldInfo, discover_world
+from umt import checkpoint, distributed
+from umt.config import Config, ConfigError, save_config, to_dict, tokenizer_name
+from umt.distributed import WorldInfo, any_rank
 from umt.flops import StepShape, gpu_peak_flops, train_step_flops
 from umt.logging import MetricsWriter, progress
 from umt.model import build_model
-from umt.objectives import key_ids, mix_seed
+from umt.objectives import mix_seed
 
 log = logging.getLogger("umt.train")
 
@@ -78,53 +77,19 @@ class TrainState:
 # --- distributed set-up ----------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _slurm_master_addr() -> str:
-    nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
-    if not nodes:
-        return "127.0.0.1"
-    out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True)
-    return out.stdout.split()[0] if out.returncode == 0 and out.stdout.split() else "127.0.0.1"
-
-
-def export_world_env(world: WorldInfo) -> None:
-    """Give torch.distributed the env:// variables whichever launcher started us."""
-    env = os.environ
-    if world.launcher == "single":
-        env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(_free_port()))
-    elif world.launcher == "slurm":
-        env.setdefault("MASTER_ADDR", _slurm_master_addr())
-        env.setdefault("MASTER_PORT", str(10000 + int(env.get("SLURM_JOB_ID", "0")) % 50000))
-    env["RANK"], env["LOCAL_RANK"] = str(world.rank), str(world.local_rank)
-    env["WORLD_SIZE"] = str(world.world_size)
-
-
-def init_distributed() -> tuple[WorldInfo, torch.device]:
-    """NCCL on GPUs, gloo on CPU; one process without a launcher is a world of one."""
+def init_distributed(timeout_s: float) -> tuple[WorldInfo, torch.device]:
+    """This rank's GPU and process group (NCCL on GPUs, gloo on CPU), then DeepSpeed's comm on top."""
     import deepspeed
 
-    world = discover_world()
-    export_world_env(world)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(world.local_rank)
-        device = torch.device("cuda", world.local_rank)
-    else:
-        device = torch.device("cpu")
+    world, device = distributed.init_distributed(timeout_s, always=True)
+    if device.type == "cpu":
         # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce when its process group
         # starts: ~50 s on 2 cores, once per machine, for an op only inference calls. Training
         # collectives go through gloo either way.
         # (`deepspeed.comm.torch` as an attribute is the torch package: import the module by name.)
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    # The torch group exists already, so DeepSpeed wraps it (and its timeout) instead of making one.
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     return world, device
 
 
@@ -141,6 +106,41 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     return precision
+
+
+OPTIMIZERS = ("auto", "adamw", "fused_adamw", "cpu_adam")
+
+
+def resolve_optimizer(name: str, device: torch.device, offload: str) -> str:
+    """`train.optimizer`, with `auto` made concrete for the device.
+
+    auto: torch's fused AdamW on GPUs (one kernel for all parameters, no op to build);
+    DeepSpeed's vectorised CPU Adam when ZeRO offloads the optimizer to the CPU (torch's AdamW
+    would run there ~5x slower); torch's AdamW on a CPU-only run.
+    """
+    if name == "auto":
+        if offload == "cpu":
+            return "cpu_adam"
+        return "fused_adamw" if device.type == "cuda" else "adamw"
+    if name == "fused_adamw" and device.type != "cuda":
+        raise ConfigError("train.optimizer: fused_adamw needs a CUDA device; use adamw or auto")
+    return name
+
+
+def optimizer_config(t, optimizer: str) -> dict:
+    """DeepSpeed's `optimizer` block: which class DeepSpeed builds follows from `torch_adam`
+    (torch's AdamW; `fused` is handed to it) and ZeRO offload (DeepSpeedCPUAdam)."""
+    params = {
+        "lr": t.lr,
+        "betas": list(t.betas),
+        "eps": t.eps,
+        "weight_decay": t.weight_decay,
+        "adam_w_mode": True,
+        "torch_adam": optimizer in ("adamw", "fused_adamw"),
+    }
+    if optimizer == "fused_adamw":
+        params["fused"] = True
+    return {"type": "AdamW", "params": params}
 
 
 def deepspeed_config(
@@ -163,22 +163,13 @@ def deepspeed_config(
         zero["stage3_gather_16bit_weights_on_model_save"] = False
     if z.offload_optimizer == "cpu":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
-    return {
+    optimizer = resolve_optimizer(t.optimizer, device, z.offload_optimizer)
+    config = {
         "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
         "gradient_clipping": t.grad_clip,
-        "optimizer": {
-            "type": "AdamW",
-            "params": {
-                "lr": t.lr,
-                "betas": list(t.betas),
-                "eps": t.eps,
-                "weight_decay": t.weight_decay,
-                "torch_adam": t.torch_adam,
-                "adam_w_mode": True,
-            },
-        },
+        "optimizer": optimizer_config(t, optimizer),
         "scheduler": {
             "type": "WarmupCosineLR",
             "params": {
@@ -197,14 +188,22 @@ def deepspeed_config(
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if z.communication_dtype is not None:
+        config["communication_data_type"] = z.communication_dtype
+    return config
 
 
 # --- data --------------------------------------------------------------------------------------
 
 
-def build_train_data(cfg: Config, rank: int, world_size: int, epoch: int = 0):
-    """The training stream for this rank: the streaming loader over shards, or synthetic batches."""
+def build_train_data(cfg: Config, rank: int, world_size: int, epoch: int = 0, device=None):
+    """The training stream for this rank: the streaming loader over shards, or synthetic batches.
+
+    On a GPU (`device`), loader batches come in pinned memory (asynchronous copies) and a short
+    synthetic cycle is kept on the device (no per-step host work in benchmarks).
+    """
     d = cfg.data.train
+    on_gpu = device is not None and torch.device(device).type == "cuda"
     if d.synthetic:
         from data_pipeline.synthetic import SyntheticBatches
 
@@ -217,6 +216,7 @@ def build_train_data(cfg: Config, rank: int, world_size: int, epoch: int = 0):
             rank,
             world_size,
             distinct_batches=d.synthetic_distinct or 1 << 30,
+            device=device if on_gpu else None,
         )
     from data_pipeline.loader import LoaderConfig, build_loader
 
@@ -235,11 +235,46 @@ def build_train_data(cfg: Config, rank: int, world_size: int, epoch: int = 0):
         crop_scale=d.crop_scale,
         hflip=d.hflip,
         negatives=d.negatives,
+        pin_memory=on_gpu,
     )
     return build_loader(loader_cfg, rank=rank, world_size=world_size, epoch=epoch)
 
 
 # --- the trainer -------------------------------------------------------------------------------
+
+
+@dataclass
+class StepResult:
+    """One optimizer step as the loop sees it. `logs` stay on the device: read only on log steps."""
+
+    logs: dict[str, torch.Tensor]
+    stop: bool  # a stop signal reached some rank: checkpoint now
+    data_wait_s: float
+    elapsed_s: float
+    text_len: float  # mean padded text length fed (for MFU)
+    host_syncs: int = -1  # with UMT_SYNC_DEBUG on a GPU: synchronising CUDA calls in the step
+
+
+@dataclass
+class Window:
+    """What the throughput and MFU of a log line are averaged over."""
+
+    start: float = field(default_factory=time.perf_counter)
+    steps: int = 0
+    excluded_s: float = 0.0  # evaluation and checkpoint time inside the window
+    data_wait_s: float = 0.0
+    text_len: float = 0.0
+    host_syncs: list[int] = field(default_factory=list)
+
+    def add(self, result: StepResult) -> None:
+        self.steps += 1
+        self.data_wait_s += result.data_wait_s
+        self.text_len += result.text_len
+        if result.host_syncs >= 0:
+            self.host_syncs.append(result.host_syncs)
+
+    def seconds(self) -> float:
+        return max(time.perf_counter() - self.start - self.excluded_s, 1e-9)
 
 
 class Trainer:
@@ -249,8 +284,8 @@ class Trainer:
         import deepspeed
 
         self.cfg = cfg
-        self.world, self.device = init_distributed()
-        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.world, self.device = init_distributed(cfg.train.collective_timeout_min * 60)
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
         self.out = Path(cfg.output_dir)
         self.ckpt_root = Path(cfg.checkpoint.dir or self.out / "checkpoints")
         ref = checkpoint.resolve(resume, self.ckpt_root)
@@ -270,9 +305,16 @@ class Trainer:
             model_parameters=model.optimizer_groups(cfg.train.weight_decay),
             config=ds_config,
         )
+        if self.rank == 0:
+            log.info(
+                "optimizer %s (train.optimizer=%s), collective timeout %g min",
+                type(self.engine.basic_optimizer).__name__,
+                cfg.train.optimizer,
+                cfg.train.collective_timeout_min,
+            )
         self.model_dtype = next(self.engine.module.parameters()).dtype
         seed_everything(cfg.train.seed + 1000 * (self.rank + 1))  # per-rank streams (dropout)
-        self.data = build_train_data(cfg, self.rank, self.world_size)
+        self.data = build_train_data(cfg, self.rank, self.world_size, device=self.device)
         self.state = TrainState()
         if ref is not None:
             self.resume(ref, elastic)
@@ -281,11 +323,16 @@ class Trainer:
         )
         self.stop_signal: int | None = None
         self.faults = Faults.from_env()
+        self.sync_debug = os.environ.get("UMT_SYNC_DEBUG") == "1" and self.device.type == "cuda"
         self.last_checkpoint: Path | None = ref.path if ref else None
 
     # --- state -------------------------------------------------------------------------------
     def resume(self, ref: checkpoint.CheckpointRef, elastic: bool) -> None:
-        tag = checkpoint.convert_to_universal(ref) if elastic else ref.tag
+        tag = (
+            checkpoint.convert_to_universal(ref, self.cfg.checkpoint.conversion_timeout_min * 60)
+            if elastic
+            else ref.tag
+        )
         load_path, client_state = self.engine.load_checkpoint(str(ref.root), tag=tag)
         if load_path is None:
             raise checkpoint.CheckpointError(f"DeepSpeed could not load {ref.root / tag}")
@@ -325,7 +372,9 @@ class Trainer:
                 int(saved["batches_per_epoch"]) - int(saved["batches_in_epoch"]),
                 int(saved["batches_per_epoch"]), epoch - 1,
             )  # fmt: skip
-        self.data = build_train_data(self.cfg, self.rank, self.world_size, epoch=epoch)
+        self.data = build_train_data(
+            self.cfg, self.rank, self.world_size, epoch=epoch, device=self.device
+        )
 
     def save_checkpoint(self) -> Path:
         path = checkpoint.save(
@@ -342,16 +391,13 @@ class Trainer:
         return path
 
     # --- the step ----------------------------------------------------------------------------
-    def _any_rank(self, flag: bool) -> bool:
-        t = torch.tensor([int(flag)], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-
     def forward(self, batch, seed: int):
-        pixels = batch.pixel_values.to(self.device, dtype=self.model_dtype, non_blocking=True)
+        # uint8 pixels travel (a quarter of float32's bytes) and are normalised on the device;
+        # image keys were hashed to int64 ids in the loader workers.
+        pixels = batch.normalized_pixels(self.device, self.model_dtype)
         ids = batch.input_ids.to(self.device, non_blocking=True)
         mask = batch.attention_mask.to(self.device, non_blocking=True)
-        image_ids = key_ids(batch.image_keys, self.device)
+        image_ids = batch.image_ids.to(self.device, non_blocking=True)
         negative_texts = batch.negative_texts
         if negative_texts is not None:
             negative_texts = tuple(t.to(self.device, non_blocking=True) for t in negative_texts)
@@ -365,86 +411,132 @@ class Trainer:
             negative_texts=negative_texts,
         )
 
-    def train_step(self, batches) -> dict[str, float]:
-        """One optimizer step: grad_accum micro-batches; a non-finite one on any rank is skipped on all."""
+    def train_step(self, batches) -> StepResult:
+        """One optimizer step: grad_accum micro-batches; a non-finite one on any rank is skipped on all.
+
+        Host-device syncs: the ITM fetch plan's one read inside the forward, and one read of a
+        fused all-reduce of (non-finite loss anywhere, stop signal anywhere) per micro-batch.
+        Log values stay on the device (`StepResult.logs`).
+        """
         t = self.cfg.train
         logs: dict[str, torch.Tensor] = {}
         data_wait, start, micro, skipped_run = 0.0, time.perf_counter(), 0, 0
-        while micro < t.grad_accum:
-            tic = time.perf_counter()
-            batch = next(batches)
-            data_wait += time.perf_counter() - tic
-            seed = mix_seed(t.seed, self.state.step, micro, skipped_run)
-            out = self.forward(batch, seed)
-            if self.faults.nan_at(self.state.step + 1, micro, skipped_run) and self.rank == 0:
-                out.loss = out.loss * float("nan")
-            if self._any_rank(not torch.isfinite(out.loss).item()):
-                skipped_run += 1
-                self.state.nonfinite_total += 1
-                log.warning("non-finite loss at step %d: micro-batch skipped", self.state.step + 1)
-                if skipped_run >= t.max_nonfinite:
-                    raise TrainingError(
-                        f"{skipped_run} consecutive non-finite losses at step {self.state.step + 1}; "
-                        f"last checkpoint: {self.last_checkpoint or 'none'}"
+        stop, text_len = False, 0
+        with self._sync_counter() as syncs:
+            while micro < t.grad_accum:
+                tic = time.perf_counter()
+                batch = next(batches)
+                data_wait += time.perf_counter() - tic
+                seed = mix_seed(t.seed, self.state.step, micro, skipped_run)
+                out = self.forward(batch, seed)
+                if self.faults.nan_at(self.state.step + 1, micro, skipped_run) and self.rank == 0:
+                    out.loss = out.loss * float("nan")
+                nonfinite, stop_now = any_rank(
+                    [~torch.isfinite(out.loss.detach()), self.stop_signal is not None]
+                )
+                stop = stop or stop_now
+                if nonfinite:
+                    skipped_run += 1
+                    self.state.nonfinite_total += 1
+                    log.warning(
+                        "non-finite loss at step %d: micro-batch skipped", self.state.step + 1
                     )
-                continue
-            self.engine.backward(out.loss)
-            self.engine.step()
-            for k, v in out.logs.items():
-                logs[k] = logs.get(k, 0) + v.float() / t.grad_accum
-            micro += 1
+                    if skipped_run >= t.max_nonfinite:
+                        raise TrainingError(
+                            f"{skipped_run} consecutive non-finite losses at step "
+                            f"{self.state.step + 1}; last checkpoint: {self.last_checkpoint or 'none'}"
+                        )
+                    continue
+                self.engine.backward(out.loss)
+                self.engine.step()
+                for k, v in out.logs.items():
+                    logs[k] = logs.get(k, 0) + v.detach().float() / t.grad_accum
+                text_len += batch.input_ids.shape[1]
+                micro += 1
         self.state.step += 1
         self.state.samples += t.micro_batch_size * t.grad_accum * self.world_size
-        elapsed = time.perf_counter() - start
-        grad_norm = self.engine.get_global_grad_norm()
-        scalars = {k: v.item() for k, v in logs.items()}
-        scalars |= {
-            "lr": self.engine.get_lr()[0],
-            "time/step_s": elapsed,
-            "time/data_wait_fraction": data_wait / max(elapsed, 1e-9),
-            "train/nonfinite_skipped": float(self.state.nonfinite_total),
-        }
-        if grad_norm is not None:
-            scalars["grad_norm"] = float(grad_norm)
-        return scalars
+        return StepResult(
+            logs, stop, data_wait, time.perf_counter() - start, text_len / t.grad_accum, syncs[0]
+        )
+
+    def _sync_counter(self):
+        """With UMT_SYNC_DEBUG=1 on a GPU: count CUDA calls that synchronise the host (torch's
+        sync debug mode warns on each); yields a one-element list filled at exit (-1: off)."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def counting():
+            box = [-1]
+            if not self.sync_debug:
+                yield box
+                return
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    yield box
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            box[0] = sum("synchroniz" in str(w.message) for w in caught)
+
+        return counting()
 
     # --- logging -----------------------------------------------------------------------------
-    def _reduce(self, scalars: dict[str, float]) -> dict[str, float]:
-        """Mean over ranks of every scalar (same keys on every rank)."""
-        keys = sorted(scalars)
-        t = torch.tensor([scalars[k] for k in keys], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return dict(zip(keys, (t / self.world_size).tolist()))
+    def log_scalars(self, result: StepResult, window: Window) -> dict[str, float]:
+        """Mean over ranks of the step's logs and the window's system figures: one all-reduce,
+        one host read (log steps only)."""
+        logs = dict(result.logs)
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            logs["grad_norm"] = torch.as_tensor(grad_norm, dtype=torch.float32)
+        host = self._system_scalars(window) | {
+            "lr": self.engine.get_lr()[0],
+            "time/step_s": result.elapsed_s,
+            "train/nonfinite_skipped": float(self.state.nonfinite_total),
+        }
+        keys = sorted(logs) + sorted(host)
+        values = torch.stack(
+            [logs[k].to(self.device, torch.float64).reshape(()) for k in sorted(logs)]
+            + [torch.tensor(float(host[k]), dtype=torch.float64, device=self.device) for k in sorted(host)]
+        )  # fmt: skip
+        mean = distributed.all_reduce(values) / self.world_size
+        return dict(zip(keys, mean.tolist()))
 
-    def _system_scalars(self, window_steps: int, window_s: float) -> dict[str, float]:
+    def _system_scalars(self, window: Window) -> dict[str, float]:
         t = self.cfg.train
-        per_rank = window_steps * t.micro_batch_size * t.grad_accum / max(window_s, 1e-9)
+        seconds = window.seconds()  # evaluation and checkpoint time left out
+        per_rank = window.steps * t.micro_batch_size * t.grad_accum / seconds
         out = {
             "throughput/samples_per_s": per_rank * self.world_size,
             "throughput/samples_per_s_per_rank": per_rank,
+            "time/data_wait_fraction": window.data_wait_s / seconds,
             "memory/rss_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         }
+        if window.host_syncs:
+            out["debug/host_syncs_per_step"] = sum(window.host_syncs) / len(window.host_syncs)
         if self.device.type == "cuda":
             out["memory/allocated_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
             out["memory/reserved_peak_gib"] = torch.cuda.max_memory_reserved() / 2**30
             peak = gpu_peak_flops(torch.cuda.get_device_name(self.device))
             if peak:
-                # At max_text_len: exact for synthetic batches, an upper bound for the loader's
-                # (padded to the longest caption of each batch).
-                o = self.cfg.objectives
-                shape = StepShape(
-                    t.micro_batch_size,
-                    self.cfg.data.train.max_text_len,
-                    self.world_size,
-                    itm=o.itm_weight > 0,
-                    data_negatives=o.itm_weight > 0 and bool(self.cfg.data.train.negatives),
-                    mlm=o.mlm_weight > 0,
-                )
-                flops_per_sample = train_step_flops(self.cfg.model, shape) / t.micro_batch_size
-                out["throughput/mfu"] = per_rank * flops_per_sample / peak
+                out["throughput/mfu"] = per_rank * self.flops_per_sample(window) / peak
         for reason, count in self.data.error_counts().items():
             out[f"data/errors_{reason}"] = float(count)
         return out
+
+    def flops_per_sample(self, window: Window) -> float:
+        """Model FLOPs of one training sample at the text length actually fed in the window
+        (batches are padded to their longest caption, not to max_text_len)."""
+        t, o = self.cfg.train, self.cfg.objectives
+        shape = StepShape(
+            t.micro_batch_size,
+            max(1, round(window.text_len / max(window.steps, 1))),
+            self.world_size,
+            itm=o.itm_weight > 0,
+            data_negatives=o.itm_weight > 0 and bool(self.cfg.data.train.negatives),
+            mlm=o.mlm_weight > 0,
+        )
+        return train_step_flops(self.cfg.model, shape) / t.micro_batch_size
 
     def evaluate(self) -> dict:
         """Retrieval on data.eval with the same code as `umt eval`; every rank takes part."""
@@ -488,39 +580,39 @@ class Trainer:
         cfg = self.cfg
         batches = iter(self.data)
         bar = progress(cfg.train.steps, self.state.step, self.rank, "train")
-        window_start, window_steps = time.perf_counter(), 0
+        window = Window()
         last: dict[str, float] = {}
         saved_at = self.state.step if self.last_checkpoint else -1
         while self.state.step < cfg.train.steps:
-            scalars = self.train_step(batches)
-            window_steps += 1
+            result = self.train_step(batches)
+            window.add(result)
             bar.update(1)
             step = self.state.step
             if step % cfg.log.every_steps == 0 or step == cfg.train.steps:
-                now = time.perf_counter()
-                scalars |= self._system_scalars(window_steps, now - window_start)
-                last = self._reduce(scalars)
+                last = self.log_scalars(result, window)
                 self.writer.scalars(last, step)
                 bar.set_postfix(
                     loss=f"{last['loss/total']:.4f}",
                     sps=f"{last['throughput/samples_per_s']:.1f}",
                     refresh=False,
                 )
-                window_start, window_steps = now, 0
+                window = Window()
             if step == self.faults.kill_at_step:
                 os.kill(os.getpid(), signal.SIGKILL)
-            if cfg.eval.every_steps and step % cfg.eval.every_steps == 0:
-                self.evaluate()
-            stop = self._any_rank(self.stop_signal is not None)
+            paused = time.perf_counter()
             every = cfg.checkpoint.every_steps
-            if stop or (every and step % every == 0) or step == cfg.train.steps:
+            if result.stop or (every and step % every == 0) or step == cfg.train.steps:
                 self.save_checkpoint()
                 saved_at = step
-            if stop:
+            if result.stop:
                 log.warning(
                     "stopping at step %d after a signal; checkpoint %s", step, self.last_checkpoint
                 )
                 break
+            # After the checkpoint: an evaluation that fails must not cost the steps before it.
+            if cfg.eval.every_steps and step % cfg.eval.every_steps == 0:
+                self.evaluate()
+            window.excluded_s += time.perf_counter() - paused
         bar.close()
         if saved_at != self.state.step:
             self.save_checkpoint()

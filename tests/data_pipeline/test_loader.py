@@ -211,12 +211,21 @@ def test_random_caption_is_one_of_the_image_captions_and_seeded(tmp_path):
     assert len(set(picks[0])) > 1  # not always the .txt one
 
 
-def test_batch_holds_normalised_pixels_and_tokens(tmp_path, minilm_dir):
+def test_batch_holds_uint8_pixels_hashed_keys_and_tokens(tmp_path, minilm_dir):
+    from umt.objectives import key_ids
+
     write_dataset(tmp_path, [4, 4])
     cfg = keys_only(str(tmp_path), decode_images=True, tokenizer=minilm_dir, image_size=16)
     batch = next(iter(build_loader(cfg, 0, 1)))
-    assert batch.pixel_values.shape == (3, 3, 16, 16) and batch.pixel_values.dtype == torch.float32
-    assert -1.0 <= batch.pixel_values.min() and batch.pixel_values.max() <= 1.0
+    # uint8 through the worker queue and the host-to-device copy; normalised on the device.
+    assert batch.pixel_values.shape == (3, 3, 16, 16) and batch.pixel_values.dtype == torch.uint8
+    pixels = batch.normalized_pixels(torch.device("cpu"), torch.bfloat16)
+    assert pixels.dtype == torch.bfloat16
+    want = (batch.pixel_values.float() / 255 - 0.5) / 0.5
+    assert torch.allclose(
+        batch.normalized_pixels(torch.device("cpu"), torch.float32), want, atol=1e-6
+    )
+    assert torch.equal(batch.image_ids, key_ids(batch.image_keys))  # hashed in the worker
     assert (
         batch.input_ids.dtype == torch.long and batch.input_ids.shape == batch.attention_mask.shape
     )
@@ -345,7 +354,7 @@ def test_order_changes_between_epochs_with_persistent_and_fresh_workers(ranks):
 def test_batches_from_workers_hold_pixels_and_tokens(ranks):
     for batch in ranks["pad"][0]["batches"]:
         assert batch["pixels"] == [3, 3, 8, 8] and batch["ids"][0] == 3
-        assert -1.0 <= batch["pixel_range"][0] <= batch["pixel_range"][1] <= 1.0
+        assert 0 <= batch["pixel_range"][0] <= batch["pixel_range"][1] <= 255  # uint8
 
 
 @pytest.mark.slow

@@ -86,9 +86,13 @@ class UnifiedMultimodalTransformer(nn.Module):
 
     # --- the parts, used by the objectives, evaluation and users --------------------------
     def embed_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextFeatures:
-        tokens = self.text_tower(
-            input_ids=input_ids, attention_mask=attention_mask
-        ).last_hidden_state
+        # A 4-D additive mask reaches the attention as it is (SDPA and eager alike); from a 2-D
+        # one the HF tower first reads the mask back to the host to see whether it could be
+        # dropped: a GPU sync per text pass.
+        dtype = self.text_proj.weight.dtype
+        blocked = 1.0 - attention_mask[:, None, None, :].to(dtype)  # (B, 1, 1, T), 1 at padding
+        additive = blocked * torch.finfo(dtype).min
+        tokens = self.text_tower(input_ids=input_ids, attention_mask=additive).last_hidden_state
         embeds = F.normalize(self.text_proj(tokens[:, 0]), dim=-1)
         return TextFeatures(tokens, attention_mask, embeds)
 
