@@ -42,6 +42,7 @@ from typing import Any, NamedTuple
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from data_pipeline.loader.tar_index import INDEX_SUFFIX, TarIndex, index_location, write_index
 from data_pipeline.sources import Row, SourceSpec, is_url, read_source
 
 FORMAT_VERSION = 1
@@ -686,6 +687,7 @@ def write_shard(job: ShardJob, report: Callable[[int, int], None]) -> ShardRecor
     loaded = fetch_in_order([job.rows[item.row].image for item in fetchable], options)
     failpoint = os.environ.get(FAILPOINT_ENV, "")
     pending_report = [0, 0]
+    index_entries: list[list] = []  # [key, offset, length] of each sample, for random access
     with open(temporary, "wb") as handle:
         tar = TarMembers(handle)
         for position, item in enumerate(task.items):
@@ -706,8 +708,11 @@ def write_shard(job: ShardJob, report: Callable[[int, int], None]) -> ShardRecor
             if options.maxsize and record.count and size_after > options.maxsize:
                 record.overflow = list(task.items[position:])
                 break
-            for name, data_bytes in members:
-                tar.add(name, data_bytes)
+            for i in range(0, len(members), 3):  # each sample: image, caption, metadata
+                index_entries.append([members[i][0].rsplit(".", 1)[0], tar.offset, 0])
+                for name, data_bytes in members[i : i + 3]:
+                    tar.add(name, data_bytes)
+                index_entries[-1][2] = tar.offset - index_entries[-1][1]
             record.count += len(members) // 3
             record.rows += 1
             record.written += 1
@@ -726,6 +731,9 @@ def write_shard(job: ShardJob, report: Callable[[int, int], None]) -> ShardRecor
         trigger_failpoint(failpoint, f"{task.name}:renamed")
         record.bytes = final.stat().st_size
         record.sha256 = file_sha256(final)
+        keys, offsets, lengths = zip(*index_entries)
+        index = TarIndex(task.name, record.bytes, keys, offsets, lengths)
+        write_index(index, str(index_location(str(final))))
     write_json_atomic(done_path(job.out, task.name), record_to_json(record))
     return record
 
@@ -979,6 +987,7 @@ def clear_output(out: Path, prefix: str) -> None:
     patterns = (
         f"{prefix}-*.tar",
         f"{prefix}-*.tar.tmp",
+        f"{prefix}-*{INDEX_SUFFIX}",
         "manifest*.json",
         "sizes.json",
         "errors*.jsonl",

@@ -1,25 +1,38 @@
-"""`umt data`: inspect shards (counts, a few samples) and print the batch order a rank's loader yields.
+"""`umt data`: inspect shards, index them, and print the sample order training sees.
 
-`umt data order` builds the training loader itself (same plan, split, shuffle, workers and
-resume rule) with image decoding switched off, so it prints what training sees, fast. Pass
-`--decode` when the shards may hold corrupt images: training skips those and refills the batch,
-which only decoding can reproduce.
+`umt data order` runs the training loader itself (same global order, dealing rule and workers)
+with image decoding switched off, so it prints what a rank trains on, fast; `--global` prints
+each global step's samples whatever the topology. Pass `--decode` when the shards may hold
+corrupt images: training replaces those, which only decoding can reproduce.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import io
 import itertools
+import math
+import os
 import sys
 from collections import Counter
 
 from data_pipeline.loader import (
     LoaderConfig,
     LoaderConfigError,
+    LoaderDataError,
     build_loader,
     iter_raw_samples,
-    resolve_sources,
+    resolve_dataset,
+)
+from data_pipeline.loader.dataset import expand_braces, parse_source_specs
+from data_pipeline.loader.tar_index import (
+    TarIndexError,
+    check_index,
+    index_location,
+    index_of_file,
+    read_index,
+    write_index,
 )
 
 
@@ -31,28 +44,40 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("shards", help="shard folder, brace pattern, or comma-separated specs")
     inspect.add_argument("--samples", type=int, default=3, help="samples to show (default 3)")
 
-    order = commands.add_parser("order", help="print, one line per batch, the keys a rank yields")
+    index = commands.add_parser(
+        "index", help="write the per-shard index (random access) beside shards that lack one"
+    )
+    index.add_argument("shards", help="a folder of .tar files, a brace pattern, or one .tar")
+    index.add_argument("--check", action="store_true", help="check existing indexes, write none")
+    index.add_argument("--force", action="store_true", help="rewrite existing indexes too")
+
+    order = commands.add_parser("order", help="print the samples a rank (or a step) trains on")
     order.add_argument("shards", help="shard folder, brace pattern, or `name=spec:weight,...`")
-    order.add_argument("--rank", type=int, default=0, help="which rank's batches (default 0)")
+    order.add_argument("--batch-size", type=int, required=True, help="micro-batch per rank")
+    order.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
     order.add_argument("--world-size", type=int, default=1, help="ranks in the run (default 1)")
+    order.add_argument("--rank", type=int, default=0, help="which rank's batches (default 0)")
     order.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank")
-    order.add_argument("--batch-size", type=int, required=True)
     order.add_argument("--seed", type=int, default=0, help="the run's data seed (default 0)")
-    order.add_argument("--epoch", type=int, default=0, help="epoch to start in (default 0)")
     order.add_argument("--resampled", action="store_true", help="draw shards with replacement")
-    order.add_argument("--shuffle-buffer", type=int, default=LoaderConfig.shuffle_buffer)
-    order.add_argument("--on-uneven", choices=("pad", "drop"), default=LoaderConfig.on_uneven)
+    order.add_argument("--shuffle-window", type=int, default=LoaderConfig.shuffle_window)
+    order.add_argument("--epoch-tail", choices=("carry", "drop"), default=LoaderConfig.epoch_tail)
+    order.add_argument("--epoch", type=int, default=0, help="start at this epoch (default 0)")
     order.add_argument(
-        "--start-batch", type=int, default=0, help="first batch, counted from the start of --epoch"
+        "--start-step", type=int, default=0, help="first step, counted from the start of --epoch"
     )
     order.add_argument(
-        "--batches", type=int, default=None, help="how many batches (default: to the epoch's end)"
+        "--steps", type=int, default=None, help="how many steps (default: to the epoch's end)"
     )
+    order.add_argument(
+        "--global", dest="global_", action="store_true",
+        help="one line per step: the sample keys of the whole global batch, in stream order",
+    )  # fmt: skip
     order.add_argument(
         "--sample-keys", action="store_true", help="print sample keys instead of image keys"
     )
     order.add_argument(
-        "--decode", action="store_true", help="decode images, to mirror skips of corrupt ones"
+        "--decode", action="store_true", help="decode images, to mirror replaced corrupt ones"
     )
     return parser
 
@@ -61,14 +86,14 @@ def inspect_shards(args: argparse.Namespace, out: io.TextIOBase) -> int:
     """Counts per source (from the manifests) and the first few samples in stored order."""
     from PIL import Image  # only inspect looks at image headers
 
-    sources = resolve_sources(args.shards, resampled=True)
-    for source in sources:
+    dataset = resolve_dataset(args.shards, resampled=True)
+    for source in dataset.sources:
         print(
             f"source {source.name}: {len(source.shards)} shards, {source.total_samples} samples "
             f"(weight {source.weight:g})",
             file=out,
         )
-    print(f"total: {sum(s.total_samples for s in sources)} samples", file=out)
+    print(f"total: {dataset.total_samples} samples", file=out)
     errors: Counter = Counter()
     for sample in itertools.islice(iter_raw_samples(args.shards, errors), args.samples):
         try:
@@ -86,36 +111,110 @@ def inspect_shards(args: argparse.Namespace, out: io.TextIOBase) -> int:
     return 0
 
 
-def print_order(args: argparse.Namespace, out: io.TextIOBase) -> int:
-    """`epoch<TAB>batch<TAB>key key ...` per batch, from rank R's real loader."""
-    cfg = LoaderConfig(
+def find_tars(spec: str) -> list[str]:
+    """The .tar files a folder holds (sorted), a brace pattern names, or one .tar."""
+    paths = []
+    for entry in parse_source_specs(spec):
+        location = os.path.expanduser(entry.location)
+        if os.path.isdir(location):
+            paths += sorted(glob.glob(os.path.join(glob.escape(location), "*.tar")))
+        else:
+            paths += expand_braces(location)
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise LoaderConfigError(
+            f"{len(missing)} of {len(paths)} shards do not exist (first: {missing[0]})"
+        )
+    if not paths:
+        raise LoaderConfigError(f"no .tar files in {spec}")
+    return paths
+
+
+def index_shards(args: argparse.Namespace, out: io.TextIOBase) -> int:
+    """Write or check the index of every shard; one line per shard that fails, then a summary."""
+    paths = find_tars(args.shards)
+    tally: Counter = Counter()
+    for path in paths:
+        try:
+            if args.check:
+                problems = check_index(path)
+                tally["right" if not problems else "wrong"] += 1
+                for problem in problems:
+                    print(f"{path}: {problem}", file=out)
+                continue
+            if not args.force and read_index(path) is not None:
+                tally["already indexed"] += 1
+                continue
+            index = index_of_file(path)
+            write_index(index, index_location(path))
+            tally["indexed"] += 1
+        except TarIndexError as exc:
+            tally["failed"] += 1
+            print(exc, file=out)
+    outcomes = ("indexed", "already indexed", "right", "wrong", "failed")
+    print(
+        f"{len(paths)} shards: " + ", ".join(f"{tally[w]} {w}" for w in outcomes if tally[w]),
+        file=out,
+    )
+    return 1 if tally["failed"] or tally["wrong"] else 0
+
+
+def loader_config(args: argparse.Namespace) -> LoaderConfig:
+    return LoaderConfig(
         shards=args.shards,
         batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
         num_workers=args.workers,
         seed=args.seed,
         resampled=args.resampled,
-        shuffle_buffer=args.shuffle_buffer,
-        on_uneven=args.on_uneven,
+        shuffle_window=args.shuffle_window,
+        epoch_tail=args.epoch_tail,
         tokenizer=None,
         decode_images=args.decode,
-        persistent_workers=True,
     )
+
+
+def print_order(args: argparse.Namespace, out: io.TextIOBase) -> int:
+    """Per rank: `step<TAB>micro<TAB>keys` per micro-batch it yields, from its real loader. With
+    --global: `step<TAB>keys` of each whole global batch."""
+    cfg = loader_config(args)
     loader = build_loader(cfg, args.rank, args.world_size, epoch=args.epoch)
-    start = args.start_batch
-    count = args.batches
-    if count is None:
-        count = loader.batches_per_epoch - start % loader.batches_per_epoch
-    if args.decode:  # skipped corrupt images shift positions: replay instead of seeking
-        batches = itertools.islice(iter(loader), start, None)
-    else:
-        loader.skip_to(start)
-        batches = iter(loader)
-    for batch in itertools.islice(batches, count):
+    g = loader.global_batch
+    steps = args.steps
+    if steps is None:
+        steps = max(0, math.ceil(loader.order.epoch_length / g) - args.start_step)
+    loader.position += args.start_step * g
+    if args.global_:
+        return print_global_order(loader, args, steps, out)
+    micro = cfg.grad_accum
+    for i, batch in enumerate(loader.batches(steps * micro)):
         keys = batch.keys if args.sample_keys else batch.image_keys
-        print(f"{batch.epoch}\t{batch.index}\t{' '.join(keys)}", file=out, flush=False)
+        print(f"{args.start_step + i // micro}\t{i % micro}\t{' '.join(keys)}", file=out)
     out.flush()
     if loader.error_counts():
-        print(f"skipped: {loader.error_counts()}", file=sys.stderr)
+        print(f"replaced: {loader.error_counts()}", file=sys.stderr)
+    return 0
+
+
+def print_global_order(loader, args: argparse.Namespace, steps: int, out: io.TextIOBase) -> int:
+    """Each global step's sample keys in stream order; with --decode, an unusable sample shows as
+    `!reason` (training replaces it with another of its micro-batch)."""
+    maker = loader.maker()
+    errors: Counter = Counter()
+    for step in range(steps):
+        start = loader.position + step * loader.global_batch
+        keys = []
+        for position in range(start, start + loader.global_batch):
+            (sample_id,), _ = maker.order.samples(position, 1)
+            (shard,), (index,) = loader.dataset.locate([sample_id])
+            if args.decode:
+                failures: list = []
+                if maker.sample_at(position, errors, failures) is None:
+                    keys.append(f"!{failures[0]['reason']}")
+                    continue
+            keys.append(maker.reader.key(int(shard), int(index)) or "!truncated_tar")
+        print(f"{args.start_step + step}\t{' '.join(keys)}", file=out)
+    out.flush()
     return 0
 
 
@@ -124,7 +223,15 @@ def main(argv: list[str]) -> int:
     try:
         if args.command == "inspect":
             return inspect_shards(args, sys.stdout)
+        if args.command == "index":
+            return index_shards(args, sys.stdout)
         return print_order(args, sys.stdout)
     except LoaderConfigError as exc:
         print(f"umt data {args.command}: {exc}", file=sys.stderr)
         return 2
+    except LoaderDataError as exc:
+        print(f"umt data {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `umt data order ... | head`
+        sys.stderr.close()
+        return 0

@@ -1,8 +1,8 @@
-"""One rank of the loader contract tests (run under torchrun, 2 ranks x 2 workers): writes what it saw as JSON.
+"""One rank of the loader contract tests (under torchrun, 2 ranks x 2 workers): writes what it saw.
 
-Each scenario iterates the real loader as the trainer would, with a collective per batch (so a
-rank with fewer batches would fail the run rather than pass), and records batch keys, epochs,
-indices, shapes and error counters in `{out}/{scenario}-rank{r}.json` for the test to check.
+Each scenario iterates the real loader as the trainer would, with a collective per batch (a rank
+with fewer batches would fail the run rather than pass), and records each batch's keys, stream
+position, round, epoch, shapes and errors in `{out}/{scenario}-rank{r}.json`.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ def collective_step() -> None:
 
 def describe(batch) -> dict:
     return {
+        "round": batch.round,
+        "position": batch.position,
         "epoch": batch.epoch,
-        "index": batch.index,
         "keys": batch.keys,
         "image_keys": batch.image_keys,
         "pixels": list(batch.pixel_values.shape),
@@ -36,7 +37,8 @@ def describe(batch) -> dict:
         if batch.pixel_values.numel()
         else [],
         "ids": list(batch.input_ids.shape),
-        "mask_sum": int(batch.attention_mask.sum()),
+        "errors": batch.errors,
+        "failures": batch.failures,
     }
 
 
@@ -48,18 +50,15 @@ def take(loader, n: int) -> list[dict]:
     return out
 
 
-def two_epochs(cfg: LoaderConfig, rank: int, world: int) -> dict:
+def rounds(cfg: LoaderConfig, rank: int, world: int, n: int) -> dict:
     loader = build_loader(cfg, rank, world)
-    per_epoch = loader.batches_per_epoch
-    batches = take(loader, 2 * per_epoch)
-    return {"batches_per_epoch": per_epoch, "batches": batches, "errors": loader.error_counts()}
+    batches = take(loader, n)
+    return {"batches": batches, "errors": loader.error_counts(), "state": loader.state_dict()}
 
 
-def resumed(cfg: LoaderConfig, rank: int, world: int, stop_after: int) -> dict:
+def resumed(cfg: LoaderConfig, rank: int, world: int, stop_after: int, total: int) -> dict:
     """Uninterrupted run vs stop after `stop_after` batches, JSON round-trip of the state, resume."""
-    loader = build_loader(cfg, rank, world)
-    total = loader.batches_per_epoch + stop_after + 1  # the resumed part crosses an epoch boundary
-    uninterrupted = take(loader, total)
+    uninterrupted = take(build_loader(cfg, rank, world), total)
     first = build_loader(cfg, rank, world)
     head = take(first, stop_after)
     state = json.loads(json.dumps(first.state_dict()))
@@ -72,30 +71,30 @@ def resumed(cfg: LoaderConfig, rank: int, world: int, stop_after: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    for name in ("out", "clean", "uniform", "dirty", "mix_a", "mix_b", "tokenizer"):
+    for name in ("out", "clean", "dirty", "mix_a", "mix_b", "tokenizer"):
         parser.add_argument(f"--{name.replace('_', '-')}", required=True)
     args = parser.parse_args()
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))
     rank, world = dist.get_rank(), dist.get_world_size()
-    common = dict(batch_size=3, num_workers=2, seed=7, image_size=8, shuffle_buffer=4)
+    common = dict(batch_size=3, num_workers=2, seed=7, image_size=8, shuffle_window=12)
     clean = LoaderConfig(shards=args.clean, tokenizer=args.tokenizer, **common)
-    dirty = LoaderConfig(shards=args.dirty, tokenizer=None, **common)
     keys_only = dict(tokenizer=None, decode_images=False)
+    dirty = LoaderConfig(shards=args.dirty, tokenizer=None, **common)
     mixed = LoaderConfig(
         shards=f"a={args.mix_a}:1,b={args.mix_b}:3",
         resampled=True,
-        **{**common, "batch_size": 16, "shuffle_buffer": 64},
+        **{**common, "batch_size": 16, "shuffle_window": 64},
         **keys_only,
     )
     results = {
-        "pad": two_epochs(clean, rank, world),
-        "drop": two_epochs(replace(clean, on_uneven="drop", persistent_workers=False), rank, world),
-        "even": two_epochs(LoaderConfig(shards=args.uniform, **common, **keys_only), rank, world),
-        "resume_clean": resumed(clean, rank, world, stop_after=5),
-        "resume_resampled": resumed(mixed, rank, world, stop_after=5),
-        "resume_dirty": resumed(dirty, rank, world, stop_after=4),
-        "dirty": two_epochs(dirty, rank, world),
-        "mixed": {"batches": take(build_loader(mixed, rank, world), 100)},
+        # 40 samples in rounds of 6: epoch 0 ends inside round 6, whose tail opens epoch 1
+        "carry": rounds(clean, rank, world, 14),
+        "drop": rounds(replace(clean, epoch_tail="drop", **keys_only), rank, world, 14),
+        "resume_clean": resumed(clean, rank, world, stop_after=5, total=9),
+        "resume_resampled": resumed(mixed, rank, world, stop_after=5, total=9),
+        "resume_dirty": resumed(dirty, rank, world, stop_after=4, total=12),
+        "dirty": rounds(dirty, rank, world, 5),  # 5 rounds of 2 x 3: epoch 0 exactly
+        "mixed": rounds(mixed, rank, world, 100),
     }
     out = Path(args.out)
     for name, result in results.items():

@@ -14,6 +14,7 @@ import sys
 import tarfile
 import threading
 import zlib
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,6 +24,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from data_pipeline.loader import resolve_dataset
 from data_pipeline.shard import (
     FAILPOINT_ENV,
     SampleError,
@@ -212,6 +214,16 @@ def test_shards_read_back_with_tarfile_and_webdataset(tmp_path: Path) -> None:
         assert (meta["original_width"], meta["original_height"]) == original
         assert (meta["width"], meta["height"]) == image.size
         assert min(image.size) == 32  # keep_ratio: the short side becomes --image-size
+    # Each shard has its index beside it (random access for the loader), exact for its tar.
+    from data_pipeline.loader.reader import ShardReader
+    from data_pipeline.loader.tar_index import check_index, index_location
+
+    for shard in shards:
+        assert Path(index_location(str(shard))).is_file() and check_index(str(shard)) == []
+    reader = ShardReader(tuple(resolve_dataset(str(tmp_path / "out"), False).shards))
+    read = [reader.read(s, i, Counter()) for s in range(3) for i in range(4 if s < 2 else 2)]
+    assert [r.key for r in read] == [s["__key__"] for s in samples]
+    assert [r.image for r in read] == [s["jpg"] for s in samples]
 
 
 def test_every_row_is_written_or_reported_with_its_reason(tmp_path: Path) -> None:

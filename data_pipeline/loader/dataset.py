@@ -1,0 +1,231 @@
+"""Shard specs -> the dataset: sources (weighted in resampled mode), their shards and sample counts.
+
+Counts come from `manifest.json` (what `umt shard` writes) or open_clip's `sizes.json`; for
+shards named by a pattern with neither beside them, from their index files, else by reading
+their tar headers. Only counts are needed to plan the order: no shard is opened to start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, replace
+from functools import cached_property
+
+import numpy as np
+
+from data_pipeline.loader import storage
+from data_pipeline.loader.config import LoaderConfigError
+from data_pipeline.loader.tar_index import TarIndexError, load_index
+
+MANIFEST_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Shard:
+    path: str
+    count: int  # samples, from the manifest (or the index)
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    shards: tuple[Shard, ...]
+    weight: float
+
+    @property
+    def total_samples(self) -> int:
+        return sum(s.count for s in self.shards)
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    name: str | None
+    location: str
+    weight: float | None
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Every shard of every source, flat, in spec order; sample `g` is sample `g - starts[s]` of
+    shard `s` where starts are the cumulative counts."""
+
+    sources: tuple[Source, ...]
+
+    @cached_property
+    def shards(self) -> tuple[Shard, ...]:
+        return tuple(sh for s in self.sources for sh in s.shards)
+
+    @cached_property
+    def counts(self) -> np.ndarray:
+        return np.array([sh.count for sh in self.shards], dtype=np.int64)
+
+    @cached_property
+    def starts(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
+
+    @cached_property
+    def source_of_shard(self) -> np.ndarray:
+        return np.repeat(np.arange(len(self.sources)), [len(s.shards) for s in self.sources])
+
+    @property
+    def total_samples(self) -> int:
+        return int(self.counts.sum())
+
+    def locate(self, sample_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Global sample ids -> (shard indices, indices within the shard)."""
+        shard = np.searchsorted(self.starts, sample_ids, side="right") - 1
+        return shard, sample_ids - self.starts[shard]
+
+    def digest(self) -> str:
+        """Short hash of shard names, counts and weights: a resumed state must see the same data."""
+        listing = [
+            (s.name, s.weight, [(storage.basename(sh.path), sh.count) for sh in s.shards])
+            for s in self.sources
+        ]
+        return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+
+
+_NAME = re.compile(r"^([A-Za-z_][\w.-]*)=(.+)$")
+_WEIGHT = re.compile(r"^(.+):(\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)$")
+_BRACE = re.compile(r"\{([^{}]*)\}")
+_RANGE = re.compile(r"^(\d+)\.\.(\d+)$")
+
+
+def split_top_level_commas(text: str) -> list[str]:
+    """Split on commas outside braces: `a-{0,1}.tar,b` -> [`a-{0,1}.tar`, `b`]."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += ch == "{"
+        depth -= ch == "}"
+        if ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return [p.strip() for p in parts if p.strip()]
+
+
+def parse_source_specs(shards: str | list[str]) -> list[SourceSpec]:
+    """`[name=]LOCATION[:WEIGHT]` entries, from a comma-separated string or a list of them."""
+    entries = split_top_level_commas(shards) if isinstance(shards, str) else list(shards)
+    specs = []
+    for entry in entries:
+        name, rest = None, entry.strip()
+        if m := _NAME.match(rest):
+            name, rest = m.group(1), m.group(2)
+        weight = None
+        if (m := _WEIGHT.match(rest)) and not storage.is_file(rest) and not storage.is_dir(rest):
+            rest, weight = m.group(1), float(m.group(2))
+            if weight <= 0:
+                raise LoaderConfigError(f"data.shards: weight must be > 0 in {entry!r}")
+        specs.append(SourceSpec(name, rest, weight))
+    return specs
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """`x-{000..002}.tar` -> x-000.tar, x-001.tar, x-002.tar; `{a,b}` lists too; nested left to right."""
+    m = _BRACE.search(pattern)
+    if not m:
+        return [pattern]
+    body = m.group(1)
+    if r := _RANGE.match(body):
+        lo, hi = r.groups()
+        width = len(lo) if lo.startswith("0") else 0
+        items = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    else:
+        items = body.split(",")
+    head, tail = pattern[: m.start()], pattern[m.end() :]
+    return [out for item in items for out in expand_braces(head + item + tail)]
+
+
+def read_shard_counts(folder: str) -> dict[str, int] | None:
+    """{shard file name: samples} from `folder/manifest.json`, else `folder/sizes.json`, else None."""
+    manifest = storage.join(folder, "manifest.json")
+    if storage.is_file(manifest):
+        try:
+            data = json.loads(storage.read_text(manifest))
+            version = data.get("format_version")
+            if version != MANIFEST_FORMAT_VERSION:
+                raise LoaderConfigError(
+                    f"{manifest}: format_version {version!r} is not supported "
+                    f"(this loader reads {MANIFEST_FORMAT_VERSION})"
+                )
+            return {s["name"]: int(s["count"]) for s in data["shards"]}
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise LoaderConfigError(f"{manifest} is not a shard manifest: {exc!r}") from exc
+    sizes = storage.join(folder, "sizes.json")
+    if storage.is_file(sizes):
+        try:
+            return {name: int(n) for name, n in json.loads(storage.read_text(sizes)).items()}
+        except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
+            raise LoaderConfigError(f"{sizes} is not a {{name: count}} map: {exc!r}") from exc
+    return None
+
+
+def count_samples(path: str) -> int:
+    """Samples of a shard without a manifest entry: from its index (built from the tar's headers
+    when it has no index file)."""
+    try:
+        return len(load_index(path))
+    except TarIndexError as exc:
+        raise LoaderConfigError(f"data.shards: {exc}") from None
+
+
+def resolve_source(spec: SourceSpec, index: int) -> Source:
+    """One spec -> its shards with sample counts. A folder needs a manifest; a pattern uses one
+    if beside it, else each shard's index (or its tar headers: a read per shard, fine for
+    hundreds of local shards; write indexes with `umt data index` for more)."""
+    location = storage.normalize(spec.location)
+    if storage.is_dir(location):
+        counts = read_shard_counts(location)
+        if counts is None:
+            raise LoaderConfigError(
+                f"data.shards: {location} has no manifest.json or sizes.json; write one with "
+                f"`umt shard`, or name the shards with a pattern like "
+                f"{storage.join(location, 'data-{000000..000009}.tar')}"
+            )
+        paths = [storage.join(location, name) for name in counts]
+        default_name = storage.basename(location)
+    else:
+        paths = expand_braces(location)
+        default_name = storage.basename(storage.parent(paths[0])) or f"source{index}"
+    missing = [p for p in paths if not storage.is_file(p)]
+    if missing:
+        raise LoaderConfigError(
+            f"data.shards: {len(missing)} of {len(paths)} shards of {spec.location!r} do not exist "
+            f"(first: {missing[0]})"
+        )
+    folder_counts: dict[str, dict[str, int] | None] = {}
+    shards = []
+    for p in paths:
+        folder = storage.parent(p)
+        if folder not in folder_counts:
+            folder_counts[folder] = read_shard_counts(folder)
+        known = folder_counts[folder] or {}
+        name = storage.basename(p)
+        shards.append(Shard(p, known[name] if name in known else count_samples(p)))
+    return Source(spec.name or default_name, tuple(shards), spec.weight or 1.0)
+
+
+def resolve_dataset(shards: str | list[str], resampled: bool) -> Dataset:
+    """All specs -> the dataset; weights only mean something in resampled mode."""
+    specs = parse_source_specs(shards)
+    if not specs:
+        raise LoaderConfigError("data.shards is empty: give a shard folder or pattern")
+    if not resampled and (weighted := [s for s in specs if s.weight is not None]):
+        raise LoaderConfigError(
+            f"data.shards: a weight (':{weighted[0].weight:g}' on {weighted[0].location!r}) only "
+            "applies with resampled=True (--resampled); epoch mode reads every shard once"
+        )
+    sources = [resolve_source(spec, i) for i, spec in enumerate(specs)]
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):  # two folders named `train`: keep them apart
+        sources = [replace(s, name=f"{s.name}{i}") for i, s in enumerate(sources)]
+    dataset = Dataset(tuple(sources))
+    if dataset.total_samples == 0:
+        raise LoaderConfigError(f"data.shards: {shards!r} holds no samples")
+    empty = [s.name for s in sources if s.total_samples == 0]
+    if resampled and empty:
+        raise LoaderConfigError(f"data.shards: source {empty[0]!r} holds no samples")
+    return dataset
