@@ -98,7 +98,7 @@ echo "[2/7] $STEPS steps on synthetic batches kept on the device, host syncs cou
 UMT_SYNC_DEBUG=1 train synthetic "data.train.synthetic=true" "data.train.synthetic_distinct=8"
 echo "[3/7] $STEPS steps on the shards ($WORKERS loader workers per rank)"
 train shards "data.train.shards=$OUT/shards/train" "data.train.num_workers=$WORKERS" \
-  "data.train.shuffle_buffer=256" "data.train.resampled=true"
+  "data.train.shuffle_window=256" "data.train.resampled=true"
 echo "[4/7] $Z3_STEPS ZeRO-3 steps with retrieval evaluation (ITM re-rank top $RERANK) inside"
 train zero3 "data.train.synthetic=true" "zero.stage=3" "zero.stage3_param_persistence_threshold=0" \
   "train.steps=$Z3_STEPS" "data.eval.shards=$OUT/shards/test" "eval.every_steps=$Z3_STEPS" \

@@ -1,29 +1,46 @@
-"""Loader throughput: our StreamingLoader against an open_clip-style WebDataset pipeline, same shards, one run.
+"""Loader throughput: ours against webdataset and mosaic streaming on the same samples, one run.
 
-Both read the same JPEG shards (COCO-sized, 640x480) with the same worker count, batch size,
-shuffle buffer, crop, normalisation and tokenizer, and count samples/s over one pass
-(decode + transform + tokenize + batch). The baseline is what open_clip's `get_wds_dataset`
-does, without torchvision: `tarfile_to_samples -> shuffle -> decode("pilrgb") -> per-sample
-RandomResizedCrop at full decoded size + ToTensor + Normalize -> per-sample tokenisation ->
-batched`. Ours: JPEG draft decode, crop+resize in one PIL call, batched normalisation and one
-tokenizer call per batch. Rounds alternate between pipelines so load from other processes hits
-both alike; the median round is reported.
+Every contender reads the same samples (COCO-sized 640x480 JPEGs with captions; tars for ours and
+webdataset, MDS shards written from the same samples for mosaic streaming) with the same workers,
+batch size, crop, normalisation and tokenizer, and is timed over one epoch (decode + transform +
+tokenize + batch), plus the time from creating it to its first batch:
+- `webdataset`: the webdataset pipeline (`tarfile_to_samples -> shuffle -> batched`) feeding our
+  per-sample transform and our batched tokenisation: the same work, webdataset's reading;
+- `mosaic`: mosaic streaming's `StreamingDataset` (its shuffle, local MDS shards) through the
+  same transform and tokenisation;
+- `open_clip`: what open_clip's `get_wds_dataset` does, without torchvision (full-size decode,
+  per-sample crop, ToTensor + Normalize, per-sample tokenisation);
+- `ours`: the StreamingLoader (global order, random access through the tar index, JPEG draft
+  decode, uint8 batches, one tokenizer call per batch).
+Rounds alternate between contenders so load from other processes hits all alike; the median is
+reported. mosaicml-streaming is a contender, not a dependency: it is imported from
+`--mosaic-site` (default `~/.cache/umt-bench/mosaic`), installed there with pip when missing
+(its own requirements pin transformers < 5 and torchvision, which cannot share our environment;
+only what local reading needs is installed), and left out with a note when it cannot be had.
 
-    python benchmarks/loader_throughput.py --quick --tokenizer /path/to/bert-tokenizer
+    python benchmarks/loader_throughput.py --quick
+
+Ends with one line `SUMMARY key=value ...`.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import importlib
+import importlib.util
 import io
+import itertools
 import json
 import random
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+import types
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -37,7 +54,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from data_pipeline.loader import LoaderConfig, build_loader  # noqa: E402
-from data_pipeline.transforms import load_tokenizer, train_crop_box  # noqa: E402
+from data_pipeline.loader.tar_index import index_location, index_of_file, write_index  # noqa: E402
+from data_pipeline.transforms import (  # noqa: E402
+    ImageTransformConfig,
+    load_tokenizer,
+    stack_images,
+    tokenize_batch,
+    train_crop_box,
+    transform_image,
+)
 
 WORDS = "a an the dog cat man woman child red blue green small large sitting standing next to on in front of table street field water ball frisbee kitchen window".split()
 
@@ -88,7 +113,46 @@ def write_shards(folder: Path, num_samples: int, num_shards: int, size: tuple[in
     return image_bytes
 
 
-# ---------------------------------------------------------------- the open_clip-style baseline
+# ---------------------------------------------------------------- the contenders
+
+
+def our_transform(cfg: LoaderConfig):
+    """Encoded image -> (S, S, 3) uint8 as our loader makes it (seeded per call)."""
+    transform = ImageTransformConfig(cfg.image_size, True, cfg.crop_scale, draft=cfg.jpeg_draft)
+    return partial(transform_image, cfg=transform)
+
+
+class Collate:
+    """(array, caption) samples -> (uint8 pixels, token ids, mask): our batching, one tokenizer call."""
+
+    def __init__(self, tokenizer, max_len: int):
+        self.tokenizer, self.max_len = tokenizer, max_len
+
+    def __call__(self, samples):
+        arrays, captions = zip(*samples)
+        ids, mask = tokenize_batch(self.tokenizer, list(captions), self.max_len)
+        return stack_images(list(arrays)), ids, mask
+
+
+def webdataset_loader(urls: list[str], cfg: LoaderConfig, tokenizer, buffer: int) -> DataLoader:
+    transform = our_transform(cfg)
+
+    def prepare(sample):
+        return transform(sample["jpg"], rng=random.Random(sample["__key__"])), sample[
+            "txt"
+        ].decode()
+
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(urls),
+        wds.split_by_worker,
+        wds.tarfile_to_samples(handler=wds.warn_and_continue),
+        wds.shuffle(buffer, initial=min(100, buffer)),
+        wds.map(prepare),
+        wds.batched(
+            cfg.batch_size, collation_fn=Collate(tokenizer, cfg.max_text_len), partial=False
+        ),
+    )
+    return DataLoader(pipeline, batch_size=None, num_workers=cfg.num_workers)
 
 
 def plain_preprocess(image: Image.Image, size: int, scale, mean, std) -> torch.Tensor:
@@ -107,12 +171,12 @@ def plain_tokenize(text: str, tokenizer, max_len: int) -> torch.Tensor:
     return out["input_ids"][0]
 
 
-def baseline_loader(urls: list[str], cfg: LoaderConfig, tokenizer) -> DataLoader:
+def open_clip_loader(urls: list[str], cfg: LoaderConfig, tokenizer, buffer: int) -> DataLoader:
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(urls),
         wds.split_by_worker,
         wds.tarfile_to_samples(handler=wds.warn_and_continue),
-        wds.shuffle(cfg.shuffle_buffer, initial=min(100, cfg.shuffle_buffer)),
+        wds.shuffle(buffer, initial=min(100, buffer)),
         wds.decode("pilrgb", handler=wds.warn_and_continue),
         wds.rename(image="jpg;png;jpeg;webp", text="txt"),
         wds.map_dict(
@@ -128,8 +192,62 @@ def baseline_loader(urls: list[str], cfg: LoaderConfig, tokenizer) -> DataLoader
         wds.to_tuple("image", "text"),
         wds.batched(cfg.batch_size, partial=False),
     )
+    return DataLoader(pipeline, batch_size=None, num_workers=cfg.num_workers)
+
+
+# ---------------------------------------------------------------- mosaic streaming
+
+
+def import_mosaic(site: Path) -> tuple[object | None, str]:
+    """(streaming.base, '') or (None, why not). Installs into `site` with pip when missing.
+
+    Only `streaming.base` is loaded (the package's top level imports its vision and text
+    datasets, which need torchvision and transformers < 5)."""
+    if not (site / "streaming").is_dir():
+        packages = ["mosaicml-streaming", "xxhash", "zstd", "python-snappy", "cramjam", "brotli", "catalogue"]  # fmt: skip
+        cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site), *packages]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            return None, f"pip could not install mosaicml-streaming: {proc.stderr.strip()[-300:]}"
+    sys.path.insert(0, str(site))
+    spec = importlib.util.find_spec("streaming")
+    if spec is None or not spec.submodule_search_locations:
+        return None, f"no streaming package in {site}"
+    parent = types.ModuleType("streaming")
+    parent.__path__ = list(spec.submodule_search_locations)
+    sys.modules.setdefault("streaming", parent)
+    try:
+        return importlib.import_module("streaming.base"), ""
+    except Exception as exc:  # noqa: BLE001 - a contender that does not import is left out
+        return None, f"streaming.base does not import: {exc!r}"
+
+
+def write_mds(streaming_base, tars: list[Path], out: Path, shard_bytes: int) -> None:
+    """The same samples as the tars, as mosaic's MDS shards."""
+    with streaming_base.MDSWriter(
+        out=str(out), columns={"jpg": "bytes", "txt": "str", "key": "str"}, size_limit=shard_bytes
+    ) as writer:
+        for sample in wds.WebDataset([str(t) for t in tars], shardshuffle=False):
+            writer.write(
+                {"jpg": sample["jpg"], "txt": sample["txt"].decode(), "key": sample["__key__"]}
+            )
+
+
+def mosaic_loader(streaming_base, local: Path, cfg: LoaderConfig, tokenizer) -> DataLoader:
+    transform = our_transform(cfg)
+
+    class Captions(streaming_base.StreamingDataset):
+        def __getitem__(self, index):
+            sample = super().__getitem__(index)
+            return transform(sample["jpg"], rng=random.Random(sample["key"])), sample["txt"]
+
+    dataset = Captions(local=str(local), shuffle=True, shuffle_seed=0, batch_size=cfg.batch_size)
     return DataLoader(
-        pipeline, batch_size=None, num_workers=cfg.num_workers, persistent_workers=False
+        dataset,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        collate_fn=Collate(tokenizer, cfg.max_text_len),
+        drop_last=True,
     )
 
 
@@ -141,6 +259,7 @@ class PassResult:
     samples: int
     wall_s: float
     cpu_s: float  # this process + its (joined) worker processes
+    first_batch_s: float
 
     @property
     def per_s(self) -> float:
@@ -160,23 +279,32 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def time_pass(make_batches) -> PassResult:
-    """One pass, from creating the iterator to the last batch, its workers shut down.
+def batch_size_of(batch) -> int:
+    if isinstance(batch, (list, tuple)):
+        return len(batch[0])
+    return len(batch)
+
+
+def time_pass(make_batches, max_batches: int) -> PassResult:
+    """One epoch, from creating the loader to the last batch, its workers shut down.
 
     Wall time is what training sees; CPU time is the steadier figure on a machine shared with
-    other jobs (the 2-core dev box), since it does not count time spent waiting for a core.
+    other jobs, since it does not count time spent waiting for a core.
     """
-    start_wall, start_cpu, samples = time.perf_counter(), cpu_seconds(), 0
-    for batch in make_batches():
-        samples += len(batch[0]) if isinstance(batch, (list, tuple)) else len(batch)
-    return PassResult(samples, time.perf_counter() - start_wall, cpu_seconds() - start_cpu)
+    start_wall, start_cpu, samples, first = time.perf_counter(), cpu_seconds(), 0, None
+    batches = make_batches()
+    for batch in itertools.islice(batches, max_batches):
+        if first is None:
+            first = time.perf_counter() - start_wall
+        samples += batch_size_of(batch)
+    del batches
+    gc.collect()  # workers joined: their CPU time is counted
+    return PassResult(samples, time.perf_counter() - start_wall, cpu_seconds() - start_cpu, first)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="small run, under two minutes on 2 cores"
-    )
+    parser.add_argument("--quick", action="store_true", help="small run, a few minutes on 2 cores")
     parser.add_argument("--samples", type=int, default=None, help="default 512 (--quick) or 4096")
     parser.add_argument("--rounds", type=int, default=None, help="default 2 (--quick) or 3")
     parser.add_argument("--workers", type=int, default=2)
@@ -184,59 +312,84 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--source-size", default="640x480", help="stored image WxH")
     parser.add_argument("--tokenizer", default=None)
+    parser.add_argument(
+        "--mosaic-site",
+        type=Path,
+        default=Path.home() / ".cache" / "umt-bench" / "mosaic",
+        help="where mosaicml-streaming is imported from (installed there when missing)",
+    )
+    parser.add_argument("--no-mosaic", action="store_true", help="leave mosaic streaming out")
     args = parser.parse_args(argv)
     num_samples = args.samples or (512 if args.quick else 4096)
     rounds = args.rounds or (2 if args.quick else 3)
     source_size = tuple(int(x) for x in args.source_size.split("x"))
     torch.set_num_threads(1)
+    streaming_base, mosaic_note = (
+        (None, "--no-mosaic") if args.no_mosaic else import_mosaic(args.mosaic_site)
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         num_shards = 4 * args.workers
         image_bytes = write_shards(folder, num_samples, num_shards, source_size)
-        urls = [str(folder / f"data-{i:06d}.tar") for i in range(num_shards)]
+        tars = [folder / f"data-{i:06d}.tar" for i in range(num_shards)]
+        for tar in tars:  # what `umt shard` writes beside each shard (`umt data index` for others)
+            write_index(index_of_file(str(tar)), index_location(str(tar)))
         cfg = LoaderConfig(
             shards=str(folder / f"data-{{000000..{num_shards - 1:06d}}}.tar"),
             batch_size=args.batch_size,
             num_workers=args.workers,
-            shuffle_buffer=256,
+            shuffle_window=min(1000, num_samples // 2),
             image_size=args.image_size,
             tokenizer=args.tokenizer or default_tokenizer(),
-            persistent_workers=False,
-            on_uneven="drop",
         )
         tokenizer = load_tokenizer(cfg.tokenizer)
-        pipelines = {
-            "baseline": lambda: iter(baseline_loader(urls, cfg, tokenizer)),
-            "ours": lambda: build_loader(cfg, 0, 1).one_epoch(),
-            "ours_no_draft": lambda: build_loader(replace(cfg, jpeg_draft=False), 0, 1).one_epoch(),
+        buffer = cfg.shuffle_window
+        urls = [str(t) for t in tars]
+        per_epoch = num_samples // args.batch_size
+        contenders = {
+            "webdataset": lambda: iter(webdataset_loader(urls, cfg, tokenizer, buffer)),
+            "open_clip": lambda: iter(open_clip_loader(urls, cfg, tokenizer, buffer)),
+            "ours": lambda: build_loader(cfg, 0, 1).batches(per_epoch),
         }
-        results: dict[str, list[PassResult]] = {name: [] for name in pipelines}
+        if streaming_base is not None:
+            mds = folder / "mds"
+            write_mds(streaming_base, tars, mds, shard_bytes=max(1, image_bytes // num_shards))
+            contenders["mosaic"] = lambda: iter(mosaic_loader(streaming_base, mds, cfg, tokenizer))
+        results: dict[str, list[PassResult]] = {name: [] for name in contenders}
         for _ in range(rounds):
-            for name, make in pipelines.items():
-                results[name].append(time_pass(make))
+            for name, make in contenders.items():
+                results[name].append(time_pass(make, per_epoch))
 
-    wall = {name: statistics.median(r.per_s for r in rs) for name, rs in results.items()}
-    cpu = {name: statistics.median(r.per_cpu_s for r in rs) for name, rs in results.items()}
+    wall = {n: statistics.median(r.per_s for r in rs) for n, rs in results.items()}
+    cpu = {n: statistics.median(r.per_cpu_s for r in rs) for n, rs in results.items()}
+    first = {n: statistics.median(r.first_batch_s for r in rs) for n, rs in results.items()}
     print(
         f"{num_samples} samples of {args.source_size} JPEG "
         f"({image_bytes / num_samples / 1e3:.0f} KB avg), {num_shards} shards -> "
         f"{args.image_size}px, batch {args.batch_size}, {args.workers} workers, "
         f"{rounds} rounds (median)"
     )
-    print(f"{'pipeline':<16}{'samples/s':>11}{'ratio':>8}{'samples/cpu-s':>15}{'ratio':>8}")
-    for name in pipelines:
-        print(
-            f"{name:<16}{wall[name]:>11.1f}{wall[name] / wall['baseline']:>7.2f}x"
-            f"{cpu[name]:>15.1f}{cpu[name] / cpu['baseline']:>7.2f}x"
-        )
+    if streaming_base is None:
+        print(f"mosaic streaming left out: {mosaic_note}")
     print(
-        f"SUMMARY speedup={wall['ours'] / wall['baseline']:.2f} "
-        f"cpu_speedup={cpu['ours'] / cpu['baseline']:.2f} "
-        f"no_draft_speedup={wall['ours_no_draft'] / wall['baseline']:.2f} "
-        f"no_draft_cpu_speedup={cpu['ours_no_draft'] / cpu['baseline']:.2f} "
-        f"ours_samples_per_s={wall['ours']:.1f} baseline_samples_per_s={wall['baseline']:.1f}"
+        f"{'loader':<12}{'samples/s':>11}{'ours is':>9}{'samples/cpu-s':>15}{'ours is':>9}"
+        f"{'first batch s':>15}"
     )
+    for name in contenders:
+        print(
+            f"{name:<12}{wall[name]:>11.1f}{wall['ours'] / wall[name]:>8.2f}x"
+            f"{cpu[name]:>15.1f}{cpu['ours'] / cpu[name]:>8.2f}x{first[name]:>15.2f}"
+        )
+    summary = [f"ours_samples_per_s={wall['ours']:.1f}", f"ours_first_batch_s={first['ours']:.2f}"]
+    for name in contenders:
+        if name != "ours":
+            summary += [
+                f"vs_{name}={wall['ours'] / wall[name]:.2f}",
+                f"cpu_vs_{name}={cpu['ours'] / cpu[name]:.2f}",
+                f"{name}_first_batch_s={first[name]:.2f}",
+            ]
+    print("SUMMARY " + " ".join(summary))
     return 0
 
 

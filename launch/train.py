@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"umt train: {exc}", file=sys.stderr)
         return 2
 
+    from data_pipeline.loader import LoaderConfigError, LoaderStateError
     from umt.distributed import discover_world, shutdown
     from umt.logging import setup_logging
     from umt.train import Trainer, TrainingError
@@ -48,8 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(cfg, resume=args.resume)
         trainer.install_signal_handlers()
         trainer.train()
-    except (CheckpointError, TrainingError) as exc:
+    except (CheckpointError, TrainingError, LoaderConfigError, LoaderStateError) as exc:
         print(f"umt train: {exc}", file=sys.stderr)
+        if getattr(exc, "requeue", False) and discover_world().rank == 0:
+            requeue_slurm_job(os.environ)  # it resumes from the last checkpoint
         return 1
     shutdown()
     # train() returns before train.steps only after a signal, once every rank's checkpoint is on disk.

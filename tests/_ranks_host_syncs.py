@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from umt.config import load_config  # noqa: E402
+from umt.data_wait import DataWaiter  # noqa: E402
 from umt.train import Trainer  # noqa: E402
 
 READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "nonzero",
@@ -67,7 +68,7 @@ if __name__ == "__main__":
     out, *overrides = sys.argv[1:]
     cfg = load_config(None, overrides)
     trainer = Trainer(cfg)
-    batches = iter(trainer.data)
+    batches = DataWaiter(trainer.data)  # batches come from a helper thread, as in training
     trainer.train_step(batches)  # warm-up: first-step set-up is not a step's cost
     steps = 3
     with HostReads() as reads:

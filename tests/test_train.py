@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import random
+import re
+import subprocess
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -146,7 +149,7 @@ def test_kill_9_with_real_shards_and_loader_workers_resumes_bit_identical(tmp_pa
         f"data.tokenizer={tokenizer}",
         "data.train.synthetic=false",
         "data.train.num_workers=2",
-        "data.train.shuffle_buffer=16",
+        "data.train.shuffle_window=16",
         "data.train.caption=random",
         "model.text.vocab_size=25",
         "model.image.image_size=32",
@@ -379,3 +382,120 @@ def test_a_failing_evaluation_comes_after_that_steps_checkpoint(tmp_path):
     )  # fmt: skip
     assert proc.returncode != 0
     assert (out / "checkpoints" / "latest").read_text() == "step2"
+
+
+def sample_log(run_dir: Path) -> dict[int, list[str]]:
+    """step -> the sorted keys every rank trained on in that step (data.log_sample_keys)."""
+    steps: dict[int, list[str]] = {}
+    for path in sorted((run_dir / "sample_keys").glob("rank*.txt")):
+        for line in path.read_text().splitlines():
+            step, *keys = line.split()
+            steps.setdefault(int(step), []).extend(keys)
+    return {step: sorted(keys) for step, keys in steps.items()}
+
+
+def test_resume_on_another_topology_continues_the_same_global_steps(tmp_path, demo_shards):
+    """2 ranks x 2 workers stopped mid-epoch, resumed on 1 rank x 3 workers with grad_accum 2
+    (the same global batch of 8): every step trains on the samples of the uninterrupted run's
+    step. Resumed on 3 ranks with a global batch of 6 instead: epoch 0 is still every sample once."""
+    shards, tokenizer = demo_shards
+    common = (
+        f"data.train.shards={shards}", f"data.tokenizer={tokenizer}", "data.train.synthetic=false",
+        "data.log_sample_keys=true", "data.train.shuffle_window=24", "model.text.vocab_size=25",
+        "model.image.image_size=32", "zero.stage=2", "checkpoint.every_steps=4",
+        "checkpoint.keep=5",
+    )  # fmt: skip
+    two_ranks = ("data.train.num_workers=2", "train.micro_batch_size=4")
+    reference = tmp_path / "reference"
+    train(reference, *common, *two_ranks, "train.steps=14")  # 96 samples: 12 steps an epoch
+    want = sample_log(reference)
+    assert sorted(want) == list(range(1, 15)) and all(len(k) == 8 for k in want.values())
+    epoch0 = [k for step in range(1, 13) for k in want[step]]
+    assert sorted(epoch0) == sorted(set(epoch0)) and len(epoch0) == 96
+
+    run = tmp_path / "run"
+    killed = train(run, *common, *two_ranks, "train.steps=14", env={"UMT_FAULT_KILL_AT_STEP": "6"}, check=False)  # fmt: skip
+    assert killed.returncode != 0 and (run / "checkpoints" / "latest").read_text() == "step4"
+    one_rank = ("data.train.num_workers=3", "train.micro_batch_size=4", "train.grad_accum=2")
+    resumed = train(run, *common, *one_rank, "train.steps=14", nproc=1, resume="auto")
+    assert "converted from 2 to 1 ranks" in resumed.stderr
+    assert sample_log(run) == want  # steps 5 and 6 of the killed run were dropped and redone
+
+    three = tmp_path / "three_ranks"
+    resume = str(run / "checkpoints" / "step4")
+    train(three, *common, "train.micro_batch_size=2", "train.steps=15", nproc=3, resume=resume)
+    later = sample_log(three)
+    assert sorted(later) == list(range(5, 16))  # (96 - 32) / 6: 11 steps to finish epoch 0
+    seen = Counter([k for step in range(1, 5) for k in want[step]])
+    seen.update(k for keys in later.values() for k in keys)
+    assert set(seen) == set(epoch0) and sum(seen.values()) == 32 + 11 * 6
+    assert sorted(seen.values()).count(2) == 2  # positions 96, 97: epoch 1 opens the last step
+
+
+def test_data_with_no_decodable_image_ends_training_in_one_line(tmp_path):
+    import tarfile
+
+    from tests.data_pipeline.loader_fixtures import write_dataset, write_tar
+
+    write_dataset(tmp_path / "bad", [8])
+    path = tmp_path / "bad" / "data-000000.tar"
+    with tarfile.open(path) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    write_tar(path, [(n, b"not an image" if n.endswith(".jpg") else d) for n, d in members])
+    proc = train(
+        tmp_path / "run", f"data.train.shards={tmp_path / 'bad'}", "data.train.synthetic=false",
+        "data.tokenizer=" + str(write_demo_tokenizer(tmp_path)), "model.text.vocab_size=25",
+        "train.steps=2", "data.train.num_workers=1", nproc=1, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    message = [line for line in proc.stderr.splitlines() if line.startswith("umt train:")]
+    assert len(message) == 1 and "data-000000.tar" in message[0]
+    assert "corrupt_image" in message[0]
+    # torchrun reports a rank's non-zero exit with its own traceback; none comes from our code
+    assert not re.search(r'File ".*/(umt|data_pipeline|launch)/', proc.stderr), proc.stderr
+
+
+def write_demo_tokenizer(folder: Path) -> Path:
+    from data_pipeline.builtin import write_tokenizer
+
+    return write_tokenizer(folder / "tokenizer")
+
+
+def run_until_stalled(tmp_path: Path, stall_s: int) -> tuple[subprocess.Popen, Path]:
+    """`umt train` (one process) whose data stalls before step 3; returns once the stall began."""
+    import os
+    import sys
+
+    out = tmp_path / "stall"
+    cmd = [sys.executable, str(TRAIN), f"output_dir={out}", *TINY, "train.steps=6",
+           "checkpoint.every_steps=1", "log.every_steps=1"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+           "UMT_FAULT_DATA_STALL": f"3:{stall_s}"}  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # blocks until the trainer reports the stall
+        if "fault: data stall" in line:
+            return proc, out
+    raise AssertionError(f"the trainer never stalled (rc={proc.wait()})")
+
+
+def test_a_signal_during_a_data_stall_that_ends_checkpoints_that_step(tmp_path):
+    import signal
+
+    proc, out = run_until_stalled(tmp_path, stall_s=3)
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0, rest[-3000:]
+    assert "stop requested while waiting for data" in rest
+    assert (out / "checkpoints" / "latest").read_text() == "step3"  # the batch came: saved
+
+
+def test_a_signal_during_a_data_stall_that_lasts_ends_the_run_in_one_line(tmp_path):
+    import signal
+
+    proc, out = run_until_stalled(tmp_path, stall_s=3600)
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 1, rest[-3000:]
+    assert "umt train: stopped by SIGTERM while waiting for data for step 3" in rest
+    assert f"last checkpoint: {out / 'checkpoints' / 'step2'}" in rest
+    assert "Traceback" not in rest

@@ -31,8 +31,12 @@ class DataSplitConfig:
     """A shard folder with its manifest.json, a brace pattern (`/d/data-{000000..000099}.tar`), or a list of them."""
     num_workers: int = 2
     """Loader worker processes per rank."""
-    shuffle_buffer: int = 1000
-    """Samples held in the shuffle buffer (raw bytes, before decode)."""
+    shuffle_window: int = 10_000
+    """Samples are shuffled within windows of consecutive shards (of each epoch's shard
+    permutation) holding at least this many samples; wider mixes more and keeps more shards in use."""
+    epoch_tail: str = "carry"
+    """An epoch's samples after its last full global batch: `carry` (the next epoch completes that
+    batch: nothing lost, the order independent of batch size and ranks) or `drop`."""
     resampled: bool = False
     """Draw shards with replacement (mixing weights allowed) instead of epochs."""
     max_text_len: int = 64
@@ -55,11 +59,13 @@ class DataSplitConfig:
 @dataclass
 class DataConfig:
     train: DataSplitConfig = field(default_factory=DataSplitConfig)
-    eval: DataSplitConfig = field(
-        default_factory=lambda: DataSplitConfig(num_workers=1, shuffle_buffer=0)
-    )
+    eval: DataSplitConfig = field(default_factory=lambda: DataSplitConfig(num_workers=1))
     tokenizer: str | None = None
     """Tokenizer name or folder; default: model.text.pretrained."""
+    log_sample_keys: bool = False
+    """Write, per rank and step, the keys of the samples trained on to OUTPUT_DIR/sample_keys/
+    rank{R}.txt (`step key key ...`; kept exact across resumes: lines after the checkpoint resumed
+    from are dropped)."""
 
 
 @dataclass
@@ -424,6 +430,16 @@ def validate(cfg: Config, source: str = "") -> None:
     )
     _require(
         d.num_workers >= 0, f"data.train.num_workers must be >= 0 (got {d.num_workers})", source
+    )
+    _require(
+        d.shuffle_window >= 1,
+        f"data.train.shuffle_window must be >= 1 (got {d.shuffle_window})",
+        source,
+    )
+    _require(
+        d.epoch_tail in ("carry", "drop"),
+        f"data.train.epoch_tail must be carry or drop (got {d.epoch_tail!r})",
+        source,
     )
     _require(
         cfg.eval.every_steps == 0 or cfg.data.eval.shards is not None,

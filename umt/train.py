@@ -21,13 +21,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from umt import checkpoint, distributed
+from data_pipeline.loader.config import LoaderDataError
+from umt import checkpoint, distributed, step_log
 from umt.config import Config, ConfigError, save_config, to_dict, tokenizer_name
+from umt.data_wait import DataWaiter, DataWaitInterrupted
 from umt.distributed import WorldInfo, any_rank
 from umt.flops import StepShape, gpu_peak_flops, train_step_flops
 from umt.logging import MetricsWriter, progress
 from umt.model import build_model
 from umt.objectives import mix_seed
+from umt.step_log import StepLog
 
 log = logging.getLogger("umt.train")
 
@@ -38,10 +41,13 @@ class Faults:
 
     UMT_FAULT_KILL_AT_STEP=N: every rank SIGKILLs itself right after step N (no checkpoint).
     UMT_FAULT_NAN_AT_STEP=N: rank 0's loss is NaN on the first micro-batch tried for step N.
+    UMT_FAULT_DATA_STALL=N:S: rank 0's first batch of step N takes S more seconds to come.
     """
 
     kill_at_step: int = -1
     nan_at_step: int = -1
+    stall_at_step: int = -1
+    stall_s: float = 0.0
 
     def nan_at(self, step: int, micro: int, skipped_run: int) -> bool:
         return step == self.nan_at_step and micro == 0 and skipped_run == 0
@@ -49,13 +55,23 @@ class Faults:
     @classmethod
     def from_env(cls) -> Faults:
         env = os.environ
+        stall_step, _, stall_s = env.get("UMT_FAULT_DATA_STALL", "-1:0").partition(":")
         return cls(
-            int(env.get("UMT_FAULT_KILL_AT_STEP", -1)), int(env.get("UMT_FAULT_NAN_AT_STEP", -1))
+            int(env.get("UMT_FAULT_KILL_AT_STEP", -1)),
+            int(env.get("UMT_FAULT_NAN_AT_STEP", -1)),
+            int(stall_step),
+            float(stall_s or 0),
         )
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on; the message says where it stopped and what is on disk."""
+    """Training cannot go on; the message says where it stopped and what is on disk.
+
+    `requeue`: the run was asked to stop (a signal) and its last checkpoint is where to go on."""
+
+    def __init__(self, message: str, requeue: bool = False):
+        super().__init__(message)
+        self.requeue = requeue
 
 
 @dataclass
@@ -223,10 +239,12 @@ def build_train_data(cfg: Config, rank: int, world_size: int, epoch: int = 0, de
     loader_cfg = LoaderConfig(
         shards=d.shards,
         batch_size=cfg.train.micro_batch_size,
+        grad_accum=cfg.train.grad_accum,
         num_workers=d.num_workers,
         seed=cfg.train.seed,
         resampled=d.resampled,
-        shuffle_buffer=d.shuffle_buffer,
+        shuffle_window=d.shuffle_window,
+        epoch_tail=d.epoch_tail,
         image_size=cfg.model.image.image_size,
         max_text_len=d.max_text_len,
         tokenizer=tokenizer_name(cfg),
@@ -318,6 +336,10 @@ class Trainer:
         self.state = TrainState()
         if ref is not None:
             self.resume(ref, elastic)
+        if self.rank == 0:  # before any rank appends: the files describe the steps trained
+            step_log.truncate_after(self.out, self.state.step)
+        distributed.barrier()
+        self.step_log = StepLog(self.out, self.rank, cfg.data.log_sample_keys)
         self.writer = MetricsWriter(
             self.out / "tensorboard" if self.rank == 0 and cfg.log.tensorboard else None
         )
@@ -340,14 +362,14 @@ class Trainer:
             # Loaded: later loads and saves of this engine are ordinary ZeRO checkpoints again.
             self.engine._config.load_universal_checkpoint = False
         self.state.load_state_dict(client_state["train_state"])
-        # Per-rank files: the same rank on the same topology, else rank 0's (equal consumption).
+        # Per-rank files: the same rank on the same topology, else rank 0's. The loader state
+        # is one stream position, the same on every rank, so it resumes any topology exactly.
         rank_file = ref.root / tag / f"rank{self.rank if not elastic else 0}.pt"
         rank_state = torch.load(rank_file, weights_only=False)
-        if elastic:
-            self._resume_data_on_new_topology(rank_state["data"], ref.world_size)
+        self.data.load_state_dict(rank_state["data"])
+        if elastic:  # other ranks: the saved RNG streams do not map to them
             seed_everything(self.cfg.train.seed + 1000 * (self.rank + 1) + self.state.step)
         else:
-            self.data.load_state_dict(rank_state["data"])
             checkpoint.set_rng_state(rank_state["rng"])
         log.info(
             "resumed from %s at step %d (%d samples seen)%s",
@@ -355,25 +377,6 @@ class Trainer:
             self.state.step,
             self.state.samples,
             f", converted from {ref.world_size} to {self.world_size} ranks" if elastic else "",
-        )
-
-    def _resume_data_on_new_topology(self, saved: dict, saved_world: int) -> None:
-        """The synthetic stream counts global samples and resumes anywhere; the shard loader's split
-        depends on the topology, so it starts the next epoch (the rest of the epoch is skipped)."""
-        if saved.get("kind") == "synthetic":
-            self.data.load_state_dict(saved)
-            return
-        epoch = int(saved["epoch"]) + 1
-        if self.rank == 0:
-            log.warning(
-                "world size changed (%d -> %d ranks): the loader cannot split the rest of epoch %d "
-                "the same way, so it starts epoch %d (%d of %d batches of epoch %d were unseen)",
-                saved_world, self.world_size, epoch - 1, epoch,
-                int(saved["batches_per_epoch"]) - int(saved["batches_in_epoch"]),
-                int(saved["batches_per_epoch"]), epoch - 1,
-            )  # fmt: skip
-        self.data = build_train_data(
-            self.cfg, self.rank, self.world_size, epoch=epoch, device=self.device
         )
 
     def save_checkpoint(self) -> Path:
@@ -422,11 +425,14 @@ class Trainer:
         logs: dict[str, torch.Tensor] = {}
         data_wait, start, micro, skipped_run = 0.0, time.perf_counter(), 0, 0
         stop, text_len = False, 0
+        trained_keys: list[str] = []
+        failures: list[dict] = []
         with self._sync_counter() as syncs:
             while micro < t.grad_accum:
                 tic = time.perf_counter()
-                batch = next(batches)
+                batch = batches.next(lambda: self.stop_signal is not None)
                 data_wait += time.perf_counter() - tic
+                failures += getattr(batch, "failures", [])
                 seed = mix_seed(t.seed, self.state.step, micro, skipped_run)
                 out = self.forward(batch, seed)
                 if self.faults.nan_at(self.state.step + 1, micro, skipped_run) and self.rank == 0:
@@ -452,9 +458,11 @@ class Trainer:
                 for k, v in out.logs.items():
                     logs[k] = logs.get(k, 0) + v.detach().float() / t.grad_accum
                 text_len += batch.input_ids.shape[1]
+                trained_keys += batch.keys
                 micro += 1
         self.state.step += 1
         self.state.samples += t.micro_batch_size * t.grad_accum * self.world_size
+        self.step_log.record(self.state.step, trained_keys, failures)
         return StepResult(
             logs, stop, data_wait, time.perf_counter() - start, text_len / t.grad_accum, syncs[0]
         )
@@ -576,10 +584,39 @@ class Trainer:
         signal.signal(signal.SIGUSR1, request)
         signal.signal(signal.SIGTERM, request)
 
+    def _stall(self) -> None:
+        """UMT_FAULT_DATA_STALL: rank 0's first batch of the step takes longer (tests)."""
+        f = self.faults
+        if self.rank == 0 and self.state.step + 1 == f.stall_at_step and not self._stalled:
+            self._stalled = True
+            log.warning("fault: data stall of %g s before step %d", f.stall_s, f.stall_at_step)
+            time.sleep(f.stall_s)
+
     def train(self) -> dict[str, float]:
+        self._stalled = False
+        batches = DataWaiter(self.data, before_fetch=self._stall)
+        bar = progress(self.cfg.train.steps, self.state.step, self.rank, "train")
+        try:
+            return self._train(batches, bar)
+        except DataWaitInterrupted as exc:
+            batches.abandon()  # its thread is stuck in the loader: do not wait for it
+            name = signal.Signals(self.stop_signal).name if self.stop_signal else "a signal"
+            raise TrainingError(
+                f"stopped by {name} while waiting for data for step {self.state.step + 1} "
+                f"({exc}); that step is not saved; last checkpoint: {self.last_checkpoint or 'none'}",
+                requeue=True,
+            ) from None
+        except LoaderDataError as exc:
+            raise TrainingError(
+                f"data at step {self.state.step + 1}: {exc}; last checkpoint: "
+                f"{self.last_checkpoint or 'none'}"
+            ) from None
+        finally:
+            bar.close()  # before any message: a bar left open would prefix it
+            batches.close()
+
+    def _train(self, batches: DataWaiter, bar) -> dict[str, float]:
         cfg = self.cfg
-        batches = iter(self.data)
-        bar = progress(cfg.train.steps, self.state.step, self.rank, "train")
         window = Window()
         last: dict[str, float] = {}
         saved_at = self.state.step if self.last_checkpoint else -1
@@ -613,7 +650,6 @@ class Trainer:
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0:
                 self.evaluate()
             window.excluded_s += time.perf_counter() - paused
-        bar.close()
         if saved_at != self.state.step:
             self.save_checkpoint()
         self.writer.close()
