@@ -34,6 +34,7 @@ from data_pipeline.loader.tar_index import (
     read_index,
     write_index,
 )
+from data_pipeline.storage import StorageError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="print sample counts and show a few samples")
     inspect.add_argument("shards", help="shard folder, brace pattern, or comma-separated specs")
     inspect.add_argument("--samples", type=int, default=3, help="samples to show (default 3)")
+    add_storage_options(inspect)
 
     index = commands.add_parser(
         "index", help="write the per-shard index (random access) beside shards that lack one"
@@ -79,7 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     order.add_argument(
         "--decode", action="store_true", help="decode images, to mirror replaced corrupt ones"
     )
+    add_storage_options(order)
+    order.add_argument("--cache-limit-gb", type=float, default=0.0, help="0: 90%% of free space")
+    order.add_argument("--remote-read", choices=("cache", "range"), default="cache")
     return parser
+
+
+def add_storage_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cache-dir",
+        help="node-local folder for copies of s3:// or http(s):// shards "
+        "(default $TMPDIR/umt-shard-cache-UID)",
+    )
 
 
 def inspect_shards(args: argparse.Namespace, out: io.TextIOBase) -> int:
@@ -95,7 +108,9 @@ def inspect_shards(args: argparse.Namespace, out: io.TextIOBase) -> int:
         )
     print(f"total: {dataset.total_samples} samples", file=out)
     errors: Counter = Counter()
-    for sample in itertools.islice(iter_raw_samples(args.shards, errors), args.samples):
+    for sample in itertools.islice(
+        iter_raw_samples(args.shards, errors, args.cache_dir), args.samples
+    ):
         try:
             width, height = Image.open(io.BytesIO(sample.image)).size
             size = f"{width}x{height}"
@@ -171,6 +186,9 @@ def loader_config(args: argparse.Namespace) -> LoaderConfig:
         epoch_tail=args.epoch_tail,
         tokenizer=None,
         decode_images=args.decode,
+        cache_dir=args.cache_dir,
+        cache_limit_gb=args.cache_limit_gb,
+        remote_read=args.remote_read,
     )
 
 
@@ -193,6 +211,9 @@ def print_order(args: argparse.Namespace, out: io.TextIOBase) -> int:
     out.flush()
     if loader.error_counts():
         print(f"replaced: {loader.error_counts()}", file=sys.stderr)
+    if loader.io_counts():
+        counts = ", ".join(f"{k}={v}" for k, v in sorted(loader.io_counts().items()))
+        print(f"storage: {counts}", file=sys.stderr)
     return 0
 
 
@@ -229,7 +250,7 @@ def main(argv: list[str]) -> int:
     except LoaderConfigError as exc:
         print(f"umt data {args.command}: {exc}", file=sys.stderr)
         return 2
-    except LoaderDataError as exc:
+    except (LoaderDataError, StorageError) as exc:
         print(f"umt data {args.command}: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # `umt data order ... | head`

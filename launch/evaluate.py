@@ -1,5 +1,6 @@
 """`umt eval --model CKPT_OR_EXPORT --shards SPEC --out report.json [--itm-rerank K]`: image-text
-retrieval (R@1/5/10 both directions), also under torchrun with identical numbers."""
+retrieval (R@1/5/10 both directions), also under torchrun with identical numbers. SPEC may be a
+local folder or pattern, `s3://bucket/prefix` or `http(s)://host/path/`."""
 
 from __future__ import annotations
 
@@ -37,6 +38,9 @@ def main(argv: list[str]) -> int:
         "--score", choices=["itm", "itm+itc"], default="itm", help="re-rank score (BLIP adds ITC)"
     )
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--cache-dir", help="node-local folder for copies of s3:// or http(s):// shards"
+    )
     parser.add_argument("--tensorboard", help="also write eval/<name>/... scalars to this folder")
     parser.add_argument(
         "--name", help="set name in TensorBoard tags (default: the shard folder's name)"
@@ -68,6 +72,7 @@ def main(argv: list[str]) -> int:
         args.batch_size,
         processor.mean,
         processor.std,
+        cache_dir=args.cache_dir,
     )
     if args.classes:
         from umt.evaluate import DEFAULT_TEMPLATES, zero_shot_classification

@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from data_pipeline.loader import LoaderConfigError, LoaderStateError
+    from data_pipeline.storage import StorageError
     from umt.distributed import discover_world, shutdown
     from umt.logging import setup_logging
     from umt.train import Trainer, TrainingError
@@ -49,7 +50,13 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(cfg, resume=args.resume)
         trainer.install_signal_handlers()
         trainer.train()
-    except (CheckpointError, TrainingError, LoaderConfigError, LoaderStateError) as exc:
+    except (
+        CheckpointError,
+        TrainingError,
+        LoaderConfigError,
+        LoaderStateError,
+        StorageError,
+    ) as exc:
         print(f"umt train: {exc}", file=sys.stderr)
         if getattr(exc, "requeue", False) and discover_world().rank == 0:
             requeue_slurm_job(os.environ)  # it resumes from the last checkpoint

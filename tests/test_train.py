@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import subprocess
@@ -499,3 +500,54 @@ def test_a_signal_during_a_data_stall_that_lasts_ends_the_run_in_one_line(tmp_pa
     assert "umt train: stopped by SIGTERM while waiting for data for step 3" in rest
     assert f"last checkpoint: {out / 'checkpoints' / 'step2'}" in rest
     assert "Traceback" not in rest
+
+
+def test_training_from_s3_and_http_equals_local_and_ranks_share_one_cache(tmp_path, demo_shards):
+    """2 ranks x 2 workers from moto's S3 endpoint and from nginx: the same weights, bit for bit,
+    as from local disk; one node cache shared by both ranks fetches each shard once."""
+    from tests.storage_servers import moto_s3, nginx
+
+    shards, tokenizer = demo_shards
+    common = (
+        f"data.tokenizer={tokenizer}", "data.train.synthetic=false", "data.train.num_workers=2",
+        "data.train.shuffle_window=24", "model.text.vocab_size=25", "model.image.image_size=32",
+        "zero.stage=2", "train.steps=4", "checkpoint.every_steps=4",
+    )  # fmt: skip
+    train(tmp_path / "local", *common, f"data.train.shards={shards}")
+    want = consolidated(tmp_path / "local", "step4")
+    with moto_s3() as s3:
+        url = s3.upload_folder(shards, "demo/shards")
+        train(
+            tmp_path / "s3", *common, f"data.train.shards={url}",
+            f"data.cache_dir={tmp_path / 's3_cache'}",
+        )  # fmt: skip
+    assert_same_weights(consolidated(tmp_path / "s3", "step4"), want)
+    with nginx(shards.parent, tmp_path / "nginx") as http:
+        train(
+            tmp_path / "http", *common, f"data.train.shards={http.base}/{shards.name}/",
+            f"data.cache_dir={tmp_path / 'http_cache'}",
+        )  # fmt: skip
+        fetched = {
+            tar.name: len(http.requests(f"/{shards.name}/{tar.name}"))
+            for tar in shards.glob("*.tar")
+        }
+    assert_same_weights(consolidated(tmp_path / "http", "step4"), want)
+    assert set(fetched.values()) == {1}, fetched  # 2 ranks x 2 workers, one download per shard
+
+
+def test_ranks_that_skip_different_samples_log_together(tmp_path):
+    """Bad samples fall on some ranks only: the data counters every rank logs have the same
+    names (a key only one rank had broke the logging all-reduce), summed over ranks."""
+    from tests.data_pipeline.loader_fixtures import write_dirty_dataset
+
+    valid, bad = write_dirty_dataset(tmp_path / "dirty", [6, 6, 6, 6, 6])  # 30 samples
+    out = tmp_path / "run"
+    train(
+        out, f"data.train.shards={tmp_path / 'dirty'}", "data.train.synthetic=false",
+        "data.tokenizer=" + str(write_demo_tokenizer(tmp_path)), "model.text.vocab_size=25",
+        "train.micro_batch_size=3", "train.steps=5", "data.train.num_workers=1",
+    )  # fmt: skip
+    logged = {r: scalars(out, f"data/errors_{r}").get(5, 0) for r in set(bad.values())}
+    assert logged == Counter(bad.values())  # 5 steps of 2 x 3: epoch 0 exactly
+    records = [json.loads(line) for p in (out / "data_errors").glob("rank*.jsonl") for line in p.read_text().splitlines()]  # fmt: skip
+    assert len(records) == len(bad) and {r["reason"] for r in records} == set(bad.values())

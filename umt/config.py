@@ -62,6 +62,15 @@ class DataConfig:
     eval: DataSplitConfig = field(default_factory=lambda: DataSplitConfig(num_workers=1))
     tokenizer: str | None = None
     """Tokenizer name or folder; default: model.text.pretrained."""
+    cache_dir: str | None = None
+    """Node-local folder for copies of remote (s3://, http(s)://) shards, shared by the node's
+    ranks and workers; default $TMPDIR (or /tmp)/umt-shard-cache-UID."""
+    cache_limit_gb: float = 0.0
+    """Least recently used shard copies not in use are removed above this size (0: 90% of the
+    cache disk's free space at start)."""
+    remote_read: str = "cache"
+    """Remote shards: `cache` (whole-shard copies, fetched ahead) or `range` (a range request per
+    sample, nothing on disk; needs the shards' index files)."""
     log_sample_keys: bool = False
     """Write, per rank and step, the keys of the samples trained on to OUTPUT_DIR/sample_keys/
     rank{R}.txt (`step key key ...`; kept exact across resumes: lines after the checkpoint resumed
@@ -430,6 +439,16 @@ def validate(cfg: Config, source: str = "") -> None:
     )
     _require(
         d.num_workers >= 0, f"data.train.num_workers must be >= 0 (got {d.num_workers})", source
+    )
+    _require(
+        cfg.data.remote_read in ("cache", "range"),
+        f"data.remote_read must be cache or range (got {cfg.data.remote_read!r})",
+        source,
+    )
+    _require(
+        cfg.data.cache_limit_gb >= 0,
+        f"data.cache_limit_gb must be >= 0 (got {cfg.data.cache_limit_gb})",
+        source,
     )
     _require(
         d.shuffle_window >= 1,

@@ -156,6 +156,7 @@ class EvalData:
     batch_size: int = 64
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    cache_dir: str | None = None  # node cache for remote shards (default: data_pipeline's)
 
 
 @torch.no_grad()
@@ -186,7 +187,7 @@ def embed_eval_shards(
 
     def my_batches():
         pending = []
-        for i, sample in enumerate(iter_raw_samples(data.shards, errors)):
+        for i, sample in enumerate(iter_raw_samples(data.shards, errors, data.cache_dir)):
             keys[i] = sample.image_key
             if i % w != me:
                 continue
@@ -425,7 +426,7 @@ def zero_shot_classification(
     def my_batches():
         nonlocal unlabelled
         arrays, labels = [], []
-        for i, sample in enumerate(iter_raw_samples(data.shards)):
+        for i, sample in enumerate(iter_raw_samples(data.shards, cache_dir=data.cache_dir)):
             if i % world_size() != rank():
                 continue
             label = sample_label((sample.text, *sample.captions), lookup)

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 
 from data_pipeline.loader.config import LoaderDataError
+from data_pipeline.loader.reader import SAMPLE_ERRORS
+from data_pipeline.storage import IO_COUNTERS
 from umt import checkpoint, distributed, step_log
 from umt.config import Config, ConfigError, save_config, to_dict, tokenizer_name
 from umt.data_wait import DataWaiter, DataWaitInterrupted
@@ -253,6 +255,9 @@ def build_train_data(cfg: Config, rank: int, world_size: int, epoch: int = 0, de
         crop_scale=d.crop_scale,
         hflip=d.hflip,
         negatives=d.negatives,
+        cache_dir=cfg.data.cache_dir,
+        cache_limit_gb=cfg.data.cache_limit_gb,
+        remote_read=cfg.data.remote_read,
         pin_memory=on_gpu,
     )
     return build_loader(loader_cfg, rank=rank, world_size=world_size, epoch=epoch)
@@ -491,8 +496,9 @@ class Trainer:
 
     # --- logging -----------------------------------------------------------------------------
     def log_scalars(self, result: StepResult, window: Window) -> dict[str, float]:
-        """Mean over ranks of the step's logs and the window's system figures: one all-reduce,
-        one host read (log steps only)."""
+        """The step's logs and the window's system figures, averaged over ranks, and the data
+        counters (skipped samples, storage), summed over ranks: one all-reduce of a vector whose
+        keys are the same on every rank, one host read (log steps only)."""
         logs = dict(result.logs)
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
@@ -502,13 +508,25 @@ class Trainer:
             "time/step_s": result.elapsed_s,
             "train/nonfinite_skipped": float(self.state.nonfinite_total),
         }
+        counters = self._data_counters()
         keys = sorted(logs) + sorted(host)
         values = torch.stack(
             [logs[k].to(self.device, torch.float64).reshape(()) for k in sorted(logs)]
             + [torch.tensor(float(host[k]), dtype=torch.float64, device=self.device) for k in sorted(host)]
+            + [torch.tensor(float(v), dtype=torch.float64, device=self.device) for v in counters.values()]
         )  # fmt: skip
-        mean = distributed.all_reduce(values) / self.world_size
-        return dict(zip(keys, mean.tolist()))
+        total = distributed.all_reduce(values).tolist()
+        out = {k: v / self.world_size for k, v in zip(keys, total)}
+        return out | {k: v for k, v in zip(counters, total[len(keys) :]) if v}
+
+    def _data_counters(self) -> dict[str, int]:
+        """This rank's counts since its loader started, under names every rank has (a key only
+        some ranks had would break the all-reduce): skipped samples by reason, storage."""
+        errors = self.data.error_counts()
+        io = getattr(self.data, "io_counts", dict)()
+        return {f"data/errors_{r}": errors.get(r, 0) for r in SAMPLE_ERRORS} | {
+            f"data/storage_{n}": io.get(n, 0) for n in IO_COUNTERS
+        }
 
     def _system_scalars(self, window: Window) -> dict[str, float]:
         t = self.cfg.train
@@ -528,8 +546,6 @@ class Trainer:
             peak = gpu_peak_flops(torch.cuda.get_device_name(self.device))
             if peak:
                 out["throughput/mfu"] = per_rank * self.flops_per_sample(window) / peak
-        for reason, count in self.data.error_counts().items():
-            out[f"data/errors_{reason}"] = float(count)
         return out
 
     def flops_per_sample(self, window: Window) -> float:
@@ -566,6 +582,7 @@ class Trainer:
             cfg.model.image.image_size,
             cfg.data.eval.max_text_len,
             cfg.train.micro_batch_size,
+            cache_dir=cfg.data.cache_dir,
         )
         report = evaluate_retrieval(
             self.engine.module, data, cfg.eval.itm_rerank_k, device=self.device

@@ -51,6 +51,9 @@ class Batch:
     # Samples of this micro-batch that could not be used, per reason, and each one's record.
     errors: dict[str, int] = field(default_factory=dict)
     failures: list[dict] = field(default_factory=list)
+    io: dict[str, int] = field(
+        default_factory=dict
+    )  # storage counters since the worker's last batch
     # With LoaderConfig.negatives: one hard-negative caption per sample ("" where it has none).
     negative_input_ids: torch.Tensor | None = None  # (B, T') int64
     negative_attention_mask: torch.Tensor | None = None  # (B, T') int64

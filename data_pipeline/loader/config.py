@@ -72,6 +72,17 @@ class LoaderConfig:
     """Json field of a sample's hard-negative captions (a string or a list, e.g. a column kept by
     `umt shard --save-additional-columns`): batches then carry one per sample, drawn by its seed,
     for ITM (NegCLIP-style). None: off."""
+    cache_dir: str | None = None
+    """Node-local folder for copies of remote (s3://, http(s)://) shards, shared by the node's
+    ranks and workers; default $TMPDIR (or /tmp)/umt-shard-cache-UID."""
+    cache_limit_gb: float = 0.0
+    """Least recently used copies not in use are removed above this size; 0: 90% of the cache
+    disk's free space at start."""
+    remote_read: str = "cache"
+    """Remote shards: `cache` (whole-shard copies in the node cache, fetched ahead) or `range`
+    (one range request per sample, nothing on disk; needs the shards' index files)."""
+    prefetch_rounds: int = 2
+    """With `cache`: each worker fetches the shards of its next N micro-batches ahead of need."""
     pin_memory: bool = False
     """Pin batches for asynchronous host-to-GPU copies."""
     prefetch_factor: int = 2
@@ -96,6 +107,12 @@ class LoaderConfig:
             raise LoaderConfigError(
                 f"data.epoch_tail must be carry or drop (got {self.epoch_tail!r})"
             )
+        if self.remote_read not in ("cache", "range"):
+            raise LoaderConfigError(
+                f"data.remote_read must be cache or range (got {self.remote_read!r})"
+            )
+        if self.cache_limit_gb < 0 or self.prefetch_rounds < 0:
+            raise LoaderConfigError("data.cache_limit_gb and data.prefetch_rounds must be >= 0")
         if self.caption not in CAPTIONS:
             raise LoaderConfigError(
                 f"data.caption must be 'txt' or 'random' (got {self.caption!r})"

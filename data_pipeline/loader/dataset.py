@@ -15,7 +15,7 @@ from functools import cached_property
 
 import numpy as np
 
-from data_pipeline.loader import storage
+from data_pipeline import storage
 from data_pipeline.loader.config import LoaderConfigError
 from data_pipeline.loader.tar_index import TarIndexError, load_index
 
@@ -115,12 +115,19 @@ def parse_source_specs(shards: str | list[str]) -> list[SourceSpec]:
         if m := _NAME.match(rest):
             name, rest = m.group(1), m.group(2)
         weight = None
-        if (m := _WEIGHT.match(rest)) and not storage.is_file(rest) and not storage.is_dir(rest):
+        if (m := _WEIGHT.match(rest)) and _weight_suffix(rest, m.group(1)):
             rest, weight = m.group(1), float(m.group(2))
             if weight <= 0:
                 raise LoaderConfigError(f"data.shards: weight must be > 0 in {entry!r}")
         specs.append(SourceSpec(name, rest, weight))
     return specs
+
+
+def _weight_suffix(text: str, location: str) -> bool:
+    """Whether `:N` ends `text` as a mixing weight (not a port, nor part of a local name)."""
+    if storage.is_remote(text):
+        return "/" in location.split("://", 1)[1]  # s3://b/x:2 yes; http://host:8080 no
+    return not storage.is_file(text) and not storage.is_dir(text)
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -142,9 +149,9 @@ def expand_braces(pattern: str) -> list[str]:
 def read_shard_counts(folder: str) -> dict[str, int] | None:
     """{shard file name: samples} from `folder/manifest.json`, else `folder/sizes.json`, else None."""
     manifest = storage.join(folder, "manifest.json")
-    if storage.is_file(manifest):
+    if (text := storage.read_text_if_exists(manifest)) is not None:
         try:
-            data = json.loads(storage.read_text(manifest))
+            data = json.loads(text)
             version = data.get("format_version")
             if version != MANIFEST_FORMAT_VERSION:
                 raise LoaderConfigError(
@@ -155,9 +162,9 @@ def read_shard_counts(folder: str) -> dict[str, int] | None:
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
             raise LoaderConfigError(f"{manifest} is not a shard manifest: {exc!r}") from exc
     sizes = storage.join(folder, "sizes.json")
-    if storage.is_file(sizes):
+    if (text := storage.read_text_if_exists(sizes)) is not None:
         try:
-            return {name: int(n) for name, n in json.loads(storage.read_text(sizes)).items()}
+            return {name: int(n) for name, n in json.loads(text).items()}
         except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
             raise LoaderConfigError(f"{sizes} is not a {{name: count}} map: {exc!r}") from exc
     return None
@@ -190,7 +197,9 @@ def resolve_source(spec: SourceSpec, index: int) -> Source:
     else:
         paths = expand_braces(location)
         default_name = storage.basename(storage.parent(paths[0])) or f"source{index}"
-    missing = [p for p in paths if not storage.is_file(p)]
+    # Remote shards are not checked one by one here (a request each): a missing one is named
+    # when the loader first needs it.
+    missing = [p for p in paths if not storage.is_remote(p) and not storage.is_file(p)]
     if missing:
         raise LoaderConfigError(
             f"data.shards: {len(missing)} of {len(paths)} shards of {spec.location!r} do not exist "

@@ -16,7 +16,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from data_pipeline.loader import storage
+from data_pipeline import storage
 from data_pipeline.loader.dataset import Shard
 from data_pipeline.loader.tar_index import (
     TarIndex,
@@ -25,8 +25,13 @@ from data_pipeline.loader.tar_index import (
     member_key,
     split_members,
 )
+from data_pipeline.shard_cache import CachedShard, ShardCache, default_cache_dir
+from data_pipeline.storage import StorageError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# Why a sample could not be used (decoding adds `corrupt_image`).
+SAMPLE_ERRORS = ("missing_shard", "bad_index", "truncated_tar", "missing_image", "missing_json",
+                 "bad_json", "missing_caption", "corrupt_image")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -72,29 +77,34 @@ class ShardReader:
     """Random access to samples of many shards, by (shard, index within it).
 
     Keeps the indexes and open files of the most recently used shards (a worker reads the few
-    shards of the current window over and over).
+    shards of the current window over and over). A remote shard is read from its copy in the
+    node's `cache` (downloaded on first use), or by one range request per sample when `cache` is
+    None. A remote read that cannot succeed raises `StorageError` (one line naming the URL);
+    local damage is counted per sample.
     """
 
-    def __init__(self, shards: tuple[Shard, ...], keep_open: int = 32):
-        self.shards = shards
-        self.keep_open = keep_open
-        self._open: OrderedDict[int, tuple[TarIndex, storage.RangeReader]] = OrderedDict()
+    def __init__(
+        self, shards: tuple[Shard, ...], cache: ShardCache | None = None, keep_open: int = 32
+    ):
+        self.shards, self.cache, self.keep_open = shards, cache, keep_open
+        self._open: OrderedDict[int, _OpenShard] = OrderedDict()
         self._broken: dict[int, str] = {}  # shard -> reason it cannot be read at all
 
-    def _get(self, shard: int, errors: Counter) -> tuple[TarIndex, storage.RangeReader] | None:
+    def _get(self, shard: int, errors: Counter) -> _OpenShard | None:
         if shard in self._broken:
             errors[self._broken[shard]] += 1
             return None
         if shard in self._open:
             self._open.move_to_end(shard)
             return self._open[shard]
-        path = self.shards[shard].path
         try:
-            entry = (load_index(path), storage.RangeReader(path))
+            entry = _OpenShard.open(self.shards[shard].path, self.cache)
         except FileNotFoundError:
             self._broken[shard] = "missing_shard"
         except TarIndexError:
             self._broken[shard] = "bad_index"
+        except StorageError:
+            raise
         except OSError:
             self._broken[shard] = "missing_shard"
         if shard in self._broken:
@@ -102,8 +112,7 @@ class ShardReader:
             return None
         self._open[shard] = entry
         if len(self._open) > self.keep_open:
-            _, (_, reader) = self._open.popitem(last=False)
-            reader.close()
+            self._open.popitem(last=False)[1].close()
         return entry
 
     def shard_name(self, shard: int) -> str:
@@ -114,17 +123,17 @@ class ShardReader:
         entry = self._get(shard, errors)
         if entry is None:
             return None
-        tar_index, reader = entry
-        if index >= len(tar_index):  # the manifest promised more samples than the tar holds
+        if index >= len(entry.index):  # the manifest promised more samples than the tar holds
             errors["truncated_tar"] += 1
             return None
-        key = tar_index.keys[index]
+        key = entry.index.keys[index]
         try:
-            members = split_members(reader.read(tar_index.offsets[index], tar_index.lengths[index]))
+            data = entry.reader.read(entry.index.offsets[index], entry.index.lengths[index])
+            members = split_members(data)
         except EOFError:
             errors["truncated_tar"] += 1
             return None
-        except (tarfile.TarError, OSError, zlib.error):
+        except (tarfile.TarError, ValueError, zlib.error):
             errors["bad_index"] += 1
             return None
         return assemble_sample(key, members, errors)
@@ -132,25 +141,61 @@ class ShardReader:
     def key(self, shard: int, index: int) -> str | None:
         """The sample key from the index alone (None if the shard cannot be read)."""
         entry = self._get(shard, Counter())
-        if entry is None or index >= len(entry[0]):
+        if entry is None or index >= len(entry.index):
             return None
-        return entry[0].keys[index]
+        return entry.index.keys[index]
 
     def close(self) -> None:
-        for _, reader in self._open.values():
-            reader.close()
+        for entry in self._open.values():
+            entry.close()
         self._open.clear()
 
 
-def read_tar_samples(shard: Shard, errors: Counter) -> Iterator[RawSample]:
-    """Stream one tar's samples in stored order; a truncated or unreadable tar ends its stream,
-    counted, never raises."""
+@dataclass
+class _OpenShard:
+    index: TarIndex
+    reader: storage.RangeReader
+    held: CachedShard | None = None  # the cache copy, kept from eviction while open
+
+    @classmethod
+    def open(cls, path: str, cache: ShardCache | None) -> _OpenShard:
+        if storage.is_remote(path) and cache is not None:
+            held = cache.acquire(path)
+            try:
+                local = str(held.path)
+                return cls(load_index(path, local_copy=local), storage.RangeReader(local), held)
+            except BaseException:
+                held.release()
+                raise
+        return cls(load_index(path), storage.RangeReader(path))
+
+    def close(self) -> None:
+        self.reader.close()
+        if self.held is not None:
+            self.held.release()
+
+
+def read_tar_samples(
+    shard: Shard, errors: Counter, cache: ShardCache | None = None
+) -> Iterator[RawSample]:
+    """Stream one tar's samples in stored order (a remote one from its copy in `cache`, the
+    node's default cache if None); a truncated or unreadable tar ends its stream, counted."""
+    held = None
+    path = shard.path
+    if storage.is_remote(path):
+        held = (cache or ShardCache(default_cache_dir())).acquire(path)
+        path = str(held.path)
+    try:
+        yield from _stream_tar(path, shard.count, errors)
+    finally:
+        if held is not None:
+            held.release()
+
+
+def _stream_tar(path: str, count: int, errors: Counter) -> Iterator[RawSample]:
     seen = 0
     try:
-        with (
-            storage.open_stream(shard.path) as handle,
-            tarfile.open(fileobj=handle, mode="r|*") as tar,
-        ):
+        with open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r|*") as tar:
             key, members = None, {}
             for info in tar:
                 if not info.isfile():
@@ -162,9 +207,8 @@ def read_tar_samples(shard: Shard, errors: Counter) -> Iterator[RawSample]:
                         if (sample := assemble_sample(key, members, errors)) is not None:
                             yield sample
                     key, members = name_key, {}
-                members[info.name.rsplit("/", 1)[-1].partition(".")[2].lower()] = tar.extractfile(
-                    info
-                ).read()
+                extension = info.name.rsplit("/", 1)[-1].partition(".")[2].lower()
+                members[extension] = tar.extractfile(info).read()
             if members:
                 seen += 1
                 if (sample := assemble_sample(key, members, errors)) is not None:
@@ -175,5 +219,5 @@ def read_tar_samples(shard: Shard, errors: Counter) -> Iterator[RawSample]:
     except (tarfile.TarError, EOFError, OSError, zlib.error):
         errors["truncated_tar"] += 1  # the half-read sample is lost with it
         return
-    if seen < shard.count:  # cut exactly at a header boundary reads as a clean end
+    if seen < count:  # cut exactly at a header boundary reads as a clean end
         errors["truncated_tar"] += 1

@@ -13,7 +13,8 @@ import itertools
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data_pipeline import storage
 from data_pipeline.loader.batch import (
     Batch,
     DecodedSample,
@@ -37,6 +39,8 @@ from data_pipeline.loader.config import (
 from data_pipeline.loader.dataset import Dataset, resolve_dataset
 from data_pipeline.loader.order import GlobalOrder, micro_batch_positions
 from data_pipeline.loader.reader import RawSample, ShardReader, read_tar_samples
+from data_pipeline.shard_cache import ShardCache, default_cache_dir
+from data_pipeline.storage import StorageError
 from data_pipeline.transforms import load_tokenizer
 
 log = logging.getLogger("umt.data")
@@ -65,7 +69,39 @@ class MicroBatchMaker:
         self.dataset, self.cfg, self.rank, self.world_size = dataset, cfg, rank, world_size
         self.start, self.tokenizer = start, tokenizer
         self.order = GlobalOrder(dataset, cfg, cfg.batch_size * cfg.grad_accum * world_size)
-        self.reader = ShardReader(dataset.shards)
+        self.cache = shard_cache(cfg, dataset)
+        # With the node cache, hold few copies open: a copy held cannot be evicted.
+        self.reader = ShardReader(dataset.shards, self.cache, keep_open=4 if self.cache else 32)
+        self._prefetcher: ThreadPoolExecutor | None = None
+        self._prefetched: set[int] = set()
+        self._io_seen: Counter = Counter()
+
+    def prefetch(self, round_indices: Iterable[int]) -> None:
+        """Fetch the remote shards of these rounds into the node cache, in the background."""
+        if self.cache is None:
+            return
+        b = self.cfg.batch_size
+        wanted: list[int] = []
+        for round_index in round_indices:
+            first = micro_batch_positions(self.start, round_index, self.rank, self.world_size, b)
+            shards, _ = self.dataset.locate(self.order.samples(first, b)[0])
+            wanted += [int(s) for s in dict.fromkeys(shards.tolist()) if s not in self._prefetched]
+        if not wanted:
+            return
+        if self._prefetcher is None:
+            self._prefetcher = ThreadPoolExecutor(2, thread_name_prefix="umt-prefetch")
+        for shard in wanted:
+            self._prefetched.add(shard)
+            self._prefetcher.submit(_prefetch_one, self.cache, self.dataset.shards[shard].path)
+
+    def io_since_last(self) -> dict[str, int]:
+        """Storage counters of this process since the previous call (retries, downloads ...)."""
+        now = Counter(storage.io_counters)
+        delta = {
+            k: v - self._io_seen.get(k, 0) for k, v in now.items() if v != self._io_seen.get(k, 0)
+        }
+        self._io_seen = now
+        return delta
 
     def sample_at(
         self, position: int, errors: Counter, failures: list | None
@@ -103,6 +139,7 @@ class MicroBatchMaker:
         _, epochs = self.order.samples(first, 1)
         batch.round, batch.position, batch.epoch = round_index, first, int(epochs[0])
         batch.errors, batch.failures = dict(errors), failures
+        batch.io = self.io_since_last()
         return batch
 
     def _fill_from_round(self, round_index: int, first: int, failures: list[dict]) -> list:
@@ -137,10 +174,12 @@ class RankStream(IterableDataset):
         rounds = itertools.count(worker, self.num_workers)
         if self.limit is not None:
             rounds = range(worker, self.limit, self.num_workers)
+        k, ahead = self.num_workers, self.maker.cfg.prefetch_rounds
         for round_index in rounds:
             try:
+                self.maker.prefetch(round_index + k * i for i in range(ahead + 1))
                 yield self.maker.micro_batch(round_index)
-            except LoaderDataError as exc:
+            except (LoaderDataError, StorageError) as exc:
                 yield _Failure(str(exc))
                 return
 
@@ -169,6 +208,7 @@ class StreamingLoader:
         self.round_size = world_size * cfg.batch_size
         self.position = epoch * self.order.epoch_length
         self._errors: Counter = Counter()
+        self._io: Counter = Counter()
         # Loaded once here, not per worker: importing transformers takes seconds.
         wants_tokens = cfg.decode_images and cfg.tokenizer
         self.tokenizer = load_tokenizer(cfg.tokenizer) if wants_tokens else None
@@ -218,11 +258,17 @@ class StreamingLoader:
                 )
             self.position += self.round_size
             self._errors.update(item.errors)
+            self._io.update(item.io)
             yield item
 
     def error_counts(self) -> dict[str, int]:
         """Samples this rank could not use, per reason, since this loader started."""
         return dict(self._errors)
+
+    def io_counts(self) -> dict[str, int]:
+        """This rank's storage counters since this loader started: `retries` (transient failures
+        retried), `downloads`, `cache_hits`, `evictions`, `requests`, `bytes`."""
+        return dict(self._io)
 
     def state_dict(self) -> dict[str, Any]:
         """The stream position reached, plain JSON; the same on every rank."""
@@ -276,8 +322,30 @@ def build_loader(cfg: LoaderConfig, rank: int, world_size: int, epoch: int = 0) 
     return StreamingLoader(cfg, rank, world_size, epoch)
 
 
-def iter_raw_samples(shards: str | list[str], errors: Counter | None = None) -> Iterator[RawSample]:
-    """Every sample of the given shards in stored order, no shuffling (evaluation, inspection)."""
+def shard_cache(cfg: LoaderConfig, dataset: Dataset) -> ShardCache | None:
+    """The node cache for a dataset's remote shards (None: all local, or range reads)."""
+    if cfg.remote_read != "cache" or not any(storage.is_remote(s.path) for s in dataset.shards):
+        return None
+    limit = int(cfg.cache_limit_gb * 2**30) if cfg.cache_limit_gb else None
+    return ShardCache(cfg.cache_dir or default_cache_dir(), limit)
+
+
+def _prefetch_one(cache: ShardCache, url: str) -> None:
+    try:
+        cache.acquire(url).release()
+    except Exception as exc:  # noqa: BLE001 - the read that needs it reports the error
+        log.debug("prefetch of %s failed: %s", url, exc)
+
+
+def iter_raw_samples(
+    shards: str | list[str], errors: Counter | None = None, cache_dir: str | None = None
+) -> Iterator[RawSample]:
+    """Every sample of the given shards in stored order, no shuffling (evaluation, inspection);
+    remote shards through the node cache."""
     errors = Counter() if errors is None else errors
-    for shard in resolve_dataset(shards, resampled=True).shards:  # True: accept `:weight` too
-        yield from read_tar_samples(shard, errors)
+    dataset = resolve_dataset(shards, resampled=True)  # True: accept `:weight` specs too
+    cache = None
+    if any(storage.is_remote(s.path) for s in dataset.shards):
+        cache = ShardCache(cache_dir or default_cache_dir())
+    for shard in dataset.shards:
+        yield from read_tar_samples(shard, errors, cache)

@@ -21,7 +21,7 @@ import os
 import tarfile
 from dataclasses import dataclass
 
-from data_pipeline.loader import storage
+from data_pipeline import storage
 
 log = logging.getLogger("umt.data")
 INDEX_FORMAT_VERSION = 1
@@ -122,24 +122,33 @@ def build_index(fileobj, shard_name: str, total_bytes: int, where: str | None = 
     return TarIndex(shard_name, total_bytes, tuple(keys), tuple(offsets), tuple(lengths))
 
 
-def index_of_file(shard_location: str) -> TarIndex:
-    """Build the index of a tar by reading its headers."""
-    with storage.open_stream(shard_location) as handle:
-        name = storage.basename(shard_location)
-        return build_index(handle, name, storage.size(shard_location), where=shard_location)
+def index_of_file(shard_location: str, local_copy: str | None = None) -> TarIndex:
+    """Build the index of a tar by reading its headers (of `local_copy` for a remote shard)."""
+    path = local_copy or shard_location
+    if storage.is_remote(path):
+        raise TarIndexError(
+            f"{shard_location} has no index file, and indexing needs a local copy; write indexes "
+            "with `umt data index` where the shards are made, or read through the shard cache"
+        )
+    with open(path, "rb") as handle:
+        return build_index(
+            handle, storage.basename(shard_location), os.path.getsize(path), where=shard_location
+        )
 
 
-def read_index(shard_location: str) -> TarIndex | None:
-    """The index beside a shard, checked against the tar's size; None if there is none."""
+def read_index(shard_location: str, local_copy: str | None = None) -> TarIndex | None:
+    """The index beside a shard (local or remote), checked against the tar's size (that of
+    `local_copy` when given); None if there is none."""
     where = index_location(shard_location)
-    if not storage.is_file(where):
+    text = storage.read_text_if_exists(where)
+    if text is None:
         return None
     try:
-        data = json.loads(storage.read_text(where))
+        data = json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
         raise TarIndexError(f"{where} is not valid JSON: {exc}") from None
     index = TarIndex.from_json(data, where)
-    actual = storage.size(shard_location)
+    actual = os.path.getsize(local_copy) if local_copy else storage.size(shard_location)
     if index.bytes != actual:
         raise TarIndexError(
             f"{where} was made for a tar of {index.bytes} bytes, {shard_location} has {actual}: "
@@ -148,15 +157,15 @@ def read_index(shard_location: str) -> TarIndex | None:
     return index
 
 
-def load_index(shard_location: str) -> TarIndex:
+def load_index(shard_location: str, local_copy: str | None = None) -> TarIndex:
     """The shard's index file, else one built now from the tar's headers (also when the index
     file no longer matches the tar, with a warning: a shard copied again, or cut short)."""
     try:
-        index = read_index(shard_location)
+        index = read_index(shard_location, local_copy)
     except TarIndexError as exc:
         log.warning("%s; reading the tar's own headers instead", exc)
         index = None
-    return index or index_of_file(shard_location)
+    return index or index_of_file(shard_location, local_copy)
 
 
 def write_index(index: TarIndex, location: str) -> None:
@@ -170,7 +179,7 @@ def write_index(index: TarIndex, location: str) -> None:
 
 
 def check_index(shard_location: str) -> list[str]:
-    """Differences between the index beside a shard and the shard itself (empty: it is right)."""
+    """Differences between the index beside a local shard and the shard itself (empty: right)."""
     try:
         stored = read_index(shard_location)
     except TarIndexError as exc:

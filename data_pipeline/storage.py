@@ -1,0 +1,339 @@
+"""The storage seam: every read and write of a manifest, an index, a shard or a run record goes
+through here, for local paths, `s3://bucket/key` (and S3-compatible stores) and `http(s)://`.
+
+Remote locations go through fsspec (s3fs for S3, aiohttp for HTTP), which read the standard
+AWS settings: environment variables, profiles, `AWS_ENDPOINT_URL` for an S3-compatible store.
+Transient failures (timeouts, connection resets, 5xx, throttling) are retried with exponential
+backoff and counted in `io_counters`; what no retry can fix (not found, access denied, missing
+credentials, or still failing after the last try) raises `StorageError`, whose message is one
+line naming the URL.
+
+Remote writes are whole objects (an S3 PUT, multipart or not, appears complete or not at all);
+local writes go to a temporary name, are fsynced and renamed, with the same promise.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import posixpath
+import random
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+log = logging.getLogger("umt.data")
+T = TypeVar("T")
+
+REMOTE_SCHEMES = ("s3", "http", "https")
+RETRIES = int(os.environ.get("UMT_STORAGE_RETRIES", 6))  # attempts of one operation
+BACKOFF_S = float(os.environ.get("UMT_STORAGE_BACKOFF_S", 0.25))  # first wait; doubles, max 8 s
+# Counters of this process (a loader worker sends their changes with each batch).
+IO_COUNTERS = ("retries", "requests", "bytes", "downloads", "cache_hits", "evictions", "uploads")
+io_counters: Counter = Counter()
+
+
+class StorageError(RuntimeError):
+    """A storage operation that cannot succeed; the message names the URL or path."""
+
+
+# --- locations -------------------------------------------------------------------------------
+
+
+def scheme(location: str) -> str:
+    head, sep, _ = location.partition("://")
+    return head.lower() if sep else "file"
+
+
+def is_remote(location: str) -> bool:
+    return scheme(location) in REMOTE_SCHEMES
+
+
+def normalize(location: str) -> str:
+    if location.startswith("file://"):
+        location = location[len("file://") :]
+    return location if is_remote(location) else os.path.expanduser(location)
+
+
+def join(folder: str, name: str) -> str:
+    if is_remote(folder):
+        return folder.rstrip("/") + "/" + name
+    return os.path.join(folder, name)
+
+
+def parent(location: str) -> str:
+    if is_remote(location):
+        head, _, path = location.partition("://")
+        return f"{head}://{posixpath.dirname(path.rstrip('/'))}"
+    return os.path.dirname(location)
+
+
+def basename(location: str) -> str:
+    return (
+        posixpath.basename(location.rstrip("/"))
+        if is_remote(location)
+        else os.path.basename(location.rstrip("/"))
+    )
+
+
+# --- remote filesystems and retries ----------------------------------------------------------
+
+_filesystems: dict[tuple, Any] = {}
+
+
+def filesystem(location: str):
+    """The fsspec filesystem of a remote location, one per process (fork-safe: a child makes its own)."""
+    import fsspec
+
+    kind = "s3" if scheme(location) == "s3" else "http"
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    key = (os.getpid(), kind, endpoint if kind == "s3" else None)
+    if key not in _filesystems:
+        if kind == "s3":
+            client = {"endpoint_url": endpoint} if endpoint else {}
+            # One try per call (s3fs's and botocore's retries off): retries are ours, so they
+            # are counted and bounded.
+            fs = fsspec.filesystem(
+                "s3",
+                client_kwargs=client,
+                config_kwargs={"retries": {"max_attempts": 1, "mode": "standard"}},
+                skip_instance_cache=True,
+            )
+            fs.retries = 1
+            _filesystems[key] = fs
+        else:
+            _filesystems[key] = fsspec.filesystem("http", skip_instance_cache=True)
+    return _filesystems[key]
+
+
+def _status(exc: BaseException) -> int | None:
+    status = getattr(exc, "status", None)  # aiohttp ClientResponseError
+    if isinstance(status, int):
+        return status
+    response = getattr(exc, "response", None)  # botocore ClientError
+    if isinstance(response, dict):
+        return response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return None
+
+
+def fatal_reason(exc: BaseException) -> str | None:
+    """Why no retry can fix `exc` (None: it may be transient)."""
+    cause = exc.__cause__
+    if isinstance(exc, FileNotFoundError) and cause is not None and _status(cause) is not None:
+        exc = cause  # fsspec's HTTP `info` reports any failed request as "not found"
+    if isinstance(exc, FileNotFoundError) or _status(exc) in (404, 410):
+        return "not found"
+    if isinstance(exc, PermissionError):
+        return "access denied"
+    if type(exc).__name__ in (
+        "NoCredentialsError",
+        "PartialCredentialsError",
+        "InvalidConfigError",
+    ):
+        return f"no usable credentials ({exc})"
+    status = _status(exc)
+    if status is not None and 400 <= status < 500 and status not in (408, 429):
+        return f"HTTP {status}"
+    if isinstance(exc, (IsADirectoryError, NotADirectoryError, ValueError, TypeError)):
+        return f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES):
+        return str(exc)
+    return None
+
+
+def retrying(what: str, location: str, operation: Callable[[], T]) -> T:
+    """`operation()`, retried on transient failures with exponential backoff (with jitter)."""
+    for attempt in range(RETRIES):
+        try:
+            return operation()
+        except StorageError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - classified below
+            reason = fatal_reason(exc)
+            if reason is not None:
+                raise StorageError(f"{what} {location}: {reason}") from None
+            if attempt == RETRIES - 1:
+                raise StorageError(
+                    f"{what} {location}: still failing after {RETRIES} attempts "
+                    f"({type(exc).__name__}: {str(exc)[:200]})"
+                ) from None
+            io_counters["retries"] += 1
+            wait = min(8.0, BACKOFF_S * 2**attempt) * (0.5 + random.random())
+            log.warning(
+                "%s %s failed (%s: %s); retry %d of %d in %.1f s",
+                what, location, type(exc).__name__, str(exc)[:120], attempt + 1, RETRIES - 1, wait,
+            )  # fmt: skip
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+def is_dir(location: str) -> bool:
+    """A folder (of shards): a local directory, or a remote location not naming a .tar."""
+    if is_remote(location):
+        return not location.endswith(".tar") and "{" not in location
+    return os.path.isdir(location)
+
+
+def is_file(location: str) -> bool:
+    if is_remote(location):
+        return retrying("checking", location, lambda: filesystem(location).isfile(location))
+    return os.path.isfile(location)
+
+
+def size(location: str) -> int:
+    if is_remote(location):
+        return int(
+            retrying("reading the size of", location, lambda: filesystem(location).size(location))
+        )
+    return os.path.getsize(location)
+
+
+def read_bytes(location: str) -> bytes:
+    if not is_remote(location):
+        with open(location, "rb") as handle:
+            return handle.read()
+
+    def fetch() -> bytes:
+        data = filesystem(location).cat_file(location)
+        io_counters["requests"] += 1
+        io_counters["bytes"] += len(data)
+        return data
+
+    return retrying("reading", location, fetch)
+
+
+def read_text(location: str) -> str:
+    return read_bytes(location).decode("utf-8")
+
+
+def read_text_if_exists(location: str) -> str | None:
+    """The text at `location`, or None where there is nothing (other failures raise)."""
+    if not is_remote(location):
+        return read_text(location) if os.path.isfile(location) else None
+    try:
+        return read_text(location)
+    except StorageError as exc:
+        if str(exc).endswith(": not found"):
+            return None
+        raise
+
+
+def read_range(location: str, offset: int, length: int) -> bytes:
+    """Bytes [offset, offset + length) of a remote object (a range request)."""
+
+    def fetch() -> bytes:
+        data = filesystem(location).cat_file(location, start=offset, end=offset + length)
+        io_counters["requests"] += 1
+        io_counters["bytes"] += len(data)
+        if len(data) != length:
+            raise EOFError(f"{length} bytes wanted at {offset}, {len(data)} returned")
+        return data
+
+    return retrying("reading", location, fetch)
+
+
+class RangeReader:
+    """Reads byte ranges of one local file (kept open) or remote object (range requests)."""
+
+    def __init__(self, location: str):
+        self.location = location
+        self._fd = -1 if is_remote(location) else os.open(location, os.O_RDONLY)
+
+    def read(self, offset: int, length: int) -> bytes:
+        if self._fd < 0:
+            return read_range(self.location, offset, length)
+        data = os.pread(self._fd, length, offset)
+        if len(data) != length:  # the file ends early: a truncated copy
+            raise EOFError(f"{self.location}: {length} bytes wanted at {offset}, {len(data)} read")
+        return data
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def download(location: str, destination: str, chunk_bytes: int = 8 << 20) -> int:
+    """Copy a remote object to a local file (streamed; retried from the start); returns its size.
+
+    The caller gives a temporary path and renames it once complete (see `ShardCache`)."""
+
+    kill_midway = os.environ.get("UMT_FAULT_KILL_IN_DOWNLOAD") == "1"  # tests of crash safety
+
+    def copy() -> int:
+        written = 0
+        with (
+            filesystem(location).open(location, "rb", block_size=chunk_bytes) as source,
+            open(destination, "wb") as sink,
+        ):
+            while chunk := source.read(chunk_bytes):
+                if kill_midway:  # half a chunk on disk, then the process is gone
+                    sink.write(chunk[: len(chunk) // 2])
+                    sink.flush()
+                    os.kill(os.getpid(), signal.SIGKILL)
+                sink.write(chunk)
+                written += len(chunk)
+            sink.flush()
+            os.fsync(sink.fileno())
+        io_counters["downloads"] += 1
+        io_counters["bytes"] += written
+        return written
+
+    return retrying("downloading", location, copy)
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+
+def put_file(local_path: str, location: str) -> None:
+    """Publish a finished local file at `location` whole: an object PUT, or copy + rename."""
+    if is_remote(location):
+        if scheme(location) != "s3":
+            raise StorageError(f"writing {location}: only s3:// and local paths can be written")
+        retrying(
+            "uploading to", location, lambda: filesystem(location).put_file(local_path, location)
+        )
+        io_counters["uploads"] += 1
+        return
+    os.makedirs(os.path.dirname(location) or ".", exist_ok=True)
+    tmp = f"{location}.{os.getpid()}.tmp"
+    with open(local_path, "rb") as source, open(tmp, "wb") as sink:
+        while chunk := source.read(8 << 20):
+            sink.write(chunk)
+        sink.flush()
+        os.fsync(sink.fileno())
+    os.replace(tmp, location)
+
+
+def list_names(folder: str) -> list[str]:
+    """Names of the objects or files directly in `folder` (sorted; empty if it does not exist)."""
+    if is_remote(folder):
+        fs = filesystem(folder)
+
+        def listing() -> list[str]:
+            try:
+                return [basename(p) for p in fs.ls(folder, detail=False, refresh=True)]
+            except FileNotFoundError:
+                return []
+
+        return sorted(retrying("listing", folder, listing))
+    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+
+def remove(location: str) -> None:
+    if is_remote(location):
+        fs = filesystem(location)
+        retrying(
+            "deleting", location, lambda: fs.rm_file(location) if fs.exists(location) else None
+        )
+    elif os.path.exists(location):
+        os.remove(location)

@@ -1,0 +1,145 @@
+"""Shards in object storage: read from a real S3 endpoint (moto) and a real web server (nginx) on
+loopback, through the node cache or by range requests, with failures a person can act on."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data_pipeline import storage
+from data_pipeline.loader.tar_index import index_location, index_of_file, write_index
+from data_pipeline.shard_cache import ShardCache
+from launch.cli import main as umt
+from tests.conftest import REPO
+from tests.data_pipeline.loader_fixtures import write_dataset
+from tests.storage_servers import BUCKET, moto_s3, nginx
+
+COUNTS = [7, 5, 6, 4, 3, 7, 2, 6]  # 40 samples in 8 shards
+
+
+def shards_with_indexes(folder: Path) -> Path:
+    write_dataset(folder, COUNTS, name="remote")
+    for tar in sorted(folder.glob("*.tar")):
+        write_index(index_of_file(str(tar)), index_location(str(tar)))
+    return folder
+
+
+@pytest.fixture
+def local(tmp_path) -> Path:
+    return shards_with_indexes(tmp_path / "shards")
+
+
+@pytest.fixture
+def s3(local):
+    with moto_s3() as server:
+        yield server, server.upload_folder(local, "data/shards")
+
+
+@pytest.fixture
+def http(local, tmp_path):
+    with nginx(
+        local.parent, tmp_path / "nginx", fail_with_500=("/shards/data-000003.tar",)
+    ) as server:
+        yield server
+
+
+def order(capsys, shards: str, *extra: str) -> tuple[int, list[str], str]:
+    args = ["data", "order", shards, "--batch-size", "3", "--world-size", "2", "--workers", "2"]
+    code = umt([*args, "--sample-keys", "--steps", "10", *extra])
+    captured = capsys.readouterr()
+    return code, captured.out.splitlines(), captured.err
+
+
+def test_order_from_s3_equals_the_local_order(local, s3, tmp_path, capsys):
+    server, url = s3
+    code, want, _ = order(capsys, str(local))
+    assert code == 0 and len(want) == 10
+    code, got, err = order(capsys, url, "--cache-dir", str(tmp_path / "cache"))
+    assert code == 0, err
+    assert got == want
+    assert "downloads=" in err  # through the node cache, fetched ahead
+    code, ranged, err = order(capsys, url, "--remote-read", "range")
+    assert code == 0 and ranged == want, err
+    assert not (tmp_path / "range-cache").exists()
+
+
+def test_order_over_http_with_a_cache_smaller_than_two_shards(local, tmp_path, capsys):
+    code, want, _ = order(capsys, str(local), "--workers", "1")
+    shard_bytes = min(p.stat().st_size for p in local.glob("*.tar"))
+    limit_gb = str(1.5 * shard_bytes / 2**30)
+    with nginx(local.parent, tmp_path / "nginx") as http:
+        code, got, err = order(
+            capsys, f"{http.base}/shards/", "--workers", "1", "--cache-dir",
+            str(tmp_path / "cache"), "--cache-limit-gb", limit_gb,
+        )  # fmt: skip
+    assert code == 0, err
+    assert got == want
+    # Copies not in use were removed to stay near the limit (those in use stay: the run is
+    # right, only slower, fetching shards again).
+    counts = dict(kv.split("=") for kv in err.split("storage: ")[1].split()[0:])
+    assert int(counts["evictions"].rstrip(",")) > 0
+    assert int(counts["downloads"].rstrip(",")) > len(COUNTS)
+
+
+def test_a_server_that_keeps_failing_is_retried_then_named_in_one_line(
+    local, http, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr(storage, "BACKOFF_S", 0.01)
+    code, _, err = order(capsys, f"{http.base}/shards/", "--cache-dir", str(tmp_path / "cache"))
+    assert code == 1
+    lines = [line for line in err.splitlines() if line.startswith("umt data order:")]
+    assert len(lines) == 1
+    assert f"{http.base}/shards/data-000003.tar" in lines[0] and "after 6 attempts" in lines[0]
+    # Each reader of the shard (a worker, its prefetching) tried 6 times, backing off: bounded.
+    tries = http.requests("/shards/data-000003.tar", "HEAD")
+    assert set(tries) == {500} and len(tries) % 6 == 0 and 6 <= len(tries) <= 6 * 6
+
+
+def test_a_shard_missing_from_the_store_is_named_in_one_line(local, s3, tmp_path, capsys):
+    server, url = s3
+    server.client.delete_object(Bucket=BUCKET, Key="data/shards/data-000005.tar")
+    code, _, err = order(capsys, url, "--cache-dir", str(tmp_path / "cache"), "--steps", "14")
+    assert code == 1
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("umt data order:") and f"{url}/data-000005.tar" in line
+    assert "not found" in line
+
+
+def test_missing_credentials_are_one_line(local, s3, monkeypatch, capsys):
+    _, url = s3
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setattr(storage, "_filesystems", {})
+    code, _, err = order(capsys, url)
+    assert code == 1
+    assert err.strip() == (
+        f"umt data order: reading {url}/manifest.json: no usable credentials "
+        "(Unable to locate credentials)"
+    )
+
+
+def test_a_download_killed_midway_leaves_nothing_that_is_taken_for_the_shard(local, s3, tmp_path):
+    _, url = s3
+    shard = f"{url}/data-000001.tar"
+    cache_dir = tmp_path / "cache"
+    code = (
+        "import sys; from data_pipeline.shard_cache import ShardCache; "
+        "ShardCache(sys.argv[1]).acquire(sys.argv[2])"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "UMT_FAULT_KILL_IN_DOWNLOAD": "1"}
+    killed = subprocess.run([sys.executable, "-c", code, str(cache_dir), shard], env=env)
+    assert killed.returncode == -9
+    cache = ShardCache(cache_dir)
+    copy = cache.path_for(shard)
+    assert not copy.exists() and list(copy.parent.glob("*.part"))  # half a file, never the shard
+    held = cache.acquire(shard)  # the dead process's lock is gone with it: no wait
+    assert held.path.read_bytes() == (local / "data-000001.tar").read_bytes()
+    assert not list(copy.parent.glob("*.part"))  # the leftover was cleared
+    held.release()

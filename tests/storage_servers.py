@@ -1,0 +1,150 @@
+"""Object storage on loopback for tests: moto's S3 server and nginx serving a folder over HTTP.
+
+Both are real servers speaking their protocols (s3fs and aiohttp talk to them as to AWS or any
+web server); each test gets its own, started and stopped by a fixture (see conftest.py).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+BUCKET = "umt-test"
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    client: object  # boto3 S3 client
+
+    def upload_folder(self, folder: Path, prefix: str) -> str:
+        """Every file of `folder` under `prefix/`; returns the folder's s3:// URL."""
+        for path in sorted(folder.iterdir()):
+            if path.is_file():
+                self.client.upload_file(str(path), BUCKET, f"{prefix}/{path.name}")
+        return f"s3://{BUCKET}/{prefix}"
+
+    def objects(self, prefix: str) -> dict[str, bytes]:
+        """{key: bytes} of every object under `prefix`."""
+        out = {}
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+        for page in pages:
+            for item in page.get("Contents", []):
+                body = self.client.get_object(Bucket=BUCKET, Key=item["Key"])["Body"].read()
+                out[item["Key"]] = body
+        return out
+
+
+@contextmanager
+def moto_s3():
+    """A moto S3 endpoint on 127.0.0.1 with bucket `umt-test`; AWS_* variables point at it (for
+    this process and the subprocesses it starts) while it runs."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    saved = {k: os.environ.get(k) for k in [*S3_ENV, "AWS_ENDPOINT_URL"]}
+    os.environ.update(S3_ENV, AWS_ENDPOINT_URL=endpoint)
+    try:
+        client = boto3.client("s3", endpoint_url=endpoint)
+        client.create_bucket(Bucket=BUCKET)
+        yield S3Server(endpoint, client)
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@dataclass
+class HttpServer:
+    base: str  # http://127.0.0.1:PORT
+    root: Path  # the folder served at /
+    access_log: Path
+
+    def requests(self, path: str, method: str = "GET") -> list[int]:
+        """Status codes of the requests for `path` logged so far (nginx writes each at once)."""
+        codes = []
+        for line in self.access_log.read_text().splitlines():
+            parts = line.split('"')
+            if len(parts) > 2 and parts[1].split()[:2] == [method, path]:
+                codes.append(int(parts[2].split()[0]))
+        return codes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def nginx(root: Path, work: Path, fail_with_500: tuple[str, ...] = ()):
+    """nginx serving `root` at http://127.0.0.1:PORT/ (Range requests included); each path of
+    `fail_with_500` always answers 500. Needs Debian's nginx and root (as CI runs)."""
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not os.path.exists(binary):
+        import pytest
+
+        pytest.skip("nginx is not installed (apt-get install nginx; .ci/run does)")
+    port = free_port()
+    work.mkdir(parents=True, exist_ok=True)
+    failing = "".join(f"    location = {p} {{ return 500; }}\n" for p in fail_with_500)
+    temp_paths = "".join(
+        f"  {name}_temp_path {work / name};\n"
+        for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    config = work / "nginx.conf"
+    config.write_text(
+        f"""daemon off;
+{"user root;" if os.geteuid() == 0 else ""}
+worker_processes 1;
+pid {work / "nginx.pid"};
+error_log {work / "error.log"};
+events {{ worker_connections 256; }}
+http {{
+  access_log {work / "access.log"};
+{temp_paths}  server {{
+    listen 127.0.0.1:{port};
+    root {root};
+{failing}  }}
+}}
+"""
+    )
+    process = subprocess.Popen(
+        [binary, "-c", str(config), "-p", str(work)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # wait until it accepts connections (it started, or it failed)
+            if process.poll() is not None:
+                raise RuntimeError(f"nginx did not start: {process.stderr.read().decode()[-500:]}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("nginx did not accept connections within 30 s") from None
+                time.sleep(0.05)
+        yield HttpServer(f"http://127.0.0.1:{port}", root, work / "access.log")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
