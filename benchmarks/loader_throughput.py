@@ -3,7 +3,7 @@
 Every contender reads the same samples (COCO-sized 640x480 JPEGs with captions; tars for ours and
 webdataset, MDS shards written from the same samples for mosaic streaming) with the same workers,
 batch size, crop, normalisation and tokenizer, and is timed over one epoch (decode + transform +
-tokenize + batch), plus the time from creating it to its first batch:
+tokenize + batch), plus the time from creating it to its first batch and the rate after it:
 - `webdataset`: the webdataset pipeline (`tarfile_to_samples -> shuffle -> batched`) feeding our
   per-sample transform and our batched tokenisation: the same work, webdataset's reading;
 - `mosaic`: mosaic streaming's `StreamingDataset` (its shuffle, local MDS shards) through the
@@ -26,12 +26,14 @@ Ends with one line `SUMMARY key=value ...`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib
 import importlib.util
 import io
 import itertools
 import json
+import os
 import random
 import resource
 import statistics
@@ -40,7 +42,7 @@ import sys
 import tempfile
 import time
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -233,7 +235,8 @@ def write_mds(streaming_base, tars: list[Path], out: Path, shard_bytes: int) -> 
             )
 
 
-def mosaic_loader(streaming_base, local: Path, cfg: LoaderConfig, tokenizer) -> DataLoader:
+def mosaic_loader(streaming_base, mds: str, cfg: LoaderConfig, tokenizer, cache: str) -> DataLoader:
+    """MDS shards from a local folder, or from s3:// into the `cache` folder."""
     transform = our_transform(cfg)
 
     class Captions(streaming_base.StreamingDataset):
@@ -241,7 +244,8 @@ def mosaic_loader(streaming_base, local: Path, cfg: LoaderConfig, tokenizer) -> 
             sample = super().__getitem__(index)
             return transform(sample["jpg"], rng=random.Random(sample["key"])), sample["txt"]
 
-    dataset = Captions(local=str(local), shuffle=True, shuffle_seed=0, batch_size=cfg.batch_size)
+    where = {"remote": mds, "local": cache} if "://" in mds else {"local": mds}
+    dataset = Captions(**where, shuffle=True, shuffle_seed=0, batch_size=cfg.batch_size)
     return DataLoader(
         dataset,
         batch_size=cfg.batch_size,
@@ -261,9 +265,17 @@ class PassResult:
     cpu_s: float  # this process + its (joined) worker processes
     first_batch_s: float
 
+    first_batch: int = 0  # samples in the first batch
+
     @property
     def per_s(self) -> float:
         return self.samples / self.wall_s
+
+    @property
+    def steady_per_s(self) -> float:
+        """After the first batch: the rate a long run sees, start-up (workers, clients, the first
+        shards) left out."""
+        return (self.samples - self.first_batch) / max(self.wall_s - self.first_batch_s, 1e-9)
 
     @property
     def per_cpu_s(self) -> float:
@@ -291,15 +303,49 @@ def time_pass(make_batches, max_batches: int) -> PassResult:
     Wall time is what training sees; CPU time is the steadier figure on a machine shared with
     other jobs, since it does not count time spent waiting for a core.
     """
-    start_wall, start_cpu, samples, first = time.perf_counter(), cpu_seconds(), 0, None
+    start_wall, start_cpu, samples, first, first_size = (
+        time.perf_counter(),
+        cpu_seconds(),
+        0,
+        None,
+        0,
+    )
     batches = make_batches()
     for batch in itertools.islice(batches, max_batches):
         if first is None:
-            first = time.perf_counter() - start_wall
+            first, first_size = time.perf_counter() - start_wall, batch_size_of(batch)
         samples += batch_size_of(batch)
     del batches
     gc.collect()  # workers joined: their CPU time is counted
-    return PassResult(samples, time.perf_counter() - start_wall, cpu_seconds() - start_cpu, first)
+    wall, cpu = time.perf_counter() - start_wall, cpu_seconds() - start_cpu
+    return PassResult(samples, wall, cpu, first, first_size)
+
+
+def serve(kind: str, folder: Path, stack: contextlib.ExitStack, work: Path) -> dict | None:
+    """Shards of `folder` from a loopback server: {ours: spec, urls: [webdataset URLs],
+    mosaic: remote} (None for local disk). S3: moto's endpoint (webdataset gets presigned
+    URLs, read with curl as usual); HTTP: nginx."""
+    sys.path.insert(0, str(REPO))
+    from tests.storage_servers import BUCKET, moto_s3, nginx
+
+    if kind == "s3":
+        server = stack.enter_context(moto_s3())
+        url = server.upload_folder(folder, "bench")
+        os.environ["S3_ENDPOINT_URL"] = server.endpoint  # mosaic streaming's setting
+        if (folder / "mds").is_dir():
+            server.upload_folder(folder / "mds", "bench/mds")
+        names = sorted(p.name for p in folder.glob("*.tar"))
+        urls = [
+            server.client.generate_presigned_url(
+                "get_object", Params={"Bucket": BUCKET, "Key": f"bench/{n}"}, ExpiresIn=3600
+            )
+            for n in names
+        ]
+        return {"ours": url + "/", "urls": urls, "mosaic": f"{url}/mds"}
+    server = stack.enter_context(nginx(folder.parent, work / "nginx"))
+    base = f"{server.base}/{folder.name}"
+    urls = [f"{base}/{p.name}" for p in sorted(folder.glob("*.tar"))]
+    return {"ours": base + "/", "urls": urls, "mosaic": None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -313,6 +359,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source-size", default="640x480", help="stored image WxH")
     parser.add_argument("--tokenizer", default=None)
     parser.add_argument(
+        "--storage",
+        default="local,s3,http",
+        help="where the shards are read from: local disk, s3 (moto on loopback), http (nginx)",
+    )
+    parser.add_argument(
         "--mosaic-site",
         type=Path,
         default=Path.home() / ".cache" / "umt-bench" / "mosaic",
@@ -323,19 +374,24 @@ def main(argv: list[str] | None = None) -> int:
     num_samples = args.samples or (512 if args.quick else 4096)
     rounds = args.rounds or (2 if args.quick else 3)
     source_size = tuple(int(x) for x in args.source_size.split("x"))
+    storages = [s for s in args.storage.split(",") if s]
     torch.set_num_threads(1)
     streaming_base, mosaic_note = (
         (None, "--no-mosaic") if args.no_mosaic else import_mosaic(args.mosaic_site)
     )
 
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
+    tables = {}
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        folder = Path(tmp) / "shards"
+        folder.mkdir()
         num_shards = 4 * args.workers
         image_bytes = write_shards(folder, num_samples, num_shards, source_size)
         tars = [folder / f"data-{i:06d}.tar" for i in range(num_shards)]
         for tar in tars:  # what `umt shard` writes beside each shard (`umt data index` for others)
             write_index(index_of_file(str(tar)), index_location(str(tar)))
-        cfg = LoaderConfig(
+        if streaming_base is not None:
+            write_mds(streaming_base, tars, folder / "mds", max(1, image_bytes // num_shards))
+        base_cfg = LoaderConfig(
             shards=str(folder / f"data-{{000000..{num_shards - 1:06d}}}.tar"),
             batch_size=args.batch_size,
             num_workers=args.workers,
@@ -343,52 +399,75 @@ def main(argv: list[str] | None = None) -> int:
             image_size=args.image_size,
             tokenizer=args.tokenizer or default_tokenizer(),
         )
-        tokenizer = load_tokenizer(cfg.tokenizer)
-        buffer = cfg.shuffle_window
-        urls = [str(t) for t in tars]
+        tokenizer = load_tokenizer(base_cfg.tokenizer)
+        buffer = base_cfg.shuffle_window
         per_epoch = num_samples // args.batch_size
-        contenders = {
-            "webdataset": lambda: iter(webdataset_loader(urls, cfg, tokenizer, buffer)),
-            "open_clip": lambda: iter(open_clip_loader(urls, cfg, tokenizer, buffer)),
-            "ours": lambda: build_loader(cfg, 0, 1).batches(per_epoch),
-        }
-        if streaming_base is not None:
-            mds = folder / "mds"
-            write_mds(streaming_base, tars, mds, shard_bytes=max(1, image_bytes // num_shards))
-            contenders["mosaic"] = lambda: iter(mosaic_loader(streaming_base, mds, cfg, tokenizer))
-        results: dict[str, list[PassResult]] = {name: [] for name in contenders}
-        for _ in range(rounds):
-            for name, make in contenders.items():
-                results[name].append(time_pass(make, per_epoch))
+        passes = itertools.count()
 
-    wall = {n: statistics.median(r.per_s for r in rs) for n, rs in results.items()}
-    cpu = {n: statistics.median(r.per_cpu_s for r in rs) for n, rs in results.items()}
-    first = {n: statistics.median(r.first_batch_s for r in rs) for n, rs in results.items()}
+        def fresh(name: str) -> str:  # a cache per pass: remote passes download everything
+            return str(Path(tmp) / f"{name}-cache-{next(passes)}")
+
+        for kind in storages:
+            remote = serve(kind, folder, stack, Path(tmp)) if kind != "local" else None
+            urls = remote["urls"] if remote else [str(t) for t in tars]
+            cfg = replace(base_cfg, shards=remote["ours"]) if remote else base_cfg
+            contenders = {
+                "webdataset": lambda u=urls, c=cfg: iter(webdataset_loader(u, c, tokenizer, buffer)),
+                "ours": lambda c=cfg: build_loader(replace(c, cache_dir=fresh("ours")), 0, 1).batches(per_epoch),
+            }  # fmt: skip
+            if kind == "local":
+                contenders["open_clip"] = lambda u=urls, c=cfg: iter(
+                    open_clip_loader(u, c, tokenizer, buffer)
+                )
+            if streaming_base is not None and (kind == "local" or (remote and remote["mosaic"])):
+                mds = str(folder / "mds") if kind == "local" else remote["mosaic"]
+                contenders["mosaic"] = lambda m=mds, c=cfg: iter(
+                    mosaic_loader(streaming_base, m, c, tokenizer, fresh("mosaic"))
+                )
+            results: dict[str, list[PassResult]] = {name: [] for name in contenders}
+            for _ in range(rounds):
+                for name, make in contenders.items():
+                    results[name].append(time_pass(make, per_epoch))
+            tables[kind] = results
+
     print(
         f"{num_samples} samples of {args.source_size} JPEG "
         f"({image_bytes / num_samples / 1e3:.0f} KB avg), {num_shards} shards -> "
         f"{args.image_size}px, batch {args.batch_size}, {args.workers} workers, "
-        f"{rounds} rounds (median)"
+        f"{rounds} rounds (median); remote passes start from an empty cache"
     )
     if streaming_base is None:
         print(f"mosaic streaming left out: {mosaic_note}")
-    print(
-        f"{'loader':<12}{'samples/s':>11}{'ours is':>9}{'samples/cpu-s':>15}{'ours is':>9}"
-        f"{'first batch s':>15}"
-    )
-    for name in contenders:
+    summary = []
+    for kind, results in tables.items():
+        wall = {n: statistics.median(r.per_s for r in rs) for n, rs in results.items()}
+        cpu = {n: statistics.median(r.per_cpu_s for r in rs) for n, rs in results.items()}
+        first = {n: statistics.median(r.first_batch_s for r in rs) for n, rs in results.items()}
+        steady = {n: statistics.median(r.steady_per_s for r in rs) for n, rs in results.items()}
+        print(f"\nfrom {kind}:")
         print(
-            f"{name:<12}{wall[name]:>11.1f}{wall['ours'] / wall[name]:>8.2f}x"
-            f"{cpu[name]:>15.1f}{cpu['ours'] / cpu[name]:>8.2f}x{first[name]:>15.2f}"
+            f"{'loader':<12}{'samples/s':>11}{'ours is':>9}{'samples/cpu-s':>15}{'ours is':>9}"
+            f"{'first batch s':>15}{'after it /s':>13}{'ours is':>9}"
         )
-    summary = [f"ours_samples_per_s={wall['ours']:.1f}", f"ours_first_batch_s={first['ours']:.2f}"]
-    for name in contenders:
-        if name != "ours":
-            summary += [
-                f"vs_{name}={wall['ours'] / wall[name]:.2f}",
-                f"cpu_vs_{name}={cpu['ours'] / cpu[name]:.2f}",
-                f"{name}_first_batch_s={first[name]:.2f}",
-            ]
+        for name in results:
+            print(
+                f"{name:<12}{wall[name]:>11.1f}{wall['ours'] / wall[name]:>8.2f}x"
+                f"{cpu[name]:>15.1f}{cpu['ours'] / cpu[name]:>8.2f}x{first[name]:>15.2f}"
+                f"{steady[name]:>13.1f}{steady['ours'] / steady[name]:>8.2f}x"
+            )
+        tag = "" if kind == "local" else f"{kind}_"
+        summary += [
+            f"{tag}ours_samples_per_s={wall['ours']:.1f}",
+            f"{tag}ours_first_batch_s={first['ours']:.2f}",
+        ]
+        for name in results:
+            if name != "ours":
+                summary += [
+                    f"{tag}vs_{name}={wall['ours'] / wall[name]:.2f}",
+                    f"{tag}steady_vs_{name}={steady['ours'] / steady[name]:.2f}",
+                    f"{tag}cpu_vs_{name}={cpu['ours'] / cpu[name]:.2f}",
+                    f"{tag}{name}_first_batch_s={first[name]:.2f}",
+                ]
     print("SUMMARY " + " ".join(summary))
     return 0
 

@@ -24,6 +24,7 @@ import multiprocessing
 import os
 import queue
 import random
+import re
 import shutil
 import signal
 import tarfile
@@ -42,6 +43,7 @@ from typing import Any, NamedTuple
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from data_pipeline import shard_output, storage
 from data_pipeline.loader.tar_index import INDEX_SUFFIX, TarIndex, index_location, write_index
 from data_pipeline.sources import Row, SourceSpec, is_url, read_source
 
@@ -83,7 +85,7 @@ class ShardError(Exception):
 class OtherRunError(ShardError):
     """The output folder holds shards of a run with other input or options (`differences`)."""
 
-    def __init__(self, out: Path, differences: list[str]):
+    def __init__(self, out: Path | str, differences: list[str]):
         self.out, self.differences = out, differences
         super().__init__(
             f"{out} already holds shards of a different run ({'; '.join(differences)}); "
@@ -132,6 +134,7 @@ class ShardOptions:
     num_parts: int = 1  # slices of the plan, e.g. a Slurm job array
     part_index: int = 0
     overwrite: bool = False
+    staging: str | None = None  # with --out s3://...: local folder shards are written in first
 
 
 # Fields every sample's json has; --save-additional-columns adds others beside them.
@@ -139,14 +142,16 @@ RESERVED_JSON_FIELDS = (
     "key", "image_key", "caption", "captions", "caption_index", "source",
     "width", "height", "original_width", "original_height",
 )  # fmt: skip
-_RUN_ONLY_FIELDS = ("workers", "download_threads", "num_parts", "part_index", "overwrite")
+_RUN_ONLY_FIELDS = (
+    "workers", "download_threads", "num_parts", "part_index", "overwrite", "staging",
+)  # fmt: skip
 
 
 @dataclass
 class ShardSummary:
     """What a run (or a merge) wrote; `line()` is the one-line report."""
 
-    out: Path
+    out: Path | str  # a folder, or the s3:// URL the run published to
     rows: int
     written: int
     failed: int
@@ -575,6 +580,7 @@ class ShardJob:
     out: Path
     options: ShardOptions
     layout: KeyLayout
+    publish: str | None = None  # an s3:// output: each finished shard is published there
 
 
 @dataclass
@@ -735,6 +741,14 @@ def write_shard(job: ShardJob, report: Callable[[int, int], None]) -> ShardRecor
         index = TarIndex(task.name, record.bytes, keys, offsets, lengths)
         write_index(index, str(index_location(str(final))))
     write_json_atomic(done_path(job.out, task.name), record_to_json(record))
+    if job.publish:  # tar, index, then the done-record: a record in the store means both are there
+        if record.count:
+            shard_output.publish(job.out, job.publish, task.name, keep_local=False)
+            trigger_failpoint(failpoint, f"{task.name}:published")
+            index_name = Path(index_location(task.name)).name
+            shard_output.publish(job.out, job.publish, index_name, keep_local=False)
+        done = done_path(job.out, task.name).relative_to(job.out)
+        shard_output.publish(job.out, job.publish, str(done))
     return record
 
 
@@ -775,8 +789,9 @@ def record_to_json(record: ShardRecord) -> dict:
     return data
 
 
-def load_done_record(out: Path, name: str) -> ShardRecord | None:
-    """The record of a finished shard, or None if the shard must be (re)written."""
+def load_done_record(out: Path, name: str, publish: str | None = None) -> ShardRecord | None:
+    """The record of a finished shard, or None if the shard must be (re)written. The shard must
+    be there with its size: in `out`, or in the store for a published run."""
     path = done_path(out, name)
     if not path.is_file():
         return None
@@ -784,8 +799,11 @@ def load_done_record(out: Path, name: str) -> ShardRecord | None:
     data["overflow"] = [WorkItem(*item) for item in data["overflow"]]
     record = ShardRecord(**data)
     if record.count:
-        shard = out / name
-        if not shard.is_file() or shard.stat().st_size != record.bytes:
+        if publish:
+            size = shard_output.remote_size(publish, name)
+        else:
+            size = (out / name).stat().st_size if (out / name).is_file() else None
+        if size != record.bytes:
             return None
     return record
 
@@ -848,18 +866,19 @@ def run_tasks(
     options: ShardOptions,
     layout: KeyLayout,
     progress: Progress,
+    publish: str | None = None,
 ) -> tuple[list[ShardRecord], int]:
     """Records of all tasks in task order, writing those not done yet; and how many were done."""
     records: dict[int, ShardRecord] = {}
     jobs: list[ShardJob] = []
     for task in tasks:
-        record = load_done_record(out, task.name)
+        record = load_done_record(out, task.name, publish)
         if record is not None:
             records[task.index] = record
             progress.update(record.rows, len(record.failures))
             continue
         job_rows = {item.row: rows[item.row] for item in task.items}
-        jobs.append(ShardJob(task, job_rows, out, options, layout))
+        jobs.append(ShardJob(task, job_rows, out, options, layout, publish))
     resumed = len(records)
     if options.workers == 1 or len(jobs) <= 1:
         for job in jobs:
@@ -945,25 +964,38 @@ def run_identity(
     }
 
 
-def prepare_output(out: Path, identity: dict, options: ShardOptions) -> None:
-    """Create `out`, or check that it holds this same run; refuse anything else."""
+def prepare_output(
+    out: Path, identity: dict, options: ShardOptions, publish: str | None = None
+) -> None:
+    """Create `out`, or check that it holds this same run; refuse anything else. For a published
+    run, `out` is the staging folder and the store's state decides (pulled into it first)."""
     run_file = out / STATE_DIR / "run.json"
     if options.overwrite:
         clear_output(out, options.prefix)
+        if publish:
+            shard_output.clear(publish, options.prefix)
+    if publish:
+        shard_output.pull_state(publish, out)
     if run_file.is_file():
         existing = json.loads(run_file.read_text(encoding="utf-8"))
         differences = identity_differences(existing, identity)
         if differences:
-            raise OtherRunError(out, differences)
+            raise OtherRunError(publish or out, differences)
         return
-    if out.is_dir() and (
-        any(out.glob(f"{options.prefix}-*.tar")) or any(out.glob("manifest*.json"))
-    ):
+    foreign = (
+        shard_output.foreign_outputs(publish, options.prefix)
+        if publish
+        else out.is_dir()
+        and (any(out.glob(f"{options.prefix}-*.tar")) or any(out.glob("manifest*.json")))
+    )
+    if foreign:
         raise ShardError(
-            f"{out} already holds shards or a manifest that this command did not make "
+            f"{publish or out} already holds shards or a manifest that this command did not make "
             f"(no {STATE_DIR}/run.json); pass --overwrite to replace them, or choose another --out"
         )
     write_json_atomic(run_file, identity)
+    if publish:
+        shard_output.publish(out, publish, f"{STATE_DIR}/run.json")
 
 
 def identity_differences(old: dict, new: dict) -> list[str]:
@@ -1046,19 +1078,26 @@ def build_manifest(identity: dict, prefix: str, tally: Tally) -> dict:
     }
 
 
-def write_outputs(out: Path, manifest: dict, errors: list[dict], suffix: str | None) -> None:
-    """manifest.json, sizes.json and errors.jsonl (or a part's manifest-{suffix}.json and errors)."""
+def write_outputs(
+    out: Path, manifest: dict, errors: list[dict], suffix: str | None, publish: str | None = None
+) -> None:
+    """manifest.json, sizes.json and errors.jsonl (or a part's manifest-{suffix}.json and errors);
+    published in that order, the manifest last, for an s3:// output."""
     if suffix is None:
-        write_json_atomic(out / "errors.jsonl", errors, lines=True)
+        names = ["errors.jsonl", "sizes.json", "manifest.json"]  # last: its presence means complete
+        write_json_atomic(out / names[0], errors, lines=True)
         sizes = {shard["name"]: shard["count"] for shard in manifest["shards"]}
-        write_json_atomic(out / "sizes.json", sizes)
-        write_json_atomic(out / "manifest.json", manifest)  # last: its presence means complete
+        write_json_atomic(out / names[1], sizes)
+        write_json_atomic(out / names[2], manifest)
     else:
-        write_json_atomic(out / f"errors-{suffix}.jsonl", errors, lines=True)
-        write_json_atomic(out / f"manifest-{suffix}.json", manifest)
+        names = [f"errors-{suffix}.jsonl", f"manifest-{suffix}.json"]
+        write_json_atomic(out / names[0], errors, lines=True)
+        write_json_atomic(out / names[1], manifest)
+    for name in names if publish else ():
+        shard_output.publish(out, publish, name)
 
 
-def summary_from_manifest(out: Path, manifest: dict, resumed: int = 0) -> ShardSummary:
+def summary_from_manifest(out: Path | str, manifest: dict, resumed: int = 0) -> ShardSummary:
     return ShardSummary(
         out=out,
         rows=manifest["rows"],
@@ -1084,7 +1123,14 @@ def shard_dataset(
     """Shard `input_path` into `out` (resuming a previous run of the same arguments)."""
     options = options or ShardOptions()
     validate_options(options)
-    input_path, out = Path(input_path), Path(out)
+    publish = str(out).rstrip("/") if storage.is_remote(str(out)) else None
+    if publish and storage.scheme(publish) != "s3":
+        raise ShardError(f"--out {out}: shards can be written to local folders and s3:// only")
+    part = f"#part{options.part_index}-of-{options.num_parts}" if options.num_parts > 1 else ""
+    staging = options.staging or (
+        shard_output.default_staging(publish + part) if publish else None
+    )  # a staging folder per part: tasks of a job array may share a node
+    input_path, out = Path(input_path), Path(staging or out)
     spec = SourceSpec(
         path=input_path,
         format=options.format_in,
@@ -1096,7 +1142,7 @@ def shard_dataset(
     )
     source = read_source(spec)
     identity = run_identity(source.rows, source.format, input_path, options)
-    prepare_output(out, identity, options)
+    prepare_output(out, identity, options, publish)
     plan = plan_shards(source.rows, options)
     layout = key_layout(plan, options.maxcount)
     parts, part = options.num_parts, options.part_index
@@ -1108,7 +1154,9 @@ def shard_dataset(
     total_rows = sum(len(task.items) for task in tasks)
     bar = Progress(total_rows, 0, 0, progress)
     try:
-        records, resumed = run_all(tasks, source.rows, out, options, layout, bar, len(plan))
+        records, resumed = run_all(
+            tasks, source.rows, out, options, layout, bar, len(plan), publish
+        )
     finally:
         bar.close()
     tally = Tally()
@@ -1119,8 +1167,8 @@ def shard_dataset(
     if parts > 1:
         suffix = part_suffix(part, parts)
         manifest["part"] = {"index": part, "count": parts}
-    write_outputs(out, manifest, errors, suffix)
-    return summary_from_manifest(out, manifest, resumed)
+    write_outputs(out, manifest, errors, suffix, publish)
+    return summary_from_manifest(publish or out, manifest, resumed)
 
 
 def run_all(
@@ -1131,6 +1179,7 @@ def run_all(
     layout: KeyLayout,
     progress: Progress,
     planned: int,
+    publish: str | None = None,
 ) -> tuple[list[ShardRecord], int]:
     """Planned shards, then rounds of overflow shards until no row rolls over.
 
@@ -1141,7 +1190,7 @@ def run_all(
     resumed_total = 0
     next_overflow = 0
     while tasks:
-        records, resumed = run_tasks(tasks, rows, out, options, layout, progress)
+        records, resumed = run_tasks(tasks, rows, out, options, layout, progress, publish)
         all_records += records
         resumed_total += resumed
         rolled = [item for record in records for item in record.overflow]
@@ -1154,12 +1203,14 @@ def run_all(
 
 
 def merge_parts(inputs: list[str | Path], out: str | Path) -> ShardSummary:
-    """Join the part manifests of a sliced run (folders or manifest files) into `out`."""
-    out = Path(out)
-    manifests = find_part_manifests([Path(p) for p in inputs])
+    """Join the part manifests of a sliced run (folders or manifest files, local or s3://) into
+    `out` (a folder, or an s3:// prefix where the parts were published)."""
+    publish = str(out).rstrip("/") if storage.is_remote(str(out)) else None
+    local_out = shard_output.default_staging(publish) if publish else Path(out)
+    manifests = find_part_manifests([str(p) for p in inputs])
     first = manifests[0][1]
     count = first["part"]["count"]
-    by_index: dict[int, tuple[Path, dict]] = {}
+    by_index: dict[int, tuple[str, dict]] = {}
     for path, manifest in manifests:
         if manifest["input"] != first["input"] or manifest["args"] != first["args"]:
             raise ShardError(f"{path} belongs to another run than {manifests[0][0]}: cannot merge")
@@ -1175,27 +1226,32 @@ def merge_parts(inputs: list[str | Path], out: str | Path) -> ShardSummary:
     tally, errors = Tally(), []
     for index in range(count):
         path, manifest = by_index[index]
-        tally.shards += part_shards(path, manifest, out)
+        tally.shards += part_shards(path, manifest, publish or str(local_out))
         tally.rows += manifest["rows"]
         tally.failures.update(manifest["failures"])
         tally.dropped_captions += manifest["dropped_captions"]
-        errors_file = path.with_name(f"errors-{part_suffix(index, count)}.jsonl")
-        errors += [json.loads(line) for line in errors_file.read_text("utf-8").splitlines()]
-    out.mkdir(parents=True, exist_ok=True)
+        errors_file = storage.join(
+            storage.parent(path), f"errors-{part_suffix(index, count)}.jsonl"
+        )
+        errors += [json.loads(line) for line in storage.read_text(errors_file).splitlines()]
+    local_out.mkdir(parents=True, exist_ok=True)
     identity = {"input": first["input"], "args": first["args"]}
     merged = build_manifest(identity, first["prefix"], tally)
     errors.sort(key=lambda failure: failure["shard"])  # stable: keeps each shard's row order
-    write_outputs(out, merged, errors, None)
-    return summary_from_manifest(out, merged)
+    write_outputs(local_out, merged, errors, None, publish)
+    return summary_from_manifest(publish or local_out, merged)
 
 
-def find_part_manifests(inputs: list[Path]) -> list[tuple[Path, dict]]:
-    paths: list[Path] = []
+def find_part_manifests(inputs: list[str]) -> list[tuple[str, dict]]:
+    paths: list[str] = []
     for item in inputs:
-        if item.is_dir():
-            paths += sorted(item.glob("manifest-part-*-of-*.json"))
-        elif item.is_file():
+        if storage.is_remote(item) and not item.endswith(".json"):
+            names = storage.list_names(item)
+            paths += [storage.join(item.rstrip("/"), n) for n in names if _PART_MANIFEST.match(n)]
+        elif storage.is_remote(item) or os.path.isfile(item):
             paths.append(item)
+        elif os.path.isdir(item):
+            paths += sorted(str(p) for p in Path(item).glob("manifest-part-*-of-*.json"))
         else:
             raise ShardError(f"{item} does not exist")
     if not paths:
@@ -1204,7 +1260,7 @@ def find_part_manifests(inputs: list[Path]) -> list[tuple[Path, dict]]:
         )
     manifests = []
     for path in paths:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = json.loads(storage.read_text(path))
         if manifest.get("format_version") != FORMAT_VERSION or "part" not in manifest:
             raise ShardError(
                 f"{path} is not a part manifest of umt shard (format {FORMAT_VERSION})"
@@ -1213,14 +1269,27 @@ def find_part_manifests(inputs: list[Path]) -> list[tuple[Path, dict]]:
     return manifests
 
 
-def part_shards(path: Path, manifest: dict, out: Path) -> list[dict]:
+_PART_MANIFEST = re.compile(r"^manifest-part-\d+-of-\d+\.json$")
+
+
+def part_shards(path: str, manifest: dict, out: str) -> list[dict]:
     """A part's shard entries, named relative to `out`; each file must exist with its size."""
     shards = []
+    folder = storage.parent(path)
     for shard in manifest["shards"]:
-        location = path.parent / shard["name"]
-        if not location.is_file() or location.stat().st_size != shard["bytes"]:
+        location = storage.join(folder, shard["name"])
+        try:
+            size = storage.size(location)
+        except (storage.StorageError, OSError):
+            size = None
+        if size != shard["bytes"]:
             raise ShardError(f"{location} is missing or not the size its manifest says")
-        same_folder = path.parent.resolve() == out.resolve()
-        name = shard["name"] if same_folder else os.path.relpath(location, out)
+        if storage.is_remote(out) or storage.is_remote(folder):
+            if folder.rstrip("/") != out.rstrip("/"):
+                raise ShardError(f"{location}: parts in a store are merged where they are ({out})")
+            name = shard["name"]
+        else:
+            same_folder = Path(folder).resolve() == Path(out).resolve()
+            name = shard["name"] if same_folder else os.path.relpath(location, out)
         shards.append({**shard, "name": name})
     return shards

@@ -59,11 +59,17 @@ class ShardCache:
             limit_bytes = int(0.9 * free) + self._cached_bytes()
         self.limit_bytes = limit_bytes
 
+    def has(self, url: str) -> bool:
+        """Whether a complete copy is there now (it may be evicted at any time: `acquire` it)."""
+        return self.path_for(url).is_file()
+
     def path_for(self, url: str) -> Path:
         digest = hashlib.sha256(url.encode()).hexdigest()[:16]
         return self.root / digest / storage.basename(url)
 
-    def acquire(self, url: str, deadline_s: float = 3600.0) -> CachedShard:
+    def acquire(
+        self, url: str, expected_bytes: int | None = None, deadline_s: float = 3600.0
+    ) -> CachedShard:
         """A complete local copy of `url`, downloaded if needed, held until released.
 
         Waits (polling, at most `deadline_s`) only while another process downloads or evicts
@@ -84,7 +90,7 @@ class ShardCache:
                 elif not path.is_file() and _try_lock(lock_fd, fcntl.LOCK_EX):
                     try:
                         if not path.is_file():
-                            self._download(url, path)
+                            self._download(url, path, expected_bytes)
                     finally:
                         fcntl.flock(lock_fd, fcntl.LOCK_UN)  # then take it shared, as a reader
                     continue
@@ -97,18 +103,13 @@ class ShardCache:
             os.close(lock_fd)
             raise
 
-    def _download(self, url: str, path: Path) -> None:
+    def _download(self, url: str, path: Path, expected_bytes: int | None) -> None:
         for stale in path.parent.glob(f"{path.name}.*.part"):  # a crashed download's leftovers
             stale.unlink(missing_ok=True)
-        expected = storage.size(url)
-        self.evict(need_bytes=expected)
+        self.evict(need_bytes=expected_bytes or 0)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
         try:
-            got = storage.download(url, str(tmp))
-            if got != expected:
-                raise storage.StorageError(
-                    f"downloading {url}: {got} bytes arrived, the object has {expected}"
-                )
+            storage.download(url, str(tmp), expected_bytes)
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)

@@ -238,6 +238,24 @@ def read_range(location: str, offset: int, length: int) -> bytes:
     return retrying("reading", location, fetch)
 
 
+def read_ranges(location: str, ranges: list[tuple[int, int]]) -> list[bytes]:
+    """Several (offset, length) ranges of one remote object, requested concurrently."""
+
+    def fetch() -> list[bytes]:
+        fs = filesystem(location)
+        starts = [offset for offset, _ in ranges]
+        ends = [offset + length for offset, length in ranges]
+        parts = fs.cat_ranges([location] * len(ranges), starts, ends, on_error="raise")
+        io_counters["requests"] += len(ranges)
+        io_counters["bytes"] += sum(len(p) for p in parts)
+        for part, (offset, length) in zip(parts, ranges):
+            if len(part) != length:
+                raise EOFError(f"{length} bytes wanted at {offset}, {len(part)} returned")
+        return parts
+
+    return retrying("reading", location, fetch)
+
+
 class RangeReader:
     """Reads byte ranges of one local file (kept open) or remote object (range requests)."""
 
@@ -262,33 +280,55 @@ class RangeReader:
         self.close()
 
 
-def download(location: str, destination: str, chunk_bytes: int = 8 << 20) -> int:
-    """Copy a remote object to a local file (streamed; retried from the start); returns its size.
+def download(location: str, destination: str, expected_bytes: int | None = None) -> int:
+    """Copy a remote object to a local file in one streamed request (s3fs splits large objects
+    into concurrent ranges), retried from the start; returns its size, checked against what the
+    server announced and `expected_bytes` (the manifest's) when given.
 
     The caller gives a temporary path and renames it once complete (see `ShardCache`)."""
 
-    kill_midway = os.environ.get("UMT_FAULT_KILL_IN_DOWNLOAD") == "1"  # tests of crash safety
-
     def copy() -> int:
-        written = 0
-        with (
-            filesystem(location).open(location, "rb", block_size=chunk_bytes) as source,
-            open(destination, "wb") as sink,
+        progress = _DownloadProgress()
+        filesystem(location).get_file(location, destination, callback=progress)
+        with open(destination, "rb+") as handle:
+            os.fsync(handle.fileno())
+        written = os.path.getsize(destination)
+        for want, source in (
+            (progress.size, "the server announced"),
+            (expected_bytes, "the manifest says"),
         ):
-            while chunk := source.read(chunk_bytes):
-                if kill_midway:  # half a chunk on disk, then the process is gone
-                    sink.write(chunk[: len(chunk) // 2])
-                    sink.flush()
-                    os.kill(os.getpid(), signal.SIGKILL)
-                sink.write(chunk)
-                written += len(chunk)
-            sink.flush()
-            os.fsync(sink.fileno())
+            if want is not None and written != want:
+                raise EOFError(f"{written} bytes arrived, {source} {want}")
         io_counters["downloads"] += 1
         io_counters["bytes"] += written
         return written
 
     return retrying("downloading", location, copy)
+
+
+class _DownloadProgress:
+    """fsspec callback: the announced size; and, for tests of crash safety, a kill after the
+    first chunk (UMT_FAULT_KILL_IN_DOWNLOAD=1) with part of the file on disk."""
+
+    def __init__(self):
+        self.size: int | None = None
+        self.kill = os.environ.get("UMT_FAULT_KILL_IN_DOWNLOAD") == "1"
+
+    def set_size(self, size):
+        self.size = size
+
+    def relative_update(self, inc=1):
+        if self.kill and inc:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def absolute_update(self, value):
+        pass
+
+    def call(self, *args, **kwargs):
+        pass
+
+    def branched(self, *args, **kwargs):
+        return None
 
 
 # --- writing ---------------------------------------------------------------------------------

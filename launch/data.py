@@ -17,6 +17,7 @@ import os
 import sys
 from collections import Counter
 
+from data_pipeline import storage
 from data_pipeline.loader import (
     LoaderConfig,
     LoaderConfigError,
@@ -34,6 +35,7 @@ from data_pipeline.loader.tar_index import (
     read_index,
     write_index,
 )
+from data_pipeline.shard_cache import ShardCache, default_cache_dir
 from data_pipeline.storage import StorageError
 
 
@@ -52,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("shards", help="a folder of .tar files, a brace pattern, or one .tar")
     index.add_argument("--check", action="store_true", help="check existing indexes, write none")
     index.add_argument("--force", action="store_true", help="rewrite existing indexes too")
+    add_storage_options(index)
 
     order = commands.add_parser("order", help="print the samples a rank (or a step) trains on")
     order.add_argument("shards", help="shard folder, brace pattern, or `name=spec:weight,...`")
@@ -127,15 +130,18 @@ def inspect_shards(args: argparse.Namespace, out: io.TextIOBase) -> int:
 
 
 def find_tars(spec: str) -> list[str]:
-    """The .tar files a folder holds (sorted), a brace pattern names, or one .tar."""
+    """The .tar files a folder (local or s3://) holds (sorted), a brace pattern names, or one .tar."""
     paths = []
     for entry in parse_source_specs(spec):
-        location = os.path.expanduser(entry.location)
-        if os.path.isdir(location):
+        location = storage.normalize(entry.location)
+        if storage.is_remote(location) and storage.is_dir(location):
+            names = storage.list_names(location)
+            paths += [storage.join(location.rstrip("/"), n) for n in names if n.endswith(".tar")]
+        elif os.path.isdir(location):
             paths += sorted(glob.glob(os.path.join(glob.escape(location), "*.tar")))
         else:
             paths += expand_braces(location)
-    missing = [p for p in paths if not os.path.isfile(p)]
+    missing = [p for p in paths if not storage.is_remote(p) and not os.path.isfile(p)]
     if missing:
         raise LoaderConfigError(
             f"{len(missing)} of {len(paths)} shards do not exist (first: {missing[0]})"
@@ -146,26 +152,34 @@ def find_tars(spec: str) -> list[str]:
 
 
 def index_shards(args: argparse.Namespace, out: io.TextIOBase) -> int:
-    """Write or check the index of every shard; one line per shard that fails, then a summary."""
+    """Write or check the index of every shard; one line per shard that fails, then a summary.
+    Remote shards are read through the node cache and their indexes published beside them."""
     paths = find_tars(args.shards)
+    cache = None
+    if any(storage.is_remote(p) for p in paths):
+        cache = ShardCache(args.cache_dir or default_cache_dir())
     tally: Counter = Counter()
     for path in paths:
+        held = cache.acquire(path) if storage.is_remote(path) else None
+        local = str(held.path) if held else None
         try:
             if args.check:
-                problems = check_index(path)
+                problems = check_index(path, local)
                 tally["right" if not problems else "wrong"] += 1
                 for problem in problems:
                     print(f"{path}: {problem}", file=out)
                 continue
-            if not args.force and read_index(path) is not None:
+            if not args.force and read_index(path, local) is not None:
                 tally["already indexed"] += 1
                 continue
-            index = index_of_file(path)
-            write_index(index, index_location(path))
+            write_index(index_of_file(path, local), index_location(path))
             tally["indexed"] += 1
         except TarIndexError as exc:
             tally["failed"] += 1
             print(exc, file=out)
+        finally:
+            if held is not None:
+                held.release()
     outcomes = ("indexed", "already indexed", "right", "wrong", "failed")
     print(
         f"{len(paths)} shards: " + ", ".join(f"{tally[w]} {w}" for w in outcomes if tally[w]),

@@ -20,6 +20,7 @@ from data_pipeline.shard import (
     shard_dataset,
 )
 from data_pipeline.sources import FORMATS, SPLITS, SourceError
+from data_pipeline.storage import StorageError
 
 EXAMPLES = """examples:
   umt shard pairs.csv --out shards/ --workers 8
@@ -28,6 +29,7 @@ EXAMPLES = """examples:
   umt shard urls.parquet --image-col url --caption-col text --maxsize 1GB --out web/
   sbatch --array=0-15 ...  umt shard big.parquet --out web/   (parts from SLURM_ARRAY_*)
   umt shard merge web/ --out web/
+  umt shard pairs.parquet --out s3://bucket/shards/web   (AWS settings from the environment)
 
 Run the same command again after an interruption: finished shards are kept, the rest redone."""
 
@@ -74,7 +76,14 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser.add_argument(
         "input", help="CSV/TSV/JSONL/Parquet table, COCO or Karpathy JSON, or a folder"
     )
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument(
+        "--out", required=True, help="output folder, or s3://bucket/prefix (S3 or compatible)"
+    )
+    parser.add_argument(
+        "--staging",
+        help="with --out s3://...: local folder shards are written in before they are published "
+        "(default $TMPDIR/umt-shard-staging/<hash of the URL>)",
+    )
     parser.add_argument("--format-in", choices=FORMATS, help="input format (default: detected)")
 
     source = parser.add_argument_group("input")
@@ -224,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ShardError, SourceError) as exc:
         print(f"umt shard: error: {exc}", file=sys.stderr)
         return 2
+    except StorageError as exc:
+        print(f"umt shard: error: {exc}; run the same command again to resume", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("umt shard: interrupted; run the same command again to resume", file=sys.stderr)
         return 130

@@ -377,11 +377,16 @@ def submit_shard(argv: list[str]) -> int:
     args = shard_parser().parse_args(own)
     if args.parts < 1:
         raise SubmitError(f"--parts must be >= 1 (got {args.parts})")
-    out = Path(args.out).resolve()
-    folder = out / "slurm"
+    if "://" in args.out:  # an s3:// output: scripts and logs stay in the working folder
+        out: Path | str = args.out.rstrip("/")
+        name = out.rsplit("/", 1)[-1]
+        folder = Path.cwd() / f"umt-shard-{name}" / "slurm"
+    else:
+        out = Path(args.out).resolve()
+        name, folder = out.name, out / "slurm"
     # `umt shard` runs one worker per CPU it is given: 4 by default, fewer where nodes are smaller.
     cpus = fit_request(args, 4)
-    values = job_values(args, f"umt-shard-{out.name}", folder / "logs", cpus)
+    values = job_values(args, f"umt-shard-{name}", folder / "logs", cpus)
     shard_args = [str(Path(args.input).resolve()), "--out", str(out), *shard_options]
     values |= {
         "parts": args.parts,

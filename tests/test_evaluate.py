@@ -202,3 +202,24 @@ def test_zero3_evaluation_with_uneven_work_per_rank_finishes_and_matches_umt_eva
     assert set(want) <= set(during)
     for key, value in want.items():  # float32 in TensorBoard
         assert during[key] == pytest.approx(value, abs=1e-4), key
+
+
+@pytest.mark.slow
+def test_umt_eval_reads_shards_from_s3_like_local_ones(tmp_path, minilm_dir):
+    from tests.storage_servers import moto_s3
+
+    _, export = trained_export(tmp_path, minilm_dir)
+    shards = write_color_shards(tmp_path / "shards", n_images=7, per_shard=3)
+    reports = {}
+    with moto_s3() as s3:
+        url = s3.upload_folder(shards, "eval/shards")
+        for name, where in (("local", str(shards)), ("s3", url)):
+            out = tmp_path / f"{name}.json"
+            cmd = [sys.executable, "-m", "launch.cli", "eval", "--model", str(export), "--shards",
+                   where, "--out", str(out), "--itm-rerank", "4", "--cache-dir", str(tmp_path / "c")]  # fmt: skip
+            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            reports[name] = json.loads(out.read_text())
+    assert reports["s3"]["images"] == 7
+    for scorer in ("itc", "itm"):
+        assert reports["s3"][scorer] == reports["local"][scorer]

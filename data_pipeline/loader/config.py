@@ -82,7 +82,8 @@ class LoaderConfig:
     """Remote shards: `cache` (whole-shard copies in the node cache, fetched ahead) or `range`
     (one range request per sample, nothing on disk; needs the shards' index files)."""
     prefetch_rounds: int = 2
-    """With `cache`: each worker fetches the shards of its next N micro-batches ahead of need."""
+    """With `cache`: shards are fetched ahead for the rest of the current shuffle window, the
+    next one, and N rounds more."""
     pin_memory: bool = False
     """Pin batches for asynchronous host-to-GPU copies."""
     prefetch_factor: int = 2

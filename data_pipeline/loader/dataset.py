@@ -26,6 +26,7 @@ MANIFEST_FORMAT_VERSION = 1
 class Shard:
     path: str
     count: int  # samples, from the manifest (or the index)
+    bytes: int | None = None  # the tar's size, where the manifest says (checked on download)
 
 
 @dataclass(frozen=True)
@@ -146,8 +147,9 @@ def expand_braces(pattern: str) -> list[str]:
     return [out for item in items for out in expand_braces(head + item + tail)]
 
 
-def read_shard_counts(folder: str) -> dict[str, int] | None:
-    """{shard file name: samples} from `folder/manifest.json`, else `folder/sizes.json`, else None."""
+def read_shard_counts(folder: str) -> dict[str, tuple[int, int | None]] | None:
+    """{shard file name: (samples, bytes or None)} from `folder/manifest.json`, else
+    `folder/sizes.json` (no sizes), else None."""
     manifest = storage.join(folder, "manifest.json")
     if (text := storage.read_text_if_exists(manifest)) is not None:
         try:
@@ -158,13 +160,16 @@ def read_shard_counts(folder: str) -> dict[str, int] | None:
                     f"{manifest}: format_version {version!r} is not supported "
                     f"(this loader reads {MANIFEST_FORMAT_VERSION})"
                 )
-            return {s["name"]: int(s["count"]) for s in data["shards"]}
+            return {
+                s["name"]: (int(s["count"]), int(s["bytes"]) if "bytes" in s else None)
+                for s in data["shards"]
+            }
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
             raise LoaderConfigError(f"{manifest} is not a shard manifest: {exc!r}") from exc
     sizes = storage.join(folder, "sizes.json")
     if (text := storage.read_text_if_exists(sizes)) is not None:
         try:
-            return {name: int(n) for name, n in json.loads(text).items()}
+            return {name: (int(n), None) for name, n in json.loads(text).items()}
         except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
             raise LoaderConfigError(f"{sizes} is not a {{name: count}} map: {exc!r}") from exc
     return None
@@ -213,7 +218,8 @@ def resolve_source(spec: SourceSpec, index: int) -> Source:
             folder_counts[folder] = read_shard_counts(folder)
         known = folder_counts[folder] or {}
         name = storage.basename(p)
-        shards.append(Shard(p, known[name] if name in known else count_samples(p)))
+        count, size = known[name] if name in known else (count_samples(p), None)
+        shards.append(Shard(p, count, size))
     return Source(spec.name or default_name, tuple(shards), spec.weight or 1.0)
 
 

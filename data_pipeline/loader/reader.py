@@ -21,8 +21,10 @@ from data_pipeline.loader.dataset import Shard
 from data_pipeline.loader.tar_index import (
     TarIndex,
     TarIndexError,
+    index_of_file,
     load_index,
     member_key,
+    read_index,
     split_members,
 )
 from data_pipeline.shard_cache import CachedShard, ShardCache, default_cache_dir
@@ -95,13 +97,19 @@ class ShardReader:
             errors[self._broken[shard]] += 1
             return None
         if shard in self._open:
-            self._open.move_to_end(shard)
-            return self._open[shard]
+            entry = self._open[shard]
+            if not (entry.bridging and self.cache.has(self.shards[shard].path)):
+                self._open.move_to_end(shard)
+                return entry
+            del self._open[shard]  # the copy has arrived: read it instead of ranges
+            entry.close()
         try:
-            entry = _OpenShard.open(self.shards[shard].path, self.cache)
+            entry = _OpenShard.open(self.shards[shard], self.cache)
         except FileNotFoundError:
             self._broken[shard] = "missing_shard"
-        except TarIndexError:
+        except TarIndexError as exc:
+            if storage.is_remote(self.shards[shard].path):  # no usable index: no sample of it
+                raise StorageError(str(exc)) from None
             self._broken[shard] = "bad_index"
         except StorageError:
             raise
@@ -114,6 +122,21 @@ class ShardReader:
         if len(self._open) > self.keep_open:
             self._open.popitem(last=False)[1].close()
         return entry
+
+    def preload(self, wanted: list[tuple[int, int]]) -> None:
+        """Fetch at once, concurrently, the samples (shard, index) about to be read from shards
+        still bridged by range requests (one request each otherwise, in turn)."""
+        by_shard: dict[int, list[int]] = {}
+        for shard, index in wanted:
+            by_shard.setdefault(shard, []).append(index)
+        for shard, indices in by_shard.items():
+            entry = self._get(shard, Counter())
+            if entry is None or not entry.bridging:
+                continue
+            indices = [i for i in dict.fromkeys(indices) if i < len(entry.index)]
+            ranges = [(entry.index.offsets[i], entry.index.lengths[i]) for i in indices]
+            parts = storage.read_ranges(self.shards[shard].path, ranges)
+            entry.fetched.update(zip(indices, parts))
 
     def shard_name(self, shard: int) -> str:
         return storage.basename(self.shards[shard].path)
@@ -128,7 +151,9 @@ class ShardReader:
             return None
         key = entry.index.keys[index]
         try:
-            data = entry.reader.read(entry.index.offsets[index], entry.index.lengths[index])
+            data = entry.fetched.pop(index, None)
+            if data is None:
+                data = entry.reader.read(entry.index.offsets[index], entry.index.lengths[index])
             members = split_members(data)
         except EOFError:
             errors["truncated_tar"] += 1
@@ -156,14 +181,27 @@ class _OpenShard:
     index: TarIndex
     reader: storage.RangeReader
     held: CachedShard | None = None  # the cache copy, kept from eviction while open
+    bridging: bool = False  # range reads while the copy is still being fetched
+    fetched: dict[int, bytes] = field(default_factory=dict)  # samples preloaded while bridging
 
     @classmethod
-    def open(cls, path: str, cache: ShardCache | None) -> _OpenShard:
+    def open(cls, shard: Shard, cache: ShardCache | None) -> _OpenShard:
+        path = shard.path
+        if storage.is_remote(path) and cache is not None and not cache.has(path):
+            # Not in the cache yet (its prefetch is under way): bridge with range requests when
+            # the shard has an index file, rather than wait for the whole shard.
+            try:  # checked against the manifest's size where known (no request more)
+                remote_index = read_index(path, size=shard.bytes)
+            except TarIndexError:
+                remote_index = None
+            if remote_index is not None:
+                return cls(remote_index, storage.RangeReader(path), bridging=True)
         if storage.is_remote(path) and cache is not None:
-            held = cache.acquire(path)
+            held = cache.acquire(path, shard.bytes)
             try:
+                # Indexed from the local copy (a header scan, milliseconds): no request more.
                 local = str(held.path)
-                return cls(load_index(path, local_copy=local), storage.RangeReader(local), held)
+                return cls(index_of_file(path, local), storage.RangeReader(local), held)
             except BaseException:
                 held.release()
                 raise
@@ -183,7 +221,7 @@ def read_tar_samples(
     held = None
     path = shard.path
     if storage.is_remote(path):
-        held = (cache or ShardCache(default_cache_dir())).acquire(path)
+        held = (cache or ShardCache(default_cache_dir())).acquire(path, shard.bytes)
         path = str(held.path)
     try:
         yield from _stream_tar(path, shard.count, errors)

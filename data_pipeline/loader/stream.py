@@ -12,8 +12,8 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections import Counter, OrderedDict
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -73,26 +73,29 @@ class MicroBatchMaker:
         # With the node cache, hold few copies open: a copy held cannot be evicted.
         self.reader = ShardReader(dataset.shards, self.cache, keep_open=4 if self.cache else 32)
         self._prefetcher: ThreadPoolExecutor | None = None
-        self._prefetched: set[int] = set()
+        self._prefetched: OrderedDict[int, None] = OrderedDict()
         self._io_seen: Counter = Counter()
 
-    def prefetch(self, round_indices: Iterable[int]) -> None:
-        """Fetch the remote shards of these rounds into the node cache, in the background."""
+    def prefetch(self, round_index: int) -> None:
+        """Fetch into the node cache, in the background, the remote shards of the stream from
+        this round on: the rest of the current window and the next one (reads stay within a
+        window, so its shards are all needed soon), plus `prefetch_rounds` rounds."""
         if self.cache is None:
             return
-        b = self.cfg.batch_size
-        wanted: list[int] = []
-        for round_index in round_indices:
-            first = micro_batch_positions(self.start, round_index, self.rank, self.world_size, b)
-            shards, _ = self.dataset.locate(self.order.samples(first, b)[0])
-            wanted += [int(s) for s in dict.fromkeys(shards.tolist()) if s not in self._prefetched]
+        round_size = self.world_size * self.cfg.batch_size
+        start = self.start + round_index * round_size
+        ahead = self.cfg.shuffle_window + (self.cfg.prefetch_rounds + 1) * round_size
+        shards, _ = self.dataset.locate(self.order.samples(start, ahead)[0])
+        wanted = [int(s) for s in dict.fromkeys(shards.tolist()) if s not in self._prefetched]
         if not wanted:
             return
         if self._prefetcher is None:
             self._prefetcher = ThreadPoolExecutor(2, thread_name_prefix="umt-prefetch")
         for shard in wanted:
-            self._prefetched.add(shard)
-            self._prefetcher.submit(_prefetch_one, self.cache, self.dataset.shards[shard].path)
+            self._prefetched[shard] = None
+            self._prefetcher.submit(_prefetch_one, self.cache, self.dataset.shards[shard])
+        while len(self._prefetched) > 1024:  # shards drawn again later are fetched again
+            self._prefetched.popitem(last=False)
 
     def io_since_last(self) -> dict[str, int]:
         """Storage counters of this process since the previous call (retries, downloads ...)."""
@@ -131,6 +134,8 @@ class MicroBatchMaker:
         first = micro_batch_positions(self.start, round_index, self.rank, self.world_size, b)
         errors: Counter = Counter()
         failures: list[dict] = []
+        shards, indices = self.dataset.locate(self.order.samples(first, b)[0])
+        self.reader.preload(list(zip(shards.tolist(), indices.tolist())))
         decoded = [self.sample_at(first + j, errors, failures) for j in range(b)]
         filled = fill_slots(decoded)
         if filled is None:
@@ -174,10 +179,9 @@ class RankStream(IterableDataset):
         rounds = itertools.count(worker, self.num_workers)
         if self.limit is not None:
             rounds = range(worker, self.limit, self.num_workers)
-        k, ahead = self.num_workers, self.maker.cfg.prefetch_rounds
         for round_index in rounds:
             try:
-                self.maker.prefetch(round_index + k * i for i in range(ahead + 1))
+                self.maker.prefetch(round_index)
                 yield self.maker.micro_batch(round_index)
             except (LoaderDataError, StorageError) as exc:
                 yield _Failure(str(exc))
@@ -330,11 +334,11 @@ def shard_cache(cfg: LoaderConfig, dataset: Dataset) -> ShardCache | None:
     return ShardCache(cfg.cache_dir or default_cache_dir(), limit)
 
 
-def _prefetch_one(cache: ShardCache, url: str) -> None:
+def _prefetch_one(cache: ShardCache, shard) -> None:
     try:
-        cache.acquire(url).release()
+        cache.acquire(shard.path, shard.bytes).release()
     except Exception as exc:  # noqa: BLE001 - the read that needs it reports the error
-        log.debug("prefetch of %s failed: %s", url, exc)
+        log.debug("prefetch of %s failed: %s", shard.path, exc)
 
 
 def iter_raw_samples(

@@ -136,9 +136,11 @@ def index_of_file(shard_location: str, local_copy: str | None = None) -> TarInde
         )
 
 
-def read_index(shard_location: str, local_copy: str | None = None) -> TarIndex | None:
-    """The index beside a shard (local or remote), checked against the tar's size (that of
-    `local_copy` when given); None if there is none."""
+def read_index(
+    shard_location: str, local_copy: str | None = None, size: int | None = None
+) -> TarIndex | None:
+    """The index beside a shard (local or remote), checked against the tar's size (`size` when
+    given, else that of `local_copy`, else asked of storage); None if there is none."""
     where = index_location(shard_location)
     text = storage.read_text_if_exists(where)
     if text is None:
@@ -148,7 +150,10 @@ def read_index(shard_location: str, local_copy: str | None = None) -> TarIndex |
     except (ValueError, UnicodeDecodeError) as exc:
         raise TarIndexError(f"{where} is not valid JSON: {exc}") from None
     index = TarIndex.from_json(data, where)
-    actual = os.path.getsize(local_copy) if local_copy else storage.size(shard_location)
+    if size is not None:
+        actual = size
+    else:
+        actual = os.path.getsize(local_copy) if local_copy else storage.size(shard_location)
     if index.bytes != actual:
         raise TarIndexError(
             f"{where} was made for a tar of {index.bytes} bytes, {shard_location} has {actual}: "
@@ -169,24 +174,37 @@ def load_index(shard_location: str, local_copy: str | None = None) -> TarIndex:
 
 
 def write_index(index: TarIndex, location: str) -> None:
-    """Write an index file atomically (a temporary name, then a rename)."""
-    tmp = f"{location}.{os.getpid()}.tmp"
+    """Write an index file whole: a temporary name then a rename, or one object PUT."""
+    remote = storage.is_remote(location)
+    tmp = f"{location}.{os.getpid()}.tmp" if not remote else None
+    if remote:
+        import tempfile
+
+        handle, tmp = tempfile.mkstemp(suffix=".index.json")
+        os.close(handle)
     with open(tmp, "w") as handle:
         json.dump(index.to_json(), handle, separators=(",", ":"))
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(tmp, location)
+    if remote:
+        try:
+            storage.put_file(tmp, location)
+        finally:
+            os.remove(tmp)
+    else:
+        os.replace(tmp, location)
 
 
-def check_index(shard_location: str) -> list[str]:
-    """Differences between the index beside a local shard and the shard itself (empty: right)."""
+def check_index(shard_location: str, local_copy: str | None = None) -> list[str]:
+    """Differences between the index beside a shard and the shard itself (read from
+    `local_copy` for a remote one); empty: the index is right."""
     try:
-        stored = read_index(shard_location)
+        stored = read_index(shard_location, local_copy)
     except TarIndexError as exc:
         return [str(exc)]
     if stored is None:
         return [f"{index_location(shard_location)} does not exist"]
-    actual = index_of_file(shard_location)
+    actual = index_of_file(shard_location, local_copy)
     problems = []
     if len(stored) != len(actual):
         problems.append(f"{len(stored)} samples indexed, the tar holds {len(actual)}")

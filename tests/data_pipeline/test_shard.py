@@ -562,6 +562,31 @@ def test_parts_merged_equal_a_single_run(tmp_path: Path) -> None:
         assert (parts / tar.name).read_bytes() == tar.read_bytes()
 
 
+def test_parts_published_to_s3_merge_there_into_a_single_runs_output(tmp_path: Path) -> None:
+    """A job array writing to s3://: each part publishes its shards, the merge job joins them
+    in the store; the result equals a single local run's."""
+    from tests.storage_servers import BUCKET, moto_s3
+
+    table = bad_dataset(tmp_path / "in")
+    options = replace(SMALL, maxcount=2, seed=0)
+    single = shard_dataset(table, tmp_path / "single", options)
+    with moto_s3() as s3:
+        url = f"s3://{BUCKET}/parts"
+        for index in range(3):
+            staging = str(tmp_path / f"staging{index}")  # each task on its own node
+            shard_dataset(
+                table, url, replace(options, num_parts=3, part_index=index, staging=staging)
+            )
+        assert "parts/manifest.json" not in s3.objects("parts/")
+        merged = merge_parts([url], url)
+        assert merged.line().split(" -> ") == [single.line().split(" -> ")[0], url]
+        objects = s3.objects("parts/")
+    for name in ("manifest.json", "sizes.json", "errors.jsonl"):
+        assert objects[f"parts/{name}"] == (tmp_path / "single" / name).read_bytes()
+    for tar in (tmp_path / "single").glob("*.tar"):
+        assert objects[f"parts/{tar.name}"] == tar.read_bytes()
+
+
 def test_merge_names_the_missing_part(tmp_path: Path) -> None:
     table = good_dataset(tmp_path / "in", n=6)
     shard_dataset(table, tmp_path / "p", replace(SMALL, maxcount=1, num_parts=3, part_index=1))
@@ -664,3 +689,40 @@ def test_cli_parses_additional_columns() -> None:
         shard_cli.build_parser({}).parse_args(
             ["t.csv", "--out", "o", "--save-additional-columns", "a,,b"]
         )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_at", ["2", "renamed", "published"])
+def test_sharding_to_s3_killed_then_rerun_equals_an_uninterrupted_run(tmp_path, kill_at):
+    """`--out s3://...` on moto's S3 endpoint: killed while writing a shard, after its rename, or
+    after its tar was published (its done-record not yet), then rerun from another staging
+    folder (another node): the store ends up byte for byte as after an uninterrupted run."""
+    from tests.storage_servers import BUCKET, moto_s3
+
+    table = bad_dataset(tmp_path / "in")
+    with open(table, "a") as handle:
+        handle.writelines(f"good.jpg,good again {i}\n" for i in range(9))
+    args = [str(table), "--image-size", "32", "--maxcount", "3", "--seed", "1", "--workers", "1"]
+    with moto_s3() as s3:
+        reference = run_cli(
+            *args, "--out", f"s3://{BUCKET}/reference", "--staging", str(tmp_path / "s0")
+        )
+        assert reference.returncode == 0, reference.stderr
+        want = {k.removeprefix("reference/"): v for k, v in s3.objects("reference/").items()}
+        manifest = json.loads(want["manifest.json"])
+        shard = [s["name"] for s in manifest["shards"] if s["count"] >= 2][1]
+        url = f"s3://{BUCKET}/resumed"
+        killed = run_cli(
+            *args, "--out", url, "--staging", str(tmp_path / "s1"),
+            env={FAILPOINT_ENV: f"{shard}:{kill_at}"},
+        )  # fmt: skip
+        assert killed.returncode == -signal.SIGKILL
+        published = s3.objects("resumed/")
+        assert "resumed/manifest.json" not in published
+        assert f"resumed/.umt-shard/done/{shard}.json" not in published
+        resumed = run_cli(*args, "--out", url, "--staging", str(tmp_path / "s2"))
+        assert resumed.returncode == 0, resumed.stderr
+        assert "already done" in resumed.stdout and url in resumed.stdout
+        got = {k.removeprefix("resumed/"): v for k, v in s3.objects("resumed/").items()}
+        assert got.keys() == want.keys() and got == want
+        assert {f"{shard}", shard.replace(".tar", ".index.json"), "manifest.json"} <= got.keys()
