@@ -58,11 +58,68 @@ def env_setup_values(env_setup: str | None) -> dict[str, str]:
     return {"activate": activate, "python": python}
 
 
+# How each placeholder may be filled (a value a user or a shared YAML gives must not become a
+# command in the job, nor end the #SBATCH block early).
+INTEGER_FIELDS = {
+    "nodes", "tasks_per_node", "procs_per_node", "gpus_per_node", "cpus_per_task", "signal_s",
+    "parts", "last_index",
+}  # fmt: skip
+QUOTED_FIELDS = {"train_args", "shard_args", "eval_args", "out", "python"}  # shlex-quoted here
+SHELL_FIELDS = {"activate"}  # --env-setup: the user's own shell commands, on purpose
+SBATCH_VALUE = re.compile(r"^[A-Za-z0-9_.,:=@%/+\-\[\]]*$")
+OPTION_OF = {
+    "job_name": "--job-name", "partition": "--partition", "account": "--account",
+    "time": "--time", "mem": "--mem", "workdir": "the working folder",
+    "log_dir": "the log folder (from output_dir or --out)", "socket_ifname": "--nccl-socket-ifname",
+    "throttle": "--max-parallel", "launcher": "--launcher", "activate": "--env-setup",
+}  # fmt: skip
+
+
+def safe_value(name: str, value: object, sbatch_line: bool) -> str:
+    """The text that replaces {{name}}: checked or shell-quoted, so no value runs as a command."""
+    text = str(value)
+    option = OPTION_OF.get(name, name)
+    if any(c in text for c in "\n\r\0"):
+        raise SubmitError(
+            f"{option}: a value with a line break cannot go into a job script ({text!r})"
+        )
+    if name in INTEGER_FIELDS:
+        if not text.lstrip("-").isdigit():
+            raise SubmitError(f"{option}: must be a whole number (got {text!r})")
+        return text
+    if sbatch_line:
+        if not SBATCH_VALUE.match(text):
+            raise SubmitError(
+                f"{option}: {text!r} cannot go into an #SBATCH line (letters, digits and "
+                ". , : = @ % / + - [ ] only)"
+            )
+        return text
+    if name in QUOTED_FIELDS or name in SHELL_FIELDS:
+        return text
+    return shlex.quote(text)
+
+
+def refuse_line_breaks(args: argparse.Namespace, extra: list[str] = ()) -> None:
+    """Before anything else: no option value (nor override, nor passed-through argument) may hold
+    a line break, which would start a new command or end the #SBATCH block in the job script."""
+    for name, value in vars(args).items():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str) and any(c in item for c in "\n\r\0"):
+                option = "override" if name == "overrides" else f"--{name.replace('_', '-')}"
+                raise SubmitError(
+                    f"{option}: a value with a line break cannot go into a job script ({item!r})"
+                )
+    for item in extra:
+        if any(c in item for c in "\n\r\0"):
+            raise SubmitError(f"argument {item!r}: a line break cannot go into a job script")
+
+
 def render(template: str, values: dict[str, object]) -> str:
     """`slurm/<template>` with `{{env_setup}}` inlined and every `{{name}}` replaced.
 
     A line with a placeholder whose value is None is dropped (an option not given); every
     placeholder must have a value, so a template and this module cannot drift apart silently.
+    Values are checked or quoted (`safe_value`): none can add a command or an #SBATCH line.
     """
     text = (SLURM_DIR / template).read_text()
     text = text.replace("{{env_setup}}\n", (SLURM_DIR / ENV_SETUP).read_text())
@@ -74,7 +131,12 @@ def render(template: str, values: dict[str, object]) -> str:
             raise SubmitError(f"slurm/{template} uses {unknown}, which umt submit does not fill")
         if any(values[name] is None for name in names):
             continue
-        lines.append(PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), line))
+        sbatch = line.startswith("#SBATCH")
+        lines.append(
+            PLACEHOLDER.sub(
+                lambda m, sbatch=sbatch: safe_value(m.group(1), values[m.group(1)], sbatch), line
+            )
+        )
     return "".join(lines)
 
 
@@ -305,6 +367,7 @@ def submit_train(argv: list[str]) -> int:
     own, passthrough = split_passthrough(argv)
     args = train_parser().parse_args(own)
     args.overrides += passthrough
+    refuse_line_breaks(args)
     from umt.config import ConfigError, load_config
 
     try:  # validate now: a config error should not wait in the queue
@@ -375,6 +438,7 @@ def shard_parser() -> argparse.ArgumentParser:
 def submit_shard(argv: list[str]) -> int:
     own, shard_options = split_passthrough(argv)
     args = shard_parser().parse_args(own)
+    refuse_line_breaks(args, shard_options)
     if args.parts < 1:
         raise SubmitError(f"--parts must be >= 1 (got {args.parts})")
     if "://" in args.out:  # an s3:// output: scripts and logs stay in the working folder
@@ -432,6 +496,7 @@ def eval_parser() -> argparse.ArgumentParser:
 def submit_eval(argv: list[str]) -> int:
     own, eval_options = split_passthrough(argv)
     args = eval_parser().parse_args(own)
+    refuse_line_breaks(args, eval_options)
     report = Path(args.out).resolve()
     folder = report.parent / "slurm"
     cpus = fit_request(args, 8, gpus_per_node=args.gpus_per_node)
