@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,6 +35,10 @@ _SUFFIX_FORMATS = {
     ".parquet": "parquet",
     ".pq": "parquet",
 }
+# Longer captions fail their row (tokenizers keep ~64 tokens; this is far past any caption).
+MAX_CAPTION_CHARS = 16_384
+# A CSV field of any length parses: an overlong caption then fails its row, not the run.
+csv.field_size_limit(2**31 - 1)
 # Karpathy splits: `restval` is the part of COCO val2014 that everyone trains on.
 _KARPATHY_SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
 
@@ -218,15 +223,22 @@ def read_karpathy(data: dict, file: str, root: Path, split: str) -> Iterator[Row
 
 
 def read_folder(root: Path) -> Iterator[Row]:
-    """Every image under `root` (sorted, recursive); each non-blank line of `{stem}.txt` is a caption."""
+    """Every image under `root` (sorted, recursive); each non-blank line of `{stem}.txt` is a
+    caption. A link to an image that is gone is a failed row, not skipped."""
     images = sorted(
-        (p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
+        (
+            p
+            for p in root.rglob("*")
+            if p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or p.is_symlink())
+        ),
         key=lambda p: p.relative_to(root).as_posix(),
     )
     for index, image in enumerate(images):
         relative = image.relative_to(root).as_posix()
         sidecar = image.with_suffix(".txt")
         captions, problem = read_sidecar(sidecar, relative)
+        if not image.exists():  # a dangling symlink
+            problem = Problem("missing_file", f"{relative}: a link to {os.readlink(image)}, gone")
         yield Row(
             file=root.name,
             index=index,
@@ -252,19 +264,57 @@ def read_sidecar(sidecar: Path, relative: str) -> tuple[tuple[str, ...], Problem
 
 
 def read_delimited(path: Path, spec: SourceSpec, delimiter: str) -> Iterator[Row]:
+    """Rows of a CSV/TSV. Every record is accounted for: one with more or fewer fields than the
+    header (an unquoted delimiter in a caption), or a field spanning lines (a quote that closes
+    far away), is a failed row naming its lines; a quote that never closes is an error naming
+    the line it opens on (it would swallow the rest of the file)."""
     # surrogateescape keeps undecodable bytes as lone surrogates: the row is reported, the rest read.
     with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
-        reader = csv.DictReader(handle, delimiter=delimiter)
-        image_col, caption_col = pick_columns(reader.fieldnames or [], spec, path)
-        check_extra_columns(reader.fieldnames or [], spec, path)
-        base = image_base(path, spec)
+        reader = csv.reader(handle, delimiter=delimiter, strict=True)
         try:
-            for index, record in enumerate(reader):
-                image, caption = record.get(image_col), record.get(caption_col)
-                row = table_row(path.name, index, image, caption, base)
-                yield with_extra(row, record, spec.extra_cols)
-        except csv.Error as exc:  # e.g. an unterminated quote swallowing the rest of the file
-            raise SourceError(f"{path}: line {reader.line_num} is not valid CSV: {exc}") from exc
+            header = next(reader, [])
+        except csv.Error as exc:
+            raise SourceError(f"{path}: line 1 (the header) is not valid CSV: {exc}") from None
+        image_col, caption_col = pick_columns(header, spec, path)
+        check_extra_columns(header, spec, path)
+        base = image_base(path, spec)
+        index, first_line = 0, reader.line_num + 1
+        while True:
+            try:
+                fields = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                raise SourceError(
+                    f"{path}: the record starting on line {first_line} is not valid CSV ({exc}); "
+                    "a quote that never closes would swallow every line after it"
+                ) from None
+            lines = (
+                f"line {first_line}"
+                if reader.line_num == first_line
+                else f"lines {first_line}-{reader.line_num}"
+            )
+            first_line = reader.line_num + 1
+            if not any(f.strip() for f in fields):
+                continue  # a blank line
+            problem = None
+            if len(fields) != len(header):
+                problem = Problem(
+                    "bad_row",
+                    f"{lines}: {len(fields)} fields, the header has {len(header)} "
+                    "(an unquoted delimiter in a caption?)",
+                )
+            elif any("\n" in f or "\r" in f for f in fields):
+                problem = Problem(
+                    "bad_row", f"{lines}: a field spans lines (a quote that closes too late?)"
+                )
+            record = dict(zip(header, fields))
+            image, caption = record.get(image_col), record.get(caption_col)
+            row = table_row(path.name, index, image, caption, base)
+            if problem is not None:
+                row = replace(row, problem=problem)
+            yield with_extra(row, record, spec.extra_cols)
+            index += 1
 
 
 def read_jsonl(path: Path, spec: SourceSpec) -> Iterator[Row]:
@@ -413,8 +463,14 @@ def as_captions(value: Any) -> tuple[tuple[str, ...], Problem | None]:
                 item = bytes(item).decode("utf-8")
             except UnicodeDecodeError as exc:
                 return (), Problem("not_utf8", f"caption is not UTF-8 (byte {exc.start})")
-        if not isinstance(item, str):
-            item = "" if item is None else str(item)
+        if item is None:
+            item = ""
+        if not isinstance(item, str):  # a number or an object is no caption (repr would be)
+            return (), Problem("bad_caption", f"caption is a {type(item).__name__}, not text")
+        if len(item) > MAX_CAPTION_CHARS:
+            return (), Problem(
+                "caption_too_long", f"caption of {len(item)} characters (> {MAX_CAPTION_CHARS})"
+            )
         if not is_utf8(item):
             return (), Problem("not_utf8", "caption contains bytes that are not UTF-8")
         captions.append(item)

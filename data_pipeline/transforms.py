@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from data_pipeline.shard.images import to_rgb
+
 Box = tuple[float, float, float, float]  # (left, top, right, bottom) in source pixels
 
 
@@ -108,7 +110,9 @@ def transform_image(data: bytes, cfg: ImageTransformConfig, rng: random.Random) 
     if cfg.draft:
         box = draft_jpeg(image, box, cfg.image_size)
     if image.mode not in ("RGB", "L"):
-        image = image.convert("RGB")  # palette / alpha / CMYK: resample in RGB
+        # palette / alpha / CMYK / 16-bit / float: resample in 8-bit RGB, converted as the
+        # sharder does (alpha over white, high bit depths scaled, not clipped)
+        image = to_rgb(image)
     out = image.resize(
         (cfg.image_size, cfg.image_size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0
     )

@@ -165,6 +165,13 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     network.add_argument(
         "--timeout", dest="timeout_s", type=float, default=defaults.timeout_s, help="seconds"
     )
+    network.add_argument(
+        "--download-deadline",
+        dest="download_deadline_s",
+        type=float,
+        default=defaults.download_deadline_s,
+        help="seconds a whole download may take (--timeout bounds each read)",
+    )
     network.add_argument("--retries", type=int, default=defaults.retries)
     network.add_argument(
         "--max-download-size",
@@ -235,6 +242,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except StorageError as exc:
         print(f"umt shard: error: {exc}; run the same command again to resume", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a full disk, a folder that became unwritable: nothing is lost
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(
+            f"umt shard: error: {where}{exc.strerror or exc}; fix that, then run the same "
+            "command again to resume",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         print("umt shard: interrupted; run the same command again to resume", file=sys.stderr)

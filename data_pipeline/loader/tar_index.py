@@ -182,17 +182,18 @@ def write_index(index: TarIndex, location: str) -> None:
 
         handle, tmp = tempfile.mkstemp(suffix=".index.json")
         os.close(handle)
-    with open(tmp, "w") as handle:
-        json.dump(index.to_json(), handle, separators=(",", ":"))
-        handle.flush()
-        os.fsync(handle.fileno())
-    if remote:
-        try:
+    try:
+        with open(tmp, "w") as handle:
+            json.dump(index.to_json(), handle, separators=(",", ":"))
+            handle.flush()
+            os.fsync(handle.fileno())
+        if remote:
             storage.put_file(tmp, location)
-        finally:
+        else:
+            os.replace(tmp, location)
+    finally:  # after a rename there is nothing left; after a failure no partial file stays
+        if os.path.exists(tmp):
             os.remove(tmp)
-    else:
-        os.replace(tmp, location)
 
 
 def check_index(shard_location: str, local_copy: str | None = None) -> list[str]:

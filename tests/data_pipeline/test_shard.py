@@ -154,6 +154,21 @@ class ImageHandler(BaseHTTPRequestHandler):
         if self.path == "/hang":
             self.server.release.wait(timeout=30)
             return
+        if self.path == "/trickle":  # a valid header, then one byte every 0.2 s
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            for _ in range(1000):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                if self.server.release.wait(timeout=0.2):
+                    return
+            return
+        if self.path.startswith("/to/"):  # a redirect to wherever the path names
+            self.send_response(302)
+            self.send_header("Location", self.path[len("/to/") :])
+            self.end_headers()
+            return
         if self.path.startswith("/flaky/") and self.server.hits[self.path] == 1:
             self.send_error(503)
             return
@@ -457,6 +472,40 @@ def test_url_inputs_over_loopback_http(tmp_path: Path, image_server: ImageServer
     limited = replace(options, max_download_bytes=100, timeout_s=5.0, retries=0)
     table.write_text(json.dumps(rows[0]) + "\n")
     assert shard_dataset(table, tmp_path / "limited", limited).failures == {"too_large": 1}
+
+
+def test_a_trickling_download_is_cut_at_its_deadline(
+    tmp_path: Path, image_server: ImageServer
+) -> None:
+    """--timeout bounds each read; a server sending a byte every 0.2 s never trips it, so a
+    download has a deadline of its own (1000 bytes would take 200 s here)."""
+    table = tmp_path / "urls.jsonl"
+    table.write_text(json.dumps({"url": f"{image_server.base}/trickle", "caption": "slow"}) + "\n")
+    options = replace(SMALL, timeout_s=5.0, retries=0, download_deadline_s=1.0)
+    summary = shard_dataset(table, tmp_path / "out", options)
+    assert (summary.rows, summary.failures) == (1, {"timeout": 1})
+    error = json.loads((tmp_path / "out" / "errors.jsonl").read_text())
+    assert "not complete within --download-deadline 1 s" in error["message"]
+
+
+def test_redirects_are_followed_to_http_only(tmp_path: Path, image_server: ImageServer) -> None:
+    secret = tmp_path / "secret.jpg"  # a local file a redirect must not read into a shard
+    secret.write_bytes(jpeg_bytes(40, 40, seed=9))
+    image_server.images = {"cat.jpg": jpeg_bytes(60, 40, seed=7)}
+    base = image_server.base
+    rows = [
+        {"url": f"{base}/to/file://{secret}", "caption": "to a local file"},
+        {"url": f"{base}/to/ftp://127.0.0.1:9/x.jpg", "caption": "to ftp, which urllib follows"},
+        {"url": f"{base}/to/{base}/img/cat.jpg", "caption": "to another http url"},
+    ]
+    table = tmp_path / "urls.jsonl"
+    table.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    summary = shard_dataset(table, tmp_path / "out", replace(SMALL, retries=0, maxcount=100))
+    assert (summary.rows, summary.written, summary.failures) == (3, 1, {"bad_redirect": 2})
+    lines = (tmp_path / "out" / "errors.jsonl").read_text().splitlines()
+    messages = [json.loads(line)["message"] for line in lines]
+    assert f"redirected to file://{secret}" in messages[0]
+    assert "redirected to ftp://127.0.0.1:9/x.jpg" in messages[1]
 
 
 # --- resume, refusal, parts ---------------------------------------------------------------------

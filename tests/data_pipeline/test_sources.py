@@ -230,3 +230,83 @@ def test_additional_columns_name_the_flag_when_missing_or_not_a_table(tmp_path: 
     coco = write_json(tmp_path / "captions.json", {"images": [], "annotations": []})
     with pytest.raises(SourceError, match="--save-additional-columns applies to csv/tsv/jsonl"):
         read(coco, extra_cols=("neg",))
+
+
+# --- careless tables: every record accounted for ------------------------------------------------
+
+
+def test_unterminated_quote_is_an_error_naming_its_line(tmp_path: Path) -> None:
+    """The quote on line 5 would swallow the other 96 rows into one caption."""
+    lines = ["image,caption"] + [f"{i}.jpg,caption {i}" for i in range(100)]
+    lines[4] = '3.jpg,"a quote that never closes'
+    table = tmp_path / "pairs.csv"
+    table.write_text("\n".join(lines) + "\n")
+    with pytest.raises(SourceError) as caught:
+        read(table)
+    message = str(caught.value)
+    assert message.startswith(f"{table}: the record starting on line 5 is not valid CSV")
+    assert "\n" not in message
+
+
+def test_extra_delimiters_and_multiline_fields_fail_their_rows(tmp_path: Path) -> None:
+    table = tmp_path / "pairs.csv"
+    table.write_text(
+        "image,caption\n"
+        "0.jpg,fine\n"
+        "1.jpg,a cat, a dog\n"  # an unquoted comma: three fields
+        "2.jpg\n"  # one field
+        '3.jpg,"a quote closed\n'
+        '4.jpg,two lines later"\n'
+        "5.jpg,fine again\n"
+    )
+    rows = read(table)
+    assert [r.index for r in rows] == [0, 1, 2, 3, 4]  # five records, none merged silently
+    assert [r.problem.reason if r.problem else None for r in rows] == [
+        None,
+        "bad_row",
+        "bad_row",
+        "bad_row",
+        None,
+    ]
+    assert rows[1].problem.message == (
+        "line 3: 3 fields, the header has 2 (an unquoted delimiter in a caption?)"
+    )
+    assert rows[3].problem.message.startswith("lines 5-6: a field spans lines")
+    assert rows[4].captions == ("fine again",)
+
+
+def test_non_text_and_overlong_captions_fail_their_rows(tmp_path: Path) -> None:
+    table = tmp_path / "pairs.jsonl"
+    records = [
+        {"url": "a.jpg", "caption": {"text": "an object"}},
+        {"url": "b.jpg", "caption": 42},
+        {"url": "c.jpg", "caption": "x" * 20_000},
+        {"url": "d.jpg", "caption": "fine"},
+    ]
+    table.write_text("".join(json.dumps(r) + "\n" for r in records))
+    rows = read(table)
+    assert [(r.problem.reason, r.problem.message) if r.problem else None for r in rows] == [
+        ("bad_caption", "caption is a dict, not text"),
+        ("bad_caption", "caption is a int, not text"),
+        ("caption_too_long", "caption of 20000 characters (> 16384)"),
+        None,
+    ]
+    csv_table = tmp_path / "long.csv"  # past csv's default 131072-character field limit
+    csv_table.write_text(f"image,caption\na.jpg,{'y' * 200_000}\nb.jpg,fine\n")
+    long, fine = read(csv_table)
+    assert long.problem.reason == "caption_too_long" and fine.captions == ("fine",)
+
+
+def test_a_dangling_symlink_in_a_folder_is_a_failed_row(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    root.mkdir()
+    (root / "real.jpg").write_bytes(b"\xff\xd8")
+    (root / "real.txt").write_text("a caption")
+    (root / "gone.txt").write_text("a caption")
+    (root / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")
+    rows = read(root)
+    assert [(r.image_key, r.problem.reason if r.problem else None) for r in rows] == [
+        ("gone.jpg", "missing_file"),
+        ("real.jpg", None),
+    ]
+    assert "a link to" in rows[0].problem.message
