@@ -16,14 +16,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,6 +41,59 @@ TAG = re.compile(r"^step(\d+)$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used, with the path and the reason."""
+
+
+# --- loading without running code --------------------------------------------------------------
+#
+# A checkpoint is a file someone may hand you. torch.load(weights_only=False) unpickles whatever
+# the file names, os.system included; DeepSpeed loads its files that way. Every load of a
+# checkpoint file goes through `load_file`, or runs inside `weights_only_loads()`, which makes
+# DeepSpeed's own torch.load calls weights-only too: tensors, containers, numbers and strings,
+# plus the few DeepSpeed and numpy types its files really hold (listed below). Anything else
+# is refused with one line naming the file.
+
+
+def _allowed_globals() -> list:
+    import codecs
+
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address, codecs.encode]
+    # numpy arrays and dtypes: the RNG state of numpy in UMT's per-rank files
+    allowed += [np.ndarray, np.dtype, np._core.multiarray._reconstruct]
+    allowed += [type(np.dtype(t)) for t in ("uint32", "int64", "float64", "float32")]
+    return allowed
+
+
+def load_file(path: str | os.PathLike, map_location: Any = "cpu", **kwargs: Any) -> Any:
+    """torch.load of a checkpoint file that runs no code (see above)."""
+    with torch.serialization.safe_globals(_allowed_globals()):
+        try:
+            return _TORCH_LOAD(path, map_location=map_location, **{**kwargs, "weights_only": True})
+        except pickle.UnpicklingError as exc:
+            found = re.search(
+                r"(unsupported GLOBAL [\w.]+|Unsupported global: GLOBAL [\w.]+)", str(exc)
+            )
+            reason = found.group(1) if found else str(exc).strip().splitlines()[-1][:200]
+            raise CheckpointError(
+                f"{path}: refused to load: it holds more than tensors and DeepSpeed's checkpoint "
+                f"types, and loading it could run code ({reason})"
+            ) from None
+
+
+_TORCH_LOAD = torch.load
+
+
+@contextmanager
+def weights_only_loads():
+    """Within: every `torch.load` (DeepSpeed's included) is `load_file`."""
+    torch.load = lambda f, *args, **kwargs: load_file(f, *args[:1], **kwargs)
+    try:
+        yield
+    finally:
+        torch.load = _TORCH_LOAD
 
 
 @dataclass(frozen=True)
@@ -158,7 +214,7 @@ def find_latest(root: Path) -> CheckpointRef | None:
     return read_ref(root, tag)
 
 
-def resolve(resume: str | None, default_root: Path) -> CheckpointRef | None:
+def resolve(resume: str | None, default_root: Path, flag: str = "--resume") -> CheckpointRef | None:
     """`--resume`: None/'none' -> fresh; 'auto' -> newest complete or None; a path -> that one or an error.
 
     A path may be a checkpoint root (uses its `latest`) or one `step{N}` folder.
@@ -175,7 +231,7 @@ def resolve(resume: str | None, default_root: Path) -> CheckpointRef | None:
     if (path / META).is_file():
         return read_ref(path.parent, path.name)
     raise CheckpointError(
-        f"--resume {resume}: not a checkpoint folder (no {LATEST} and no {META} in it)"
+        f"{flag} {resume}: not a checkpoint folder (no {LATEST} and no {META} in it)"
     )
 
 
@@ -206,7 +262,7 @@ def convert_to_universal(ref: CheckpointRef, timeout_s: float = 4 * 3600) -> str
         cmd = [
             sys.executable,
             "-m",
-            "deepspeed.checkpoint.ds_to_universal",
+            "umt.convert_universal",  # DeepSpeed's converter, its loads weights-only
             "--input_folder",
             str(ref.path),
             "--output_folder",
@@ -218,9 +274,9 @@ def convert_to_universal(ref: CheckpointRef, timeout_s: float = 4 * 3600) -> str
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise CheckpointError(
-                f"universal conversion of {ref.path} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-            )
+            last = [line for line in proc.stderr.splitlines() if line.strip()][-1:] or ["no output"]
+            log.error("universal conversion of %s failed:\n%s", ref.path, proc.stderr[-4000:])
+            raise CheckpointError(f"universal conversion of {ref.path} failed: {last[0]}")
         for f in ref.path.glob("rank*.pt"):
             shutil.copy2(f, tmp / f.name)
         shutil.copy2(ref.path / META, tmp / META)
