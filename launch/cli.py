@@ -7,7 +7,9 @@ Each command lives in its own module and is imported only when it runs, so `umt 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+from collections.abc import Callable
 
 # command -> (module, one-line help). A module that does not exist yet is reported plainly.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -26,12 +28,19 @@ def _usage() -> str:
     width = max(map(len, COMMANDS))
     lines = ["usage: umt <command> [options]", "", "commands:"]
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "Run `umt <command> --help` for a command's options."]
+    lines += [
+        "",
+        "Run `umt <command> --help` for a command's options; `umt --debug <command> ...` (or",
+        "UMT_DEBUG=1) shows the traceback of an error instead of its one-line message.",
+    ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in argv:  # tracebacks for every error, here and in processes started from here
+        argv.remove("--debug")
+        os.environ["UMT_DEBUG"] = "1"
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
@@ -47,7 +56,36 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"umt {name}: not built yet (see the project's open issues)", file=sys.stderr)
         return 2
-    return int(module.main(rest) or 0)
+    return run_guarded(f"umt {name}", module.main, rest)
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("UMT_DEBUG", "") not in ("", "0")
+
+
+def run_guarded(prog: str, main_fn: Callable[[list[str]], int | None], argv: list[str]) -> int:
+    """`main_fn(argv)`, with an error no command handles shown as one line (exit 1), not a
+    traceback, unless UMT_DEBUG=1 (or --debug) asks for the traceback."""
+    if debug_enabled():
+        return int(main_fn(argv) or 0)
+    try:
+        return int(main_fn(argv) or 0)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the last line of defence, named as such
+        text = " ".join(str(exc).split())[:500] or "(no message)"
+        where = (
+            f" ({exc.filename})"
+            if getattr(exc, "filename", None) and str(exc.filename) not in text
+            else ""
+        )
+        print(
+            f"{prog}: error: {type(exc).__name__}: {text}{where} "
+            "[unexpected: run again with --debug (or UMT_DEBUG=1) for the traceback]",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

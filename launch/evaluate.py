@@ -47,18 +47,25 @@ def main(argv: list[str]) -> int:
     )
     args = parser.parse_args(argv)
 
+    from umt.checkpoint import CheckpointError
     from umt.distributed import discover_world, init_distributed, shutdown
     from umt.evaluate import EvalData, evaluate_retrieval, format_report, report_scalars, set_name
     from umt.export import ExportError, load_model
     from umt.logging import MetricsWriter, setup_logging
 
     setup_logging(discover_world().rank)
+    # Flags that name files are checked before the model is loaded (a minute on a big checkpoint).
+    problem = check_paths(args)
+    if problem:
+        if discover_world().rank == 0:
+            print(f"umt eval: {problem}", file=sys.stderr)
+        return 2
     # Under a launcher: this rank's GPU (LOCAL_RANK mod visible GPUs) and a process group, NCCL
     # on GPUs; a plain process evaluates alone.
     world, device = init_distributed(always=False)
     try:
         model, processor = load_model(args.model, device)
-    except (ExportError, OSError) as exc:
+    except (ExportError, CheckpointError, OSError) as exc:
         print(f"umt eval: {exc}", file=sys.stderr)
         return 1
     if processor.tokenizer is None:
@@ -110,3 +117,31 @@ def main(argv: list[str]) -> int:
             writer.close()
     shutdown()
     return 0
+
+
+def check_paths(args) -> str | None:
+    """The first of --model, --shards, --classes, --templates that cannot be used, in one line."""
+    from data_pipeline.loader import LoaderConfigError, resolve_dataset
+    from data_pipeline.loader.tar_index import TarIndexError
+    from data_pipeline.storage import StorageError
+
+    if not Path(args.model).exists():
+        return f"--model {args.model}: no such file or folder"
+    if args.classes:
+        classes = Path(args.classes)
+        if not classes.is_file():
+            return f"--classes {args.classes}: no such file (one class name per line)"
+        try:
+            names = [c for c in classes.read_text(encoding="utf-8").splitlines() if c.strip()]
+        except UnicodeDecodeError as exc:
+            return f"--classes {args.classes}: not UTF-8 text (byte {exc.start})"
+        if len(names) < 2:
+            return f"--classes {args.classes}: needs at least 2 class names (found {len(names)})"
+    if args.templates is not None and any("{}" not in t for t in args.templates.split("|")):
+        return f"--templates {args.templates!r}: each template needs {{}} for the class name"
+    try:
+        resolve_dataset(args.shards, True)
+    except (LoaderConfigError, TarIndexError, StorageError) as exc:
+        message = str(exc).removeprefix("data.shards").lstrip(": ")
+        return f"--shards {args.shards}: {message}"
+    return None

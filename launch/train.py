@@ -32,16 +32,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from umt.checkpoint import CheckpointError
     from umt.config import ConfigError, load_config
+    from umt.distributed import discover_world
 
     try:
         cfg = load_config(args.config, args.overrides)
+        from umt.preflight import check_training_inputs
+
+        check_training_inputs(cfg)  # before the process group, the model and DeepSpeed
     except ConfigError as exc:
-        print(f"umt train: {exc}", file=sys.stderr)
+        if discover_world().rank == 0:  # every rank finds the same: say it once
+            print(f"umt train: {exc}", file=sys.stderr)
         return 2
 
     from data_pipeline.loader import LoaderConfigError, LoaderStateError
     from data_pipeline.storage import StorageError
-    from umt.distributed import discover_world, shutdown
+    from umt.distributed import shutdown
     from umt.logging import setup_logging
     from umt.train import Trainer, TrainingError
 
@@ -57,8 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         LoaderStateError,
         StorageError,
     ) as exc:
-        print(f"umt train: {exc}", file=sys.stderr)
-        if getattr(exc, "requeue", False) and discover_world().rank == 0:
+        rank = discover_world().rank
+        print(f"umt train{f' [rank {rank}]' if rank else ''}: {exc}", file=sys.stderr)
+        if getattr(exc, "requeue", False) and rank == 0:
             requeue_slurm_job(os.environ)  # it resumes from the last checkpoint
         return 1
     shutdown()
@@ -85,5 +91,10 @@ def requeue_slurm_job(env: Mapping[str, str]) -> None:
         log.warning("scontrol requeue %s failed: %s", job, (proc.stderr or proc.stdout).strip())
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # under torchrun, srun or the deepspeed launcher: one line per error
+    from launch.cli import run_guarded
+
+    _rank = os.environ.get("RANK", "0")
+    sys.exit(
+        run_guarded(f"umt train{f' [rank {_rank}]' if _rank != '0' else ''}", main, sys.argv[1:])
+    )

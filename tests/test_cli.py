@@ -48,5 +48,6 @@ def test_train_config_error_is_one_line_naming_the_key():
     assert proc.returncode == 2
     assert (
         proc.stderr.strip()
-        == "umt train: unknown config key train.stepz; did you mean train.steps?"
+        == "umt train: unknown config key train.stepz; did you mean train.steps? "
+        "(override 'train.stepz=3')"
     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -322,13 +323,36 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    given: dict[str, str] = {}  # dotted key -> the override that set it
     for text in overrides:
         keys, value = parse_override(text)
         _set_path(raw, keys, value)
-    raw = _apply_preset(raw, source)
-    cfg = from_dict(Config, raw, "", source)
-    validate(cfg, source)
+        given[".".join(keys)] = text
+    try:
+        raw = _apply_preset(raw, "")
+        cfg = from_dict(Config, raw, "", "")
+        validate(cfg, "")
+    except ConfigError as exc:  # blame the override that set the key, else the file
+        raise ConfigError(f"{exc}{blame(str(exc), given, source)}") from None
     return cfg
+
+
+def blame(message: str, given: dict[str, str], source: str) -> str:
+    """ " (override 'k=v')" when `message` names a key an override set (or a section of it),
+    else `source` (" in FILE", or "" without one)."""
+
+    def names(key: str) -> bool:
+        return re.search(rf"(?<![\w.]){re.escape(key)}(?![\w.])", message) is not None
+
+    latest_first = list(given.items())[::-1]
+    for key, text in latest_first:  # the key itself first, then a section it is in
+        if names(key):
+            return f" (override {text!r})"
+    for key, text in latest_first:
+        parts = key.split(".")
+        if any(names(".".join(parts[:n])) for n in range(len(parts) - 1, 0, -1)):
+            return f" (override {text!r})"
+    return source
 
 
 def _require(ok: bool, message: str, source: str) -> None:
@@ -460,6 +484,25 @@ def validate(cfg: Config, source: str = "") -> None:
         f"data.train.epoch_tail must be carry or drop (got {d.epoch_tail!r})",
         source,
     )
+    for split in ("train", "eval"):
+        ds = getattr(cfg.data, split)
+        low, high = ds.crop_scale
+        _require(
+            0 < low <= high <= 1,
+            f"data.{split}.crop_scale must be [low, high] with 0 < low <= high <= 1 "
+            f"(got [{low:g}, {high:g}])",
+            source,
+        )
+        _require(
+            ds.caption in ("txt", "random"),
+            f"data.{split}.caption must be txt or random (got {ds.caption!r})",
+            source,
+        )
+        _require(
+            ds.max_text_len >= 2,
+            f"data.{split}.max_text_len must be >= 2 (got {ds.max_text_len})",
+            source,
+        )
     _require(
         cfg.eval.every_steps == 0 or cfg.data.eval.shards is not None,
         "eval.every_steps > 0 needs data.eval.shards",

@@ -34,14 +34,15 @@ def consolidate(ref: checkpoint.CheckpointRef) -> dict[str, torch.Tensor]:
     """fp32 weights of every ZeRO stage, through DeepSpeed's own zero_to_fp32 consolidation."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(ref.root), tag=ref.tag)
+    with checkpoint.weights_only_loads():  # DeepSpeed's files run no code when loaded
+        return get_fp32_state_dict_from_zero_checkpoint(str(ref.root), tag=ref.tag)
 
 
 def export_checkpoint(ckpt: str | Path, out_dir: str | Path) -> Path:
     """Write an export folder from a checkpoint root (its `latest`) or one `step{N}` folder."""
     from safetensors.torch import save_file
 
-    ref = checkpoint.resolve(str(ckpt), Path(ckpt))
+    ref = checkpoint.resolve(str(ckpt), Path(ckpt), flag="checkpoint")
     if ref is None:
         raise ExportError(f"{ckpt}: no checkpoint found")
     meta = checkpoint.read_meta(ref)
@@ -138,19 +139,30 @@ def load(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[UnifiedMultimodalTransformer, Processor]:
     """`(model, processor)` from an export folder; no DeepSpeed involved. The model is in eval mode."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         raise ExportError(f"{path} is not a UMT export (no {MANIFEST}); run `umt export` first")
-    manifest = json.loads(manifest_path.read_text())
-    model_cfg = model_config_from_dict(manifest["model"])
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        model_cfg = model_config_from_dict(manifest["model"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ExportError(f"{manifest_path}: not a UMT export manifest ({exc})") from None
     # The weights come from the export: build the towers from config, not from the Hub.
     model_cfg.text.pretrained = None
     model_cfg.image.pretrained = None
     model = build_model(model_cfg, log_table=False)
-    state = load_file(str(path / WEIGHTS))
+    try:
+        state = load_file(str(path / WEIGHTS))
+    except FileNotFoundError:
+        raise ExportError(f"{path / WEIGHTS}: missing; export the checkpoint again") from None
+    except (SafetensorError, OSError) as exc:  # cut short by a full disk or a broken copy
+        raise ExportError(
+            f"{path / WEIGHTS}: not a readable safetensors file ({exc}); copy or export it again"
+        ) from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ExportError(f"{path / WEIGHTS}: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -180,9 +192,16 @@ def load_model(
     path = Path(path)
     if (path / MANIFEST).is_file():
         return load(path, device)
-    ref = checkpoint.resolve(str(path), path)
+    if not path.exists():
+        raise ExportError(f"--model {path}: no such file or folder")
+    if not (path / checkpoint.LATEST).is_file() and not (path / checkpoint.META).is_file():
+        raise ExportError(
+            f"--model {path}: neither a UMT export (no {MANIFEST}) nor a checkpoint "
+            f"(no {checkpoint.LATEST}, no {checkpoint.META})"
+        )
+    ref = checkpoint.resolve(str(path), path, flag="--model")
     if ref is None:
-        raise ExportError(f"{path}: neither a UMT export nor a checkpoint")
+        raise ExportError(f"--model {path}: neither a UMT export nor a checkpoint")
     cfg = checkpoint.read_meta(ref).get("config") or {}
     if "model" not in cfg:
         raise ExportError(f"{ref.path}: the checkpoint carries no model config")
@@ -197,7 +216,13 @@ def load_model(
     if name:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ExportError(
+                f"{ref.path}: cannot load the tokenizer its config names ({name!r}): {first}"
+            ) from None
     processor = Processor(
         tokenizer,
         model_cfg.image.image_size,

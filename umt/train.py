@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_pipeline.loader.batch import NO_NEGATIVE
 from data_pipeline.loader.config import LoaderDataError
 from data_pipeline.loader.reader import SAMPLE_ERRORS
 from data_pipeline.storage import IO_COUNTERS
@@ -360,7 +361,8 @@ class Trainer:
             if elastic
             else ref.tag
         )
-        load_path, client_state = self.engine.load_checkpoint(str(ref.root), tag=tag)
+        with checkpoint.weights_only_loads():  # a checkpoint handed over must not run code
+            load_path, client_state = self.engine.load_checkpoint(str(ref.root), tag=tag)
         if load_path is None:
             raise checkpoint.CheckpointError(f"DeepSpeed could not load {ref.root / tag}")
         if elastic:
@@ -370,7 +372,7 @@ class Trainer:
         # Per-rank files: the same rank on the same topology, else rank 0's. The loader state
         # is one stream position, the same on every rank, so it resumes any topology exactly.
         rank_file = ref.root / tag / f"rank{self.rank if not elastic else 0}.pt"
-        rank_state = torch.load(rank_file, weights_only=False)
+        rank_state = checkpoint.load_file(rank_file)
         self.data.load_state_dict(rank_state["data"])
         if elastic:  # other ranks: the saved RNG streams do not map to them
             seed_everything(self.cfg.train.seed + 1000 * (self.rank + 1) + self.state.step)
@@ -524,9 +526,14 @@ class Trainer:
         some ranks had would break the all-reduce): skipped samples by reason, storage."""
         errors = self.data.error_counts()
         io = getattr(self.data, "io_counts", dict)()
-        return {f"data/errors_{r}": errors.get(r, 0) for r in SAMPLE_ERRORS} | {
-            f"data/storage_{n}": io.get(n, 0) for n in IO_COUNTERS
-        }
+        negatives = {}
+        if self.cfg.data.train.negatives:  # the same on every rank
+            negatives = {"data/samples_without_negative": errors.get(NO_NEGATIVE, 0)}
+        return (
+            {f"data/errors_{r}": errors.get(r, 0) for r in SAMPLE_ERRORS}
+            | {f"data/storage_{n}": io.get(n, 0) for n in IO_COUNTERS}
+            | negatives
+        )
 
     def _system_scalars(self, window: Window) -> dict[str, float]:
         t = self.cfg.train

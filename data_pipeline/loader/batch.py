@@ -112,6 +112,11 @@ def choose_negative(sample: RawSample, field_name: str, rng: random.Random) -> s
     return rng.choice(choices) if choices else None
 
 
+# Count of samples used without a hard-negative caption (LoaderConfig.negatives set, the sample's
+# json lacks the field or holds no usable text); not a failure, so not in SAMPLE_ERRORS.
+NO_NEGATIVE = "no_negative"
+
+
 @dataclass
 class DecodedSample:
     raw: RawSample
@@ -137,6 +142,8 @@ def decode_sample(
         return None
     caption = choose_caption(sample, cfg.caption, rng)
     negative = choose_negative(sample, cfg.negatives, rng) if cfg.negatives else None
+    if cfg.negatives and negative is None:
+        errors[NO_NEGATIVE] += 1  # used all the same, with no hard negative: counted, logged
     return DecodedSample(sample, caption, pixels, negative)
 
 

@@ -1,0 +1,99 @@
+"""Checks of a training run's inputs before any expensive set-up (process group, model, DeepSpeed):
+a shard path that is wrong, a tokenizer folder that is not there, a hard-negative field no sample
+has. Each fails in one line naming its config key, seconds after `umt train` starts rather than
+after the model is built (or, for the negatives field, never: it would train without them)."""
+
+from __future__ import annotations
+
+from itertools import islice
+from pathlib import Path
+
+from umt.config import Config, ConfigError, tokenizer_name
+
+# Files of which a tokenizer folder has at least one (fast tokenizers, WordPiece, BPE, SentencePiece).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+)
+# Samples of the first shard looked at for the hard-negative field.
+NEGATIVES_PROBE = 64
+
+
+def check_training_inputs(cfg: Config) -> None:
+    """Raise ConfigError (naming the key) for the first input of `cfg` that cannot be used."""
+    d = cfg.data.train
+    if d.synthetic:
+        return
+    check_tokenizer(cfg)
+    splits = [("data.train.shards", d.shards, d.resampled)]
+    if cfg.data.eval.shards is not None and cfg.eval.every_steps > 0:
+        splits.append(("data.eval.shards", cfg.data.eval.shards, True))
+    datasets = {key: check_shards(key, shards, resampled) for key, shards, resampled in splits}
+    if d.negatives:
+        check_negatives_field(d.negatives, datasets["data.train.shards"], cfg.data.cache_dir)
+
+
+def check_shards(key: str, shards, resampled: bool):
+    """The dataset `shards` names (manifests read, local tars checked), errors under `key`."""
+    from data_pipeline.loader import LoaderConfigError, resolve_dataset
+    from data_pipeline.loader.tar_index import TarIndexError
+    from data_pipeline.storage import StorageError
+
+    try:
+        return resolve_dataset(shards, resampled)
+    except (LoaderConfigError, TarIndexError, StorageError) as exc:
+        message = str(exc)
+        if message.startswith("data.shards"):
+            message = message[len("data.shards") :].lstrip(":").strip()
+            message = message.removeprefix("is empty: give a shard folder or pattern")
+        raise ConfigError(f"{key}: {message or 'empty: give a shard folder or pattern'}") from None
+
+
+def looks_like_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or Path(name).exists()
+
+
+def check_tokenizer(cfg: Config) -> None:
+    """The tokenizer loads (a folder that is not there is named as such, not as a bad Hub id)."""
+    name = tokenizer_name(cfg)
+    if name is None:
+        return  # validate() already requires one
+    key = "data.tokenizer" if cfg.data.tokenizer else "model.text.pretrained"
+    if looks_like_path(name) and not Path(name).expanduser().is_dir():
+        raise ConfigError(f"{key}: {name} is not a folder (a tokenizer folder or a Hub name)")
+    folder = Path(name).expanduser()
+    if looks_like_path(name) and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise ConfigError(
+            f"{key}: {name} holds no tokenizer ({', '.join(TOKENIZER_FILES)}: none there)"
+        )
+    from data_pipeline.transforms import load_tokenizer
+
+    try:
+        load_tokenizer(str(Path(name).expanduser()) if looks_like_path(name) else name)
+    except (OSError, ValueError) as exc:
+        lines = [line for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        raise ConfigError(f"{key}: cannot load tokenizer {name!r}: {lines[0]}") from None
+
+
+def check_negatives_field(field_name: str, dataset, cache_dir: str | None) -> None:
+    """Some of the first shard's first samples carry `field_name` in their json, else the run
+    would train ITM without hard negatives and say nothing."""
+    from collections import Counter
+
+    from data_pipeline.loader.stream import iter_raw_samples
+
+    first = dataset.shards[0].path
+    fields: set[str] = set()
+    samples = list(islice(iter_raw_samples([first], Counter(), cache_dir), NEGATIVES_PROBE))
+    for sample in samples:
+        if field_name in sample.meta:
+            return
+        fields |= set(sample.meta)
+    shown = ", ".join(sorted(fields)) or "none"
+    raise ConfigError(
+        f"data.train.negatives: no json field {field_name!r} in the first {len(samples)} samples "
+        f"of {first} (their fields: {shown}); shard with --save-additional-columns {field_name}"
+    )
