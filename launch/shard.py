@@ -118,8 +118,20 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     )
 
     image = parser.add_argument_group("images")
-    image.add_argument("--resize", choices=RESIZE_MODES, default=defaults.resize)
+    image.add_argument(
+        "--resize",
+        choices=RESIZE_MODES,
+        default=defaults.resize,
+        help="keep_ratio: short side to --image-size; center_crop: that, then the centre square; "
+        "border: long side to --image-size, padded square; none: as is. Smaller images are "
+        "enlarged (bicubic) unless --no-upscale",
+    )
     image.add_argument("--image-size", type=int, default=defaults.image_size, help="pixels")
+    image.add_argument(
+        "--no-upscale",
+        action="store_true",
+        help="keep images smaller than --image-size at their size (center_crop: a smaller square)",
+    )
     image.add_argument(
         "--resample",
         choices=list(RESAMPLE_FILTERS),

@@ -135,10 +135,15 @@ def scaled_size(width: int, height: int, options: ShardOptions) -> tuple[int, in
         return width, height
     short_side = options.resize in ("keep_ratio", "center_crop")
     scale = size / (min(width, height) if short_side else max(width, height))
+    if options.no_upscale:
+        scale = min(scale, 1.0)
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def output_size(width: int, height: int, options: ShardOptions) -> tuple[int, int]:
+    if options.resize == "center_crop" and options.no_upscale:
+        side = min(options.image_size, width, height)
+        return side, side
     if options.resize in ("center_crop", "border"):
         return options.image_size, options.image_size
     return scaled_size(width, height, options)
@@ -194,7 +199,8 @@ def resize_image(image: Image.Image, options: ShardOptions) -> Image.Image:
         side = min(width, height)
         left, top = (width - side) // 2, (height - side) // 2
         box = (left, top, left + side, top + side)
-        return image.resize((size, size), resample_filter(side, size, options), box=box)
+        out = output_size(width, height, options)[0]
+        return image.resize((out, out), resample_filter(side, out, options), box=box)
     scaled = scaled_size(width, height, options)
     if scaled != image.size:
         image = image.resize(scaled, resample_filter(width, scaled[0], options))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from data_pipeline import shard_output, storage
-from data_pipeline.loader.tar_index import INDEX_SUFFIX
+from data_pipeline.loader.tar_index import INDEX_SUFFIX, index_location
 from data_pipeline.shard.options import RUN_ONLY_FIELDS, OtherRunError, ShardError, ShardOptions
 from data_pipeline.shard.plan import WorkItem
 from data_pipeline.sources import Row
@@ -133,9 +134,19 @@ def run_identity(
             "format": source_format,
             "rows": len(rows),
             "rows_sha256": digest.hexdigest(),
+            # the file itself: tells an edited input from options that read it otherwise
+            "file_sha256": file_digest(input_path) if input_path.is_file() else None,
         },
         "args": args,
     }
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def prepare_output(
@@ -173,17 +184,31 @@ def prepare_output(
 
 
 def identity_differences(old: dict, new: dict) -> list[str]:
+    """What differs between the run that wrote a folder and this one, each in words."""
     differences = []
-    old_input, new_input = old.get("input", {}), new["input"]
-    if old_input.get("rows_sha256") != new_input["rows_sha256"]:
-        differences.append(
-            f"input differs: {old_input.get('path')} had {old_input.get('rows')} rows, "
-            f"{new_input['path']} has {new_input['rows']} rows with other content"
-        )
+    defaults = json.loads(json.dumps(asdict(ShardOptions())))
     for name, value in new["args"].items():
-        before = old.get("args", {}).get(name)
+        # An option newer than the run that wrote the folder: that run had its default.
+        before = old.get("args", {}).get(name, defaults.get(name))
         if before != value:
             differences.append(f"--{name.replace('_', '-')} was {before}, now {value}")
+    old_input, new_input = old.get("input", {}), new["input"]
+    if old_input.get("rows_sha256") != new_input["rows_sha256"]:
+        path, rows_then, rows_now = new_input["path"], old_input.get("rows"), new_input["rows"]
+        same_file = old_input.get("file_sha256") and (
+            old_input.get("file_sha256") == new_input.get("file_sha256")
+        )
+        counts = (
+            f"{rows_then} rows then, {rows_now} now"
+            if rows_then != rows_now
+            else (f"{rows_now} rows then and now, other content")
+        )
+        if old_input.get("path") != path:
+            differences.append(f"the input was {old_input.get('path')}, now {path} ({counts})")
+        elif not same_file:
+            differences.append(f"{path} changed since that run ({counts})")
+        elif not differences:  # the same file read otherwise, and no option says why
+            differences.append(f"{path} is unchanged but reads as other rows ({counts})")
     return differences
 
 
@@ -201,6 +226,19 @@ def clear_output(out: Path, prefix: str) -> None:
     for pattern in patterns:
         for path in out.glob(pattern):
             path.unlink()
+
+
+def remove_stale_temporaries(out: Path, names: list[str]) -> None:
+    """Temporaries a killed run left of these shards (a tar, its index or its done-record being
+    written by another worker at the kill): only this run's own shards, since the parts of a job
+    array share the folder and may be writing theirs."""
+    done = out / STATE_DIR / "done"
+    for name in names:
+        index = Path(index_location(str(out / name))).name
+        stale = [out / f"{name}.tmp", *out.glob(f"{glob.escape(index)}.*.tmp")]
+        stale += done.glob(f".{glob.escape(name)}.json.*.tmp")
+        for path in stale:
+            path.unlink(missing_ok=True)
 
 
 def part_suffix(index: int, count: int) -> str:

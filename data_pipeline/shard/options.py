@@ -63,6 +63,7 @@ class ShardOptions:
     save_additional_columns: tuple[str, ...] = ()  # table columns copied into each sample's json
     resize: str = "keep_ratio"  # none|keep_ratio (short side)|center_crop|border (long side, pad)
     image_size: int = 256  # pixels
+    no_upscale: bool = False  # an image smaller than --image-size keeps its size (not enlarged)
     resample: str = "area"  # downscaling filter: area|bilinear|bicubic|lanczos
     image_format: str = "jpg"  # jpg|png|webp
     quality: int = 95  # jpg/webp encoder quality

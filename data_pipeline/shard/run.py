@@ -13,6 +13,7 @@ from data_pipeline.shard.manifest import (
     build_manifest,
     part_suffix,
     prepare_output,
+    remove_stale_temporaries,
     run_identity,
     summary_from_manifest,
     write_outputs,
@@ -132,6 +133,7 @@ def run_all(
     resumed_total = 0
     next_overflow = 0
     while tasks:
+        remove_stale_temporaries(out, [task.name for task in tasks])
         records, resumed = run_tasks(tasks, rows, out, options, layout, progress, publish)
         all_records += records
         resumed_total += resumed

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -306,6 +307,25 @@ def test_resize_modes_and_skip_reencode() -> None:
     assert (as_png.ext, Image.open(io.BytesIO(as_png.data)).format) == ("png", "PNG")
 
 
+def test_no_upscale_keeps_small_images_at_their_size() -> None:
+    small = jpeg_bytes(60, 40, seed=5)
+
+    def size(mode: str, no_upscale: bool) -> tuple[int, int]:
+        stored = prepare_image(
+            small, ShardOptions(resize=mode, image_size=128, no_upscale=no_upscale)
+        )
+        return stored.width, stored.height
+
+    assert size("keep_ratio", False) == (192, 128)  # enlarged 3.2x by default
+    assert size("keep_ratio", True) == (60, 40)
+    assert size("center_crop", False) == (128, 128)
+    assert size("center_crop", True) == (40, 40)
+    assert size("border", True) == (128, 128)  # padded, not enlarged
+    large = jpeg_bytes(400, 300, seed=6)  # larger images are reduced as before
+    reduced = prepare_image(large, ShardOptions(image_size=128, no_upscale=True))
+    assert (reduced.width, reduced.height) == (171, 128)
+
+
 def test_exif_rotation_and_transparency_are_applied() -> None:
     exif = Image.Exif()
     exif[0x0112] = 6  # stored landscape, shown rotated 90 degrees clockwise
@@ -548,6 +568,11 @@ def test_resume_after_kill_is_byte_identical(tmp_path: Path, kill_at: str, worke
         assert (out / f"{shard}.tmp").is_file() and not (out / shard).exists()
     else:  # killed between the rename and the done-record
         assert (out / shard).is_file()
+    # What a kill leaves when another worker is writing an index or a done-record at that moment
+    # (those of 2 workers sometimes are): temporaries named for a process that is gone.
+    index = shard.replace(".tar", ".index.json")
+    (out / f"{index}.99999999.tmp").write_text('{"half": ')
+    (out / f".umt-shard/done/.{shard}.json.99999999.tmp").write_bytes(b"")
 
     resumed = run_cli(*args, "--out", str(out))
     assert resumed.returncode == 0, resumed.stderr
@@ -581,10 +606,31 @@ def test_other_input_or_shard_size_is_refused_until_overwrite(tmp_path: Path) ->
     with pytest.raises(ShardError, match="--maxcount was 4, now 3.*pass --overwrite"):
         shard_dataset(table, out, replace(SMALL, maxcount=3))
     other = write_csv(tmp_path / "in/other.csv", [("0.jpg", "something else")])
-    with pytest.raises(ShardError, match="input differs"):
+    with pytest.raises(
+        ShardError, match=f"the input was {table}, now {other} \\(6 rows then, 1 now\\)"
+    ):
         shard_dataset(other, out, SMALL)
+    edited = table.read_text().replace("picture number 1", "a different caption")
+    table.write_text(edited)
+    with pytest.raises(
+        ShardError, match=f"{table} changed since that run \\(6 rows then and now, other"
+    ):
+        shard_dataset(table, out, SMALL)
     summary = shard_dataset(other, out, replace(SMALL, overwrite=True))
     assert summary.rows == 1 and sorted(p.name for p in out.glob("*.tar")) == ["data-000000.tar"]
+
+
+def test_another_image_root_is_named_as_the_difference(tmp_path: Path) -> None:
+    """The same table read with another --image-root: the option is what changed, not the file."""
+    table = good_dataset(tmp_path / "in", n=3)
+    shutil.copytree(tmp_path / "in", tmp_path / "copy")
+    out = tmp_path / "out"
+    shard_dataset(table, out, replace(SMALL, image_root=str(tmp_path / "in")))
+    with pytest.raises(ShardError) as caught:
+        shard_dataset(table, out, replace(SMALL, image_root=str(tmp_path / "copy")))
+    assert caught.value.differences == [
+        f"--image-root was {tmp_path / 'in'}, now {tmp_path / 'copy'}"
+    ]
 
 
 def test_folder_with_foreign_shards_is_refused(tmp_path: Path) -> None:
