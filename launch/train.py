@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -15,7 +16,11 @@ log = logging.getLogger("umt.launch")
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="umt train", description=__doc__)
-    parser.add_argument("--config", help="YAML config (default: configs/demo_cpu.yaml values)")
+    parser.add_argument(
+        "--config",
+        help="YAML config (configs/*.yaml); without it the built-in defaults apply: the `base` "
+        "model at 224 px, which needs data.train.shards and data.tokenizer",
+    )
     parser.add_argument(
         "--resume",
         default="none",
@@ -33,9 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     from umt.checkpoint import CheckpointError
     from umt.config import ConfigError, load_config
     from umt.distributed import discover_world
+    from umt.run_config import absolute_paths, check_resume, resume_plan
 
+    config, overrides, resume, run = resume_plan(args.resume, args.config, args.overrides)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = absolute_paths(load_config(config, overrides))  # a run remembers where things are
+        check_resume(cfg, resume)  # a resume that would make another run is refused
         from umt.preflight import check_training_inputs
 
         check_training_inputs(cfg)  # before the process group, the model and DeepSpeed
@@ -43,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         if discover_world().rank == 0:  # every rank finds the same: say it once
             print(f"umt train: {exc}", file=sys.stderr)
         return 2
+    args.resume = resume
 
     from data_pipeline.loader import LoaderConfigError, LoaderStateError
     from data_pipeline.storage import StorageError
@@ -51,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     from umt.train import Trainer, TrainingError
 
     setup_logging(discover_world().rank)
+    if run is not None and discover_world().rank == 0:
+        given = ", ".join(args.overrides) or "none"
+        log.info("resuming %s with its saved config %s; overrides on top: %s", run, config, given)
     try:
         trainer = Trainer(cfg, resume=args.resume)
         trainer.install_signal_handlers()
@@ -68,8 +80,10 @@ def main(argv: list[str] | None = None) -> int:
             requeue_slurm_job(os.environ)  # it resumes from the last checkpoint
         return 1
     shutdown()
-    # train() returns before train.steps only after a signal, once every rank's checkpoint is on disk.
-    if trainer.state.step < cfg.train.steps and trainer.rank == 0:
+    # train() returns before train.steps only after a signal, once every rank's checkpoint is on
+    # disk: requeued to go on, unless a person stopped it (Ctrl-C).
+    stopped_by_user = trainer.stop_signal == signal.SIGINT
+    if trainer.state.step < cfg.train.steps and trainer.rank == 0 and not stopped_by_user:
         requeue_slurm_job(os.environ)
     return 0
 

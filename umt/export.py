@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,12 +50,24 @@ def export_checkpoint(ckpt: str | Path, out_dir: str | Path) -> Path:
     cfg = meta.get("config") or {}
     if "model" not in cfg:
         raise ExportError(f"{ref.path}: the checkpoint carries no model config")
+    data = cfg.get("data", {})
+    tokenizer_name = data.get("tokenizer") or cfg["model"]["text"].get("pretrained")
+    tokenizer = None
+    if tokenizer_name:  # before the (long) consolidation: an export must carry its tokenizer
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
+        except (OSError, ValueError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ExportError(
+                f"{ref.path}: cannot load the tokenizer its config names ({tokenizer_name!r}: "
+                f"{first}); an export without it could not encode text"
+            ) from None
     state = {k: v.contiguous() for k, v in consolidate(ref).items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out / WEIGHTS), metadata={"format": "pt"})
-    data = cfg.get("data", {})
-    tokenizer = data.get("tokenizer") or cfg["model"]["text"].get("pretrained")
     manifest = {
         "format_version": EXPORT_VERSION,
         "source": {"checkpoint": str(ref.path), "step": ref.step},
@@ -70,18 +83,24 @@ def export_checkpoint(ckpt: str | Path, out_dir: str | Path) -> Path:
             "tokenizer": None,
         },
     }
-    if tokenizer:
-        try:
-            from transformers import AutoTokenizer
-
-            AutoTokenizer.from_pretrained(tokenizer).save_pretrained(str(out / "tokenizer"))
-            manifest["text"]["tokenizer"] = "tokenizer"
-        except (OSError, ValueError) as exc:
-            log.warning("tokenizer %s not saved with the export: %s", tokenizer, exc)
-            manifest["text"]["tokenizer"] = tokenizer
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out / "tokenizer"))
+        manifest["text"]["tokenizer"] = "tokenizer"
+    else:
+        log.warning("%s names no tokenizer (a synthetic-data run): the export has none", ref.path)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    readable_by_all(out)
     log.info("exported %s (step %d) to %s", ref.path, ref.step, out)
     return out
+
+
+def readable_by_all(folder: Path) -> None:
+    """Files 0644 (folders 0755) under the umask: safetensors writes its file 0600, and an
+    export is made to be shared."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 @dataclass
@@ -97,12 +116,13 @@ class Processor:
     def images(self, images: list[Image.Image]) -> torch.Tensor:
         import numpy as np
 
+        from data_pipeline.shard.images import to_rgb
         from data_pipeline.transforms import eval_crop_box, normalize_images
 
         arrays = []
         for image in images:
             box = eval_crop_box(*image.size)
-            rgb = image if image.mode == "RGB" else image.convert("RGB")
+            rgb = to_rgb(image)  # as the sharder converts: alpha over white, 16-bit scaled
             size = (self.image_size, self.image_size)
             out = rgb.resize(size, Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
             arrays.append(np.asarray(out, dtype=np.uint8))

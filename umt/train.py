@@ -162,6 +162,12 @@ def optimizer_config(t, optimizer: str) -> dict:
     return {"type": "AdamW", "params": params}
 
 
+def warmup_steps(t) -> int:
+    """train.warmup_steps, at least 1 and at most train.steps (DeepSpeed warns on every start
+    and resume when the warmup is longer than the run)."""
+    return min(max(1, t.warmup_steps), t.steps)
+
+
 def deepspeed_config(
     cfg: Config, world_size: int, device: torch.device, load_universal: bool
 ) -> dict:
@@ -193,7 +199,7 @@ def deepspeed_config(
             "type": "WarmupCosineLR",
             "params": {
                 "total_num_steps": t.steps,
-                "warmup_num_steps": max(1, t.warmup_steps),
+                "warmup_num_steps": warmup_steps(t),
                 "warmup_min_ratio": 0.0,
                 "cos_min_ratio": t.min_lr_ratio,
                 "warmup_type": "linear",
@@ -321,6 +327,13 @@ class Trainer:
         model = build_model(cfg.model, log_table=self.rank == 0)
         ds_config = deepspeed_config(cfg, self.world_size, self.device, load_universal=elastic)
         if self.rank == 0:
+            if cfg.train.warmup_steps > cfg.train.steps:
+                log.info(
+                    "train.warmup_steps %d > train.steps %d: warming up over the %d steps",
+                    cfg.train.warmup_steps,
+                    cfg.train.steps,
+                    warmup_steps(cfg.train),
+                )
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
             (self.out / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
@@ -600,13 +613,25 @@ class Trainer:
 
     # --- the loop ----------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
-        """SIGUSR1 (Slurm's warning before the time limit) and SIGTERM: checkpoint at the next step."""
+        """SIGUSR1 (Slurm's warning before the time limit), SIGTERM and a first SIGINT (Ctrl-C):
+        checkpoint at the end of the step, then stop. A second SIGINT aborts without saving
+        (KeyboardInterrupt: one line, no traceback; the unfinished step folder stays invisible)."""
 
         def request(signum, _frame):
+            if signum == signal.SIGINT:
+                if self.stop_signal == signal.SIGINT:
+                    raise KeyboardInterrupt
+                if self.rank == 0:
+                    log.warning(
+                        "Ctrl-C: saving a checkpoint after step %d, then stopping "
+                        "(press Ctrl-C again to stop now without saving)",
+                        self.state.step + 1,
+                    )
             self.stop_signal = signum
 
         signal.signal(signal.SIGUSR1, request)
         signal.signal(signal.SIGTERM, request)
+        signal.signal(signal.SIGINT, request)
 
     def _stall(self) -> None:
         """UMT_FAULT_DATA_STALL: rank 0's first batch of the step takes longer (tests)."""
@@ -618,10 +643,28 @@ class Trainer:
 
     def train(self) -> dict[str, float]:
         self._stalled = False
+        t = self.cfg.train
+        first, started = self.state.step, time.perf_counter()
+        if self.rank == 0:
+            log.info(
+                "training steps %d-%d of %s: %d samples per step (%d ranks x %d x %d accumulated); "
+                "Ctrl-C or SIGTERM saves a checkpoint and stops",
+                first + 1,
+                t.steps,
+                self.out,
+                self.world_size * t.micro_batch_size * t.grad_accum,
+                self.world_size,
+                t.micro_batch_size,
+                t.grad_accum,
+            )
         batches = DataWaiter(self.data, before_fetch=self._stall)
         bar = progress(self.cfg.train.steps, self.state.step, self.rank, "train")
         try:
-            return self._train(batches, bar)
+            last = self._train(batches, bar)
+            bar.close()
+            if self.rank == 0:
+                log.info("%s", self.summary(first, time.perf_counter() - started, last))
+            return last
         except DataWaitInterrupted as exc:
             batches.abandon()  # its thread is stuck in the loader: do not wait for it
             name = signal.Signals(self.stop_signal).name if self.stop_signal else "a signal"
@@ -638,6 +681,33 @@ class Trainer:
         finally:
             bar.close()  # before any message: a bar left open would prefix it
             batches.close()
+
+    def summary(self, first: int, seconds: float, last: dict[str, float]) -> str:
+        """What this run did and what to do next, for the end of the log."""
+        t = self.cfg.train
+        steps = self.state.step - first
+        samples = steps * self.world_size * t.micro_batch_size * t.grad_accum
+        losses = ", ".join(
+            f"{k.removeprefix('loss/')} {v:.4f}" for k, v in last.items() if k.startswith("loss/")
+        )
+        stopped = "" if self.state.step >= t.steps else f" (stopped early, of {t.steps})"
+        minutes, secs = divmod(round(seconds), 60)
+        lines = [
+            f"done: steps {first + 1}-{self.state.step}{stopped}, {samples} samples in "
+            f"{minutes}m{secs:02d}s ({samples / max(seconds, 1e-9):.1f} samples/s)"
+            + (f"; last losses: {losses}" if losses else ""),
+            f"  checkpoint: {self.last_checkpoint}",
+        ]
+        if self.last_checkpoint is not None:
+            lines.append(f"  export:     umt export {self.ckpt_root} {self.out / 'export'}")
+            if self.cfg.data.eval.shards is not None:
+                lines.append(
+                    f"  evaluate:   umt eval --model {self.ckpt_root} --shards "
+                    f"{self.cfg.data.eval.shards}"
+                )
+        if self.state.step < t.steps:
+            lines.append(f"  go on:      umt train --resume {self.out}")
+        return "\n".join(lines)
 
     def _train(self, batches: DataWaiter, bar) -> dict[str, float]:
         cfg = self.cfg
