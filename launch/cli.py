@@ -73,6 +73,10 @@ def run_guarded(prog: str, main_fn: Callable[[list[str]], int | None], argv: lis
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `umt data inspect ... | head`: the reader has what it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the exit's flush does not fail again
+        return 141  # as a process killed by SIGPIPE
     except Exception as exc:  # noqa: BLE001 - the last line of defence, named as such
         text = " ".join(str(exc).split())[:500] or "(no message)"
         where = (

@@ -28,6 +28,12 @@ def main(argv: list[str]) -> int:
         "(default: 'a photo of a {}.|a picture of a {}.|{}')",
     )
     parser.add_argument(
+        "--label-field",
+        metavar="FIELD",
+        help="with --classes: a sample's class is this json field of it (e.g. a column kept by "
+        "umt shard --save-additional-columns); default: its caption, when it equals a class name",
+    )
+    parser.add_argument(
         "--itm-rerank",
         type=int,
         default=0,
@@ -49,7 +55,14 @@ def main(argv: list[str]) -> int:
 
     from umt.checkpoint import CheckpointError
     from umt.distributed import discover_world, init_distributed, shutdown
-    from umt.evaluate import EvalData, evaluate_retrieval, format_report, report_scalars, set_name
+    from umt.evaluate import (
+        EvalData,
+        EvalDataError,
+        evaluate_retrieval,
+        format_report,
+        report_scalars,
+        set_name,
+    )
     from umt.export import ExportError, load_model
     from umt.logging import MetricsWriter, setup_logging
 
@@ -86,7 +99,12 @@ def main(argv: list[str]) -> int:
 
         classes = [c.strip() for c in Path(args.classes).read_text().splitlines() if c.strip()]
         templates = args.templates.split("|") if args.templates else DEFAULT_TEMPLATES
-        report = zero_shot_classification(model, data, classes, templates)
+        try:
+            report = zero_shot_classification(model, data, classes, templates, args.label_field)
+        except EvalDataError as exc:
+            if world.rank == 0:
+                print(f"umt eval: {exc}", file=sys.stderr)
+            return 1
         report |= {"model": str(args.model), "shards": args.shards, "templates": list(templates)}
         if world.rank == 0:
             print(
@@ -99,7 +117,12 @@ def main(argv: list[str]) -> int:
                 Path(args.out).write_text(json.dumps(report, indent=2))
         shutdown()
         return 0
-    report = evaluate_retrieval(model, data, args.itm_rerank, args.score == "itm+itc", device)
+    try:
+        report = evaluate_retrieval(model, data, args.itm_rerank, args.score == "itm+itc", device)
+    except EvalDataError as exc:
+        if world.rank == 0:
+            print(f"umt eval: {exc}", file=sys.stderr)
+        return 1
     report |= {
         "model": str(args.model),
         "shards": args.shards,
@@ -137,6 +160,8 @@ def check_paths(args) -> str | None:
             return f"--classes {args.classes}: not UTF-8 text (byte {exc.start})"
         if len(names) < 2:
             return f"--classes {args.classes}: needs at least 2 class names (found {len(names)})"
+    if args.label_field and not args.classes:
+        return "--label-field: only with --classes (zero-shot classification)"
     if args.templates is not None and any("{}" not in t for t in args.templates.split("|")):
         return f"--templates {args.templates!r}: each template needs {{}} for the class name"
     try:

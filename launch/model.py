@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
@@ -16,6 +17,13 @@ def main(argv: list[str]) -> int:
     from umt.model.unified import format_parameter_table
 
     names = [args.preset] if args.preset else list_presets()
+    unknown = [n for n in names if n not in list_presets()]
+    if unknown:
+        print(
+            f"umt model: unknown preset {unknown[0]!r}; the presets: {', '.join(list_presets())}",
+            file=sys.stderr,
+        )
+        return 2
     for name in names:
         with torch.device("meta"):  # counts only: no memory, no init time
             model = build_model(name, log_table=False)

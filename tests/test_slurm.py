@@ -464,3 +464,51 @@ def test_shard_array_and_merge_equal_a_single_process_run(tmp_path, partition, j
     assert tars and tars == sorted(p.name for p in parts.glob("*.tar"))
     for name in tars:
         assert (parts / name).read_bytes() == (single / name).read_bytes(), name
+
+
+def test_eval_job_writes_the_report_a_local_eval_writes(tmp_path, partition, jobs):
+    """`umt submit eval` runs `umt eval` in the job (it once ran a module with no entry point and
+    ended COMPLETED with no report): the job's report equals one made locally."""
+    from data_pipeline.builtin import write_split, write_tokenizer
+    from data_pipeline.shard import ShardOptions, shard_dataset
+
+    table = write_split(tmp_path / "data", "test", 16, 32)
+    options = ShardOptions(image_col="image", caption_col="captions", resize="none", maxcount=8)
+    shard_dataset(table, tmp_path / "shards", options)
+    tokenizer = write_tokenizer(tmp_path / "tokenizer")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    run = tmp_path / "run"
+    train = [
+        f"output_dir={run}", f"data.train.shards={tmp_path / 'shards'}",
+        f"data.tokenizer={tokenizer}", "model.preset=tiny", "model.text.vocab_size=25",
+        "model.image.image_size=32", "train.micro_batch_size=4", "train.steps=1",
+        "data.train.num_workers=0", "data.train.max_text_len=12",
+    ]  # fmt: skip
+    for command in (
+        ["train", *train],
+        ["eval", f"--model={run / 'checkpoints'}", f"--shards={tmp_path / 'shards'}",
+         f"--out={tmp_path / 'local.json'}"],
+    ):  # fmt: skip
+        subprocess.run(
+            [sys.executable, "-m", "launch.cli", *command],
+            cwd=tmp_path, env=env, check=True, capture_output=True, timeout=600,
+        )  # fmt: skip
+    report = tmp_path / "job" / "report.json"
+    proc = umt_submit(
+        "eval",
+        f"--model={run / 'checkpoints'}",
+        f"--shards={tmp_path / 'shards'}",
+        f"--out={report}",
+        "--gpus-per-node=0",
+        "--cpus-per-task=1",
+        "--time=00:10:00",
+        f"--partition={partition}",
+        cwd=tmp_path,
+    )
+    [job_id] = submitted_ids(proc.stdout)
+    jobs.append(job_id)
+    info = wait_for_job(job_id, report.parent)
+    assert info["JobState"] == "COMPLETED", logs(report.parent)[-6000:]
+    assert report.is_file(), logs(report.parent)[-6000:]
+    local = json.loads((tmp_path / "local.json").read_text())
+    assert json.loads(report.read_text())["itc"] == local["itc"]

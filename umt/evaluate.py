@@ -46,12 +46,21 @@ def recall_at_k(
     out: dict[str, float] = {}
     ks = list(ks)
     for k in ks:
-        out[f"i2t_r{k}"] = 100.0 * (rank_i2t < k).float().mean().item()
-        out[f"t2i_r{k}"] = 100.0 * (rank_t2i < k).float().mean().item()
-    out["i2t_mean"] = sum(out[f"i2t_r{k}"] for k in ks) / len(ks)
-    out["t2i_mean"] = sum(out[f"t2i_r{k}"] for k in ks) / len(ks)
-    out["r_mean"] = (out["i2t_mean"] + out["t2i_mean"]) / 2
+        out[f"i2t_r{k}"] = percent(int((rank_i2t < k).sum()), len(rank_i2t))
+        out[f"t2i_r{k}"] = percent(int((rank_t2i < k).sum()), len(rank_t2i))
+    out["i2t_mean"] = round(sum(out[f"i2t_r{k}"] for k in ks) / len(ks), 4)
+    out["t2i_mean"] = round(sum(out[f"t2i_r{k}"] for k in ks) / len(ks), 4)
+    out["r_mean"] = round((out["i2t_mean"] + out["t2i_mean"]) / 2, 4)
     return out
+
+
+class EvalDataError(ValueError):
+    """Evaluation data that cannot give a meaningful number; the message says what to change."""
+
+
+def percent(count: int, total: int) -> float:
+    """count / total in percent, to 4 decimals (counted in integers: no float32 residue)."""
+    return round(100.0 * count / total, 4) if total else 0.0
 
 
 def chance_recall(n_images: int, captions_per_image: float, k: int) -> dict[str, float]:
@@ -187,8 +196,18 @@ def embed_eval_shards(
 
     def my_batches():
         pending = []
+        first_of: dict[str, str] = {}
         for i, sample in enumerate(iter_raw_samples(data.shards, errors, data.cache_dir)):
             keys[i] = sample.image_key
+            # Every rank reads every sample, so every rank stops here at the same sample.
+            if sample.image_key in first_of:
+                raise EvalDataError(
+                    f"--shards {data.shards}: image {sample.image_key} is in samples "
+                    f"{first_of[sample.image_key]} and {sample.key} (shards made with --per "
+                    "caption); retrieval needs each image once with all its captions: shard the "
+                    "evaluation set with --per image"
+                )
+            first_of[sample.image_key] = sample.key
             if i % w != me:
                 continue
             try:
@@ -256,7 +275,7 @@ def embed_eval_shards(
             text_tokens.append(p["text_tokens"][start : start + n])
             text_mask.append(p["text_mask"][start : start + n])
     if not image_embeds:
-        raise ValueError(f"no decodable samples in {data.shards}")
+        raise EvalDataError(f"--shards {data.shards}: no decodable sample (see the warning above)")
     return EvalFeatures(
         image_embeds=torch.stack(image_embeds),
         text_embeds=torch.cat(text_embeds),
@@ -367,10 +386,8 @@ def itm_pair_metrics(pos: torch.Tensor, neg: torch.Tensor) -> dict[str, float]:
     negatives); `preference`: images whose own caption scores above the negative. Percent."""
     n = len(pos)
     return {
-        "accuracy": 100.0
-        * ((pos > 0.5).float().sum() + (neg < 0.5).float().sum()).item()
-        / (2 * n),
-        "preference": 100.0 * (pos > neg).float().mean().item(),
+        "accuracy": percent(int((pos > 0.5).sum()) + int((neg < 0.5).sum()), 2 * n),
+        "preference": percent(int((pos > neg).sum()), n),
     }
 
 
@@ -379,22 +396,38 @@ def itm_pair_metrics(pos: torch.Tensor, neg: torch.Tensor) -> dict[str, float]:
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "{}")
 
 
-def sample_label(captions: Iterable[str], lookup: dict[str, int]) -> int | None:
-    """The class of a sample: the first of its captions that equals a class name (any case)."""
+def sample_label(captions: Iterable, lookup: dict[str, int]) -> int | None:
+    """The class of a sample: the first of its captions (or label values) that equals a class
+    name, ignoring case and surrounding spaces."""
     for caption in captions:
-        if caption.strip().lower() in lookup:
+        if isinstance(caption, str) and caption.strip().lower() in lookup:
             return lookup[caption.strip().lower()]
     return None
 
 
+def label_values(sample, label_field: str | None) -> tuple:
+    """What may name a sample's class: json `label_field` (a string or a list of them), else
+    the sample's caption and its json captions."""
+    if label_field is None:
+        return (sample.text, *sample.captions)
+    value = sample.meta.get(label_field)
+    return tuple(value) if isinstance(value, list) else (value,)
+
+
 @torch.no_grad()
 def zero_shot_classification(
-    model, data: EvalData, classes: list[str], templates: Iterable[str] = DEFAULT_TEMPLATES
+    model,
+    data: EvalData,
+    classes: list[str],
+    templates: Iterable[str] = DEFAULT_TEMPLATES,
+    label_field: str | None = None,
 ) -> dict:
     """Top-1/top-5 accuracy (percent) of images against class-name prompts averaged over templates.
 
-    A sample's label is the caption that equals a class name (shard a folder of `<class>.txt`
-    sidecars or a table whose caption column is the class); others are counted as unlabelled.
+    A sample's label is the caption that equals a class name, ignoring case (shard a folder of
+    `<class>.txt` sidecars or a table whose caption column is the class), or with `label_field`
+    the value of that json field (`umt shard --save-additional-columns label`); others are
+    counted as unlabelled. No labelled sample at all is an error (EvalDataError).
     """
     import random as _random
 
@@ -429,7 +462,7 @@ def zero_shot_classification(
         for i, sample in enumerate(iter_raw_samples(data.shards, cache_dir=data.cache_dir)):
             if i % world_size() != rank():
                 continue
-            label = sample_label((sample.text, *sample.captions), lookup)
+            label = sample_label(label_values(sample, label_field), lookup)
             if label is None:
                 unlabelled += 1
                 continue
@@ -457,10 +490,17 @@ def zero_shot_classification(
         counted += len(labels)
     totals = torch.tensor([correct1, correct5, counted, unlabelled], dtype=torch.long)
     c1, c5, n, skipped = all_reduce(totals).tolist()
+    if n == 0:
+        where = f"its json field {label_field!r}" if label_field else "its caption"
+        raise EvalDataError(
+            f"--shards {data.shards}: none of its {skipped} samples has a label among the "
+            f"{len(classes)} classes (a sample's label is {where}, equal to a class name "
+            "ignoring case; --label-field FIELD takes it from a json field)"
+        )
     return {
         "classes": len(classes),
         "samples": n,
         "unlabelled": skipped,
-        "top1": 100.0 * c1 / max(n, 1),
-        "top5": 100.0 * c5 / max(n, 1),
+        "top1": percent(c1, n),
+        "top5": percent(c5, n),
     }
