@@ -90,6 +90,13 @@ def test_padded_token_values_are_ignored_by_fusion():
         )
 
 
+def test_score_pairs_with_unequal_counts_is_a_clear_error():
+    model = tiny().eval()
+    pixels, ids, mask = batch()
+    with pytest.raises(ValueError, match="got 4 texts and 1 images"):
+        model.score_pairs(ids, mask, pixels[:1])
+
+
 def test_logit_scale_starts_at_one_over_0_07_and_is_clamped_at_100():
     model = tiny()
     assert model.scale().item() == pytest.approx(1 / 0.07, rel=1e-6)

@@ -123,7 +123,15 @@ class UnifiedMultimodalTransformer(nn.Module):
     def score_pairs(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor
     ) -> torch.Tensor:
-        """(B,) match probability of raw pairs: a convenience over `itm_logits`."""
+        """(B,) match probability of raw pairs: a convenience over `itm_logits`. Pair i is
+        text i with image i, so both need the same count."""
+        if input_ids.shape[0] != pixel_values.shape[0]:
+            raise ValueError(
+                f"score_pairs scores pairs (text i with image i): got {input_ids.shape[0]} texts "
+                f"and {pixel_values.shape[0]} images; to score every text against every image, "
+                "repeat them (e.g. images.repeat_interleave(n_texts, 0)) or compare "
+                "encode_text/encode_image embeddings"
+            )
         text = self.embed_text(input_ids, attention_mask)
         image = self.embed_image(pixel_values)
         return self.itm_logits(text.tokens, text.mask, image.tokens).softmax(-1)[:, 1]
