@@ -6,6 +6,7 @@ web server); each test gets its own, started and stopped by a fixture (see conft
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -53,6 +54,8 @@ def moto_s3():
     import boto3
     from moto.server import ThreadedMotoServer
 
+    # One line per request from its HTTP server once logging is configured: keep it quiet.
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
