@@ -52,18 +52,8 @@ def export_checkpoint(ckpt: str | Path, out_dir: str | Path) -> Path:
         raise ExportError(f"{ref.path}: the checkpoint carries no model config")
     data = cfg.get("data", {})
     tokenizer_name = data.get("tokenizer") or cfg["model"]["text"].get("pretrained")
-    tokenizer = None
-    if tokenizer_name:  # before the (long) consolidation: an export must carry its tokenizer
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
-        except (OSError, ValueError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ExportError(
-                f"{ref.path}: cannot load the tokenizer its config names ({tokenizer_name!r}: "
-                f"{first}); an export without it could not encode text"
-            ) from None
+    # Before the (long) consolidation: an export must carry its tokenizer.
+    tokenizer = checkpoint_tokenizer(ref, tokenizer_name) if tokenizer_name else None
     state = {k: v.contiguous() for k, v in consolidate(ref).items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -92,6 +82,19 @@ def export_checkpoint(ckpt: str | Path, out_dir: str | Path) -> Path:
     readable_by_all(out)
     log.info("exported %s (step %d) to %s", ref.path, ref.step, out)
     return out
+
+
+def checkpoint_tokenizer(ref: checkpoint.CheckpointRef, name: str):
+    """The tokenizer a checkpoint's config names, or ExportError in one line."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ExportError(
+            f"{ref.path}: cannot load the tokenizer its config names ({name!r}): {first}"
+        ) from None
 
 
 def readable_by_all(folder: Path) -> None:
@@ -232,17 +235,7 @@ def load_model(
     model.to(device).eval()
     data = cfg.get("data", {})
     name = data.get("tokenizer") or cfg["model"]["text"].get("pretrained")
-    tokenizer = None
-    if name:
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(name)
-        except (OSError, ValueError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ExportError(
-                f"{ref.path}: cannot load the tokenizer its config names ({name!r}): {first}"
-            ) from None
+    tokenizer = checkpoint_tokenizer(ref, name) if name else None
     processor = Processor(
         tokenizer,
         model_cfg.image.image_size,

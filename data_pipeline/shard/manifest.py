@@ -135,13 +135,13 @@ def run_identity(
             "rows": len(rows),
             "rows_sha256": digest.hexdigest(),
             # the file itself: tells an edited input from options that read it otherwise
-            "file_sha256": file_digest(input_path) if input_path.is_file() else None,
+            "file_sha256": file_sha256(input_path) if input_path.is_file() else None,
         },
         "args": args,
     }
 
 
-def file_digest(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(1 << 20):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -17,7 +16,13 @@ from data_pipeline import shard_output
 from data_pipeline.loader.tar_index import TarIndex, index_location, write_index
 from data_pipeline.shard.download import fetch_in_order
 from data_pipeline.shard.images import StoredImage, prepare_image
-from data_pipeline.shard.manifest import ShardRecord, done_path, record_to_json, write_json_atomic
+from data_pipeline.shard.manifest import (
+    ShardRecord,
+    done_path,
+    file_sha256,
+    record_to_json,
+    write_json_atomic,
+)
 from data_pipeline.shard.options import SampleError, ShardOptions
 from data_pipeline.shard.plan import KeyLayout, ShardTask, WorkItem, clean_captions
 from data_pipeline.sources import Row
@@ -198,14 +203,6 @@ def write_shard(job: ShardJob, report: Callable[[int, int], None]) -> ShardRecor
         done = done_path(job.out, task.name).relative_to(job.out)
         shard_output.publish(job.out, job.publish, str(done))
     return record
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def flush_report(
