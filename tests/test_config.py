@@ -155,3 +155,44 @@ def test_config_reference_lists_every_stable_key():
 def test_configs_folder_has_the_three_documented_files():
     names = {p.name for p in Path(REPO / "configs").glob("*.yaml")}
     assert {"demo_cpu.yaml", "pretrain_base.yaml", "pretrain_large.yaml"} <= names
+
+
+def test_resume_plan_takes_the_runs_saved_config_unless_one_is_given(tmp_path):
+    """`--resume RUN_DIR`: the run's config.yaml (or the --config given, which check_resume then
+    compares with it), output_dir the run, `auto` in it; a checkpoint path stays as given."""
+    from umt.run_config import resume_plan
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("output_dir: somewhere\n")
+    assert resume_plan(str(run), None, ["train.steps=3"]) == (
+        str(run / "config.yaml"),
+        ["train.steps=3", f"output_dir={run}"],
+        "auto",
+        run,
+    )
+    assert resume_plan(str(run), "mine.yaml", []) == (
+        "mine.yaml",
+        [f"output_dir={run}"],
+        "auto",
+        None,
+    )
+    assert resume_plan(str(run / "checkpoints"), None, []) == (
+        None,
+        [],
+        str(run / "checkpoints"),
+        None,
+    )
+    assert resume_plan("auto", None, [f"output_dir={run}"]) == (
+        str(run / "config.yaml"),
+        [f"output_dir={run}"],
+        "auto",
+        run,
+    )
+    assert resume_plan("auto", "mine.yaml", []) == ("mine.yaml", [], "auto", None)
+    assert resume_plan("none", None, [f"output_dir={run}"]) == (
+        None,
+        [f"output_dir={run}"],
+        "none",
+        None,
+    )

@@ -125,15 +125,18 @@ def resume_plan(
 ) -> tuple[str | None, list[str], str, Path | None]:
     """(config file, overrides, resume, run folder whose saved config is the base, or None).
 
-    `--resume RUN_DIR` (a folder holding config.yaml): the run's saved config, output_dir set to
-    it, and `auto` within it. `--resume auto` without --config: the saved config of the output_dir
+    `--resume RUN_DIR` (a folder holding config.yaml): the run's saved config (or --config, which
+    check_resume compares with it), output_dir set to it, and `auto` within it. `--resume auto` without --config: the saved config of the output_dir
     the overrides name (or the default one), when there is one. Anything else: as given.
     """
     if resume not in (None, "", "none", "auto"):
         run = Path(resume)
-        if (run / SAVED).is_file() and config is None:
-            return str(run / SAVED), [*overrides, f"output_dir={run.resolve()}"], "auto", run
-        return config, overrides, resume, None
+        if not (run / SAVED).is_file():  # a checkpoint root or step folder
+            return config, overrides, resume, None
+        overrides = [*overrides, f"output_dir={run.resolve()}"]
+        if config is not None:  # the given config, checked against the run's (check_resume)
+            return config, overrides, "auto", None
+        return str(run / SAVED), overrides, "auto", run
     if resume == "auto" and config is None:
         run = Path(output_dir_of(overrides) or Config().output_dir)
         if (run / SAVED).is_file():
