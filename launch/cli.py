@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "submit": ("launch.submit", "render a Slurm script from a config and sbatch it"),
     "demo": ("launch.demo", "the whole loop on a CPU on a built-in dataset"),
     "model": ("launch.model", "list model presets and their parameter counts"),
+    "config": ("launch.config", "list the shipped configs, or print one to start your own"),
 }
 
 

@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "configs" / "demo_cpu.yaml"
+from umt.shipped import SOURCE_TREE, config_path
+
 SPLITS = {"train": 3000, "val": 200, "test": 300}
 
 
@@ -76,10 +76,13 @@ def train(out: Path, ranks: int, overrides: list[str]) -> None:
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
         "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
-        "-m", "launch.train", "--config", str(CONFIG), "--resume", "auto", *overrides,
+        "-m", "launch.train", "--config", str(config_path("demo_cpu")), "--resume", "auto",
+        *overrides,
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, cwd=REPO, env=env)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if (SOURCE_TREE / "pyproject.toml").is_file():  # run from a checkout: its code, not another
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SOURCE_TREE), env.get("PYTHONPATH")]))
+    proc = subprocess.run(cmd, cwd=out, env=env)
     if proc.returncode != 0:
         raise SystemExit(
             f"umt demo: training failed (exit {proc.returncode}); run the demo again to resume"
@@ -225,7 +228,7 @@ def main(argv: list[str]) -> int:
         *([f"train.steps={args.steps}"] if args.steps else []),
         *args.overrides,
     ]
-    cfg = load_config(CONFIG, overrides)
+    cfg = load_config("demo_cpu", overrides)
     step(1, f"built-in dataset and shards in {out}")
     make_data(
         out,
@@ -258,7 +261,7 @@ results:            {out / "results.json"}
 examples:           {out / "retrieval_examples.png"}
 TensorBoard:        tensorboard --logdir {out / "train" / "tensorboard"}
 checkpoints:        {ckpt}
-resume training:    umt train --config {CONFIG} --resume auto {" ".join(overrides)} train.steps=<more>
+resume training:    umt train --resume {out / "train"} train.steps=<more>
 export:             umt export {ckpt} {out / "export"}
 evaluate:           umt eval --model {ckpt} --shards {out / "shards" / "test"} --itm-rerank 16 --out {out / "eval.json"}
 """

@@ -18,7 +18,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-SLURM_DIR = Path(__file__).resolve().parents[1] / "slurm"
+from umt.shipped import slurm_dir
+
+SLURM_DIR = slurm_dir()  # the repository's slurm/, or the copy a wheel installs
 ENV_SETUP = "env_setup.sh"
 PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
@@ -332,7 +334,11 @@ def train_parser() -> argparse.ArgumentParser:
         description="Render slurm/train.sbatch for a config and sbatch it. The job resumes from "
         "the newest checkpoint (--resume auto), checkpoints on USR1/TERM and requeues itself.",
     )
-    parser.add_argument("--config", help="YAML config (default: configs/demo_cpu.yaml values)")
+    parser.add_argument(
+        "--config",
+        help="YAML config: a path or a shipped config's name (umt config list); without it the "
+        "built-in defaults apply",
+    )
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument(
         "--gpus-per-node", type=int, default=8, help="GPUs per node; 0: a CPU job (no --gres)"

@@ -56,7 +56,7 @@ def test_demo_runs_every_stage_and_resumes(tmp_path):
     assert results["chance"]["t2i_r1"] == pytest.approx(100 / 40)
     with Image.open(out / "retrieval_examples.png") as png:
         assert png.size[0] > 400 and png.size[1] > 300
-    assert "umt export" in proc.stdout and "--resume auto" in proc.stdout
+    assert "umt export" in proc.stdout and f"umt train --resume {out / 'train'}" in proc.stdout
 
     # The same --out again: data and shards are reused and training resumes, not restarts.
     again = run_demo(out, "train.micro_batch_size=8", "checkpoint.every_steps=3", "train.steps=8")

@@ -313,9 +313,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     raw: dict = {}
     source = ""
     if path is not None:
-        path = Path(path)
+        from umt.shipped import config_names, config_path
+
+        path = config_path(path)  # a path, or the name of a shipped config
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+            raise ConfigError(
+                f"config file {path} does not exist (shipped configs, by name: "
+                f"{', '.join(config_names())})"
+            )
         source = f" in {path}"
         try:
             raw = yaml.safe_load(path.read_text()) or {}
