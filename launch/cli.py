@@ -42,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     if "--debug" in argv:  # tracebacks for every error, here and in processes started from here
         argv.remove("--debug")
         os.environ["UMT_DEBUG"] = "1"
+    if argv[:1] == ["--version"]:
+        from umt.versions import umt_version
+
+        print(f"umt {umt_version()}")
+        return 0
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0

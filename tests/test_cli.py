@@ -51,3 +51,10 @@ def test_train_config_error_is_one_line_naming_the_key():
         == "umt train: unknown config key train.stepz; did you mean train.steps? "
         "(override 'train.stepz=3')"
     )
+
+
+def test_version_is_the_installed_packages():
+    from importlib import metadata
+
+    proc = umt("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"umt {metadata.version('umt')}"

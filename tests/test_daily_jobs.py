@@ -117,8 +117,15 @@ def test_warmup_longer_than_the_run_is_clamped_with_one_line_and_a_summary_ends_
 def test_resume_from_the_run_folder_uses_its_saved_config(workdir, trained, tmp_path):
     run = tmp_path / "run"
     subprocess.run(["cp", "-r", str(trained), str(run)], check=True)
+    versions = json.loads((run / "versions.json").read_text())
+    assert set(versions) == {"umt", "torch", "deepspeed", "transformers", "git_commit"}
+    (run / "versions.json").write_text(json.dumps({**versions, "torch": "0.0"}))
     # From another folder, with no --config and none of the first run's overrides:
     proc = umt("train", "--resume", str(run), "train.steps=4", cwd=tmp_path)
+    assert (
+        f"resuming with other versions than the run's last start: torch 0.0 -> {versions['torch']}"
+        in proc.stderr
+    )
     assert f"resuming {run} with its saved config {run / 'config.yaml'}" in proc.stderr
     assert "overrides on top: train.steps=4" in proc.stderr
     assert (run / "checkpoints" / "step4").is_dir()

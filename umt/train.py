@@ -25,7 +25,7 @@ from data_pipeline.loader.batch import NO_NEGATIVE
 from data_pipeline.loader.config import LoaderDataError
 from data_pipeline.loader.reader import SAMPLE_ERRORS
 from data_pipeline.storage import IO_COUNTERS
-from umt import checkpoint, distributed, step_log
+from umt import checkpoint, distributed, step_log, versions
 from umt.config import Config, ConfigError, save_config, to_dict, tokenizer_name
 from umt.data_wait import DataWaiter, DataWaitInterrupted
 from umt.distributed import WorldInfo, any_rank
@@ -336,6 +336,7 @@ class Trainer:
                 )
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
+            versions.record(self.out, resuming=ref is not None)
             (self.out / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
         self.engine, _, _, _ = deepspeed.initialize(
             model=model,
