@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("launch.demo", "the whole loop on a CPU on a built-in dataset"),
     "model": ("launch.model", "list model presets and their parameter counts"),
     "config": ("launch.config", "list the shipped configs, or print one to start your own"),
+    "tokenizer": ("launch.tokenizer", "train a WordPiece tokenizer on shards' captions"),
 }
 
 

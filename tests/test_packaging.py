@@ -37,7 +37,12 @@ def test_configs_are_named_by_path_or_name(tmp_path, capsys):
         load_config("pretrain_nope")
     assert config_cli.main(["list"]) == 0
     listed = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in listed] == ["demo_cpu", "pretrain_base", "pretrain_large"]
+    assert [line.split()[0] for line in listed] == [
+        "demo_cpu",
+        "pretrain_base",
+        "pretrain_large",
+        "tiny_cpu",
+    ]
     assert config_cli.main(["show", "pretrain_base"]) == 0
     shown = capsys.readouterr().out
     assert shown == (REPO / "configs" / "pretrain_base.yaml").read_text()

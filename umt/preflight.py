@@ -72,10 +72,33 @@ def check_tokenizer(cfg: Config) -> None:
     from data_pipeline.transforms import load_tokenizer
 
     try:
-        load_tokenizer(str(Path(name).expanduser()) if looks_like_path(name) else name)
+        tokenizer = load_tokenizer(str(Path(name).expanduser()) if looks_like_path(name) else name)
     except (OSError, ValueError) as exc:
         lines = [line for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
         raise ConfigError(f"{key}: cannot load tokenizer {name!r}: {lines[0]}") from None
+    check_tokenizer_fits(cfg, tokenizer, key, name)
+
+
+def check_tokenizer_fits(cfg: Config, tokenizer, key: str, name: str) -> None:
+    """The model's text embedding covers the tokenizer's ids, and its pad and mask ids are the
+    tokenizer's (else ids index past the table, or MLM masks with a token the text never has)."""
+    text = cfg.model.text
+    if len(tokenizer) > text.vocab_size:
+        raise ConfigError(
+            f"model.text.vocab_size {text.vocab_size} is below the {len(tokenizer)} tokens of "
+            f"{key} {name}: set model.text.vocab_size={len(tokenizer)}"
+        )
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != text.pad_token_id:
+        raise ConfigError(
+            f"model.text.pad_token_id {text.pad_token_id} is not the pad id of {key} {name} "
+            f"({tokenizer.pad_token_id}): set model.text.pad_token_id={tokenizer.pad_token_id}"
+        )
+    mlm = cfg.model.mlm and cfg.objectives.mlm_weight > 0
+    if mlm and tokenizer.mask_token_id != text.mask_token_id:
+        raise ConfigError(
+            f"model.text.mask_token_id {text.mask_token_id} is not the [MASK] id of {key} {name} "
+            f"({tokenizer.mask_token_id}): set model.text.mask_token_id={tokenizer.mask_token_id}"
+        )
 
 
 def check_negatives_field(field_name: str, dataset, cache_dir: str | None) -> None:
