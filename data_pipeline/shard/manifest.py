@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
@@ -231,13 +230,15 @@ def clear_output(out: Path, prefix: str) -> None:
 def remove_stale_temporaries(out: Path, names: list[str]) -> None:
     """Temporaries a killed run left of these shards (a tar, its index or its done-record being
     written by another worker at the kill): only this run's own shards, since the parts of a job
-    array share the folder and may be writing theirs."""
-    done = out / STATE_DIR / "done"
-    for name in names:
-        index = Path(index_location(str(out / name))).name
-        stale = [out / f"{name}.tmp", *out.glob(f"{glob.escape(index)}.*.tmp")]
-        stale += done.glob(f".{glob.escape(name)}.json.*.tmp")
-        for path in stale:
+    array share the folder and may be writing theirs. One listing of each folder, however many
+    shards (a glob per shard would list a folder of 100k shards 100k times)."""
+    names = set(names)
+    index_of = {Path(index_location(str(out / name))).name: name for name in names}
+    for path in out.glob("*.tmp"):  # {name}.tmp, {index}.{pid}.tmp
+        if path.name.removesuffix(".tmp") in names or path.name.rsplit(".", 2)[0] in index_of:
+            path.unlink(missing_ok=True)
+    for path in (out / STATE_DIR / "done").glob(".*.tmp"):  # .{name}.json.{pid}.tmp
+        if path.name[1:].rsplit(".", 2)[0].removesuffix(".json") in names:
             path.unlink(missing_ok=True)
 
 
