@@ -66,7 +66,14 @@ INTEGER_FIELDS = {
     "nodes", "tasks_per_node", "procs_per_node", "gpus_per_node", "cpus_per_task", "signal_s",
     "parts", "last_index",
 }  # fmt: skip
-QUOTED_FIELDS = {"train_args", "shard_args", "eval_args", "out", "python"}  # shlex-quoted here
+QUOTED_FIELDS = {
+    "train_args",
+    "accelerate_args",
+    "shard_args",
+    "eval_args",
+    "out",
+    "python",
+}  # shlex-quoted here
 SHELL_FIELDS = {"activate"}  # --env-setup: the user's own shell commands, on purpose
 SBATCH_VALUE = re.compile(r"^[A-Za-z0-9_.,:=@%/+\-\[\]]*$")
 OPTION_OF = {
@@ -350,9 +357,17 @@ def train_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--launcher",
-        choices=["srun", "torchrun"],
+        choices=["srun", "torchrun", "accelerate"],
         default="srun",
-        help="srun: one task per rank; torchrun: one task per node, torchrun starts the ranks",
+        help="srun: one task per rank; torchrun: one task per node, torchrun starts the ranks; "
+        "accelerate: one task per node, `accelerate launch` starts the ranks",
+    )
+    parser.add_argument(
+        "--accelerate-config",
+        metavar="FILE",
+        help="with --launcher accelerate: your `accelerate config` file (ports, environment...); "
+        "UMT's config still decides precision and ZeRO stage, and a file that asks for others "
+        "is refused",
     )
     parser.add_argument(
         "--signal-s",
@@ -383,7 +398,8 @@ def submit_train(argv: list[str]) -> int:
     if args.nodes < 1 or args.gpus_per_node < 0 or args.chain < 1:
         raise SubmitError("--nodes and --chain must be >= 1 and --gpus-per-node >= 0")
     procs = args.tasks_per_node or args.gpus_per_node or 1
-    torchrun = args.launcher == "torchrun"
+    accelerate_args = accelerate_launch_args(args, cfg)
+    torchrun = args.launcher in ("torchrun", "accelerate")  # a launcher task per node
     # Each rank feeds its GPU from data.train.num_workers loader processes, plus its own; with
     # torchrun one task holds every rank of the node.
     wanted = (cfg.data.train.num_workers + 2) * (procs if torchrun else 1)
@@ -402,6 +418,7 @@ def submit_train(argv: list[str]) -> int:
         "socket_ifname": args.nccl_socket_ifname,
         "launcher": args.launcher,
         "train_args": quote_all(train_args),
+        "accelerate_args": quote_all(accelerate_args),
     }
     text = render("train.sbatch", values)
     if args.dry_run:
@@ -415,6 +432,40 @@ def submit_train(argv: list[str]) -> int:
         print(f"submitted training job {previous} ({script})")
     print(follow_hint(folder / "logs", values["job_name"], previous))
     return 0
+
+
+def accelerate_launch_args(args: argparse.Namespace, cfg) -> list[str]:
+    """`--config_file FILE` for `accelerate launch`, after checking the file against the config
+    as the ranks will (a conflict should not wait in the queue)."""
+    if args.accelerate_config is None:
+        return []
+    if args.launcher != "accelerate":
+        raise SubmitError("--accelerate-config goes with --launcher accelerate")
+    import yaml
+
+    from umt.config import ConfigError
+    from umt.preflight import check_accelerate_settings
+
+    path = Path(args.accelerate_config).resolve()
+    try:
+        settings = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise SubmitError(f"--accelerate-config {path}: cannot read it ({exc})") from None
+    if not isinstance(settings, dict):
+        raise SubmitError(f"--accelerate-config {path}: not an accelerate config (a mapping)")
+    kind = str(settings.get("distributed_type", "MULTI_GPU"))
+    if kind not in ("MULTI_GPU", "NO", "MULTI_CPU"):
+        raise SubmitError(
+            f"--accelerate-config {path}: distributed_type {kind}: UMT runs its own DeepSpeed "
+            "ZeRO (zero.stage); use distributed_type: MULTI_GPU"
+        )
+    precision = settings.get("mixed_precision", "no")
+    env = {"ACCELERATE_MIXED_PRECISION": "no" if precision is False else str(precision)}
+    try:
+        check_accelerate_settings(cfg, env, cuda=args.gpus_per_node > 0)
+    except ConfigError as exc:
+        raise SubmitError(f"--accelerate-config {path}: {exc}") from None
+    return ["--config_file", str(path)]
 
 
 def follow_hint(log_dir: Path, job_name: object, job_id: str) -> str:

@@ -1,5 +1,5 @@
 """`python -m launch.train --config X.yaml [a.b=c ...]` (also `umt train`): single process, torchrun,
-the deepspeed launcher or srun."""
+`accelerate launch`, the deepspeed launcher or srun."""
 
 from __future__ import annotations
 
@@ -44,9 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = absolute_paths(load_config(config, overrides))  # a run remembers where things are
         check_resume(cfg, resume)  # a resume that would make another run is refused
-        from umt.preflight import check_training_inputs
+        import torch
+
+        from umt.preflight import check_accelerate_settings, check_training_inputs
 
         check_training_inputs(cfg)  # before the process group, the model and DeepSpeed
+        launched_by = check_accelerate_settings(cfg, os.environ, torch.cuda.is_available())
     except ConfigError as exc:
         if discover_world().rank == 0:  # every rank finds the same: say it once
             print(f"umt train: {exc}", file=sys.stderr)
@@ -60,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     from umt.train import Trainer, TrainingError
 
     setup_logging(discover_world().rank)
+    if launched_by and discover_world().rank == 0:
+        log.info("%s", launched_by)
     if run is not None and discover_world().rank == 0:
         given = ", ".join(args.overrides) or "none"
         log.info("resuming %s with its saved config %s; overrides on top: %s", run, config, given)

@@ -84,7 +84,7 @@ def test_a_run_records_absolute_paths_and_exports_from_another_folder(workdir, t
     umt("export", str(trained / "checkpoints"), "exp", cwd=elsewhere)
     export = elsewhere / "exp"
     manifest = json.loads((export / "umt_export.json").read_text())
-    assert manifest["text"]["tokenizer"] == "tokenizer" and (export / "tokenizer").is_dir()
+    assert manifest["text"]["tokenizer"] == "." and (export / "tokenizer.json").is_file()
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in export.rglob("*") if p.is_file()}
     assert set(modes.values()) == {0o644}, modes  # safetensors writes 0600
 

@@ -124,11 +124,12 @@ def wait_for_job(job_id: str, log_folder: Path, timeout_s: float = JOB_TIMEOUT_S
     return wait_until(finished, f"job {job_id} to finish", log_folder, timeout_s)
 
 
-def submit_training(out: Path, partition: str, jobs: list[str]) -> str:
+def submit_training(out: Path, partition: str, jobs: list[str], *options: str) -> str:
     proc = umt_submit(
         "train",
         "--config",
         str(REPO / "configs" / "demo_cpu.yaml"),
+        *options,
         "--gpus-per-node=0",
         "--tasks-per-node=2",
         "--cpus-per-task=1",
@@ -199,7 +200,41 @@ def assert_sbatch_accepts(script: Path) -> None:
     assert test.returncode == 0 and "to start at" in test.stderr, test.stderr
 
 
-@pytest.mark.parametrize("launcher", ["srun", "torchrun"])
+def test_accelerate_launcher_is_one_task_per_node_with_the_users_config_file(tmp_path, capsys):
+    config = tmp_path / "accelerate.yaml"
+    config.write_text("distributed_type: MULTI_GPU\nmixed_precision: 'no'\nmain_process_port: 1\n")
+    text = render_train(
+        "--nodes=2", "--gpus-per-node=8", "--partition=p", "--launcher=accelerate",
+        f"--accelerate-config={config}", capsys=capsys,
+    )  # fmt: skip
+    assert "#SBATCH --ntasks-per-node=1\n" in text and "#SBATCH --cpus-per-task=24\n" in text
+    assert f"-m launch.accelerate_launch --config_file {config} --multi_gpu" in text
+    assert "--num_processes $((SLURM_NNODES * 8))" in text
+
+
+@pytest.mark.parametrize(
+    ("contents", "options", "message"),
+    [
+        ("mixed_precision: fp16\n", [], "mixed_precision=fp16 differs from train.precision="),
+        ("distributed_type: DEEPSPEED\n", [], "distributed_type DEEPSPEED: UMT runs its own"),
+        ("- a list\n", [], "not an accelerate config"),
+        ("mixed_precision: 'no'\n", ["--launcher=srun"], "goes with --launcher accelerate"),
+    ],
+)
+def test_an_accelerate_config_umt_would_not_follow_is_refused_before_sbatch(
+    tmp_path, contents, options, message
+):
+    config = tmp_path / "accelerate.yaml"
+    config.write_text(contents)
+    argv = [
+        "--config", str(REPO / "configs" / "demo_cpu.yaml"), "--gpus-per-node=8",
+        "--launcher=accelerate", *options, f"--accelerate-config={config}", "--dry-run",
+    ]  # fmt: skip
+    with pytest.raises(submit_module.SubmitError, match=message):
+        submit_module.submit_train(argv)
+
+
+@pytest.mark.parametrize("launcher", ["srun", "torchrun", "accelerate"])
 def test_dry_run_script_passes_sbatch_test_only(tmp_path, partition, launcher, capsys):
     argv = [
         "train",
@@ -383,11 +418,14 @@ def test_sbatch_trains_the_demo_config_with_2_ranks(uninterrupted):
     assert (uninterrupted / "slurm" / "train.sbatch").is_file()
 
 
+@pytest.mark.parametrize("launcher", ["srun", "accelerate"])
 def test_usr1_checkpoints_requeues_and_resumes_to_the_same_weights(
-    tmp_path, partition, jobs, uninterrupted
+    tmp_path, partition, jobs, uninterrupted, launcher
 ):
+    """The srun launcher (a task per rank) and `accelerate launch` (a task per node whose agent
+    starts the ranks) both checkpoint, requeue and resume to the uninterrupted run's weights."""
     out = tmp_path / "preempted"
-    job_id = submit_training(out, partition, jobs)
+    job_id = submit_training(out, partition, jobs, f"--launcher={launcher}")
     latest = out / "checkpoints" / "latest"
     wait_until(
         lambda: latest.is_file() and latest.read_text() == f"step{EVERY}",

@@ -6,6 +6,10 @@ The library part (model, objectives, config, checkpoint, evaluation) imports not
 
 __version__ = "0.1.0"
 
+from umt import hf_registration as _hf_registration  # noqa: E402
+
+_hf_registration.install()  # AutoConfig/AutoModel resolve `umt` exports, at no import cost
+
 
 def load(path, device="cpu"):
     """`(model, processor)` from a `umt export` folder, without DeepSpeed."""

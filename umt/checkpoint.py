@@ -132,6 +132,11 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def write_json_atomic(path: Path, value) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, json.dumps(value, indent=1))
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
@@ -149,6 +154,7 @@ def save(
     rank_state: dict,
     keep: int,
     config: dict | None = None,
+    meta: dict | None = None,
 ) -> Path:
     """Save on every rank; `latest` is written by rank 0 only after every rank's files are on disk."""
     rank, world = distributed.rank(), distributed.world_size()
@@ -165,6 +171,7 @@ def save(
             "world_size": world,
             "zero_stage": engine.zero_optimization_stage(),
             "config": config or {},  # read by `umt export` without DeepSpeed
+            **(meta or {}),
         }
         _atomic_write(path / META, json.dumps(meta))
     distributed.barrier()  # every rank's shards and state files are written

@@ -1,10 +1,14 @@
 """Export: consolidate a ZeRO checkpoint into safetensors + config + tokenizer, and load it back
 without DeepSpeed (`umt.load(dir) -> (model, processor)`).
 
-Layout of an export folder:
-    model.safetensors   fp32 weights of `UnifiedMultimodalTransformer` (tied weights stored once)
-    umt_export.json     format version, model config, image and text preprocessing, source step
-    tokenizer/          the tokenizer files (when the run's tokenizer could be loaded)
+An export folder is a Hugging Face `save_pretrained` folder of `umt.hf.UMTModel`:
+    config.json         `UMTConfig`: model type `umt`, the model config, image and text preprocessing
+    model.safetensors   fp32 weights, keys `umt.<name in UnifiedMultimodalTransformer>` (tied
+                        weights stored once)
+    tokenizer files     tokenizer.json, vocab.txt, ... (when the run's tokenizer could be loaded)
+    umt_export.json     format version, model config, preprocessing, source checkpoint and step
+    README.md           the model card: sizes, training data, steps and samples, last evaluation
+Exports of format 1 (weights without the `umt.` prefix, tokenizer in `tokenizer/`) still load.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from umt import checkpoint
 from umt.model import UnifiedMultimodalTransformer, build_model, model_config_from_dict
 
 log = logging.getLogger("umt.export")
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2
+PREFIX = "umt."  # `UMTModel.base_model_prefix`
 WEIGHTS = "model.safetensors"
 MANIFEST = "umt_export.json"
 
@@ -43,6 +48,9 @@ def export_checkpoint(ckpt: str | Path, out_dir: str | Path) -> Path:
     """Write an export folder from a checkpoint root (its `latest`) or one `step{N}` folder."""
     from safetensors.torch import save_file
 
+    from umt.hf_config import UMTConfig
+    from umt.model_card import model_card
+
     ref = checkpoint.resolve(str(ckpt), Path(ckpt), flag="checkpoint")
     if ref is None:
         raise ExportError(f"{ckpt}: no checkpoint found")
@@ -57,31 +65,68 @@ def export_checkpoint(ckpt: str | Path, out_dir: str | Path) -> Path:
     state = {k: v.contiguous() for k, v in consolidate(ref).items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out / WEIGHTS), metadata={"format": "pt"})
+    # `UMTModel` holds the network as `.umt`: these are the keys `save_pretrained` writes.
+    save_file({PREFIX + k: v for k, v in state.items()}, str(out / WEIGHTS), {"format": "pt"})
+    image = {
+        "image_size": cfg["model"]["image"]["image_size"],
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.5, 0.5, 0.5],
+        "transform": "resize shorter side + center crop, bicubic",
+    }
+    max_length = data.get("train", {}).get("max_text_len", 64)
+    hf_config = UMTConfig(
+        umt_model=cfg["model"], image_processing=image, text_max_length=max_length
+    )
+    hf_config.architectures = ["UMTModel"]
+    hf_config.save_pretrained(str(out))
     manifest = {
         "format_version": EXPORT_VERSION,
         "source": {"checkpoint": str(ref.path), "step": ref.step},
         "model": cfg["model"],
-        "image": {
-            "image_size": cfg["model"]["image"]["image_size"],
-            "mean": [0.5, 0.5, 0.5],
-            "std": [0.5, 0.5, 0.5],
-            "transform": "resize shorter side + center crop, bicubic",
-        },
-        "text": {
-            "max_length": data.get("train", {}).get("max_text_len", 64),
-            "tokenizer": None,
-        },
+        "image": image,
+        "text": {"max_length": max_length, "tokenizer": None},
     }
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(out / "tokenizer"))
-        manifest["text"]["tokenizer"] = "tokenizer"
+        tokenizer.save_pretrained(str(out))  # beside config.json: AutoTokenizer finds it
+        manifest["text"]["tokenizer"] = "."
     else:
         log.warning("%s names no tokenizer (a synthetic-data run): the export has none", ref.path)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    evaluation = last_eval_report(ref, cfg)
+    card = model_card(cfg, meta, ref, parameter_counts(state), evaluation, out.name)
+    (out / "README.md").write_text(card)
     readable_by_all(out)
     log.info("exported %s (step %d) to %s", ref.path, ref.step, out)
     return out
+
+
+def parameter_counts(state: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Parameters by part, as `UnifiedMultimodalTransformer.num_parameters` counts them."""
+    counts = dict.fromkeys(("text_tower", "image_tower", "fusion", "heads"), 0)
+    for key, value in state.items():
+        part = key.split(".", 1)[0]
+        counts[part if part in counts else "heads"] += value.numel()
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def last_eval_report(ref: checkpoint.CheckpointRef, cfg: dict) -> dict | None:
+    """The newest `eval/step{N}.json` of the run with N <= the checkpoint's step, or None."""
+    folders = [ref.root.parent / "eval"]
+    if cfg.get("output_dir"):
+        folders.append(Path(cfg["output_dir"]) / "eval")
+    best = None
+    for folder in folders:
+        for path in folder.glob("step*.json") if folder.is_dir() else ():
+            try:
+                record = json.loads(path.read_text())
+                step = int(record["step"])
+            except (OSError, ValueError, KeyError, TypeError):
+                log.warning("%s: not an evaluation record, left out of the model card", path)
+                continue
+            if step <= ref.step and (best is None or step > best["step"]):
+                best = record
+    return best
 
 
 def checkpoint_tokenizer(ref: checkpoint.CheckpointRef, name: str):
@@ -186,6 +231,8 @@ def load(
         raise ExportError(
             f"{path / WEIGHTS}: not a readable safetensors file ({exc}); copy or export it again"
         ) from None
+    if manifest.get("format_version", 1) >= 2:
+        state = {k.removeprefix(PREFIX): v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ExportError(f"{path / WEIGHTS}: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -120,3 +120,43 @@ def check_negatives_field(field_name: str, dataset, cache_dir: str | None) -> No
         f"data.train.negatives: no json field {field_name!r} in the first {len(samples)} samples "
         f"of {first} (their fields: {shown}); shard with --save-additional-columns {field_name}"
     )
+
+
+ACCELERATE_PRECISION = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}
+
+
+def check_accelerate_settings(cfg: Config, env: dict[str, str], cuda: bool) -> str | None:
+    """Under `accelerate launch`: refuse what its config asks for and UMT would silently not do
+    (another mixed precision, another ZeRO stage, FSDP); else a line for the log, or None when
+    accelerate did not start this process. UMT's config decides: accelerate only starts ranks."""
+    if "ACCELERATE_MIXED_PRECISION" not in env:
+        return None
+    asked = env["ACCELERATE_MIXED_PRECISION"]
+    auto = "bf16" if cuda else "fp32"  # as train.precision=auto resolves
+    ours = auto if cfg.train.precision == "auto" else cfg.train.precision
+    if asked not in ACCELERATE_PRECISION:
+        raise ConfigError(
+            f"accelerate's mixed_precision={asked}: UMT trains in fp32, bf16 or fp16 "
+            f"(train.precision); set mixed_precision to no, bf16 or fp16"
+        )
+    if asked != "no" and ACCELERATE_PRECISION[asked] != ours:
+        raise ConfigError(
+            f"accelerate's mixed_precision={asked} differs from train.precision={ours}: set one "
+            f"to the other (train.precision={ACCELERATE_PRECISION[asked]}, or mixed_precision in "
+            f"the accelerate config)"
+        )
+    if env.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise ConfigError(
+            "the accelerate config asks for FSDP: UMT shards with DeepSpeed ZeRO; use "
+            "distributed_type: MULTI_GPU there and zero.stage=3 here"
+        )
+    stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    if stage is not None and int(stage) != cfg.zero.stage:
+        raise ConfigError(
+            f"the accelerate config's zero_stage={stage} differs from zero.stage={cfg.zero.stage}: "
+            "UMT's config decides the ZeRO stage, set them equal"
+        )
+    return (
+        f"started by accelerate launch (mixed_precision={asked}); UMT's config decides "
+        f"precision ({ours}) and ZeRO stage ({cfg.zero.stage})"
+    )

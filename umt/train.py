@@ -270,6 +270,28 @@ def build_train_data(cfg: Config, rank: int, world_size: int, epoch: int = 0, de
     return build_loader(loader_cfg, rank=rank, world_size=world_size, epoch=epoch)
 
 
+def data_summary(data) -> dict | None:
+    """What a checkpoint says of its training data (for the model card of an export): the
+    dataset digest (shard names and counts), samples per epoch and the sources."""
+    dataset = getattr(data, "dataset", None)
+    if dataset is None:
+        return {"synthetic": True}
+    return {
+        "digest": dataset.digest(),
+        "samples": dataset.total_samples,
+        "shards": len(dataset.shards),
+        "sources": [
+            {
+                "name": s.name,
+                "samples": s.total_samples,
+                "shards": len(s.shards),
+                "weight": s.weight,
+            }
+            for s in dataset.sources
+        ],
+    }
+
+
 # --- the trainer -------------------------------------------------------------------------------
 
 
@@ -409,6 +431,7 @@ class Trainer:
             rank_state={"data": self.data.state_dict()},
             keep=self.cfg.checkpoint.keep,
             config=to_dict(self.cfg),
+            meta={"samples": self.state.samples, "data": data_summary(self.data)},
         )
         self.last_checkpoint = path
         log.info("saved checkpoint %s", path)
@@ -610,6 +633,14 @@ class Trainer:
         )
         self.writer.scalars(report_scalars(report, set_name(cfg.data.eval.shards)), self.state.step)
         log.info("evaluation at step %d:\n%s", self.state.step, format_report(report))
+        if self.rank == 0:  # read by `umt export` for the model card
+            record = {
+                "step": self.state.step,
+                "samples": self.state.samples,
+                "shards": cfg.data.eval.shards,
+                "report": report,
+            }
+            checkpoint.write_json_atomic(self.out / "eval" / f"step{self.state.step}.json", record)
         return report
 
     # --- the loop ----------------------------------------------------------------------------

@@ -1,0 +1,197 @@
+"""Exports in the Hugging Face ecosystem: `umt export` writes a `save_pretrained` folder that
+`AutoModel`/`AutoTokenizer` load (after `import umt`), `save_pretrained` round-trips bit for bit,
+`device_map` loading goes through accelerate, and the model card tells the run's figures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO
+from tests.test_daily_jobs import TINY, umt
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """4 steps on real shards, checkpoints and retrieval evaluation at steps 2 and 4."""
+    from data_pipeline.builtin import write_split, write_tokenizer
+    from data_pipeline.shard import ShardOptions, shard_dataset
+
+    root = tmp_path_factory.mktemp("hf")
+    table = write_split(root / "data", "train", 24, 32)
+    shard_dataset(table, root / "shards", ShardOptions(resize="none", maxcount=12))
+    write_tokenizer(root / "tokenizer")
+    umt(
+        "train", f"output_dir={root / 'run'}", f"data.train.shards={root / 'shards'}",
+        f"data.eval.shards={root / 'shards'}", f"data.tokenizer={root / 'tokenizer'}",
+        "train.steps=4", "checkpoint.every_steps=2", "checkpoint.keep=5", "eval.every_steps=2",
+        "model.mlm=true", *TINY,
+    )  # fmt: skip
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def export(run: Path) -> Path:
+    umt("export", str(run / "checkpoints"), str(run.parent / "export"))
+    return run.parent / "export"
+
+
+def inputs(image_size: int = 32):
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 512, (3, 12), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    pixels = torch.randn(3, 3, image_size, image_size, generator=gen)
+    return ids, mask, pixels
+
+
+def outputs(model, ids, mask, pixels) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [
+            model.encode_text(ids, mask),
+            model.encode_image(pixels),
+            model.score_pairs(ids, mask, pixels),
+            model.scale(),
+        ]
+
+
+def test_an_export_loads_with_automodel_and_equals_umt_load(export):
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    import umt
+
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= {
+        p.name for p in export.iterdir()
+    }
+    assert AutoConfig.from_pretrained(export).model_type == "umt"
+    hf, info = AutoModel.from_pretrained(export, output_loading_info=True)
+    assert type(hf).__name__ == "UMTModel" and not hf.training
+    assert not any(info.values()), info  # no missing, unexpected or mismatched keys
+    model, processor = umt.load(export)
+    ids, mask, pixels = inputs()
+    for ours, theirs in zip(outputs(model, ids, mask, pixels), outputs(hf.umt, ids, mask, pixels)):
+        assert torch.equal(ours, theirs)
+    with torch.no_grad():
+        out = hf(pixel_values=pixels, input_ids=ids, attention_mask=mask)
+    assert torch.equal(out.image_embeds, hf.get_image_features(pixels))
+    expected = model.scale() * model.encode_image(pixels) @ model.encode_text(ids, mask).T
+    assert torch.equal(out.logits_per_image, expected.detach())
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    text = ["a red circle", "two blue squares on grey"]
+    assert torch.equal(
+        tokenizer(text, padding="longest", return_tensors="pt")["input_ids"],
+        processor(text=text)["input_ids"],
+    )
+
+
+def test_save_pretrained_round_trips_bit_for_bit(export, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    first = AutoModel.from_pretrained(export)
+    first.save_pretrained(tmp_path / "again")
+    exported, saved = (
+        load_file(export / "model.safetensors"),
+        load_file(tmp_path / "again" / "model.safetensors"),
+    )
+    assert exported.keys() == saved.keys()
+    assert all(torch.equal(exported[k], saved[k]) for k in exported)
+    second = AutoModel.from_pretrained(tmp_path / "again")
+    ids, mask, pixels = inputs()
+    for a, b in zip(outputs(first.umt, ids, mask, pixels), outputs(second.umt, ids, mask, pixels)):
+        assert torch.equal(a, b)
+    assert (
+        json.loads((tmp_path / "again" / "config.json").read_text())["umt_model"]
+        == (json.loads((export / "config.json").read_text())["umt_model"])
+    )
+
+
+def test_device_map_loading_through_accelerate_gives_the_same_outputs(export, tmp_path):
+    """A model bigger than the memory given: accelerate places what fits and offloads the rest
+    to disk, and the outputs do not change."""
+    from transformers import AutoModel
+
+    reference = AutoModel.from_pretrained(export)
+    half = sum(p.numel() * p.element_size() for p in reference.parameters()) // 2
+    mapped = AutoModel.from_pretrained(
+        export, device_map="auto", max_memory={"cpu": half}, offload_folder=tmp_path
+    )
+    assert set(mapped.hf_device_map.values()) == {"cpu", "disk"}
+    ids, mask, pixels = inputs()
+    for a, b in zip(
+        outputs(reference.umt, ids, mask, pixels), outputs(mapped.umt, ids, mask, pixels)
+    ):
+        assert torch.equal(a, b)
+
+
+def test_import_umt_registers_the_auto_classes_without_importing_transformers(export):
+    script = (
+        "import sys, umt\n"
+        "assert 'transformers' not in sys.modules, 'import umt pulled in transformers'\n"
+        "from transformers import AutoModel\n"
+        f"print(type(AutoModel.from_pretrained({str(export)!r})).__name__)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "UMTModel"
+
+
+def test_the_model_card_tells_the_runs_sizes_data_steps_and_last_evaluation(run, export, tmp_path):
+    from data_pipeline.loader.dataset import resolve_dataset
+
+    card = (export / "README.md").read_text()
+    meta = json.loads((run / "checkpoints" / "step4" / "umt_meta.json").read_text())
+    config = meta["config"]
+    dataset = resolve_dataset(config["data"]["train"]["shards"], resampled=False)
+    assert card.startswith("---\nlibrary_name: umt\n")
+    assert "(step 4)" in card and "- steps: 4 of 4 configured" in card
+    assert f"- samples seen: {meta['samples']:,}" in card and meta["samples"] == 4 * 4
+    assert f"`{dataset.digest()}`" in card
+    assert f"samples per epoch: {dataset.total_samples:,} in {len(dataset.shards)} shards" in card
+    from umt import load
+
+    model, _ = load(export)
+    total = sum(p.numel() for p in model.parameters())
+    assert f"| total | {total:,} (" in card
+    report = json.loads((run / "eval" / "step4.json").read_text())["report"]
+    assert "Retrieval at step 4" in card
+    assert f"| itc | {report['itc']['i2t_r1']:.2f} | {report['itc']['i2t_r5']:.2f} |" in card
+    # An export of an earlier checkpoint reports the evaluation of its own step, not a later one.
+    umt("export", str(run / "checkpoints" / "step2"), str(tmp_path / "step2"))
+    early = (tmp_path / "step2" / "README.md").read_text()
+    report2 = json.loads((run / "eval" / "step2.json").read_text())["report"]
+    assert "Retrieval at step 2 " in early and "(step 2)" in early
+    assert f"| itc | {report2['itc']['i2t_r1']:.2f} |" in early
+
+
+def test_an_export_of_format_1_still_loads(export, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    import umt
+
+    old = tmp_path / "v1"
+    (old / "tokenizer").mkdir(parents=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(export / name, old / "tokenizer" / name)
+    state = load_file(export / "model.safetensors")
+    save_file({k.removeprefix("umt."): v for k, v in state.items()}, old / "model.safetensors")
+    manifest = json.loads((export / "umt_export.json").read_text())
+    manifest["format_version"], manifest["text"]["tokenizer"] = 1, "tokenizer"
+    (old / "umt_export.json").write_text(json.dumps(manifest))
+    new_model, _ = umt.load(export)
+    old_model, processor = umt.load(old)
+    assert processor.tokenizer is not None
+    ids, mask, pixels = inputs()
+    for a, b in zip(outputs(new_model, ids, mask, pixels), outputs(old_model, ids, mask, pixels)):
+        assert torch.equal(a, b)

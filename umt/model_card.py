@@ -1,0 +1,151 @@
+"""The model card (`README.md`) of an export: what the model is, what it was trained on and for
+how long, and how it scored at its last evaluation; all read from the checkpoint and its run."""
+
+from __future__ import annotations
+
+from umt.checkpoint import CheckpointRef
+
+RECALL_COLUMNS = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "r_mean"]
+
+
+def model_card(
+    cfg: dict,
+    meta: dict,
+    ref: CheckpointRef,
+    counts: dict[str, int],
+    evaluation: dict | None,
+    name: str,
+) -> str:
+    """Markdown with a Hub metadata header; every figure comes from the arguments."""
+    sections = [
+        "---\nlibrary_name: umt\npipeline_tag: zero-shot-image-classification\ntags:\n"
+        "- umt\n- vision-language\n- image-text-retrieval\n- contrastive\n---",
+        f"# {name}\n\nA unified multimodal (image + text) transformer trained with UMT, exported "
+        f"from `{ref.path}` (step {ref.step:,}).",
+        _model_section(cfg.get("model", {}), counts),
+        _training_section(cfg, meta, ref),
+        _data_section(meta.get("data"), cfg),
+        _eval_section(evaluation),
+        _use_section(name),
+    ]
+    return "\n\n".join(sections) + "\n"
+
+
+def _model_section(model: dict, counts: dict[str, int]) -> str:
+    text, image, fusion = model.get("text", {}), model.get("image", {}), model.get("fusion", {})
+    rows = [
+        ("text tower", counts.get("text_tower", 0), _tower(text), text.get("pretrained")),
+        ("image tower", counts.get("image_tower", 0), _tower(image), image.get("pretrained")),
+        ("fusion", counts.get("fusion", 0), _tower(fusion), None),
+        ("heads", counts.get("heads", 0), f"embed dim {model.get('embed_dim')}", None),
+        ("total", counts.get("total", 0), "", ""),
+    ]
+    lines = [
+        "## Model",
+        "",
+        f"Preset: `{model.get('preset') or 'custom'}`; images {image.get('image_size')} px in "
+        f"{image.get('patch_size')} px patches; MLM head: {'yes' if model.get('mlm') else 'no'}.",
+        "",
+        "| part | parameters | shape | started from |",
+        "| --- | ---: | --- | --- |",
+    ]
+    for part, n, shape, start in rows:
+        start = "scratch" if start is None else start
+        lines.append(f"| {part} | {n:,} ({n / 1e6:.1f} M) | {shape} | {start} |")
+    return "\n".join(lines)
+
+
+def _tower(section: dict) -> str:
+    if not section.get("num_layers"):
+        return ""
+    return f"{section['num_layers']} layers × {section['hidden_size']} wide, {section['num_heads']} heads"
+
+
+def _training_section(cfg: dict, meta: dict, ref: CheckpointRef) -> str:
+    train, obj = cfg.get("train", {}), cfg.get("objectives", {})
+    global_batch = train.get("micro_batch_size", 0) * train.get("grad_accum", 1) * ref.world_size
+    samples = meta.get("samples")
+    weights = ", ".join(
+        f"{k} {obj[f'{k}_weight']:g}" for k in ("itc", "itm", "mlm") if obj.get(f"{k}_weight")
+    )
+    return "\n".join(
+        [
+            "## Training",
+            "",
+            f"- steps: {ref.step:,} of {train.get('steps', 0):,} configured",
+            f"- samples seen: {samples:,}"
+            if samples is not None
+            else "- samples seen: not recorded",
+            f"- global batch: {global_batch:,} ({ref.world_size} ranks × micro-batch "
+            f"{train.get('micro_batch_size')} × grad_accum {train.get('grad_accum')})",
+            f"- objectives: {weights or 'none'}",
+            f"- optimizer: lr {train.get('lr')}, weight decay {train.get('weight_decay')}, "
+            f"precision {train.get('precision')}, ZeRO stage {ref.zero_stage}",
+        ]
+    )
+
+
+def _data_section(data: dict | None, cfg: dict) -> str:
+    shards = cfg.get("data", {}).get("train", {}).get("shards")
+    lines = ["## Training data", ""]
+    if not data:
+        lines.append(f"Shards: `{shards}` (the checkpoint records no data summary).")
+        return "\n".join(lines)
+    if data.get("synthetic"):
+        lines.append("Synthetic batches (a benchmark or test run): no real data.")
+        return "\n".join(lines)
+    lines += [
+        f"Shards: `{shards}`",
+        "",
+        f"- dataset digest (shard names and sample counts): `{data['digest']}`",
+        f"- samples per epoch: {data['samples']:,} in {data['shards']:,} shards",
+        "",
+        "| source | samples | shards | weight |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for source in data.get("sources", []):
+        weight = "by size" if source.get("weight") is None else f"{source['weight']:g}"
+        lines.append(
+            f"| {source['name']} | {source['samples']:,} | {source['shards']:,} | {weight} |"
+        )
+    return "\n".join(lines)
+
+
+def _eval_section(evaluation: dict | None) -> str:
+    if evaluation is None:
+        return "## Evaluation\n\nNo evaluation ran at or before this step (`eval.every_steps`)."
+    report = evaluation["report"]
+    lines = [
+        "## Evaluation",
+        "",
+        f"Retrieval at step {evaluation['step']:,} on `{evaluation.get('shards')}`: "
+        f"{report.get('images', '?')} images, {report.get('texts', '?')} texts; recall in %.",
+        "",
+        "| scorer | " + " | ".join(RECALL_COLUMNS) + " |",
+        "| --- |" + " ---: |" * len(RECALL_COLUMNS),
+    ]
+    for scorer in ("chance", "itc", "itm"):
+        if scorer in report:
+            row = report[scorer]
+            cells = " | ".join(f"{row[c]:.2f}" if c in row else "" for c in RECALL_COLUMNS)
+            lines.append(f"| {scorer} | {cells} |")
+    return "\n".join(lines)
+
+
+def _use_section(name: str) -> str:
+    return f"""## Use
+
+```python
+import umt  # also registers the `umt` model type with transformers' Auto classes
+
+model, processor = umt.load("{name}")  # UnifiedMultimodalTransformer, eval mode
+inputs = processor(images=[image], text=["a photo of a dog"])
+image_embeds = model.encode_image(inputs["pixel_values"])
+text_embeds = model.encode_text(inputs["input_ids"], inputs["attention_mask"])
+
+from transformers import AutoModel, AutoTokenizer
+hf_model = AutoModel.from_pretrained("{name}")  # umt.hf.UMTModel, a PreTrainedModel
+tokenizer = AutoTokenizer.from_pretrained("{name}")
+```
+
+Evaluate it with `umt eval --model {name} --shards ...`."""
