@@ -201,3 +201,9 @@ def test_resume_plan_takes_the_runs_saved_config_unless_one_is_given(tmp_path):
         "none",
         None,
     )
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "inf", "nan"])
+def test_itm_mining_sharpness_must_be_finite_and_positive(value):
+    with pytest.raises(ConfigError, match="objectives.itm_mining_sharpness must be finite and > 0"):
+        load_config(None, ["data.train.synthetic=true", f"objectives.itm_mining_sharpness={value}"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -453,6 +454,11 @@ def validate(cfg: Config, source: str = "") -> None:
     _require(
         o.mlm_weight == 0 or cfg.model.mlm,
         "objectives.mlm_weight > 0 needs model.mlm: true (the MLM head)",
+        source,
+    )
+    _require(
+        math.isfinite(o.itm_mining_sharpness) and o.itm_mining_sharpness > 0,
+        f"objectives.itm_mining_sharpness must be finite and > 0 (got {o.itm_mining_sharpness})",
         source,
     )
     _require(

@@ -378,6 +378,9 @@ class Trainer:
         self.state = TrainState()
         if ref is not None:
             self.resume(ref, elastic)
+        # The exact fp32 logit scale into DeepSpeed's master and the copy a bf16 forward reads.
+        scale = self.engine.module.logit_scale
+        scale.after_step() if ref is not None else scale.start_()
         if self.rank == 0:  # before any rank appends: the files describe the steps trained
             step_log.truncate_after(self.out, self.state.step)
         distributed.barrier()
@@ -499,6 +502,7 @@ class Trainer:
                     continue
                 self.engine.backward(out.loss)
                 self.engine.step()
+                self.engine.module.logit_scale.after_step()  # after the optimizer moved it
                 for k, v in out.logs.items():
                     logs[k] = logs.get(k, 0) + v.detach().float() / t.grad_accum
                 text_len += batch.input_ids.shape[1]

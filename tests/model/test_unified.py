@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -97,20 +98,21 @@ def test_score_pairs_with_unequal_counts_is_a_clear_error():
         model.score_pairs(ids, mask, pixels[:1])
 
 
-def test_logit_scale_starts_at_one_over_0_07_and_is_clamped_at_100():
-    model = tiny()
-    assert model.scale().item() == pytest.approx(1 / 0.07, rel=1e-6)
-    with torch.no_grad():
-        model.logit_scale.log_scale.fill_(10.0)
-    assert model.scale().item() == pytest.approx(100.0, rel=1e-6)
+def test_logit_scale_starts_at_one_over_0_07():
+    assert tiny().scale().item() == pytest.approx(1 / 0.07, rel=1e-6)
 
 
-def test_no_weight_decay_on_norms_biases_modality_embeddings_and_logit_scale():
+def test_no_weight_decay_on_norms_biases_modality_embeddings_vit_tokens_and_logit_scale():
     model = tiny()
     decay, no_decay = model.optimizer_groups(0.05)
     names = {id(p): n for n, p in model.named_parameters()}
     exempt = {names[id(p)] for p in no_decay["params"]}
     assert "logit_scale.log_scale" in exempt and "fusion.modality_embed" in exempt
+    # timm's rule for ViTs: the class token and the position embeddings (3-D) are not decayed.
+    assert "image_tower.embeddings.cls_token" in exempt
+    assert "image_tower.embeddings.position_embeddings" in exempt
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert "text_tower.embeddings.word_embeddings.weight" in decayed
     assert all(p.ndim >= 2 for p in decay["params"])
     assert "fusion.blocks.0.attn.qkv.weight" not in exempt
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
@@ -245,3 +247,66 @@ def test_sincos_position_init_gives_each_patch_its_row_and_column():
     )
     with pytest.raises(ValueError, match="model.image.position_init must be one of normal, sincos"):
         tiny(**{"image.position_init": "fourier"})
+
+
+def logit_scale_reference(forward_clamp: bool) -> list[float]:
+    """The toy of `_ranks_logit_scale.py` in plain torch: open_clip's rule (clamp the parameter
+    after each step) or a clamp inside the forward (whose gradient is 0 past the bound); the
+    gradient norm clipped at 1, DeepSpeed's default `gradient_clipping`."""
+    from tests.model._ranks_logit_scale import LR, TARGETS
+
+    log_scale = torch.nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
+    optimizer = torch.optim.Adam([log_scale], lr=LR)
+    scales = []
+    for target in TARGETS:
+        used = log_scale.clamp(max=math.log(100)) if forward_clamp else log_scale
+        loss = (used.exp()[0] - target) ** 2 / 1e4
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([log_scale], 1.0)
+        optimizer.step()
+        if not forward_clamp:
+            with torch.no_grad():
+                log_scale.clamp_(0, math.log(100))
+        scales.append(float(log_scale.detach().clamp(max=math.log(100)).exp()))
+    return scales
+
+
+@pytest.mark.slow
+def test_a_logit_scale_past_the_bound_comes_back_at_every_zero_stage(tmp_path):
+    """Adam pushes the scale to the bound (target 200), then the target drops to 30: clamping the
+    parameter in DeepSpeed's fp32 master lets it come back, as open_clip's rule does; a clamp in
+    the forward would hold it at 100 for good (gradient 0)."""
+    from tests.conftest import REPO, run_torchrun
+
+    stuck = logit_scale_reference(forward_clamp=True)
+    expected = logit_scale_reference(forward_clamp=False)
+    assert stuck[-1] == pytest.approx(100.0) and expected[-1] < 60  # the bug, and the fix
+    out = tmp_path / "scales.json"
+    run_torchrun(REPO / "tests" / "model" / "_ranks_logit_scale.py", str(out), nproc=2)
+    for run, scales in json.loads(out.read_text()).items():
+        first_forward, *after_steps, next_forward = scales
+        # bf16 too: the forward reads the fp32 value (a bf16 parameter would give 14.25).
+        assert first_forward == pytest.approx(1 / 0.07, rel=1e-6), run
+        assert max(after_steps) <= 100.0 * (1 + 1e-6), run
+        assert next_forward == pytest.approx(after_steps[-1], rel=1e-6), run
+        if run.endswith("bf16"):  # bf16 gradients: the same path within their rounding
+            assert after_steps == pytest.approx(expected, rel=2e-3), run
+        else:
+            assert after_steps == pytest.approx(expected, rel=1e-5), f"ZeRO stage {run}"
+
+
+def test_the_logit_scale_is_clamped_to_0_ln100_in_evaluation_and_by_clamp():
+    model = tiny()
+    with torch.no_grad():
+        model.logit_scale.log_scale.fill_(10.0)
+    model.eval()
+    assert model.scale().item() == pytest.approx(100.0, rel=1e-6)
+    model.train()
+    assert model.scale().item() == pytest.approx(math.exp(10.0), rel=1e-6)  # gradient flows
+    model.logit_scale.after_step()
+    assert model.logit_scale.log_scale.item() == pytest.approx(math.log(100))
+    with torch.no_grad():
+        model.logit_scale.log_scale.fill_(-3.0)
+    model.logit_scale.after_step()
+    assert model.logit_scale.log_scale.item() == 0.0

@@ -63,3 +63,21 @@ def test_class_balance_weighs_positives_as_much_as_all_negatives():
     # Every negative invalid: only the positives' half remains, finite.
     none = itm_loss(logits[:4], no & False, class_balance=True)
     torch.testing.assert_close(none.loss, 0.5 * positives)
+
+
+def test_a_nan_or_inf_in_a_pair_left_out_does_not_reach_the_loss_or_its_gradient():
+    torch.manual_seed(0)
+    b = 4
+    logits = torch.randn(3 * b, 2)
+    valid = [torch.tensor([True, False, True, True]), torch.tensor([True, True, True, False])]
+    for balance in (False, True):
+        clean = itm_loss(logits, *valid, class_balance=balance)
+        poisoned = logits.clone()
+        poisoned[b + 1] = float("nan")  # the negative text of row 1, left out
+        poisoned[2 * b + 3, 0] = float("inf")  # the negative image of row 3, left out
+        poisoned.requires_grad_(True)
+        out = itm_loss(poisoned, *valid, class_balance=balance)
+        assert torch.equal(out.loss, clean.loss) and torch.equal(out.accuracy, clean.accuracy)
+        out.loss.backward()
+        assert torch.isfinite(poisoned.grad).all()
+        assert not poisoned.grad[b + 1].any() and not poisoned.grad[2 * b + 3].any()

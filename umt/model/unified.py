@@ -26,16 +26,88 @@ class ImageFeatures(NamedTuple):
 
 
 class LogitScale(nn.Module):
-    """Learnable temperature: exp(log_scale), clamped at `max_log` (CLIP's ln(100))."""
+    """Learnable temperature exp(log_scale), log_scale kept in [0, max_log] (CLIP's ln(100)).
+
+    The parameter itself is clamped after each optimizer step (`after_step`, on DeepSpeed's fp32
+    master copy too), as open_clip and FLAVA do. A clamp inside `forward` would instead zero the
+    gradient for good once Adam pushed the parameter past the bound: the scale could never come
+    back down. Evaluation still clamps, for checkpoints written before this rule.
+
+    Under bf16/fp16 DeepSpeed casts every parameter, and a bf16 log-scale moves in steps of
+    1.6-3% of the scale (init 14.25 instead of 14.29). So the forward then reads `master`, an
+    fp32 buffer (DeepSpeed keeps buffers in fp32) holding the optimizer's fp32 master value,
+    with the gradient still flowing to the parameter.
+    """
 
     def __init__(self, init_log: float, max_log: float):
         super().__init__()
         # Shape (1,), not (): DeepSpeed's parameter broadcast cannot view a 0-dim tensor as bytes.
         self.log_scale = nn.Parameter(torch.full((1,), float(init_log)))
-        self.max_log = max_log
+        self.register_buffer("master", torch.full((1,), float(init_log)), persistent=False)
+        self.master_synced = False  # `master` holds the optimizer's value (set by after_step)
+        self.init_log, self.max_log = float(init_log), max_log
 
     def forward(self) -> torch.Tensor:
-        return self.log_scale.clamp(max=self.max_log).exp()[0]
+        log_scale = self.log_scale
+        if self.master_synced and log_scale.dtype != torch.float32:
+            # the fp32 value, the parameter's gradient
+            log_scale = self.master + (log_scale - log_scale.detach()).float()
+        if not self.training:
+            log_scale = log_scale.clamp(0, self.max_log)
+        return log_scale.exp()[0]
+
+    @torch.no_grad()
+    def start_(self) -> None:
+        """After DeepSpeed's set-up of a fresh run. Under bf16/fp16 DeepSpeed built its fp32
+        master from the parameter it had already cast (14.25, not 14.29): put the exact initial
+        value there. Every rank calls it."""
+        param = self.log_scale
+        if param.dtype != torch.float32:
+            exact = torch.full((1,), self.init_log, device=self.master.device)
+            if hasattr(param, "ds_id"):  # ZeRO-3
+                # DeepSpeed's safe_set_full_fp32_param fails for a parameter with fewer
+                # elements than ranks: set this rank's slice of the padded value itself.
+                import torch.distributed as dist
+                from deepspeed.utils import safe_set_local_fp32_param
+
+                size = param.ds_tensor.numel()
+                padded = torch.zeros(size * dist.get_world_size(param.ds_process_group))
+                padded[: exact.numel()] = exact
+                mine = padded.narrow(0, size * dist.get_rank(param.ds_process_group), size)
+                safe_set_local_fp32_param(param, mine.to(exact.device))
+                param.ds_tensor.copy_(mine)
+            else:
+                from deepspeed.utils import safe_set_full_fp32_param
+
+                safe_set_full_fp32_param(param, exact)
+        self.after_step()
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Clamp every copy of the parameter that an optimizer step may have moved: DeepSpeed's
+        fp32 master (ZeRO 1-2: this rank's fragment; ZeRO-3: this rank's partition) and the
+        module's own copy, which the next forward reads; in place, with no host sync. Under
+        bf16/fp16, then copy the full fp32 master into `master` (one collective of one value).
+        Every rank calls it (also after DeepSpeed's set-up and a resume)."""
+        param, low, high = self.log_scale, 0.0, self.max_log
+        if hasattr(param, "ds_id"):  # ZeRO-3
+            from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+            local = safe_get_local_fp32_param(param)
+            if local is not None:
+                safe_set_local_fp32_param(param, local.clamp(low, high))
+            param.ds_tensor.clamp_(low, high)
+        else:
+            mapping = getattr(param, "_hp_mapping", None)  # ZeRO 1-2, DeepSpeed's bf16 optimizer
+            if mapping is not None and mapping.get_hp_fragment() is not None:
+                mapping.get_hp_fragment().clamp_(low, high)
+            param.clamp_(low, high)
+        if param.dtype != torch.float32:
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            full = safe_get_full_fp32_param(param)
+            self.master.copy_(full.reshape(1).float() if full is not None else param.float())
+            self.master_synced = True
 
 
 class MLMHead(nn.Module):
@@ -192,12 +264,19 @@ class UnifiedMultimodalTransformer(nn.Module):
         return counts
 
     def optimizer_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW groups: no decay on norms, biases, embeddings of modality type and the logit scale."""
+        """AdamW groups: no decay on norms, biases, embeddings of modality type, the ViT's class
+        token and position embeddings (timm's rule) and the logit scale."""
         decay, no_decay = [], []
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            exempt = p.ndim < 2 or "modality_embed" in name or "logit_scale" in name
+            exempt = (
+                p.ndim < 2
+                or "modality_embed" in name
+                or "logit_scale" in name
+                or name.startswith("image_tower.embeddings.")
+                and ("cls_token" in name or "position_embeddings" in name)
+            )
             (no_decay if exempt else decay).append(p)
         return [
             {"params": decay, "weight_decay": weight_decay},

@@ -30,6 +30,9 @@ def itm_loss(
     logits = logits.float()
     labels = torch.cat([logits.new_ones(b), logits.new_zeros(k * b)]).long()
     counted = torch.cat([torch.ones_like(negative_valid[0]), *negative_valid]).float()
+    # `where`, not a product, on the logits themselves: a pair left out may score NaN or inf,
+    # NaN * 0 is NaN, and a NaN logit would also make the cross-entropy's gradient NaN.
+    logits = torch.where(counted[:, None] > 0, logits, torch.zeros_like(logits))
     per_pair = F.cross_entropy(logits, labels, reduction="none")
     if class_balance:
         negatives = counted[b:]
