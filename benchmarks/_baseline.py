@@ -105,8 +105,8 @@ def reference_losses(
     generator = negatives_generator(mix_seed(seed, rank(group)), pixel_values.device)
     if cfg.itm_weight > 0:
         b = input_ids.shape[0]
-        negatives = sample_hard_negatives(
-            itc.logits_i2t, itc.logits_t2i, itc.positives, rank(group) * b, generator
+        negatives = sample_hard_negatives(  # UMT's draw: noise hashed from global indices
+            itc.logits_i2t, itc.logits_t2i, itc.positives, rank(group) * b, mix_seed(seed, 0x1F)
         )
         length = int(all_reduce(torch.tensor([text.tokens.shape[1]]), "max", group))
         text_tokens, text_mask = _pad_to(text.tokens, length), _pad_to(text.mask, length)

@@ -12,6 +12,13 @@ Measured bytes are checked against the formulas of docs/scaling.md (printed besi
 
     python benchmarks/objective_scaling.py [--quick] [--worlds 2,4,8] [--batch 32]
 
+With `--itc`: the contrastive loss alone (forward + backward) at `--world` gloo ranks, embed dim
+512, local batch 1k -> 8k: peak memory of the loss and time for UMT's `gather`, `ring` and
+`sigmoid`, and open_clip's `ClipLoss` / `SigLipLoss` from its wheel's own `loss.py` (fetched with
+`pip download open_clip_torch` when it can be; else left out) (`benchmarks/_itc_ranks.py`).
+
+    python benchmarks/objective_scaling.py --itc [--world 4] [--local 1024,2048,4096,8192]
+
 Ends with one line `SUMMARY key=value ...`.
 """
 
@@ -152,6 +159,87 @@ def run_world(w: int, args, tmp: Path) -> dict:
     return json.loads(out.read_text())
 
 
+def open_clip_loss_py(tmp: Path) -> Path | None:
+    """open_clip's `loss.py`, from its wheel (it imports without torchvision), or None."""
+    import zipfile
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(tmp),
+         "open_clip_torch"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    wheels = sorted(tmp.glob("open_clip_torch-*.whl"))
+    if proc.returncode != 0 or not wheels:
+        print(f"open_clip could not be downloaded: left out ({proc.stderr.strip()[-200:]})")
+        return None
+    path = tmp / "open_clip_loss.py"
+    path.write_bytes(zipfile.ZipFile(wheels[-1]).read("open_clip/loss.py"))
+    print(f"open_clip: {wheels[-1].name}")
+    return path
+
+
+def itc_main(args) -> int:
+    """The contrastive loss alone: memory and time against the global batch."""
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="umt-itc-scaling-") as tmp:
+        loss_py = open_clip_loss_py(Path(tmp))
+        out = Path(tmp) / "itc.json"
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.world}",
+            "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+            str(REPO / "benchmarks" / "_itc_ranks.py"), f"--local={args.local}",
+            f"--dim={args.dim}", f"--tile={args.tile}", f"--out={out}",
+            *([f"--open-clip-loss={loss_py}"] if loss_py else []),
+        ]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"the ranks failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        records = json.loads(out.read_text())
+    table: dict = {}
+    for r in records:
+        row = table.setdefault((r["local"], r["contender"]), {"peak": 0, "seconds": 0, "loss": []})
+        row["peak"] = max(row["peak"], r["peak_bytes"])
+        row["seconds"] = max(row["seconds"], r["seconds"])
+        row["loss"].append(r["loss"])
+    contenders = sorted(
+        {c for _, c in table},
+        key=["gather", "ring", "sigmoid", "open_clip", "open_clip_siglip"].index,
+    )
+    print(
+        f"loss forward + backward at {args.world} gloo ranks, dim {args.dim}, ring tile "
+        f"{args.tile}; peak RSS above the start of the call (max over ranks), seconds (slowest "
+        "rank, median of 2)"
+    )
+    print(f"{'local':>6} {'global':>7} " + "".join(f"{c + ' MiB':>22}{'s':>7}" for c in contenders))
+    locals_ = sorted({b for b, _ in table})
+    for b in locals_:
+        cells = "".join(
+            f"{table[b, c]['peak'] / 2**20:>22.1f}{table[b, c]['seconds']:>7.2f}"
+            for c in contenders
+        )
+        print(f"{b:>6} {b * args.world:>7} {cells}")
+    for b in locals_:
+        for a, c in (("gather", "open_clip"), ("sigmoid", "open_clip_siglip")):
+            if (b, c) in table:
+                diff = max(abs(x - y) for x, y in zip(table[b, a]["loss"], table[b, c]["loss"]))
+                print(f"    local {b}: |loss {a} - loss {c}| = {diff:.1e}")
+    hi, lo = locals_[-1], locals_[0]
+    base = "open_clip" if (hi, "open_clip") in table else "gather"
+    summary = [
+        f"world={args.world}",
+        f"global={hi * args.world}",
+        f"ring_mem_vs_{base}={table[hi, 'ring']['peak'] / table[hi, base]['peak']:.3f}",
+        f"ring_time_vs_{base}={table[hi, 'ring']['seconds'] / table[hi, base]['seconds']:.2f}",
+        f"ring_mem_growth_{lo}_to_{hi}={table[hi, 'ring']['peak'] / table[lo, 'ring']['peak']:.2f}",
+        f"gather_mem_growth_{lo}_to_{hi}="
+        f"{table[hi, 'gather']['peak'] / table[lo, 'gather']['peak']:.2f}",
+    ]
+    print(f"{time.perf_counter() - start:.0f} s")
+    print("SUMMARY " + " ".join(summary))
+    return 0
+
+
 def summarise(result: dict) -> dict:
     """Mean over ranks (bytes) and max over ranks (memory) per contender and phase."""
     out: dict = {}
@@ -193,7 +281,14 @@ def main(argv: list[str] | None = None) -> int:
         "--predict", action="store_true", help="print the docs/scaling.md predictions and exit"
     )
     parser.add_argument("--mfu", type=float, default=0.40, help="single-GPU MFU for --predict")
+    parser.add_argument("--itc", action="store_true", help="the contrastive loss alone")
+    parser.add_argument("--world", type=int, default=4, help="ranks for --itc")
+    parser.add_argument("--local", default="1024,2048,4096,8192", help="local batches for --itc")
+    parser.add_argument("--dim", type=int, default=512, help="embedding width for --itc")
+    parser.add_argument("--tile", type=int, default=1024, help="ring tile for --itc")
     args = parser.parse_args(argv)
+    if args.itc:
+        return itc_main(args)
     if args.predict:
         print_predictions(args.mfu)
         return 0

@@ -207,3 +207,15 @@ def test_resume_plan_takes_the_runs_saved_config_unless_one_is_given(tmp_path):
 def test_itm_mining_sharpness_must_be_finite_and_positive(value):
     with pytest.raises(ConfigError, match="objectives.itm_mining_sharpness must be finite and > 0"):
         load_config(None, ["data.train.synthetic=true", f"objectives.itm_mining_sharpness={value}"])
+
+
+def test_the_sigmoid_loss_goes_with_a_logit_bias_and_the_softmax_without():
+    base = ["data.train.synthetic=true"]
+    with pytest.raises(ConfigError, match="itc_loss: sigmoid goes with model.logit_bias_init"):
+        load_config(None, [*base, "objectives.itc_loss=sigmoid"])
+    with pytest.raises(ConfigError, match="itc_loss: sigmoid goes with model.logit_bias_init"):
+        load_config(None, [*base, "model.logit_bias_init=-10"])
+    cfg = load_config(None, [*base, "objectives.itc_loss=sigmoid", "model.logit_bias_init=-10"])
+    assert cfg.model.logit_bias_init == -10.0
+    with pytest.raises(ConfigError, match="objectives.itc_impl must be gather or ring"):
+        load_config(None, [*base, "objectives.itc_impl=allgather"])

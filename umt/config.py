@@ -462,6 +462,23 @@ def validate(cfg: Config, source: str = "") -> None:
         source,
     )
     _require(
+        o.itc_impl in ("gather", "ring"),
+        f"objectives.itc_impl must be gather or ring (got {o.itc_impl!r})",
+        source,
+    )
+    _require(o.itc_tile > 0, f"objectives.itc_tile must be > 0 (got {o.itc_tile})", source)
+    _require(
+        o.itc_loss in ("softmax", "sigmoid"),
+        f"objectives.itc_loss must be softmax or sigmoid (got {o.itc_loss!r})",
+        source,
+    )
+    _require(
+        (o.itc_loss == "sigmoid") == (cfg.model.logit_bias_init is not None),
+        "objectives.itc_loss: sigmoid goes with model.logit_bias_init (SigLIP: -10, and "
+        "model.logit_scale_init: 2.302585, ln 10); softmax with none (the bias would never train)",
+        source,
+    )
+    _require(
         0 < o.mlm_probability < 1,
         f"objectives.mlm_probability must be in (0, 1) (got {o.mlm_probability})",
         source,

@@ -122,12 +122,8 @@ def main(out_dir: str) -> None:
             model.scale(),
             local_ids,
         )
-        neg = sample_hard_negatives(
-            out.logits_i2t,
-            out.logits_t2i,
-            out.positives,
-            rank * b,
-            negatives_generator(mix_seed(123, rank), pixels.device),
+        neg = sample_hard_negatives(  # the seed of the step's negatives, the same on every rank
+            out.logits_i2t, out.logits_t2i, out.positives, rank * b, mix_seed(123, 0x1F)
         )
     results["step_text_index"] = neg.text_index
     results["step_image_index"] = neg.image_index

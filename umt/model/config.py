@@ -71,6 +71,9 @@ class ModelConfig:
     """ln(1/0.07), as in CLIP."""
     logit_scale_max: float = 4.605170185988092
     """The logit scale is clamped at ln(100)."""
+    logit_bias_init: float | None = None
+    """Build the learnable bias of `objectives.itc_loss: sigmoid` with this initial value
+    (SigLIP: -10, with logit_scale_init ln 10 = 2.302585)."""
     mlm: bool = False
     """Build the MLM head (tied to the word embeddings)."""
 

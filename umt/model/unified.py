@@ -26,7 +26,8 @@ class ImageFeatures(NamedTuple):
 
 
 class LogitScale(nn.Module):
-    """Learnable temperature exp(log_scale), log_scale kept in [0, max_log] (CLIP's ln(100)).
+    """Learnable temperature exp(log_scale), log_scale kept in [0, max_log] (CLIP's ln(100)), and
+    with `bias_init` the learnable bias of the sigmoid loss (SigLIP: -10).
 
     The parameter itself is clamped after each optimizer step (`after_step`, on DeepSpeed's fp32
     master copy too), as open_clip and FLAVA do. A clamp inside `forward` would instead zero the
@@ -34,80 +35,105 @@ class LogitScale(nn.Module):
     back down. Evaluation still clamps, for checkpoints written before this rule.
 
     Under bf16/fp16 DeepSpeed casts every parameter, and a bf16 log-scale moves in steps of
-    1.6-3% of the scale (init 14.25 instead of 14.29). So the forward then reads `master`, an
-    fp32 buffer (DeepSpeed keeps buffers in fp32) holding the optimizer's fp32 master value,
-    with the gradient still flowing to the parameter.
+    1.6-3% of the scale (init 14.25 instead of 14.29). So the forward then reads fp32 buffers
+    (DeepSpeed keeps buffers in fp32) holding the optimizer's fp32 master values, with the
+    gradient still flowing to the parameters.
     """
 
-    def __init__(self, init_log: float, max_log: float):
+    def __init__(self, init_log: float, max_log: float, bias_init: float | None = None):
         super().__init__()
         # Shape (1,), not (): DeepSpeed's parameter broadcast cannot view a 0-dim tensor as bytes.
         self.log_scale = nn.Parameter(torch.full((1,), float(init_log)))
         self.register_buffer("master", torch.full((1,), float(init_log)), persistent=False)
-        self.master_synced = False  # `master` holds the optimizer's value (set by after_step)
-        self.init_log, self.max_log = float(init_log), max_log
+        self.bias = None
+        if bias_init is not None:
+            self.bias = nn.Parameter(torch.full((1,), float(bias_init)))
+            self.register_buffer(
+                "bias_master", torch.full((1,), float(bias_init)), persistent=False
+            )
+        self.master_synced = False  # the buffers hold the optimizer's values (set by after_step)
+        self.init_log, self.bias_init, self.max_log = float(init_log), bias_init, max_log
+
+    def _fp32(self, param: nn.Parameter, master: torch.Tensor) -> torch.Tensor:
+        if self.master_synced and param.dtype != torch.float32:
+            return master + (param - param.detach()).float()  # the fp32 value, param's gradient
+        return param
 
     def forward(self) -> torch.Tensor:
-        log_scale = self.log_scale
-        if self.master_synced and log_scale.dtype != torch.float32:
-            # the fp32 value, the parameter's gradient
-            log_scale = self.master + (log_scale - log_scale.detach()).float()
+        log_scale = self._fp32(self.log_scale, self.master)
         if not self.training:
             log_scale = log_scale.clamp(0, self.max_log)
         return log_scale.exp()[0]
 
+    def logit_bias(self) -> torch.Tensor | None:
+        return None if self.bias is None else self._fp32(self.bias, self.bias_master)[0]
+
+    def _copies(self):
+        """(parameter, its fp32 buffer, initial value, clamp bounds or None)."""
+        yield self.log_scale, self.master, self.init_log, (0.0, self.max_log)
+        if self.bias is not None:
+            yield self.bias, self.bias_master, self.bias_init, None
+
     @torch.no_grad()
     def start_(self) -> None:
         """After DeepSpeed's set-up of a fresh run. Under bf16/fp16 DeepSpeed built its fp32
-        master from the parameter it had already cast (14.25, not 14.29): put the exact initial
-        value there. Every rank calls it."""
-        param = self.log_scale
-        if param.dtype != torch.float32:
-            exact = torch.full((1,), self.init_log, device=self.master.device)
-            if hasattr(param, "ds_id"):  # ZeRO-3
-                # DeepSpeed's safe_set_full_fp32_param fails for a parameter with fewer
-                # elements than ranks: set this rank's slice of the padded value itself.
-                import torch.distributed as dist
-                from deepspeed.utils import safe_set_local_fp32_param
-
-                size = param.ds_tensor.numel()
-                padded = torch.zeros(size * dist.get_world_size(param.ds_process_group))
-                padded[: exact.numel()] = exact
-                mine = padded.narrow(0, size * dist.get_rank(param.ds_process_group), size)
-                safe_set_local_fp32_param(param, mine.to(exact.device))
-                param.ds_tensor.copy_(mine)
-            else:
-                from deepspeed.utils import safe_set_full_fp32_param
-
-                safe_set_full_fp32_param(param, exact)
+        masters from the parameters it had already cast (14.25, not 14.29): put the exact
+        initial values there. Every rank calls it."""
+        for param, master, init, _ in self._copies():
+            if param.dtype != torch.float32:
+                _set_fp32_master(param, torch.full((1,), init, device=master.device))
         self.after_step()
 
     @torch.no_grad()
     def after_step(self) -> None:
-        """Clamp every copy of the parameter that an optimizer step may have moved: DeepSpeed's
-        fp32 master (ZeRO 1-2: this rank's fragment; ZeRO-3: this rank's partition) and the
-        module's own copy, which the next forward reads; in place, with no host sync. Under
-        bf16/fp16, then copy the full fp32 master into `master` (one collective of one value).
+        """Clamp every copy of the scale that an optimizer step may have moved: DeepSpeed's fp32
+        master (ZeRO 1-2: this rank's fragment; ZeRO-3: this rank's partition) and the module's
+        own copy, which the next forward reads; in place, with no host sync. Under bf16/fp16,
+        then copy the full fp32 masters into the buffers (one collective of one value each).
         Every rank calls it (also after DeepSpeed's set-up and a resume)."""
-        param, low, high = self.log_scale, 0.0, self.max_log
-        if hasattr(param, "ds_id"):  # ZeRO-3
-            from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+        for param, master, _, bounds in self._copies():
+            if bounds is not None:
+                _clamp_everywhere(param, *bounds)
+            if param.dtype != torch.float32:
+                from deepspeed.utils import safe_get_full_fp32_param
 
-            local = safe_get_local_fp32_param(param)
-            if local is not None:
-                safe_set_local_fp32_param(param, local.clamp(low, high))
-            param.ds_tensor.clamp_(low, high)
-        else:
-            mapping = getattr(param, "_hp_mapping", None)  # ZeRO 1-2, DeepSpeed's bf16 optimizer
-            if mapping is not None and mapping.get_hp_fragment() is not None:
-                mapping.get_hp_fragment().clamp_(low, high)
-            param.clamp_(low, high)
-        if param.dtype != torch.float32:
-            from deepspeed.utils import safe_get_full_fp32_param
+                full = safe_get_full_fp32_param(param)
+                master.copy_(full.reshape(1).float() if full is not None else param.float())
+                self.master_synced = True
 
-            full = safe_get_full_fp32_param(param)
-            self.master.copy_(full.reshape(1).float() if full is not None else param.float())
-            self.master_synced = True
+
+def _clamp_everywhere(param: nn.Parameter, low: float, high: float) -> None:
+    if hasattr(param, "ds_id"):  # ZeRO-3
+        from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+        local = safe_get_local_fp32_param(param)
+        if local is not None:
+            safe_set_local_fp32_param(param, local.clamp(low, high))
+        param.ds_tensor.clamp_(low, high)
+        return
+    mapping = getattr(param, "_hp_mapping", None)  # ZeRO 1-2 and DeepSpeed's bf16 optimizer
+    if mapping is not None and mapping.get_hp_fragment() is not None:
+        mapping.get_hp_fragment().clamp_(low, high)
+    param.clamp_(low, high)
+
+
+def _set_fp32_master(param: nn.Parameter, exact: torch.Tensor) -> None:
+    if hasattr(param, "ds_id"):  # ZeRO-3
+        # DeepSpeed's safe_set_full_fp32_param fails for a parameter with fewer elements than
+        # ranks: set this rank's slice of the padded value itself.
+        import torch.distributed as dist
+        from deepspeed.utils import safe_set_local_fp32_param
+
+        size = param.ds_tensor.numel()
+        padded = torch.zeros(size * dist.get_world_size(param.ds_process_group))
+        padded[: exact.numel()] = exact.cpu()
+        mine = padded.narrow(0, size * dist.get_rank(param.ds_process_group), size)
+        safe_set_local_fp32_param(param, mine.to(exact.device))
+        param.ds_tensor.copy_(mine)
+    else:
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        safe_set_full_fp32_param(param, exact)
 
 
 class MLMHead(nn.Module):
@@ -146,7 +172,9 @@ class UnifiedMultimodalTransformer(nn.Module):
         fused_width = fusion.ln_final.normalized_shape[0]
         self.text_proj = nn.Linear(text_width, cfg.embed_dim)
         self.image_proj = nn.Linear(image_width, cfg.embed_dim)
-        self.logit_scale = LogitScale(cfg.logit_scale_init, cfg.logit_scale_max)
+        self.logit_scale = LogitScale(
+            cfg.logit_scale_init, cfg.logit_scale_max, cfg.logit_bias_init
+        )
         self.itm_head = nn.Linear(fused_width, 2)
         word_embeddings = text_tower.get_input_embeddings()
         self.mlm_head = MLMHead(fused_width, word_embeddings) if cfg.mlm else None
@@ -184,6 +212,10 @@ class UnifiedMultimodalTransformer(nn.Module):
     def scale(self) -> torch.Tensor:
         """The current logit scale (exp of the learnable log-temperature, clamped)."""
         return self.logit_scale()
+
+    def logit_bias(self) -> torch.Tensor | None:
+        """The sigmoid loss's learnable bias (None unless `model.logit_bias_init` is set)."""
+        return self.logit_scale.logit_bias()
 
     def itm_logits(
         self, text_tokens: torch.Tensor, text_mask: torch.Tensor, image_tokens: torch.Tensor

@@ -11,11 +11,13 @@ from umt.objectives.hard_negatives import HardNegatives, negatives_generator, sa
 from umt.objectives.itm import ItmOutput, itm_loss
 from umt.objectives.mlm import mask_tokens, mlm_loss
 from umt.objectives.pretrain import ObjectiveConfig, PretrainOutput, mix_seed, pretraining_losses
+from umt.objectives.ring import Mining, ring_contrastive
 
 __all__ = [
     "ContrastiveOutput",
     "HardNegatives",
     "ItmOutput",
+    "Mining",
     "ObjectiveConfig",
     "PretrainOutput",
     "contrastive_loss",
@@ -28,5 +30,6 @@ __all__ = [
     "negatives_generator",
     "positive_mask",
     "pretraining_losses",
+    "ring_contrastive",
     "sample_hard_negatives",
 ]

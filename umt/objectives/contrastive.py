@@ -16,6 +16,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from umt.distributed import gather_no_grad, gather_with_grad, rank
+from umt.objectives.hard_negatives import HardNegatives, sample_hard_negatives
+from umt.objectives.ring import Mining, ring_contrastive
 
 
 def key_ids(
@@ -33,11 +35,12 @@ def key_ids(
 
 class ContrastiveOutput(NamedTuple):
     loss: torch.Tensor  # () this rank's loss: mean of the i2t and t2i terms over its rows
-    logits_i2t: torch.Tensor  # (b, W*b) local images against every text, float32 or wider
-    logits_t2i: torch.Tensor  # (b, W*b) local texts against every image
-    positives: torch.Tensor  # (b, W*b) bool, True where the column shares the row's image key
+    logits_i2t: torch.Tensor | None  # (b, W*b) local images against every text (gather only)
+    logits_t2i: torch.Tensor | None  # (b, W*b) local texts against every image (gather only)
+    positives: torch.Tensor | None  # (b, W*b) bool, True where the column shares the row's key
     accuracy_i2t: torch.Tensor  # () fraction of local rows whose top column is a positive
     accuracy_t2i: torch.Tensor
+    negatives: HardNegatives | None = None  # with `mining`: ITM's hard negatives
 
 
 def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -70,25 +73,47 @@ def contrastive_outputs(
     logit_scale: torch.Tensor | float,
     image_keys: Sequence[str] | torch.Tensor | None = None,
     group: dist.ProcessGroup | None = None,
+    impl: str = "gather",
+    tile: int = 4096,
+    mining: Mining | None = None,
+    loss: str = "softmax",
+    logit_bias: torch.Tensor | float | None = None,
 ) -> ContrastiveOutput:
-    """ITC loss of this rank's rows plus the logits and positive mask that ITM mining reuses.
+    """ITC loss of this rank's rows, its accuracies and (with `mining`) ITM's hard negatives.
 
     `image_embeds`, `text_embeds`: (b, D) L2-normalised; pair i is (image i, text i). Every rank
     must pass the same b. `image_keys`: (b,) strings or int64 ids; None means all pairs distinct.
+    `impl`: `gather` all-gathers the embeddings and holds the (b, W*b) logits (returned);
+    `ring` passes embedding blocks around the ranks in O(b * tile) memory (`umt.objectives.ring`).
+    Both give the same loss, gradients and negatives. `loss`: `softmax` (InfoNCE) or `sigmoid`
+    (SigLIP's pairwise loss with `logit_bias`, every same-key pair a positive), which is always
+    computed by neighbour exchange (the ring), never with an all-gather.
     """
     dtype = _loss_dtype(image_embeds.dtype)
     image_embeds, text_embeds = image_embeds.to(dtype), text_embeds.to(dtype)
     b = image_embeds.shape[0]
-    all_images = gather_with_grad(image_embeds, group)  # (W*b, D)
-    all_texts = gather_with_grad(text_embeds, group)
     offset = rank(group) * b
-
     device = image_embeds.device
     if image_keys is None:
         local_ids = torch.arange(b, device=device) + offset
-        global_ids = torch.arange(all_images.shape[0], device=device)
     else:
         local_ids = key_ids(image_keys, device)
+    if impl == "ring" or loss == "sigmoid":
+        bias = 0.0 if logit_bias is None else logit_bias
+        out = ring_contrastive(
+            image_embeds, text_embeds, logit_scale, local_ids, group, tile, mining, loss, bias
+        )
+        negatives = HardNegatives(*out.negatives) if out.negatives is not None else None
+        return ContrastiveOutput(
+            out.loss, None, None, None, out.accuracy_i2t, out.accuracy_t2i, negatives
+        )
+    if impl != "gather":
+        raise ValueError(f"objectives.itc_impl must be gather or ring (got {impl!r})")
+    all_images = gather_with_grad(image_embeds, group)  # (W*b, D)
+    all_texts = gather_with_grad(text_embeds, group)
+    if image_keys is None:
+        global_ids = torch.arange(all_images.shape[0], device=device)
+    else:
         global_ids = gather_no_grad(local_ids, group)
     positives = positive_mask(local_ids, global_ids, offset)
 
@@ -99,7 +124,17 @@ def contrastive_outputs(
     with torch.no_grad():
         acc_i2t = _top1_is_positive(logits_i2t, positives)
         acc_t2i = _top1_is_positive(logits_t2i, positives)
-    return ContrastiveOutput(loss, logits_i2t, logits_t2i, positives, acc_i2t, acc_t2i)
+    negatives = None
+    if mining is not None:
+        negatives = sample_hard_negatives(
+            logits_i2t * mining.sharpness,
+            logits_t2i * mining.sharpness,
+            positives,
+            offset,
+            mining.seed,
+            tile,
+        )
+    return ContrastiveOutput(loss, logits_i2t, logits_t2i, positives, acc_i2t, acc_t2i, negatives)
 
 
 def contrastive_loss(

@@ -16,9 +16,10 @@ import torch.nn.functional as F
 
 from umt.distributed import fetch, plan_fetches, rank
 from umt.objectives.contrastive import contrastive_outputs
-from umt.objectives.hard_negatives import negatives_generator, sample_hard_negatives
+from umt.objectives.hard_negatives import negatives_generator
 from umt.objectives.itm import itm_loss
 from umt.objectives.mlm import IGNORE, mask_tokens, mlm_loss
+from umt.objectives.ring import Mining
 
 
 @dataclass
@@ -40,6 +41,16 @@ class ObjectiveConfig:
     itm_mining_sharpness: float = 1.0
     """Hard negatives are drawn with weights exp(sharpness * ITC logit): 1 is BLIP/ALBEF's softmax;
     smaller values draw easier negatives (useful when training small models from scratch)."""
+    itc_impl: str = "gather"
+    """`gather`: all-gather the embeddings and hold this rank's (b, W*b) logits (open_clip's
+    ClipLoss). `ring`: pass embedding blocks around the ranks with an online log-sum-exp (Inf-CL):
+    the same loss, gradients and ITM negatives in O(b * itc_tile) memory; for global batches
+    whose logits no longer fit."""
+    itc_tile: int = 4096
+    """Columns scored at a time by `ring` (and by the negatives' draw): memory is O(b * tile)."""
+    itc_loss: str = "softmax"
+    """`softmax`: InfoNCE over the global batch (CLIP). `sigmoid`: SigLIP's pairwise loss, every
+    same-key pair a positive, computed by neighbour exchange (needs model.logit_bias_init)."""
 
 
 @dataclass
@@ -57,6 +68,7 @@ class PretrainableModel(Protocol):
     def embed_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor): ...
     def embed_image(self, pixel_values: torch.Tensor): ...
     def scale(self) -> torch.Tensor: ...
+    def logit_bias(self) -> torch.Tensor | None: ...
     def itm_logits(self, text_tokens, text_mask, image_tokens) -> torch.Tensor: ...
     def mlm_logits(self, text_tokens, text_mask, image_tokens, positions) -> torch.Tensor: ...
 
@@ -98,7 +110,20 @@ def pretraining_losses(
     """
     text = model.embed_text(input_ids, attention_mask)
     image = model.embed_image(pixel_values)
-    itc = contrastive_outputs(image.embeds, text.embeds, model.scale(), image_ids, group)
+    # The negatives' noise is a hash of global indices: one seed for every rank.
+    mining = Mining(mix_seed(seed, 0x1F), cfg.itm_mining_sharpness) if cfg.itm_weight > 0 else None
+    itc = contrastive_outputs(
+        image.embeds,
+        text.embeds,
+        model.scale(),
+        image_ids,
+        group,
+        impl=cfg.itc_impl,
+        tile=cfg.itc_tile,
+        mining=mining,
+        loss=cfg.itc_loss,
+        logit_bias=model.logit_bias(),
+    )
     loss = cfg.itc_weight * itc.loss
     logs = {
         "loss/itc": itc.loss.detach(),
@@ -106,18 +131,13 @@ def pretraining_losses(
         "itc/accuracy_t2i": itc.accuracy_t2i,
         "logit_scale": model.scale().detach(),
     }
+    if cfg.itc_loss == "sigmoid":
+        logs["logit_bias"] = model.logit_bias().detach()
     generator = negatives_generator(mix_seed(seed, rank(group)), pixel_values.device)
 
     if cfg.itm_weight > 0:
         b = input_ids.shape[0]
-        sharp = cfg.itm_mining_sharpness
-        negatives = sample_hard_negatives(
-            itc.logits_i2t * sharp,
-            itc.logits_t2i * sharp,
-            itc.positives,
-            rank(group) * b,
-            generator,
-        )
+        negatives = itc.negatives
         # One plan exchange for both sets of rows; it also agrees on the padded text length,
         # which must be equal on every rank before token rows can travel between them.
         (text_plan, image_plan), length = plan_fetches(

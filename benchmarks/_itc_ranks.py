@@ -1,0 +1,139 @@
+"""One torchrun rank of `objective_scaling.py --itc`: the contrastive loss alone, forward +
+backward, for each contender and local batch, on random L2-normalised embeddings (b, D).
+
+Per contender it records the seconds of forward + backward (median of `--repeats`, after a
+warm-up) and the peak RSS above the RSS before the call (glibc's mmap threshold pinned low so
+freed tensors leave the RSS; /proc/self/clear_refs resets the peak). Contenders:
+- gather: UMT's all-gathered ITC (`objectives.itc_impl: gather`);
+- ring: UMT's ring ITC (`itc_impl: ring`, `itc_tile`);
+- sigmoid: UMT's sigmoid loss (neighbour exchange through the ring);
+- open_clip / open_clip_siglip: `ClipLoss(local_loss=True, gather_with_grad=True)` and
+  `SigLipLoss` (bidirectional neighbour exchange) from open_clip's own `loss.py`, given by
+  `--open-clip-loss`, when it could be had.
+Rank 0 writes every rank's records to `--out` as json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import importlib.util
+import json
+import re
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from umt.objectives import contrastive_outputs  # noqa: E402
+
+with contextlib.suppress(OSError, AttributeError):  # M_MMAP_THRESHOLD: freed tensors leave the RSS
+    ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)
+
+
+def status_bytes(key: str) -> int:
+    match = re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    return int(match.group(1)) * 1024 if match else 0
+
+
+def reset_peak_rss() -> int:
+    gc.collect()
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+    return status_bytes("VmRSS")
+
+
+def contenders(open_clip_path: str | None, tile: int):
+    def umt(impl: str, loss: str):
+        def run(images, texts, scale, bias):
+            return contrastive_outputs(
+                images, texts, scale, None, impl=impl, tile=tile, loss=loss, logit_bias=bias
+            ).loss
+
+        return run
+
+    found = {
+        "gather": umt("gather", "softmax"),
+        "ring": umt("ring", "softmax"),
+        "sigmoid": umt("ring", "sigmoid"),
+    }
+    if open_clip_path:
+        spec = importlib.util.spec_from_file_location("open_clip_loss", open_clip_path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        clip = module.ClipLoss(
+            local_loss=True, gather_with_grad=True, cache_labels=False, rank=rank, world_size=world
+        )
+        siglip = module.SigLipLoss(rank=rank, world_size=world)
+        found["open_clip"] = lambda i, t, s, b: clip(i, t, s)
+        found["open_clip_siglip"] = lambda i, t, s, b: siglip(i, t, s, b)
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--local", default="1024,2048,4096,8192")
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--tile", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--only", default="", help="comma-separated contenders (default: all)")
+    parser.add_argument("--open-clip-loss")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    found = contenders(args.open_clip_loss, args.tile)
+    only = [c for c in args.only.split(",") if c] or list(found)
+    records = []
+    for b in (int(x) for x in args.local.split(",")):
+        g = torch.Generator().manual_seed(rank)
+        images = F.normalize(torch.randn(b, args.dim, generator=g), dim=-1)
+        texts = F.normalize(torch.randn(b, args.dim, generator=g), dim=-1)
+        for name in only:
+            times, peaks, loss = [], [], None
+            for repeat in range(args.repeats + 1):
+                img = images.clone().requires_grad_(True)
+                txt = texts.clone().requires_grad_(True)
+                scale = torch.tensor(10.0, requires_grad=True)
+                bias = torch.tensor(-10.0, requires_grad=True)
+                dist.barrier()
+                before = reset_peak_rss()
+                start = time.perf_counter()
+                out = found[name](img, txt, scale, bias)
+                out.backward()
+                dist.barrier()
+                if repeat:  # the first call warms up
+                    times.append(time.perf_counter() - start)
+                    peaks.append(status_bytes("VmHWM") - before)
+                loss = float(out)
+                del out, img, txt
+            records.append(
+                {
+                    "rank": rank,
+                    "contender": name,
+                    "local": b,
+                    "seconds": statistics.median(times),
+                    "peak_bytes": max(peaks),
+                    "loss": loss,
+                }
+            )
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, records)
+    if rank == 0:
+        Path(args.out).write_text(json.dumps([r for part in gathered for r in part]))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

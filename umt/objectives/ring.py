@@ -1,0 +1,245 @@
+"""Exact ITC without the global logits (`objectives.itc_impl: ring`), after Inf-CL.
+
+The all-gathered ITC holds this rank's (b, W*b) logits, their softmax and their gradient: memory
+grows with the global batch. Here the other ranks' embedding blocks travel around a ring instead
+(send to rank+1, receive from rank-1; the next block arrives while this one is scored). Each row
+keeps an online log-sum-exp, the mean logit of its positives (soft targets over the same-key
+columns, across ranks too), its top-1 (for the accuracies) and a streaming Gumbel-max for the
+ITM negatives; within a block the columns are taken `tile` at a time. Backward goes around the
+ring again, recomputing each tile's logits; the gradient for a block travels with it and arrives
+at its owner after a last hop. Peak memory O(b * tile) for the loss, no all-gather.
+
+Loss, gradients and drawn negatives equal the all-gathered version's (`contrastive_outputs`).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from umt.objectives.hard_negatives import IMAGES, TEXTS, GumbelMax
+
+
+class RingOutput(NamedTuple):
+    loss: torch.Tensor  # () this rank's loss, as `contrastive_outputs`
+    accuracy_i2t: torch.Tensor  # ()
+    accuracy_t2i: torch.Tensor  # ()
+    negatives: tuple[torch.Tensor, ...] | None  # text_index, text_valid, image_index, image_valid
+
+
+class Mining(NamedTuple):
+    seed: int
+    sharpness: float
+
+
+class _Ring:
+    """This rank's place in the ring of `group`, and one hop of a list of tensors."""
+
+    def __init__(self, group: dist.ProcessGroup | None):
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.group = group
+        self.world = dist.get_world_size(group) if self.distributed else 1
+        self.rank = dist.get_rank(group) if self.distributed else 0
+        if self.distributed:
+            self.next = (
+                dist.get_global_rank(group, (self.rank + 1) % self.world)
+                if group
+                else (self.rank + 1) % self.world
+            )
+            self.prev = (
+                dist.get_global_rank(group, (self.rank - 1) % self.world)
+                if group
+                else (self.rank - 1) % self.world
+            )
+
+    def start_hop(self, tensors: list[torch.Tensor]):
+        """Send `tensors` to the next rank and receive the previous rank's; (requests, buffers)."""
+        received = [torch.empty_like(t) for t in tensors]
+        ops = [dist.P2POp(dist.isend, t.contiguous(), self.next, self.group) for t in tensors]
+        ops += [dist.P2POp(dist.irecv, r, self.prev, self.group) for r in received]
+        return dist.batch_isend_irecv(ops), received
+
+    @staticmethod
+    def finish_hop(pending) -> list[torch.Tensor]:
+        requests, received = pending
+        for request in requests:
+            request.wait()
+        return received
+
+
+class _RowStats:
+    """Running statistics of each local row over the columns seen so far."""
+
+    def __init__(self, b: int, dtype: torch.dtype, device: torch.device):
+        self.max = torch.full((b,), float("-inf"), dtype=dtype, device=device)
+        self.sum = torch.zeros(b, dtype=dtype, device=device)  # of exp(logit - max)
+        self.positive_sum = torch.zeros(b, dtype=dtype, device=device)
+        self.positive_count = torch.zeros(b, dtype=dtype, device=device)
+        self.top = torch.full((b,), float("-inf"), dtype=dtype, device=device)
+        self.top_col = torch.full((b,), -1, dtype=torch.long, device=device)
+        self.top_positive = torch.zeros(b, dtype=torch.bool, device=device)
+
+    def update(self, logits: torch.Tensor, positives: torch.Tensor, cols: torch.Tensor) -> None:
+        new_max = torch.maximum(self.max, logits.max(dim=1).values)
+        self.sum = self.sum * torch.exp(self.max - new_max) + torch.exp(
+            logits - new_max[:, None]
+        ).sum(dim=1)
+        self.max = new_max
+        self.positive_sum += (logits * positives).sum(dim=1)
+        self.positive_count += positives.sum(dim=1)
+        value, at = logits.max(dim=1)
+        col = cols[at]
+        better = (value > self.top) | ((value == self.top) & (col < self.top_col))
+        self.top = torch.where(better, value, self.top)
+        self.top_col = torch.where(better, col, self.top_col)
+        self.top_positive = torch.where(
+            better, positives.gather(1, at[:, None])[:, 0], self.top_positive
+        )
+
+    def lse(self) -> torch.Tensor:
+        return self.max + torch.log(self.sum)
+
+
+def _positives(
+    row_ids: torch.Tensor, rows: torch.Tensor, col_ids: torch.Tensor, cols: torch.Tensor
+) -> torch.Tensor:
+    """(b, c) bool: same image key, or the pair itself (global row index == column index)."""
+    return (row_ids[:, None] == col_ids[None, :]) | (rows[:, None] == cols[None, :])
+
+
+def _tiles(b: int, tile: int):
+    for start in range(0, b, tile):
+        yield start, min(b, start + tile)
+
+
+class _RingContrastive(torch.autograd.Function):
+    """`kind` softmax: symmetric InfoNCE with soft targets over same-key columns (both directions,
+    online log-sum-exp). `kind` sigmoid: SigLIP's pairwise loss over image rows x text columns,
+    -sum log sigmoid(z * (scale * sim + bias)) / b, z = +1 for same-key pairs and -1 otherwise;
+    its text rows are scored for the accuracy and the negatives only."""
+
+    @staticmethod
+    def forward(ctx, images, texts, scale, bias, ids, group, tile, mining, kind):
+        ring = _Ring(group)
+        b = images.shape[0]
+        rows = torch.arange(b, device=images.device) + ring.rank * b
+        i2t = _RowStats(b, images.dtype, images.device)
+        t2i = _RowStats(b, images.dtype, images.device)
+        pairwise = torch.zeros((), dtype=images.dtype, device=images.device)
+        if mining is not None:
+            draw_texts = GumbelMax(rows, mining.seed, TEXTS)
+            draw_images = GumbelMax(rows, mining.seed, IMAGES)
+        scaled_images, scaled_texts = scale * images, scale * texts
+        block = [texts, images, ids]
+        for k in range(ring.world):
+            owner = (ring.rank - k) % ring.world
+            pending = ring.start_hop(block) if k < ring.world - 1 else None  # overlaps the tiles
+            block_texts, block_images, block_ids = block
+            for start, end in _tiles(b, tile):
+                cols = torch.arange(start, end, device=images.device) + owner * b
+                positives = _positives(ids, rows, block_ids[start:end], cols)
+                logits_i2t = scaled_images @ block_texts[start:end].T
+                logits_t2i = scaled_texts @ block_images[start:end].T
+                i2t.update(logits_i2t, positives, cols)
+                t2i.update(logits_t2i, positives, cols)
+                if kind == "sigmoid":
+                    signs = positives.to(images.dtype) * 2 - 1
+                    pairwise -= F.logsigmoid(signs * (logits_i2t + bias)).sum()
+                if mining is not None:
+                    draw_texts.update(logits_i2t * mining.sharpness, positives, cols)
+                    draw_images.update(logits_t2i * mining.sharpness, positives, cols)
+            if pending is not None:
+                block = ring.finish_hop(pending)
+        lse_i2t, lse_t2i = i2t.lse(), t2i.lse()
+        if kind == "sigmoid":
+            loss = pairwise / b
+        else:
+            per_row = (lse_i2t - i2t.positive_sum / i2t.positive_count) + (
+                lse_t2i - t2i.positive_sum / t2i.positive_count
+            )
+            loss = per_row.mean() / 2
+        ctx.save_for_backward(images, texts, scale, bias, ids, lse_i2t, lse_t2i)
+        ctx.counts = (i2t.positive_count, t2i.positive_count)
+        ctx.group, ctx.tile, ctx.kind = group, tile, kind
+        accuracy_i2t = i2t.top_positive.float().mean()
+        accuracy_t2i = t2i.top_positive.float().mean()
+        negatives = ()
+        if mining is not None:
+            negatives = (*draw_texts.result(), *draw_images.result())
+        for t in (accuracy_i2t, accuracy_t2i, *negatives):
+            ctx.mark_non_differentiable(t)
+        return (loss, accuracy_i2t, accuracy_t2i, *negatives)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        images, texts, scale, bias, ids, lse_i2t, lse_t2i = ctx.saved_tensors
+        count_i2t, count_t2i = ctx.counts
+        ring = _Ring(ctx.group)
+        b = images.shape[0]
+        rows = torch.arange(b, device=images.device) + ring.rank * b
+        grad_images, grad_texts = torch.zeros_like(images), torch.zeros_like(texts)
+        grad_scale, grad_bias = torch.zeros_like(scale), torch.zeros_like(bias)
+        block = [texts, images, ids, torch.zeros_like(texts), torch.zeros_like(images)]
+        for k in range(ring.world):
+            owner = (ring.rank - k) % ring.world
+            block_texts, block_images, block_ids, block_grad_texts, block_grad_images = block
+            for start, end in _tiles(b, ctx.tile):
+                cols = torch.arange(start, end, device=images.device) + owner * b
+                positives = _positives(ids, rows, block_ids[start:end], cols)
+                directions = [
+                    (images, block_texts, lse_i2t, count_i2t, grad_images, block_grad_texts)
+                ]
+                if ctx.kind == "softmax":
+                    directions.append(
+                        (texts, block_images, lse_t2i, count_t2i, grad_texts, block_grad_images)
+                    )
+                for local, other, lse, count, grad_local, grad_other in directions:
+                    raw = local @ other[start:end].T  # (b, c) similarities
+                    if ctx.kind == "sigmoid":
+                        signs = positives.to(raw.dtype) * 2 - 1
+                        g = -signs * torch.sigmoid(-signs * (scale * raw + bias)) * (grad_loss / b)
+                        grad_bias += g.sum()
+                    else:
+                        probs = torch.exp(scale * raw - lse[:, None])
+                        g = (probs - positives / count[:, None]) * (grad_loss / (2 * b))
+                    grad_local += scale * (g @ other[start:end])
+                    grad_other[start:end] += scale * (g.T @ local)
+                    grad_scale += (g * raw).sum()
+            if ring.world > 1:  # the block moves on; its gradient with it (home after a last hop)
+                hop = block if k < ring.world - 1 else block[3:]
+                received = ring.finish_hop(ring.start_hop(hop))
+                block = received if k < ring.world - 1 else block[:3] + received
+        grad_texts += block[3]
+        grad_images += block[4]
+        return grad_images, grad_texts, grad_scale, grad_bias, None, None, None, None, None
+
+
+def ring_contrastive(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    ids: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+    tile: int = 4096,
+    mining: Mining | None = None,
+    loss: str = "softmax",
+    logit_bias: torch.Tensor | float = 0.0,
+) -> RingOutput:
+    """ITC of this rank's rows (b, D) against every rank's, exact, in O(b * tile) memory.
+
+    `ids` (b,) int64 image keys (`key_ids`); `mining`: also draw ITM hard negatives (global
+    indices, as `sample_hard_negatives` with an int seed); `loss`: `softmax` (InfoNCE) or
+    `sigmoid` (SigLIP, with `logit_bias`). Every rank calls it with the same b.
+    """
+    if loss not in ("softmax", "sigmoid"):
+        raise ValueError(f"objectives.itc_loss must be softmax or sigmoid (got {loss!r})")
+    dtype = torch.promote_types(image_embeds.dtype, torch.float32)  # fp32 at least, as gather
+    images, texts = image_embeds.to(dtype), text_embeds.to(dtype)
+    scale = torch.as_tensor(logit_scale, device=images.device).to(dtype).reshape(())
+    bias = torch.as_tensor(logit_bias, device=images.device).to(dtype).reshape(())
+    out = _RingContrastive.apply(images, texts, scale, bias, ids, group, tile, mining, loss)
+    loss, accuracy_i2t, accuracy_t2i, *negatives = out
+    return RingOutput(loss, accuracy_i2t, accuracy_t2i, tuple(negatives) if negatives else None)
