@@ -29,6 +29,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--ranks", type=int, default=min(2, os.cpu_count() or 1), help="training processes"
     )
+    parser.add_argument(
+        "--config",
+        default="demo_cpu",
+        help="the shipped demo config to train: demo_cpu (default) or demo_multiway_cpu",
+    )
     parser.add_argument("--steps", type=int, help="training steps (default: the config's)")
     parser.add_argument("--train-size", type=int, default=SPLITS["train"], help="training images")
     parser.add_argument("--test-size", type=int, default=SPLITS["test"], help="test images")
@@ -70,13 +75,13 @@ def make_data(out: Path, sizes: dict[str, int], side: int, ranks: int) -> None:
     write_tokenizer(out / "tokenizer")
 
 
-def train(out: Path, ranks: int, overrides: list[str]) -> None:
+def train(out: Path, ranks: int, overrides: list[str], config: str = "demo_cpu") -> None:
     from umt.distributed import _free_port
 
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
         "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
-        "-m", "launch.train", "--config", str(config_path("demo_cpu")), "--resume", "auto",
+        "-m", "launch.train", "--config", str(config_path(config)), "--resume", "auto",
         *overrides,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -228,7 +233,7 @@ def main(argv: list[str]) -> int:
         *([f"train.steps={args.steps}"] if args.steps else []),
         *args.overrides,
     ]
-    cfg = load_config("demo_cpu", overrides)
+    cfg = load_config(args.config, overrides)
     step(1, f"built-in dataset and shards in {out}")
     make_data(
         out,
@@ -237,7 +242,7 @@ def main(argv: list[str]) -> int:
         args.ranks,
     )
     step(2, f"training {cfg.train.steps} steps on {args.ranks} rank(s), ZeRO-{cfg.zero.stage}")
-    train(out, args.ranks, overrides)
+    train(out, args.ranks, overrides, args.config)
     step(3, "evaluating on the test split")
     report, itm = evaluate(out, cfg)
     step(4, "writing results")

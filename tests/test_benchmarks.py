@@ -57,13 +57,17 @@ def test_step_flops_of_tiny_match_a_hand_count():
     assert train_step_flops(cfg, shape) == pytest.approx(3 * (text + image + itc + itm + mlm))
 
 
-def test_forward_flops_equal_torch_flop_counter_on_tiny():
-    """The formula against torch's own matmul count of a real forward (math attention)."""
+@pytest.mark.parametrize("fusion", ["single_stream", "multiway"])
+def test_forward_flops_equal_torch_flop_counter_on_tiny(fusion):
+    """The formula against torch's own matmul count of a real forward (math attention); the
+    multiway model with ITC from its one-modality passes and a vision-language top block."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     cfg = preset_config("tiny")
     cfg.mlm = True
+    if fusion == "multiway":
+        cfg.fusion.type, cfg.fusion.vl_expert_layers, cfg.itc_from = "multiway", 1, "fusion"
     torch.manual_seed(0)
     model = build_model(cfg, log_table=False)
     b, t, seed = 4, 10, 3
@@ -103,6 +107,19 @@ def test_objective_scaling_quick_prints_summary_and_matches_formulas():
     values = summary(out)
     assert float(values["max_formula_error"]) < 1e-3
     assert float(values["w2_itm_bytes_ratio"]) > 1
+
+
+@pytest.mark.slow
+def test_objective_scaling_itc_mode_compares_gather_ring_and_sigmoid():
+    out = run(
+        sys.executable, "benchmarks/objective_scaling.py", "--itc", "--world", "2",
+        "--local", "64,256", "--dim", "32", "--tile", "32", "--gather-up-to", "64",
+        "--no-open-clip",
+    )  # fmt: skip
+    values = summary(out)  # tiny sizes: the RSS may not move, a ratio may be nan
+    assert values["global"] == "128" and "ring_mem_vs_gather" in values
+    assert "ring_mem_growth_64_to_256" in values and float(values["ring_time_vs_gather"]) > 0
+    assert re.search(r"^\s+256\s+512\s+-\s+-\s+[\d.]+", out, re.M)  # gather left out at 256
 
 
 @pytest.mark.slow

@@ -551,3 +551,28 @@ def test_ranks_that_skip_different_samples_log_together(tmp_path):
     assert logged == Counter(bad.values())  # 5 steps of 2 x 3: epoch 0 exactly
     records = [json.loads(line) for p in (out / "data_errors").glob("rank*.jsonl") for line in p.read_text().splitlines()]  # fmt: skip
     assert len(records) == len(bad) and {r["reason"] for r in records} == set(bad.values())
+
+
+MULTIWAY = (
+    "model.fusion.type=multiway",
+    "model.fusion.vl_expert_layers=1",
+    "model.itc_from=fusion",
+)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_multiway_training_resumes_bit_identical_after_kill_9(tmp_path, stage):
+    """Modality experts under ZeRO-2 and ZeRO-3 (every expert partitioned and trained, the
+    one-modality passes included): killed between checkpoints, resumed, equal to the bit."""
+    common = (*MULTIWAY, f"zero.stage={stage}", "train.steps=5", "checkpoint.every_steps=2")
+    train(tmp_path / "whole", *common)
+    killed = train(tmp_path / "killed", *common, env={"UMT_FAULT_KILL_AT_STEP": "4"}, check=False)
+    assert killed.returncode != 0
+    train(tmp_path / "killed", *common, resume="auto")
+    whole, resumed = (
+        consolidated(tmp_path / "whole", "step5"),
+        consolidated(tmp_path / "killed", "step5"),
+    )
+    assert any(".experts.vl." in k for k in whole) and any(".experts.text." in k for k in whole)
+    assert_same_weights(resumed, whole)
+    assert scalars(tmp_path / "killed", "loss/total") == scalars(tmp_path / "whole", "loss/total")

@@ -17,7 +17,7 @@ from typing import Any, Union
 
 import yaml
 
-from umt.model.config import ModelConfig, model_config_to_dict, preset_config
+from umt.model.config import ModelConfig, check_fusion, model_config_to_dict, preset_config
 from umt.objectives.pretrain import ObjectiveConfig
 
 
@@ -483,6 +483,10 @@ def validate(cfg: Config, source: str = "") -> None:
         f"objectives.mlm_probability must be in (0, 1) (got {o.mlm_probability})",
         source,
     )
+    try:
+        check_fusion(cfg.model)
+    except ValueError as exc:
+        raise ConfigError(f"{exc}{source}") from None
     d = cfg.data.train
     _require(
         d.synthetic or d.shards is not None,

@@ -27,7 +27,10 @@ forward = b * Lt * layer(T, Dt, Ft)                text tower
         + data negatives: b * Lt * layer(T, Dt, Ft) + b * [in_proj + Lf * layer(T+N, D, 4D) + 4D]
         + MLM: b * [Lt * layer(T, Dt, Ft) + 2 Dt E] + b * [in_proj + Lf * layer(T+N, D, 4D)]
                + m (2 D Dt + 2 Dt V)               masked text pass, fusion pass, head on m tokens
-in_proj = 2 T Dt D [Dt != D] + 2 N Dv D [Dv != D];  m = masked tokens (default 0.15 b (T-2))"""
+in_proj = 2 T Dt D [Dt != D] + 2 N Dv D [Dv != D];  m = masked tokens (default 0.15 b (T-2))
+multiway fusion: the same counts (each token goes through one expert FFN); with
+model.itc_from: fusion every text pass adds b * [2 T Dt D [Dt != D] + Lf * layer(T, D, 4D)], the
+image pass b * [2 N Dv D [Dv != D] + Lf * layer(N, D, 4D)], and the ITC projections are D -> E."""
 
 
 @dataclass(frozen=True)
@@ -66,23 +69,32 @@ def forward_flops(cfg: ModelConfig, shape: StepShape) -> dict[str, float]:
     text = b * t.num_layers * layer_flops(seq, t.hidden_size, t.intermediate_size)
     patches = 2.0 * (n - 1) * 3 * v.patch_size**2 * v.hidden_size
     image = b * (patches + v.num_layers * layer_flops(n, v.hidden_size, v.intermediate_size))
-    itc = 2.0 * b * (t.hidden_size + v.hidden_size) * e + 4.0 * b * shape.world_size * b * e
-    in_proj = 2.0 * seq * t.hidden_size * d * (t.hidden_size != d) + 2.0 * n * v.hidden_size * d * (
-        v.hidden_size != d
-    )
+    text_in = 2.0 * seq * t.hidden_size * d * (t.hidden_size != d)
+    image_in = 2.0 * n * v.hidden_size * d * (v.hidden_size != d)
+    if cfg.itc_from == "fusion":  # one-modality passes through the multiway blocks (VLMo)
+        text += b * (text_in + f.num_layers * layer_flops(seq, d, fused_mlp))
+        image += b * (image_in + f.num_layers * layer_flops(n, d, fused_mlp))
+        itc = 2.0 * b * (2 * d) * e + 4.0 * b * shape.world_size * b * e
+    else:
+        itc = 2.0 * b * (t.hidden_size + v.hidden_size) * e + 4.0 * b * shape.world_size * b * e
+    in_proj = text_in + image_in
     fusion_seq = in_proj + f.num_layers * layer_flops(seq + n, d, fused_mlp)
     parts = {"text_tower": text, "image_tower": image, "itc": itc, "itm": 0.0, "mlm": 0.0}
     if shape.itm:
         groups = 4 if shape.data_negatives else 3
         parts["itm"] = groups * b * (fusion_seq + 2.0 * d * 2)
-        if shape.data_negatives:  # their text-tower pass (CLS projection included, unused)
-            parts["itm"] += text + 2.0 * b * t.hidden_size * e
+        if shape.data_negatives:  # their text pass (CLS projection included, unused)
+            parts["itm"] += text + 2.0 * b * _text_embed_width(cfg) * e
     if shape.mlm:
         m = shape.mlm_tokens if shape.mlm_tokens is not None else 0.15 * b * max(seq - 2, 0)
         head = m * (2.0 * d * t.hidden_size + 2.0 * t.hidden_size * t.vocab_size)
         # The masked pass re-embeds the text, CLS projection included (unused, but computed).
-        parts["mlm"] = text + 2.0 * b * t.hidden_size * e + b * fusion_seq + head
+        parts["mlm"] = text + 2.0 * b * _text_embed_width(cfg) * e + b * fusion_seq + head
     return parts
+
+
+def _text_embed_width(cfg: ModelConfig) -> int:
+    return cfg.fusion.hidden_size if cfg.itc_from == "fusion" else cfg.text.hidden_size
 
 
 def train_step_flops(cfg: ModelConfig, shape: StepShape) -> float:

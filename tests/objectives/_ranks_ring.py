@@ -68,6 +68,20 @@ def main(out_dir: str) -> None:
         results[impl]["step_grads"] = {
             n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
         }
+    # A step of the multiway model (modality experts, ITC from the fusion's one-modality passes).
+    model = tiny_model(multiway=True)
+    pixels, input_ids, mask = global_batch(n=world * 3)
+    part = slice(rank * 3, (rank + 1) * 3)
+    step_ids = key_ids([f"k{i // 2}" for i in range(world * 3)][part])
+    step = model(pixels[part], input_ids[part], mask[part], step_ids, 5, ObjectiveConfig())
+    step.loss.backward()
+    results["multiway"] = {
+        "step_loss": step.loss.detach(),
+        "step_grads": {
+            n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+        },
+    }
+
     # The sigmoid loss (always by neighbour exchange) on the same embeddings.
     img = images[rows].clone().requires_grad_(True)
     txt = texts[rows].clone().requires_grad_(True)

@@ -12,9 +12,13 @@ KEYS_DISTINCT = None
 KEYS_SHARED = ["a", "c", "c", "b", "a", "d"]
 
 
-def tiny_model(dtype: torch.dtype = torch.float64):
+def tiny_model(dtype: torch.dtype = torch.float64, multiway: bool = False):
+    """The tiny preset; `multiway`: modality experts, a vision-language expert in the top block
+    and ITC from the fusion's text-only / image-only passes."""
     cfg = preset_config("tiny")
     cfg.text.vocab_size = 200
+    if multiway:
+        cfg.fusion.type, cfg.fusion.vl_expert_layers, cfg.itc_from = "multiway", 1, "fusion"
     torch.manual_seed(0)
     return build_model(cfg, log_table=False).to(dtype)
 

@@ -118,3 +118,27 @@ def test_hashed_noise_depends_only_on_seed_stream_row_and_column():
     assert not torch.equal(full, gumbel(5, 1, rows, cols))
     # Standard Gumbel: mean 0.5772 (Euler-Mascheroni), variance pi^2 / 6, over 2,000 draws.
     assert abs(full.mean().item() - 0.5772) < 0.1 and abs(full.var().item() - 1.6449) < 0.25
+
+
+@pytest.mark.slow
+def test_a_multiway_step_on_ranks_equals_one_process_on_the_global_batch(ranks):
+    """The multiway model (experts, ITC from its one-modality passes), ITC + ITM with negatives
+    fetched from their owners, on W ranks averaged = one process on the global batch (the
+    hashed noise draws the same negatives from global indices): loss and every gradient, to
+    float32 rounding (ITM's cross-entropy runs in float32: per-rank means against one global
+    mean differ by ~6e-8; a wrong negative or expert would differ by ~1e-2)."""
+    from tests.objectives.objective_cases import global_batch, tiny_model
+    from umt.objectives import ObjectiveConfig
+
+    world = len(ranks)
+    model = tiny_model(multiway=True)
+    pixels, input_ids, mask = global_batch(n=world * 3)
+    ids = key_ids([f"k{i // 2}" for i in range(world * 3)])
+    step = model(pixels, input_ids, mask, ids, 5, ObjectiveConfig())
+    step.loss.backward()
+    losses = torch.stack([res["multiway"]["step_loss"] for res in ranks])
+    assert abs(losses.mean().item() - step.loss.item()) <= 1e-6
+    for name, p in model.named_parameters():
+        got = torch.stack([res["multiway"]["step_grads"][name] for res in ranks]).mean(0)
+        err = (got - p.grad).abs().max().item()
+        assert err <= 1e-6, f"{name}: {err:.2e}"

@@ -35,7 +35,10 @@ def build_model(cfg: ModelConfig | str, log_table: bool = True) -> UnifiedMultim
     text_tower = build_text_tower(cfg.text)
     image_tower = build_image_tower(cfg.image)
     fusion = FusionTransformer(
-        cfg.fusion, text_tower.config.hidden_size, image_tower.config.hidden_size
+        cfg.fusion,
+        text_tower.config.hidden_size,
+        image_tower.config.hidden_size,
+        modality_passes=cfg.itc_from == "fusion",
     )
     model = UnifiedMultimodalTransformer(cfg, text_tower, image_tower, fusion)
     if log_table:

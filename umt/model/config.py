@@ -54,6 +54,12 @@ class FusionConfig:
     dropout: float = 0.0
     activation_checkpointing: bool = False
     """Recompute each block in backward: less activation memory, ~1/3 more fusion compute."""
+    type: str = "single_stream"
+    """`single_stream`: one FFN per block for every token (ViLT). `multiway`: shared attention,
+    a feed-forward expert per modality chosen by each token's modality (VLMo, BEiT-3)."""
+    vl_expert_layers: int = 0
+    """With `multiway`: the top K blocks route every token of a fused (text + image) pass to a
+    vision-language expert; modality-only passes keep their modality's expert."""
 
 
 @dataclass
@@ -71,6 +77,9 @@ class ModelConfig:
     """ln(1/0.07), as in CLIP."""
     logit_scale_max: float = 4.605170185988092
     """The logit scale is clamped at ln(100)."""
+    itc_from: str = "towers"
+    """ITC embeddings from the `towers` (CLS of each tower), or from `fusion`: text-only and
+    image-only passes through the shared multiway blocks (VLMo's dual-encoder mode)."""
     logit_bias_init: float | None = None
     """Build the learnable bias of `objectives.itc_loss: sigmoid` with this initial value
     (SigLIP: -10, with logit_scale_init ln 10 = 2.302585)."""
@@ -185,3 +194,26 @@ def model_config_from_dict(d: dict) -> ModelConfig:
         fusion=FusionConfig(**d.pop("fusion", {})),
         **d,
     )
+
+
+def check_fusion(cfg: ModelConfig) -> None:
+    """ValueError naming the key for a fusion/ITC combination that cannot be built."""
+    fusion = cfg.fusion
+    if fusion.type not in ("single_stream", "multiway"):
+        raise ValueError(
+            f"model.fusion.type must be single_stream or multiway (got {fusion.type!r})"
+        )
+    if not 0 <= fusion.vl_expert_layers <= fusion.num_layers or (
+        fusion.vl_expert_layers and fusion.type != "multiway"
+    ):
+        raise ValueError(
+            "model.fusion.vl_expert_layers must be in [0, model.fusion.num_layers] and needs "
+            f"model.fusion.type: multiway (got {fusion.vl_expert_layers} with {fusion.type})"
+        )
+    if cfg.itc_from not in ("towers", "fusion") or (
+        cfg.itc_from == "fusion" and fusion.type != "multiway"
+    ):
+        raise ValueError(
+            "model.itc_from must be towers, or fusion with model.fusion.type: multiway "
+            f"(got {cfg.itc_from} with {fusion.type})"
+        )

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from umt.model.config import ModelConfig
+from umt.model.config import ModelConfig, check_fusion
 from umt.model.fusion import FusionTransformer
 from umt.objectives.pretrain import ObjectiveConfig, PretrainOutput, pretraining_losses
 
@@ -170,6 +170,10 @@ class UnifiedMultimodalTransformer(nn.Module):
         text_width = text_tower.config.hidden_size
         image_width = image_tower.config.hidden_size
         fused_width = fusion.ln_final.normalized_shape[0]
+        # ITC from the fusion (multiway text-only / image-only passes) projects its width.
+        self.itc_from_fusion = cfg.itc_from == "fusion"
+        if self.itc_from_fusion:
+            text_width = image_width = fused_width
         self.text_proj = nn.Linear(text_width, cfg.embed_dim)
         self.image_proj = nn.Linear(image_width, cfg.embed_dim)
         self.logit_scale = LogitScale(
@@ -193,12 +197,18 @@ class UnifiedMultimodalTransformer(nn.Module):
         blocked = 1.0 - attention_mask[:, None, None, :].to(dtype)  # (B, 1, 1, T), 1 at padding
         additive = blocked * torch.finfo(dtype).min
         tokens = self.text_tower(input_ids=input_ids, attention_mask=additive).last_hidden_state
-        embeds = F.normalize(self.text_proj(tokens[:, 0]), dim=-1)
+        cls = tokens[:, 0]
+        if self.itc_from_fusion:
+            cls = self.fusion.encode_text_only(tokens, attention_mask)[:, 0]
+        embeds = F.normalize(self.text_proj(cls), dim=-1)
         return TextFeatures(tokens, attention_mask, embeds)
 
     def embed_image(self, pixel_values: torch.Tensor) -> ImageFeatures:
         tokens = self.image_tower(pixel_values=pixel_values).last_hidden_state
-        embeds = F.normalize(self.image_proj(tokens[:, 0]), dim=-1)
+        cls = tokens[:, 0]
+        if self.itc_from_fusion:
+            cls = self.fusion.encode_image_only(tokens)[:, 0]
+        embeds = F.normalize(self.image_proj(cls), dim=-1)
         return ImageFeatures(tokens, embeds)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -334,3 +344,4 @@ def _check_heads(cfg: ModelConfig) -> None:
         cfg.logit_scale_max
     ):
         raise ValueError("model.logit_scale_init must be in (0, model.logit_scale_max]")
+    check_fusion(cfg)
