@@ -18,10 +18,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import gc
 import importlib.util
 import json
-import re
 import statistics
 import sys
 import time
@@ -33,23 +31,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _objective_ranks import _status_bytes as status_bytes  # noqa: E402
+from _objective_ranks import reset_peak_rss  # noqa: E402
 
 from umt.objectives import contrastive_outputs  # noqa: E402
 
 with contextlib.suppress(OSError, AttributeError):  # M_MMAP_THRESHOLD: freed tensors leave the RSS
     ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)
-
-
-def status_bytes(key: str) -> int:
-    match = re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
-    return int(match.group(1)) * 1024 if match else 0
-
-
-def reset_peak_rss() -> int:
-    gc.collect()
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
-    return status_bytes("VmRSS")
 
 
 def contenders(open_clip_path: str | None, tile: int):
@@ -82,11 +72,17 @@ def contenders(open_clip_path: str | None, tile: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--local", default="1024,2048,4096,8192")
+    parser.add_argument("--batches", default="1024,2048,4096,8192", help="local batches")
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--tile", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--only", default="", help="comma-separated contenders (default: all)")
+    parser.add_argument(
+        "--gather-up-to",
+        type=int,
+        default=1 << 30,
+        help="local batches above this leave out the contenders holding (b, W*b) logits",
+    )
     parser.add_argument("--open-clip-loss")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -96,11 +92,13 @@ def main() -> None:
     found = contenders(args.open_clip_loss, args.tile)
     only = [c for c in args.only.split(",") if c] or list(found)
     records = []
-    for b in (int(x) for x in args.local.split(",")):
+    for b in (int(x) for x in args.batches.split(",")):
         g = torch.Generator().manual_seed(rank)
         images = F.normalize(torch.randn(b, args.dim, generator=g), dim=-1)
         texts = F.normalize(torch.randn(b, args.dim, generator=g), dim=-1)
         for name in only:
+            if b > args.gather_up_to and name in ("gather", "open_clip"):
+                continue  # their logits would not fit in this machine's memory
             times, peaks, loss = [], [], None
             for repeat in range(args.repeats + 1):
                 img = images.clone().requires_grad_(True)

@@ -182,13 +182,14 @@ def itc_main(args) -> int:
     """The contrastive loss alone: memory and time against the global batch."""
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="umt-itc-scaling-") as tmp:
-        loss_py = open_clip_loss_py(Path(tmp))
+        loss_py = None if args.no_open_clip else open_clip_loss_py(Path(tmp))
         out = Path(tmp) / "itc.json"
         cmd = [
             sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.world}",
             "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-            str(REPO / "benchmarks" / "_itc_ranks.py"), f"--local={args.local}",
+            str(REPO / "benchmarks" / "_itc_ranks.py"), f"--batches={args.local}",
             f"--dim={args.dim}", f"--tile={args.tile}", f"--out={out}",
+            f"--repeats={args.repeats}", f"--gather-up-to={args.gather_up_to}",
             *([f"--open-clip-loss={loss_py}"] if loss_py else []),
         ]  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -209,13 +210,15 @@ def itc_main(args) -> int:
     print(
         f"loss forward + backward at {args.world} gloo ranks, dim {args.dim}, ring tile "
         f"{args.tile}; peak RSS above the start of the call (max over ranks), seconds (slowest "
-        "rank, median of 2)"
+        f"rank, median of {args.repeats})"
     )
     print(f"{'local':>6} {'global':>7} " + "".join(f"{c + ' MiB':>22}{'s':>7}" for c in contenders))
     locals_ = sorted({b for b, _ in table})
     for b in locals_:
         cells = "".join(
             f"{table[b, c]['peak'] / 2**20:>22.1f}{table[b, c]['seconds']:>7.2f}"
+            if (b, c) in table
+            else f"{'-':>22}{'-':>7}"  # left out: its logits would not fit
             for c in contenders
         )
         print(f"{b:>6} {b * args.world:>7} {cells}")
@@ -224,16 +227,27 @@ def itc_main(args) -> int:
             if (b, c) in table:
                 diff = max(abs(x - y) for x, y in zip(table[b, a]["loss"], table[b, c]["loss"]))
                 print(f"    local {b}: |loss {a} - loss {c}| = {diff:.1e}")
-    hi, lo = locals_[-1], locals_[0]
-    base = "open_clip" if (hi, "open_clip") in table else "gather"
+    lo, top = locals_[0], locals_[-1]
+    base = "open_clip" if any(c == "open_clip" for _, c in table) else "gather"
+    hi = max(b for b, c in table if c == base)  # the largest batch both ran
+
+    def ratio(a: float, b: float) -> float:
+        return a / b if b > 0 else float("nan")  # an RSS can stay flat at tiny sizes
+
+    def peak(b: int, c: str) -> int:
+        return table[b, c]["peak"]
+
+    def secs(b: int, c: str) -> float:
+        return table[b, c]["seconds"]
+
     summary = [
         f"world={args.world}",
         f"global={hi * args.world}",
-        f"ring_mem_vs_{base}={table[hi, 'ring']['peak'] / table[hi, base]['peak']:.3f}",
-        f"ring_time_vs_{base}={table[hi, 'ring']['seconds'] / table[hi, base]['seconds']:.2f}",
-        f"ring_mem_growth_{lo}_to_{hi}={table[hi, 'ring']['peak'] / table[lo, 'ring']['peak']:.2f}",
-        f"gather_mem_growth_{lo}_to_{hi}="
-        f"{table[hi, 'gather']['peak'] / table[lo, 'gather']['peak']:.2f}",
+        f"ring_mem_vs_{base}={ratio(peak(hi, 'ring'), peak(hi, base)):.3f}",
+        f"ring_time_vs_{base}={ratio(secs(hi, 'ring'), secs(hi, base)):.2f}",
+        f"sigmoid_time_vs_{base}={ratio(secs(hi, 'sigmoid'), secs(hi, base)):.2f}",
+        f"ring_mem_growth_{lo}_to_{top}={ratio(peak(top, 'ring'), peak(lo, 'ring')):.2f}",
+        f"{base}_mem_growth_{lo}_to_{hi}={ratio(peak(hi, base), peak(lo, base)):.2f}",
     ]
     print(f"{time.perf_counter() - start:.0f} s")
     print("SUMMARY " + " ".join(summary))
@@ -286,6 +300,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local", default="1024,2048,4096,8192", help="local batches for --itc")
     parser.add_argument("--dim", type=int, default=512, help="embedding width for --itc")
     parser.add_argument("--tile", type=int, default=1024, help="ring tile for --itc")
+    parser.add_argument("--repeats", type=int, default=1, help="timed calls after a warm-up")
+    parser.add_argument("--no-open-clip", action="store_true", help="--itc without open_clip")
+    parser.add_argument(
+        "--gather-up-to",
+        type=int,
+        default=4096,
+        help="--itc: larger local batches run only the contenders without (b, W*b) logits "
+        "(gather and ClipLoss need ~6 GiB per rank at local 8192, world 4)",
+    )
     args = parser.parse_args(argv)
     if args.itc:
         return itc_main(args)
