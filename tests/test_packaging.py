@@ -33,12 +33,15 @@ def test_configs_are_named_by_path_or_name(tmp_path, capsys):
 
     assert load_config("pretrain_base").model.preset == "base"
     assert load_config("pretrain_base.yaml").model.preset == "base"
-    with pytest.raises(ConfigError, match="shipped configs, by name: demo_cpu, pretrain_base"):
+    with pytest.raises(
+        ConfigError, match="shipped configs, by name: demo_cpu, demo_multiway_cpu, pretrain_base"
+    ):
         load_config("pretrain_nope")
     assert config_cli.main(["list"]) == 0
     listed = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in listed] == [
         "demo_cpu",
+        "demo_multiway_cpu",
         "pretrain_base",
         "pretrain_large",
         "tiny_cpu",
