@@ -15,6 +15,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from umt.engine import clamp_logit_scale, start_logit_scale  # noqa: E402
 from umt.model.unified import LogitScale  # noqa: E402
 
 STEPS, LR = 80, 0.05
@@ -45,14 +46,14 @@ def through_deepspeed(stage: int, bf16: bool = False) -> list[float]:
     }
     optimizer = torch.optim.Adam(toy.parameters(), lr=LR)
     engine, *_ = deepspeed.initialize(model=toy, optimizer=optimizer, config=config)
-    engine.module.logit_scale.start_()  # as the trainer does after set-up
+    start_logit_scale(engine.module.logit_scale)  # as the trainer does after set-up
     with torch.no_grad():
         scales = [float(engine(torch.tensor(0.0)).sqrt() * 100)]  # before any step
     for target in TARGETS:
         loss = engine(torch.tensor(target))
         engine.backward(loss)
         engine.step()
-        engine.module.logit_scale.after_step()
+        clamp_logit_scale(engine.module.logit_scale)
         master = safe_get_full_fp32_param(engine.module.logit_scale.log_scale)
         if master is None:  # stage 0 without a DeepSpeed optimizer wrapper: the param is the master
             master = engine.module.logit_scale.log_scale

@@ -29,15 +29,15 @@ class LogitScale(nn.Module):
     """Learnable temperature exp(log_scale), log_scale kept in [0, max_log] (CLIP's ln(100)), and
     with `bias_init` the learnable bias of the sigmoid loss (SigLIP: -10).
 
-    The parameter itself is clamped after each optimizer step (`after_step`, on DeepSpeed's fp32
-    master copy too), as open_clip and FLAVA do. A clamp inside `forward` would instead zero the
-    gradient for good once Adam pushed the parameter past the bound: the scale could never come
-    back down. Evaluation still clamps, for checkpoints written before this rule.
+    The parameter itself is clamped after each optimizer step, by the trainer, which also keeps
+    an optimizer's fp32 master copy in step (`umt.engine.clamp_logit_scale`, through `copies`),
+    as open_clip and FLAVA clamp. A clamp inside `forward` would instead zero the gradient for
+    good once Adam pushed the parameter past the bound: the scale could never come back down.
+    Evaluation still clamps, for checkpoints written before this rule.
 
-    Under bf16/fp16 DeepSpeed casts every parameter, and a bf16 log-scale moves in steps of
-    1.6-3% of the scale (init 14.25 instead of 14.29). So the forward then reads fp32 buffers
-    (DeepSpeed keeps buffers in fp32) holding the optimizer's fp32 master values, with the
-    gradient still flowing to the parameters.
+    Under bf16/fp16 the parameters are cast, and a bf16 log-scale moves in steps of 1.6-3% of
+    the scale (init 14.25 instead of 14.29). So the forward then reads fp32 buffers (kept in fp32)
+    holding the optimizer's fp32 master values, with the gradient still flowing to the parameters.
     """
 
     def __init__(self, init_log: float, max_log: float, bias_init: float | None = None):
@@ -51,7 +51,7 @@ class LogitScale(nn.Module):
             self.register_buffer(
                 "bias_master", torch.full((1,), float(bias_init)), persistent=False
             )
-        self.master_synced = False  # the buffers hold the optimizer's values (set by after_step)
+        self.master_synced = False  # the buffers hold the optimizer's fp32 values
         self.init_log, self.bias_init, self.max_log = float(init_log), bias_init, max_log
 
     def _fp32(self, param: nn.Parameter, master: torch.Tensor) -> torch.Tensor:
@@ -68,72 +68,11 @@ class LogitScale(nn.Module):
     def logit_bias(self) -> torch.Tensor | None:
         return None if self.bias is None else self._fp32(self.bias, self.bias_master)[0]
 
-    def _copies(self):
-        """(parameter, its fp32 buffer, initial value, clamp bounds or None)."""
+    def copies(self):
+        """(parameter, its fp32 buffer, initial value, clamp bounds or None) of each value."""
         yield self.log_scale, self.master, self.init_log, (0.0, self.max_log)
         if self.bias is not None:
             yield self.bias, self.bias_master, self.bias_init, None
-
-    @torch.no_grad()
-    def start_(self) -> None:
-        """After DeepSpeed's set-up of a fresh run. Under bf16/fp16 DeepSpeed built its fp32
-        masters from the parameters it had already cast (14.25, not 14.29): put the exact
-        initial values there. Every rank calls it."""
-        for param, master, init, _ in self._copies():
-            if param.dtype != torch.float32:
-                _set_fp32_master(param, torch.full((1,), init, device=master.device))
-        self.after_step()
-
-    @torch.no_grad()
-    def after_step(self) -> None:
-        """Clamp every copy of the scale that an optimizer step may have moved: DeepSpeed's fp32
-        master (ZeRO 1-2: this rank's fragment; ZeRO-3: this rank's partition) and the module's
-        own copy, which the next forward reads; in place, with no host sync. Under bf16/fp16,
-        then copy the full fp32 masters into the buffers (one collective of one value each).
-        Every rank calls it (also after DeepSpeed's set-up and a resume)."""
-        for param, master, _, bounds in self._copies():
-            if bounds is not None:
-                _clamp_everywhere(param, *bounds)
-            if param.dtype != torch.float32:
-                from deepspeed.utils import safe_get_full_fp32_param
-
-                full = safe_get_full_fp32_param(param)
-                master.copy_(full.reshape(1).float() if full is not None else param.float())
-                self.master_synced = True
-
-
-def _clamp_everywhere(param: nn.Parameter, low: float, high: float) -> None:
-    if hasattr(param, "ds_id"):  # ZeRO-3
-        from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
-
-        local = safe_get_local_fp32_param(param)
-        if local is not None:
-            safe_set_local_fp32_param(param, local.clamp(low, high))
-        param.ds_tensor.clamp_(low, high)
-        return
-    mapping = getattr(param, "_hp_mapping", None)  # ZeRO 1-2 and DeepSpeed's bf16 optimizer
-    if mapping is not None and mapping.get_hp_fragment() is not None:
-        mapping.get_hp_fragment().clamp_(low, high)
-    param.clamp_(low, high)
-
-
-def _set_fp32_master(param: nn.Parameter, exact: torch.Tensor) -> None:
-    if hasattr(param, "ds_id"):  # ZeRO-3
-        # DeepSpeed's safe_set_full_fp32_param fails for a parameter with fewer elements than
-        # ranks: set this rank's slice of the padded value itself.
-        import torch.distributed as dist
-        from deepspeed.utils import safe_set_local_fp32_param
-
-        size = param.ds_tensor.numel()
-        padded = torch.zeros(size * dist.get_world_size(param.ds_process_group))
-        padded[: exact.numel()] = exact.cpu()
-        mine = padded.narrow(0, size * dist.get_rank(param.ds_process_group), size)
-        safe_set_local_fp32_param(param, mine.to(exact.device))
-        param.ds_tensor.copy_(mine)
-    else:
-        from deepspeed.utils import safe_set_full_fp32_param
-
-        safe_set_full_fp32_param(param, exact)
 
 
 class MLMHead(nn.Module):
