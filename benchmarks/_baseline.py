@@ -24,7 +24,7 @@ from umt.distributed import all_reduce, fetch_rows, gather_no_grad, gather_with_
 from umt.model.fusion import SelfAttention
 from umt.objectives import ObjectiveConfig, PretrainOutput, mix_seed
 from umt.objectives.contrastive import contrastive_outputs
-from umt.objectives.hard_negatives import negatives_generator, sample_hard_negatives
+from umt.objectives.hard_negatives import sample_hard_negatives
 from umt.objectives.itm import itm_loss
 from umt.objectives.mlm import IGNORE, mask_tokens, mlm_loss
 
@@ -102,11 +102,12 @@ def reference_losses(
     itc = contrastive_outputs(image.embeds, text.embeds, model.scale(), image_ids, group)
     loss = cfg.itc_weight * itc.loss
     logs = {"loss/itc": itc.loss.detach()}
-    generator = negatives_generator(mix_seed(seed, rank(group)), pixel_values.device)
+    generator = torch.Generator(pixel_values.device).manual_seed(mix_seed(seed, rank(group)))
     if cfg.itm_weight > 0:
         b = input_ids.shape[0]
-        negatives = sample_hard_negatives(  # UMT's draw: noise hashed from global indices
-            itc.logits_i2t, itc.logits_t2i, itc.positives, rank(group) * b, mix_seed(seed, 0x1F)
+        positions = torch.arange(b, device=pixel_values.device) + rank(group) * b
+        negatives = sample_hard_negatives(  # UMT's draw: noise hashed from global positions
+            itc.logits_i2t, itc.logits_t2i, itc.positives, mix_seed(seed, 0x1F), positions
         )
         length = int(all_reduce(torch.tensor([text.tokens.shape[1]]), "max", group))
         text_tokens, text_mask = _pad_to(text.tokens, length), _pad_to(text.mask, length)

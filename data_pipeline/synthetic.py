@@ -14,6 +14,8 @@ import torch
 
 from data_pipeline.transforms import normalize_pixels
 
+MEAN = STD = (0.5, 0.5, 0.5)
+
 
 @dataclass
 class SyntheticBatch:
@@ -25,12 +27,11 @@ class SyntheticBatch:
     image_ids: torch.Tensor  # (B,) int64: every sample its own image
     negative_texts: None = None  # the loader's Batch has them with data.train.negatives
     failures: tuple = ()  # no sample is ever unusable
+    pixel_mean: tuple[float, float, float] = MEAN
+    pixel_std: tuple[float, float, float] = STD
 
     def normalized_pixels(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         return normalize_pixels(self.pixel_values.to(device, non_blocking=True), MEAN, STD, dtype)
-
-
-MEAN = STD = (0.5, 0.5, 0.5)
 
 
 class SyntheticBatches:

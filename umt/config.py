@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -182,6 +182,14 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     """Check `value` against the annotation `tp`; convert where it is lossless (int -> float, list -> tuple)."""
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        raise ConfigError(
+            f"{key} must be {', '.join(map(str, choices[:-1]))} or {choices[-1]} "
+            f"(got {value!r}){source}"
+        )
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -480,6 +488,12 @@ def validate(cfg: Config, source: str = "") -> None:
         (o.itc_loss == "sigmoid") == (cfg.model.logit_bias_init is not None),
         "objectives.itc_loss: sigmoid goes with model.logit_bias_init (SigLIP: -10, and "
         "model.logit_scale_init: 2.302585, ln 10); softmax with none (the bias would never train)",
+        source,
+    )
+    _require(
+        o.contrastive_batch == "micro" or o.itc_weight > 0 or o.itm_weight > 0,
+        "objectives.contrastive_batch: step makes one batch of ITC and ITM over the step, and "
+        "objectives.itc_weight and objectives.itm_weight are both 0",
         source,
     )
     _require(

@@ -11,6 +11,7 @@ step reports (`umt.metrics`), the test hooks (`data_pipeline.faults`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -25,7 +26,9 @@ import torch
 
 from data_pipeline.faults import TrainingFaults
 from data_pipeline.loader.config import LoaderDataError
+from data_pipeline.transforms import normalize_pixels
 from umt import checkpoint, distributed, step_log, versions
+from umt.cached_step import ContrastiveStep, MicroBatchInputs
 from umt.config import Config, save_config, to_dict
 from umt.data_wait import DataWaiter, DataWaitInterrupted
 from umt.distributed import any_rank
@@ -42,6 +45,7 @@ from umt.logs import progress
 from umt.metrics import MetricsWriter, StepResult, StepScalars, Window
 from umt.model import build_model
 from umt.objectives import mix_seed
+from umt.objectives.step import StepLayout
 from umt.run_config import keep_global_batch, set_aside_run
 from umt.step_log import StepLog
 from umt.threads import choose_threads
@@ -173,6 +177,19 @@ class Trainer:
             self.out / "tensorboard" if self.rank == 0 and cfg.log.tensorboard else None
         )
         self.scalars = StepScalars(cfg, self.engine, self.data, self.world_size, self.device)
+        self.layout = StepLayout(
+            self.world_size, self.rank, cfg.train.grad_accum, cfg.train.micro_batch_size
+        )
+        self.accumulate = self.micro_batches
+        if cfg.objectives.contrastive_batch == "step":
+            if cfg.train.grad_accum == 1:
+                if self.rank == 0:
+                    log.info(
+                        "objectives.contrastive_batch: step with train.grad_accum 1 is the same "
+                        "as micro: each step is one micro-batch"
+                    )
+            else:
+                self.accumulate = self.one_contrastive_batch
         self.log_cadence = Cadence(cfg.log.every_steps, cfg.train.steps)
         self.save_cadence = Cadence(cfg.checkpoint.every_steps, cfg.train.steps)
         self.eval_cadence = Cadence(cfg.eval.every_steps)
@@ -280,16 +297,7 @@ class Trainer:
         t = self.cfg.train
         step = StepProgress()
         with self._sync_counter() as syncs:
-            while step.micro < t.grad_accum:
-                batch = step.next_batch(batches, self.stop_requested)
-                out = self.forward(
-                    batch, mix_seed(t.seed, self.state.step, step.micro, step.skipped_run)
-                )
-                if self.skipped_as_nonfinite(out.loss, step):
-                    continue
-                self.engine.backward(out.loss)
-                self.engine.step()
-                step.add(batch, out.logs, t.grad_accum)
+            self.accumulate(batches, step)  # grad_accum micro-batches: forward, backward, step
             clamp_logit_scale(self.engine.module.logit_scale)  # the optimizer moved it
         self.state.step += 1
         self.state.samples += t.micro_batch_size * t.grad_accum * self.world_size
@@ -298,6 +306,83 @@ class Trainer:
         return StepResult(
             step.logs, step.stop, step.data_wait_s, elapsed, step.text_len / t.grad_accum, syncs[0]
         )
+
+    def micro_batches(self, batches: DataWaiter, step: StepProgress) -> None:
+        """`contrastive_batch: micro`: each micro-batch is its own contrastive batch."""
+        t = self.cfg.train
+        while step.micro < t.grad_accum:
+            batch = step.next_batch(batches, self.stop_requested)
+            out = self.forward(batch, self.seed(step.micro, step.skipped_run))
+            if self.skipped_as_nonfinite(out.loss, step):
+                continue
+            self.engine.backward(out.loss)
+            self.engine.step()
+            step.add(batch, out.logs, t.grad_accum)
+
+    def one_contrastive_batch(self, batches: DataWaiter, step: StepProgress) -> None:
+        """`contrastive_batch: step`: every sample of the step is one contrastive batch
+        (`umt.cached_step`): pass 1 embeds each micro-batch without a graph, pass 2 computes ITC
+        and ITM's negatives over all of them, pass 3 backpropagates each micro-batch in turn.
+        A step whose ITC is not finite on some rank is skipped whole (and another drawn)."""
+        accum = self.cfg.train.grad_accum
+        while True:
+            drawn = [step.next_batch(batches, self.stop_requested) for _ in range(accum)]
+            first = drawn[0]
+            normalize = functools.partial(
+                normalize_pixels, mean=first.pixel_mean, std=first.pixel_std, dtype=self.model_dtype
+            )
+            contrastive = ContrastiveStep(self.engine, self.layout, self.cfg.objectives, normalize)
+            for batch in drawn:
+                contrastive.embed(self.model_inputs(batch, normalize))
+            cache = contrastive.contrast(self.seed(0, step.skipped_run))
+            if not self.skipped_as_nonfinite(cache.loss, step):
+                break
+        means: dict[str, torch.Tensor] = {}
+        for micro, batch in enumerate(drawn):
+            out = contrastive.micro_losses(micro, self.seed(micro, step.skipped_run))
+            loss = out.loss
+            nonfinite, stop = any_rank([~torch.isfinite(loss.detach()), self.stop_requested()])
+            step.stop = step.stop or stop
+            if nonfinite:  # the step's ITC is in: keep it, leave this micro-batch's ITM and MLM
+                self.state.nonfinite_total += 1
+                log.warning(
+                    "non-finite ITM or MLM at step %d, micro-batch %d: left out of the step",
+                    self.state.step + 1, micro,
+                )  # fmt: skip
+                loss = out.itc_only
+            # Not divided by grad_accum: the cached gradient is the step's already.
+            self.engine.backward(loss, scale_wrt_gas=False)
+            self.engine.step()
+            step.add(batch, {}, accum)
+            for k, v in out.logs.items():  # ITM's loss: shares that add up; the rest: means
+                share = 1 if k == "loss/itm" else 1 / accum
+                means[k] = means.get(k, 0) + v.detach().float() * share
+        o = self.cfg.objectives
+        step.logs = cache.logs | means
+        total = o.itc_weight * cache.loss
+        for key, weight in (("loss/itm", o.itm_weight), ("loss/mlm", o.mlm_weight)):
+            if key in step.logs:
+                total = total + weight * step.logs[key]
+        step.logs["loss/total"] = total.detach().float()
+
+    def model_inputs(self, batch: TrainBatch, normalize) -> MicroBatchInputs:
+        """A micro-batch on the device, as the model takes it (pixels travel as uint8)."""
+        raw = batch.pixel_values.to(self.device, non_blocking=True)
+        negative_texts = batch.negative_texts
+        if negative_texts is not None:
+            negative_texts = tuple(t.to(self.device, non_blocking=True) for t in negative_texts)
+        return MicroBatchInputs(
+            normalize(raw),
+            raw,
+            batch.input_ids.to(self.device, non_blocking=True),
+            batch.attention_mask.to(self.device, non_blocking=True),
+            batch.image_ids.to(self.device, non_blocking=True),
+            negative_texts,
+        )
+
+    def seed(self, micro: int, skipped_run: int) -> int:
+        """The seed of a micro-batch's sampling (negatives' noise, MLM masks), from the step."""
+        return mix_seed(self.cfg.train.seed, self.state.step, micro, skipped_run)
 
     def skipped_as_nonfinite(self, loss: torch.Tensor, step: StepProgress) -> bool:
         """One all-reduce of (non-finite loss here, stop signal here): a micro-batch whose loss is

@@ -21,6 +21,8 @@ class TrainBatch(Protocol):
     keys: list[str]  # the sample of each slot
     failures: list[dict]  # samples that could not be used, each with its record
     negative_texts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    pixel_mean: tuple[float, float, float]  # what normalises the pixels
+    pixel_std: tuple[float, float, float]
 
     def normalized_pixels(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor: ...
 

@@ -22,6 +22,7 @@ import torch
 
 from data_pipeline.loader.config import LoaderConfig
 from data_pipeline.loader.reader import RawSample
+from data_pipeline.sample_ids import key_ids
 from data_pipeline.transforms import (
     ImageTransformConfig,
     normalize_pixels,
@@ -29,7 +30,6 @@ from data_pipeline.transforms import (
     tokenize_batch,
     transform_image,
 )
-from umt.objectives.contrastive import key_ids
 
 
 @dataclass

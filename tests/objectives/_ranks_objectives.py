@@ -21,7 +21,6 @@ from umt.objectives import (  # noqa: E402
     contrastive_outputs,
     key_ids,
     mix_seed,
-    negatives_generator,
     sample_hard_negatives,
 )
 
@@ -54,15 +53,10 @@ def main(out_dir: str) -> None:
         txt = model.encode_text(ids[rows], mask[rows])
         out = contrastive_outputs(img, txt, model.scale(), KEYS_SHARED[rows])
     all_ids = key_ids(KEYS_SHARED)
+    positions = torch.arange(b) + rank * b
     text_draws, image_draws = [], []
     for seed in range(300):
-        neg = sample_hard_negatives(
-            out.logits_i2t,
-            out.logits_t2i,
-            out.positives,
-            rank * b,
-            negatives_generator(seed, img.device),
-        )
+        neg = sample_hard_negatives(out.logits_i2t, out.logits_t2i, out.positives, seed, positions)
         assert neg.text_valid.all() and neg.image_valid.all()
         text_draws.append(neg.text_index)
         image_draws.append(neg.image_index)
@@ -76,11 +70,7 @@ def main(out_dir: str) -> None:
     same = ["x"] * b
     out_same = contrastive_outputs(img, txt, model.scale(), same)
     neg = sample_hard_negatives(
-        out_same.logits_i2t,
-        out_same.logits_t2i,
-        out_same.positives,
-        rank * b,
-        negatives_generator(0, img.device),
+        out_same.logits_i2t, out_same.logits_t2i, out_same.positives, 0, positions
     )
     results["same_key_loss"] = out_same.loss
     results["same_key_valid"] = torch.stack([neg.text_valid, neg.image_valid])
@@ -123,7 +113,7 @@ def main(out_dir: str) -> None:
             local_ids,
         )
         neg = sample_hard_negatives(  # the seed of the step's negatives, the same on every rank
-            out.logits_i2t, out.logits_t2i, out.positives, rank * b, mix_seed(123, 0x1F)
+            out.logits_i2t, out.logits_t2i, out.positives, mix_seed(123, 0x1F), positions
         )
     results["step_text_index"] = neg.text_index
     results["step_image_index"] = neg.image_index

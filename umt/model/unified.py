@@ -12,6 +12,7 @@ from torch import nn
 from umt.model.config import ModelConfig, check_fusion
 from umt.model.fusion import FusionTransformer
 from umt.objectives.pretrain import ObjectiveConfig, PretrainOutput, pretraining_losses
+from umt.objectives.step import CachedMicroBatch, cached_micro_losses
 
 
 class TextFeatures(NamedTuple):
@@ -23,6 +24,15 @@ class TextFeatures(NamedTuple):
 class ImageFeatures(NamedTuple):
     tokens: torch.Tensor  # (B, P, Dv) last hidden states of the image tower (CLS + patches)
     embeds: torch.Tensor  # (B, E) projected, L2-normalised CLS
+
+
+class ContrastiveEmbeddings(NamedTuple):
+    """What ITC needs of a micro-batch (pass 1 of one contrastive batch per step)."""
+
+    text: torch.Tensor  # (B, E)
+    image: torch.Tensor  # (B, E)
+    scale: torch.Tensor  # () the logit scale
+    bias: torch.Tensor | None  # () the sigmoid loss's bias
 
 
 class LogitScale(nn.Module):
@@ -213,12 +223,34 @@ class UnifiedMultimodalTransformer(nn.Module):
         seed: int = 0,
         objectives: ObjectiveConfig | None = None,
         negative_texts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    ) -> PretrainOutput:
+        embeddings_only: bool = False,
+        cached: CachedMicroBatch | None = None,
+    ) -> PretrainOutput | ContrastiveEmbeddings:
         """Pretraining losses of this rank's batch (collectives over the default process group).
 
-        One call so that DeepSpeed's engine (ZeRO-3 parameter gathering) wraps the whole step.
-        `seed` makes hard-negative and MLM sampling reproducible (mix in the step).
+        One call so that DeepSpeed's engine (ZeRO-3 parameter gathering) wraps every pass.
+        `seed` makes hard-negative and MLM sampling reproducible (mix in the step). With one
+        contrastive batch per step (`umt.objectives.step`): `embeddings_only` is pass 1 (the ITC
+        embeddings), `cached` pass 3 of one micro-batch.
         """
+        if embeddings_only:
+            text = self.embed_text(input_ids, attention_mask)  # text first, as pass 3 does
+            image = self.embed_image(pixel_values)
+            return ContrastiveEmbeddings(text.embeds, image.embeds, self.scale(), self.logit_bias())
+        if cached is not None:
+            return cached_micro_losses(
+                self,
+                pixel_values,
+                input_ids,
+                attention_mask,
+                cached.micro,
+                cached.layout,
+                cached.cache,
+                cached.inputs,
+                objectives or ObjectiveConfig(),
+                seed,
+                negative_texts=negative_texts,
+            )
         return pretraining_losses(
             self,
             pixel_values,

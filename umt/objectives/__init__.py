@@ -7,7 +7,7 @@ from umt.objectives.contrastive import (
     key_ids,
     positive_mask,
 )
-from umt.objectives.hard_negatives import HardNegatives, negatives_generator, sample_hard_negatives
+from umt.objectives.hard_negatives import HardNegatives, sample_hard_negatives
 from umt.objectives.itm import ItmOutput, itm_loss
 from umt.objectives.mlm import mask_tokens, mlm_loss
 from umt.objectives.pretrain import ObjectiveConfig, PretrainOutput, mix_seed, pretraining_losses
@@ -27,7 +27,6 @@ __all__ = [
     "mask_tokens",
     "mix_seed",
     "mlm_loss",
-    "negatives_generator",
     "positive_mask",
     "pretraining_losses",
     "ring_contrastive",

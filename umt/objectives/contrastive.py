@@ -7,7 +7,6 @@ the target of a row is spread uniformly over its positives (ALBEF/BLIP), never a
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -15,22 +14,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+# How samples are identified belongs to the data side, the floor below (the one data_pipeline
+# module the objectives use).
+from data_pipeline.sample_ids import key_ids
 from umt.distributed import gather_no_grad, gather_with_grad, rank
 from umt.objectives.hard_negatives import HardNegatives, sample_hard_negatives
 from umt.objectives.ring import Mining, ring_contrastive
-
-
-def key_ids(
-    image_keys: Sequence[str] | torch.Tensor, device: torch.device | None = None
-) -> torch.Tensor:
-    """Image keys as int64 ids (stable 63-bit hash of the string), so they can be all-gathered."""
-    if isinstance(image_keys, torch.Tensor):
-        return image_keys.to(device=device, dtype=torch.long)
-    ids = [
-        int.from_bytes(hashlib.blake2b(str(k).encode(), digest_size=8).digest(), "little") >> 1
-        for k in image_keys
-    ]
-    return torch.tensor(ids, dtype=torch.long, device=device)
 
 
 class ContrastiveOutput(NamedTuple):
@@ -48,13 +37,15 @@ def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def positive_mask(local_ids: torch.Tensor, global_ids: torch.Tensor, offset: int) -> torch.Tensor:
-    """(b, W*b) bool: column j is a positive of local row i (same image key, or the pair itself)."""
-    b = local_ids.shape[0]
-    pos = local_ids[:, None] == global_ids[None, :]
-    own = torch.arange(b, device=pos.device)
-    pos[own, own + offset] = True
-    return pos
+def positive_mask(
+    local_ids: torch.Tensor,
+    global_ids: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+) -> torch.Tensor:
+    """(b, n) bool: column j is a positive of local row i (same image key, or the same sample:
+    global position `rows[i] == cols[j]`)."""
+    return (local_ids[:, None] == global_ids[None, :]) | (rows[:, None] == cols[None, :])
 
 
 def _soft_target_ce(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
@@ -78,11 +69,15 @@ def contrastive_outputs(
     mining: Mining | None = None,
     loss: str = "softmax",
     logit_bias: torch.Tensor | float | None = None,
+    positions: torch.Tensor | None = None,
 ) -> ContrastiveOutput:
     """ITC loss of this rank's rows, its accuracies and (with `mining`) ITM's hard negatives.
 
     `image_embeds`, `text_embeds`: (b, D) L2-normalised; pair i is (image i, text i). Every rank
-    must pass the same b. `image_keys`: (b,) strings or int64 ids; None means all pairs distinct.
+    must pass the same b. `image_keys`: (b,) strings or int64 ids (`key_ids`): samples sharing
+    one are positives of each other; None means all pairs distinct.
+    `positions`: (b,) the rows' positions in the global batch (default rank * b + i), which the
+    negatives' noise is hashed from and the negatives are returned as.
     `impl`: `gather` all-gathers the embeddings and holds the (b, W*b) logits (returned);
     `ring` passes embedding blocks around the ranks in O(b * tile) memory (`umt.objectives.ring`).
     Both give the same loss, gradients and negatives. `loss`: `softmax` (InfoNCE) or `sigmoid`
@@ -92,17 +87,21 @@ def contrastive_outputs(
     dtype = _loss_dtype(image_embeds.dtype)
     image_embeds, text_embeds = image_embeds.to(dtype), text_embeds.to(dtype)
     b = image_embeds.shape[0]
-    offset = rank(group) * b
     device = image_embeds.device
-    if image_keys is None:
-        local_ids = torch.arange(b, device=device) + offset
+    if positions is None:
+        positions = torch.arange(b, device=device) + rank(group) * b
+    if image_keys is None:  # every sample its own image: its position is its key
+        local_ids = positions
+    elif isinstance(image_keys, torch.Tensor):
+        local_ids = image_keys.to(device=device, dtype=torch.long)
     else:
         local_ids = key_ids(image_keys, device)
     if impl == "ring" or loss == "sigmoid":
         bias = 0.0 if logit_bias is None else logit_bias
         out = ring_contrastive(
-            image_embeds, text_embeds, logit_scale, local_ids, group, tile, mining, loss, bias
-        )
+            image_embeds, text_embeds, logit_scale, local_ids, group, tile, mining, loss, bias,
+            positions,
+        )  # fmt: skip
         negatives = HardNegatives(*out.negatives) if out.negatives is not None else None
         return ContrastiveOutput(
             out.loss, None, None, None, out.accuracy_i2t, out.accuracy_t2i, negatives
@@ -111,11 +110,8 @@ def contrastive_outputs(
         raise ValueError(f"objectives.itc_impl must be gather or ring (got {impl!r})")
     all_images = gather_with_grad(image_embeds, group)  # (W*b, D)
     all_texts = gather_with_grad(text_embeds, group)
-    if image_keys is None:
-        global_ids = torch.arange(all_images.shape[0], device=device)
-    else:
-        global_ids = gather_no_grad(local_ids, group)
-    positives = positive_mask(local_ids, global_ids, offset)
+    global_ids, cols = gather_no_grad(local_ids, group), gather_no_grad(positions, group)
+    positives = positive_mask(local_ids, global_ids, positions, cols)
 
     scale = torch.as_tensor(logit_scale, device=device).to(dtype)
     logits_i2t = scale * image_embeds @ all_texts.T
@@ -130,8 +126,9 @@ def contrastive_outputs(
             logits_i2t * mining.sharpness,
             logits_t2i * mining.sharpness,
             positives,
-            offset,
             mining.seed,
+            positions,
+            cols,
             tile,
         )
     return ContrastiveOutput(loss, logits_i2t, logits_t2i, positives, acc_i2t, acc_t2i, negatives)

@@ -5,9 +5,10 @@ proportional to exp(similarity logit) over the non-positives of the row (BLIP/AL
 weights with positives zeroed). Sampling is Gumbel-max on the masked logits: exact for that
 distribution, immune to softmax underflow at large logit scales, reproducible from a seed.
 
-Given an int seed, the noise of (row, column) is a hash of their global indices (`noise.gumbel`)
-and the maximum is taken over column tiles (`GumbelMax`), so the all-gathered ITC and the ring
-(`umt.objectives.ring`) draw the same negatives; a `torch.Generator` draws from its stream.
+The noise of (row, column) is a hash of the seed and their global positions (`noise.gumbel`),
+and the maximum is taken over column tiles (`GumbelMax`), so the all-gathered ITC, the ring
+(`umt.objectives.ring`) and one contrastive batch per optimizer step (`umt.objectives.step`)
+draw the same negatives, whatever the split into ranks, micro-batches and tiles.
 """
 
 from __future__ import annotations
@@ -50,65 +51,53 @@ class GumbelMax:
         self.any |= ~positives.all(dim=1)
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(global column of each row's draw, valid); a row with no non-positive points at itself."""
+        """(global column of each row's draw, valid). Documented fallback: a row with no
+        non-positive column (a global batch of one image) points at itself and is left out of
+        the ITM loss through `valid`."""
         return torch.where(self.any, self.col, self.rows), self.any
 
 
-def _draw_hashed(
-    logits: torch.Tensor, positives: torch.Tensor, offset: int, seed: int, stream: int, tile: int
+def _draw(
+    logits: torch.Tensor,
+    positives: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    seed: int,
+    stream: int,
+    tile: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    b, n = logits.shape
-    rows = torch.arange(b, device=logits.device) + offset
     state = GumbelMax(rows, seed, stream)
-    for start in range(0, n, tile):
-        cols = torch.arange(start, min(n, start + tile), device=logits.device)
+    for start in range(0, logits.shape[1], tile):
         state.update(
-            logits[:, start : start + tile].detach(), positives[:, start : start + tile], cols
+            logits[:, start : start + tile].detach(),
+            positives[:, start : start + tile],
+            cols[start : start + tile],
         )
     return state.result()
-
-
-def _draw(
-    logits: torch.Tensor, positives: torch.Tensor, offset: int, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = logits.detach().float().masked_fill(positives, float("-inf"))
-    u = torch.rand(logits.shape, generator=generator, device=logits.device)
-    gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(u.dtype).tiny)))
-    index = (logits + gumbel).argmax(dim=1)
-    valid = ~positives.all(dim=1)
-    # Documented fallback: a row with no valid negative (global batch of 1, or every sample of
-    # one image) points at its own positive and is left out of the ITM loss through `valid`.
-    own = torch.arange(logits.shape[0], device=logits.device) + offset
-    return torch.where(valid, index, own), valid
 
 
 def sample_hard_negatives(
     logits_i2t: torch.Tensor,
     logits_t2i: torch.Tensor,
     positives: torch.Tensor,
-    offset: int,
-    noise: torch.Generator | int,
+    seed: int,
+    rows: torch.Tensor,
+    cols: torch.Tensor | None = None,
     tile: int = 4096,
 ) -> HardNegatives:
     """Draw one negative text per local image and one negative image per local text.
 
-    `logits_*`: (b, W*b) this rank's rows against the global batch; `positives`: (b, W*b) bool;
-    `offset`: global index of this rank's first row (rank * b); `noise`: an int seed (the same
-    on every rank: noise hashed from global indices, as the ring draws it) or a generator on the
-    logits' device.
+    `logits_*`: (b, n) this rank's rows against the global batch; `positives`: (b, n) bool;
+    `seed`: the same on every rank; `rows` (b,) and `cols` (n,, default 0..n-1): the global
+    positions of the rows and the columns, which the noise is hashed from (so any split of the
+    global batch into ranks, micro-batches and tiles draws the same negatives). Returned indices
+    are global positions.
     """
-    if isinstance(noise, torch.Generator):
-        text_index, text_valid = _draw(logits_i2t, positives, offset, noise)
-        image_index, image_valid = _draw(logits_t2i, positives, offset, noise)
-    else:
-        text_index, text_valid = _draw_hashed(logits_i2t, positives, offset, noise, TEXTS, tile)
-        image_index, image_valid = _draw_hashed(logits_t2i, positives, offset, noise, IMAGES, tile)
+    if cols is None:
+        cols = torch.arange(positives.shape[1], device=positives.device)
+    text_index, text_valid = _draw(logits_i2t, positives, rows, cols, seed, TEXTS, tile)
+    image_index, image_valid = _draw(logits_t2i, positives, rows, cols, seed, IMAGES, tile)
     return HardNegatives(text_index, text_valid, image_index, image_valid)
 
 
 TEXTS, IMAGES = 0, 1  # noise streams: negative texts of images, negative images of texts
-
-
-def negatives_generator(seed: int, device: torch.device) -> torch.Generator:
-    """A generator seeded only from `seed` (the caller mixes in step and rank), never global RNG."""
-    return torch.Generator(device=device).manual_seed(seed)

@@ -45,7 +45,8 @@ def mask_tokens(
 
 
 def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy in float32 over predicted positions; 0 (with a graph) when none was masked."""
+    """Cross-entropy in float32 at least over predicted positions; 0 (with a graph) when none
+    was masked."""
     if logits.shape[0] == 0:
         return logits.sum() * 0.0
-    return F.cross_entropy(logits.float(), labels)
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels)

@@ -8,7 +8,7 @@ nothing of DeepSpeed, files or launchers.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, NamedTuple, Protocol
 
 import torch
 import torch.distributed as dist
@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from umt.distributed import fetch, plan_fetches, rank
 from umt.objectives.contrastive import contrastive_outputs
-from umt.objectives.hard_negatives import negatives_generator
-from umt.objectives.itm import itm_loss
+from umt.objectives.hard_negatives import HardNegatives
+from umt.objectives.itm import ItmCounts, itm_loss
 from umt.objectives.mlm import IGNORE, mask_tokens, mlm_loss
 from umt.objectives.ring import Mining
 
@@ -51,12 +51,21 @@ class ObjectiveConfig:
     itc_loss: str = "softmax"
     """`softmax`: InfoNCE over the global batch (CLIP). `sigmoid`: SigLIP's pairwise loss, every
     same-key pair a positive, computed by neighbour exchange (needs model.logit_bias_init)."""
+    contrastive_batch: Literal["micro", "step"] = "micro"
+    """What one contrastive batch is. `micro`: each micro-batch of every rank (micro_batch_size x
+    ranks samples). `step`: every sample of an optimizer step (x train.grad_accum), at the memory
+    of one micro-batch: embeddings first without a graph, ITC and ITM's negatives over all of
+    them, then each micro-batch again with its cached gradient (GradCache); MLM stays per
+    micro-batch."""
 
 
 @dataclass
 class PretrainOutput:
     loss: torch.Tensor  # () weighted sum, the one to backpropagate
     logs: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars for TensorBoard
+    # One contrastive batch per step: the loss without ITM and MLM, backpropagated instead when
+    # those are not finite (a micro-batch cannot be skipped once the step's ITC is computed).
+    itc_only: torch.Tensor | None = None
 
 
 class PretrainableModel(Protocol):
@@ -96,13 +105,13 @@ def pretraining_losses(
     pixel_values: torch.Tensor,  # (b, 3, H, W)
     input_ids: torch.Tensor,  # (b, T)
     attention_mask: torch.Tensor,  # (b, T)
-    image_ids: torch.Tensor | None,  # (b,) int64 image keys (see key_ids); None: all distinct
+    image_ids: torch.Tensor | None,  # (b,) int64 image keys (`key_ids`); None: all distinct
     cfg: ObjectiveConfig,
     seed: int,
     group: dist.ProcessGroup | None = None,
     negative_texts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> PretrainOutput:
-    """All objectives of one step on this rank's batch; collectives run over `group`.
+    """All objectives of one micro-batch on this rank's rows; collectives run over `group`.
 
     `negative_texts` = (input_ids (b, T'), attention_mask, valid (b,) bool): a hard-negative
     caption per image from the data (NegCLIP-style), scored by ITM as a fourth group of pairs
@@ -110,7 +119,7 @@ def pretraining_losses(
     """
     text = model.embed_text(input_ids, attention_mask)
     image = model.embed_image(pixel_values)
-    # The negatives' noise is a hash of global indices: one seed for every rank.
+    # The negatives' noise is a hash of global positions: one seed for every rank.
     mining = Mining(mix_seed(seed, 0x1F), cfg.itm_mining_sharpness) if cfg.itm_weight > 0 else None
     itc = contrastive_outputs(
         image.embeds,
@@ -125,16 +134,7 @@ def pretraining_losses(
         logit_bias=model.logit_bias(),
     )
     loss = cfg.itc_weight * itc.loss
-    logs = {
-        "loss/itc": itc.loss.detach(),
-        "itc/accuracy_i2t": itc.accuracy_i2t,
-        "itc/accuracy_t2i": itc.accuracy_t2i,
-        "logit_scale": model.scale().detach(),
-    }
-    if cfg.itc_loss == "sigmoid":
-        logs["logit_bias"] = model.logit_bias().detach()
-    generator = negatives_generator(mix_seed(seed, rank(group)), pixel_values.device)
-
+    logs = itc_logs(itc.loss, itc.accuracy_i2t, itc.accuracy_t2i, model.scale(), model.logit_bias())
     if cfg.itm_weight > 0:
         b = input_ids.shape[0]
         negatives = itc.negatives
@@ -144,49 +144,104 @@ def pretraining_losses(
             [negatives.text_index, negatives.image_index], b, group, text.tokens.shape[1]
         )
         text_tokens, text_mask = _pad_to(text.tokens, length), _pad_to(text.mask, length)
-        neg_text_tokens = fetch(text_tokens, text_plan, group)
-        neg_text_mask = fetch(text_mask, text_plan, group)
-        neg_image_tokens = fetch(image.tokens, image_plan, group)
-        # One fusion pass over (text, image), (negative text, image), (text, negative image)
-        # [, (the data's negative text, image)].
-        texts = [text_tokens, neg_text_tokens, text_tokens]
-        masks = [text_mask, neg_text_mask, text_mask]
-        images = [image.tokens, image.tokens, neg_image_tokens]
-        valid = [negatives.text_valid, negatives.image_valid]
-        if negative_texts is not None:
-            ids, mask, data_valid = negative_texts
-            data_text = model.embed_text(ids, mask)
-            length = max(length, data_text.tokens.shape[1])
-            texts = [_pad_to(t, length) for t in texts] + [_pad_to(data_text.tokens, length)]
-            masks = [_pad_to(m, length) for m in masks] + [_pad_to(data_text.mask, length)]
-            images.append(image.tokens)
-            valid.append(data_valid.to(negatives.text_valid.device))
-        logits = model.itm_logits(torch.cat(texts), torch.cat(masks), torch.cat(images))
-        itm = itm_loss(logits, *valid, class_balance=cfg.itm_class_balance)
-        loss = loss + cfg.itm_weight * itm.loss
-        logs |= {
-            "loss/itm": itm.loss.detach(),
-            "itm/accuracy": itm.accuracy,
-            "itm/accuracy_negatives": itm.accuracy_negatives,
-        }
-        if negative_texts is not None:
-            logs["itm/accuracy_data_negatives"] = itm.accuracy_per_group[-1]
-
-    if cfg.mlm_weight > 0:
-        masked_ids, labels = mask_tokens(
-            input_ids,
-            attention_mask,
-            model.mask_token_id,
-            model.vocab_size,
-            generator,
-            cfg.mlm_probability,
+        negative_text = Fetched(
+            fetch(text_tokens, text_plan, group), fetch(text_mask, text_plan, group)
         )
-        masked = model.embed_text(masked_ids, attention_mask)
-        positions = labels != IGNORE  # (b, T) bool
-        logits = model.mlm_logits(masked.tokens, masked.mask, image.tokens, positions)
-        mlm = mlm_loss(logits, labels[positions])
+        negative_image = fetch(image.tokens, image_plan, group)
+        itm_loss_, itm_out = matching(
+            model, text, image, negative_text, negative_image, negatives, negative_texts, cfg
+        )
+        loss = loss + cfg.itm_weight * itm_loss_
+        logs |= itm_out
+    if cfg.mlm_weight > 0:
+        mlm = masked_language_modelling(
+            model, input_ids, attention_mask, image.tokens, cfg, mix_seed(seed, rank(group))
+        )
         loss = loss + cfg.mlm_weight * mlm
         logs["loss/mlm"] = mlm.detach()
-
     logs["loss/total"] = loss.detach()
     return PretrainOutput(loss, logs)
+
+
+def itc_logs(loss, accuracy_i2t, accuracy_t2i, scale, bias) -> dict[str, torch.Tensor]:
+    logs = {
+        "loss/itc": loss.detach(),
+        "itc/accuracy_i2t": accuracy_i2t,
+        "itc/accuracy_t2i": accuracy_t2i,
+        "logit_scale": scale.detach(),
+    }
+    if bias is not None:
+        logs["logit_bias"] = bias.detach()
+    return logs
+
+
+class Fetched(NamedTuple):
+    """Token rows of negative texts, wherever they came from: (m, T, D) and their mask (m, T)."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+
+
+def matching(
+    model: PretrainableModel,
+    text,  # this micro-batch's TextFeatures: tokens (b, T, D), mask (b, T)
+    image,  # its ImageFeatures: tokens (b, P, D)
+    negative_text: Fetched,  # the mined negative text of each image (b, T', D)
+    negative_image_tokens: torch.Tensor,  # the mined negative image of each text (b, P, D)
+    negatives: HardNegatives,  # their validity
+    negative_texts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    cfg: ObjectiveConfig,
+    over: ItmCounts | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """ITM's loss and logs: one fusion pass over (text, image), (negative text, image),
+    (text, negative image) [, (the data's negative text, image)]."""
+    length = max(text.tokens.shape[1], negative_text.tokens.shape[1])
+    texts = [_pad_to(text.tokens, length), _pad_to(negative_text.tokens, length)]
+    masks = [_pad_to(text.mask, length), _pad_to(negative_text.mask, length)]
+    texts.append(texts[0])
+    masks.append(masks[0])
+    images = [image.tokens, image.tokens, negative_image_tokens]
+    valid = [negatives.text_valid, negatives.image_valid]
+    if negative_texts is not None:
+        ids, mask, data_valid = negative_texts
+        data_text = model.embed_text(ids, mask)
+        length = max(length, data_text.tokens.shape[1])
+        texts = [_pad_to(t, length) for t in texts] + [_pad_to(data_text.tokens, length)]
+        masks = [_pad_to(m, length) for m in masks] + [_pad_to(data_text.mask, length)]
+        images.append(image.tokens)
+        valid.append(data_valid.to(negatives.text_valid.device))
+    logits = model.itm_logits(torch.cat(texts), torch.cat(masks), torch.cat(images))
+    itm = itm_loss(logits, *valid, class_balance=cfg.itm_class_balance, over=over)
+    logs = {
+        "loss/itm": itm.loss.detach(),
+        "itm/accuracy": itm.accuracy,
+        "itm/accuracy_negatives": itm.accuracy_negatives,
+    }
+    if negative_texts is not None:
+        logs["itm/accuracy_data_negatives"] = itm.accuracy_per_group[-1]
+    return itm.loss, logs
+
+
+def masked_language_modelling(
+    model: PretrainableModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    image_tokens: torch.Tensor,
+    cfg: ObjectiveConfig,
+    seed: int,
+) -> torch.Tensor:
+    """MLM's loss: masked tokens (a generator of their own, seeded per step, micro-batch and
+    rank) predicted from the fusion of the masked text with the image."""
+    generator = torch.Generator(device=input_ids.device).manual_seed(seed)
+    masked_ids, labels = mask_tokens(
+        input_ids,
+        attention_mask,
+        model.mask_token_id,
+        model.vocab_size,
+        generator,
+        cfg.mlm_probability,
+    )
+    masked = model.embed_text(masked_ids, attention_mask)
+    positions = labels != IGNORE  # (b, T) bool
+    logits = model.mlm_logits(masked.tokens, masked.mask, image_tokens, positions)
+    return mlm_loss(logits, labels[positions])

@@ -122,10 +122,9 @@ class _RingContrastive(torch.autograd.Function):
     its text rows are scored for the accuracy and the negatives only."""
 
     @staticmethod
-    def forward(ctx, images, texts, scale, bias, ids, group, tile, mining, kind):
+    def forward(ctx, images, texts, scale, bias, ids, rows, group, tile, mining, kind):
         ring = _Ring(group)
         b = images.shape[0]
-        rows = torch.arange(b, device=images.device) + ring.rank * b
         i2t = _RowStats(b, images.dtype, images.device)
         t2i = _RowStats(b, images.dtype, images.device)
         pairwise = torch.zeros((), dtype=images.dtype, device=images.device)
@@ -133,13 +132,12 @@ class _RingContrastive(torch.autograd.Function):
             draw_texts = GumbelMax(rows, mining.seed, TEXTS)
             draw_images = GumbelMax(rows, mining.seed, IMAGES)
         scaled_images, scaled_texts = scale * images, scale * texts
-        block = [texts, images, ids]
+        block = [texts, images, ids, rows]
         for k in range(ring.world):
-            owner = (ring.rank - k) % ring.world
             pending = ring.start_hop(block) if k < ring.world - 1 else None  # overlaps the tiles
-            block_texts, block_images, block_ids = block
+            block_texts, block_images, block_ids, block_rows = block
             for start, end in _tiles(b, tile):
-                cols = torch.arange(start, end, device=images.device) + owner * b
+                cols = block_rows[start:end]  # the columns' global positions
                 positives = _positives(ids, rows, block_ids[start:end], cols)
                 logits_i2t = scaled_images @ block_texts[start:end].T
                 logits_t2i = scaled_texts @ block_images[start:end].T
@@ -161,7 +159,7 @@ class _RingContrastive(torch.autograd.Function):
                 lse_t2i - t2i.positive_sum / t2i.positive_count
             )
             loss = per_row.mean() / 2
-        ctx.save_for_backward(images, texts, scale, bias, ids, lse_i2t, lse_t2i)
+        ctx.save_for_backward(images, texts, scale, bias, ids, rows, lse_i2t, lse_t2i)
         ctx.counts = (i2t.positive_count, t2i.positive_count)
         ctx.group, ctx.tile, ctx.kind = group, tile, kind
         accuracy_i2t = i2t.top_positive.float().mean()
@@ -175,19 +173,24 @@ class _RingContrastive(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
-        images, texts, scale, bias, ids, lse_i2t, lse_t2i = ctx.saved_tensors
+        images, texts, scale, bias, ids, rows, lse_i2t, lse_t2i = ctx.saved_tensors
         count_i2t, count_t2i = ctx.counts
         ring = _Ring(ctx.group)
         b = images.shape[0]
-        rows = torch.arange(b, device=images.device) + ring.rank * b
         grad_images, grad_texts = torch.zeros_like(images), torch.zeros_like(texts)
         grad_scale, grad_bias = torch.zeros_like(scale), torch.zeros_like(bias)
-        block = [texts, images, ids, torch.zeros_like(texts), torch.zeros_like(images)]
+        block = [texts, images, ids, rows, torch.zeros_like(texts), torch.zeros_like(images)]
         for k in range(ring.world):
-            owner = (ring.rank - k) % ring.world
-            block_texts, block_images, block_ids, block_grad_texts, block_grad_images = block
+            (
+                block_texts,
+                block_images,
+                block_ids,
+                block_rows,
+                block_grad_texts,
+                block_grad_images,
+            ) = block
             for start, end in _tiles(b, ctx.tile):
-                cols = torch.arange(start, end, device=images.device) + owner * b
+                cols = block_rows[start:end]
                 positives = _positives(ids, rows, block_ids[start:end], cols)
                 directions = [
                     (images, block_texts, lse_i2t, count_i2t, grad_images, block_grad_texts)
@@ -209,12 +212,12 @@ class _RingContrastive(torch.autograd.Function):
                     grad_other[start:end] += scale * (g.T @ local)
                     grad_scale += (g * raw).sum()
             if ring.world > 1:  # the block moves on; its gradient with it (home after a last hop)
-                hop = block if k < ring.world - 1 else block[3:]
+                hop = block if k < ring.world - 1 else block[4:]
                 received = ring.finish_hop(ring.start_hop(hop))
-                block = received if k < ring.world - 1 else block[:3] + received
-        grad_texts += block[3]
-        grad_images += block[4]
-        return grad_images, grad_texts, grad_scale, grad_bias, None, None, None, None, None
+                block = received if k < ring.world - 1 else block[:4] + received
+        grad_texts += block[4]
+        grad_images += block[5]
+        return grad_images, grad_texts, grad_scale, grad_bias, None, None, None, None, None, None
 
 
 def ring_contrastive(
@@ -227,12 +230,14 @@ def ring_contrastive(
     mining: Mining | None = None,
     loss: str = "softmax",
     logit_bias: torch.Tensor | float = 0.0,
+    positions: torch.Tensor | None = None,
 ) -> RingOutput:
     """ITC of this rank's rows (b, D) against every rank's, exact, in O(b * tile) memory.
 
-    `ids` (b,) int64 image keys (`key_ids`); `mining`: also draw ITM hard negatives (global
-    indices, as `sample_hard_negatives` with an int seed); `loss`: `softmax` (InfoNCE) or
-    `sigmoid` (SigLIP, with `logit_bias`). Every rank calls it with the same b.
+    `ids` (b,) int64 image keys (`data_pipeline.sample_ids.key_ids`); `mining`: also draw ITM
+    hard negatives (as `sample_hard_negatives`); `loss`: `softmax` (InfoNCE) or `sigmoid`
+    (SigLIP, with `logit_bias`); `positions` (b,): the rows' global positions (default
+    rank * b + i), travelling with their block. Every rank calls it with the same b.
     """
     if loss not in ("softmax", "sigmoid"):
         raise ValueError(f"objectives.itc_loss must be softmax or sigmoid (got {loss!r})")
@@ -240,6 +245,13 @@ def ring_contrastive(
     images, texts = image_embeds.to(dtype), text_embeds.to(dtype)
     scale = torch.as_tensor(logit_scale, device=images.device).to(dtype).reshape(())
     bias = torch.as_tensor(logit_bias, device=images.device).to(dtype).reshape(())
-    out = _RingContrastive.apply(images, texts, scale, bias, ids, group, tile, mining, loss)
+    if positions is None:
+        positions = (
+            torch.arange(images.shape[0], device=images.device)
+            + _Ring(group).rank * (images.shape[0])
+        )
+    out = _RingContrastive.apply(
+        images, texts, scale, bias, ids, positions, group, tile, mining, loss
+    )
     loss, accuracy_i2t, accuracy_t2i, *negatives = out
     return RingOutput(loss, accuracy_i2t, accuracy_t2i, tuple(negatives) if negatives else None)
