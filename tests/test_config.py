@@ -216,3 +216,21 @@ def test_the_sigmoid_loss_goes_with_a_logit_bias_and_the_softmax_without():
     assert cfg.model.logit_bias_init == -10.0
     with pytest.raises(ConfigError, match="objectives.itc_impl must be gather or ring"):
         load_config(None, [*base, "objectives.itc_impl=allgather"])
+
+
+def test_contrastive_batch_is_micro_or_step_and_step_needs_itc_or_itm():
+    base = ["data.train.synthetic=true"]
+    with pytest.raises(ConfigError) as wrong:
+        load_config(None, [*base, "objectives.contrastive_batch=big"])
+    assert str(wrong.value) == (
+        "objectives.contrastive_batch must be micro or step (got 'big') "
+        "(override 'objectives.contrastive_batch=big')"
+    )
+    nothing = [*base, "objectives.contrastive_batch=step", "objectives.itc_weight=0"]
+    nothing += ["objectives.itm_weight=0", "objectives.mlm_weight=1", "model.mlm=true"]
+    with pytest.raises(ConfigError, match="itc_weight and objectives.itm_weight are both 0"):
+        load_config(None, nothing)
+    assert (
+        load_config(None, [*base, "objectives.contrastive_batch=step"]).objectives.contrastive_batch
+        == "step"
+    )
