@@ -1,4 +1,4 @@
-"""`umt data`: inspect shards, index them, and print the sample order training sees.
+"""`umt data`: inspect shards, index them, print the sample order training sees, and curate them.
 
 `umt data order` runs the training loader itself (same global order, dealing rule and workers)
 with image decoding switched off, so it prints what a rank trains on, fast; `--global` prints
@@ -37,6 +37,7 @@ from data_pipeline.loader.tar_index import (
 )
 from data_pipeline.shard_cache import ShardCache, default_cache_dir
 from data_pipeline.storage import StorageError
+from launch import curate as curate_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_storage_options(order)
     order.add_argument("--cache-limit-gb", type=float, default=0.0, help="0: 90%% of free space")
     order.add_argument("--remote-read", choices=("cache", "range"), default="cache")
+    curate_cli.add_parser(commands, os.environ)
     return parser
 
 
@@ -255,6 +257,8 @@ def print_global_order(loader, args: argparse.Namespace, steps: int, out: io.Tex
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "curate":
+        return curate_cli.run(args)
     try:
         if args.command == "inspect":
             return inspect_shards(args, sys.stdout)

@@ -1,0 +1,153 @@
+"""Per-image features the global step decides on, and the per-shard table that holds them.
+
+From the fully decoded RGB pixels (decoding is also what tells a readable sample from one that
+is not, as the loader would find it):
+
+* `pixel_sha`: sha256 of the pixels and size: exact duplicates, whatever their encoding.
+* `phash`: 19 perceptual hashes of 64 bits (pHash: the 8x8 lowest frequencies of the DCT of a
+  32x32 grey thumbnail, each bit "above the median"), of the whole image (view 0) and of its
+  95% and 90% crops at 3x3 anchor positions. A crop of up to 10% of the border has a view of its
+  original aligned within 2.5% of the side, so their hashes stay within a few bits; JPEG
+  re-encodes and resizes barely move view 0.
+* `color`: a 4x4x4 RGB histogram (soft bins, uint16 of mass x 65535). Grey hashes are blind to
+  hue: two scenes alike in layout and brightness but not in colour differ here.
+
+Everything comes from one 64x64 area-averaged thumbnail, views by precomputed resampling
+matrices, so hashing costs about one full decode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+import numpy as np
+from PIL import Image
+
+from data_pipeline.shard.images import to_rgb
+
+FEATURES_VERSION = 1  # in the table's file name: a change of any definition here bumps it
+THUMB = 64  # thumbnail side (pixels) every feature but pixel_sha is computed from
+DCT_SIDE, LOW = 32, 8  # pHash: a 32x32 grey image, its 8x8 lowest DCT frequencies
+VIEW_SCALES = (1.0, 0.95, 0.9)
+ANCHORS = 3  # per axis, for each scale below 1
+HIST_BINS = 4  # per channel
+
+
+def view_boxes() -> list[tuple[float, float, float, float]]:
+    """(x0, y0, x1, y1) as fractions of the image: the whole, then the crops, row by row."""
+    boxes = []
+    for scale in VIEW_SCALES:
+        if scale == 1.0:
+            boxes.append((0.0, 0.0, 1.0, 1.0))
+            continue
+        for y in np.linspace(0, 1 - scale, ANCHORS):
+            for x in np.linspace(0, 1 - scale, ANCHORS):
+                boxes.append((float(x), float(y), float(x + scale), float(y + scale)))
+    return boxes
+
+
+VIEWS = len(view_boxes())  # 19
+
+
+def area_matrix(lo: float, hi: float) -> np.ndarray:
+    """(DCT_SIDE, THUMB): each output pixel the area-weighted mean of the thumbnail pixels of its
+    span of [lo, hi) (fractions of the side): a box-filtered resample of a crop."""
+    edges = np.linspace(lo * THUMB, hi * THUMB, DCT_SIDE + 1)
+    cells = np.arange(THUMB)
+    left = np.maximum(edges[:-1, None], cells[None, :])
+    right = np.minimum(edges[1:, None], cells[None, :] + 1)
+    weights = np.clip(right - left, 0, None)
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+def _view_matrices() -> tuple[np.ndarray, np.ndarray]:
+    n = np.arange(DCT_SIDE)
+    dct = 2 * np.cos(np.pi * np.outer(np.arange(LOW), 2 * n + 1) / (2 * DCT_SIDE))  # DCT-II rows
+    rows = np.stack([dct @ area_matrix(y0, y1) for _, y0, _, y1 in view_boxes()])
+    cols = np.stack([dct @ area_matrix(x0, x1) for x0, _, x1, _ in view_boxes()])
+    return rows, cols  # (V, LOW, THUMB) each
+
+
+ROWS, COLS = _view_matrices()
+COLS_T = np.ascontiguousarray(COLS.transpose(0, 2, 1))  # (V, THUMB, LOW)
+LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601, as PIL's "L"
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """Encoded bytes -> loaded RGB image, converted as the sharder and loader do (alpha over
+    white, 16-bit scaled); raises on anything PIL cannot decode."""
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    rgb = to_rgb(image)
+    return rgb if rgb.mode == "RGB" else rgb.convert("RGB")
+
+
+def pixel_sha(rgb: Image.Image) -> str:
+    digest = hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode())
+    digest.update(rgb.tobytes())
+    return digest.hexdigest()[:32]
+
+
+def perceptual_hashes(thumb: np.ndarray) -> bytes:
+    """(THUMB, THUMB, 3) float thumbnail -> VIEWS x 8 bytes of 64-bit pHashes."""
+    grey = thumb @ LUMA  # (THUMB, THUMB)
+    # Stacked products (V, LOW, THUMB) @ (THUMB, THUMB) @ (V, THUMB, LOW): numpy loops over the
+    # views itself; a (THUMB, V * LOW) product goes to a threaded BLAS, 100x slower on 2 shared
+    # cores at this size.
+    low = np.matmul(np.matmul(ROWS, grey), COLS_T).reshape(VIEWS, LOW * LOW)
+    bits = low > np.median(low, axis=1, keepdims=True)
+    return np.packbits(bits, axis=1).tobytes()
+
+
+def soft_bins(values: np.ndarray) -> np.ndarray:
+    """(n, 3) values in [0, 255] -> (n, 3, HIST_BINS) weights: linear between the two nearest
+    bin centres, so a colour near a bin edge does not jump from one bin to the next."""
+    x = values / 255 * (HIST_BINS - 1)
+    lo = np.clip(np.floor(x), 0, HIST_BINS - 2).astype(np.int64)[..., None]
+    frac = (x[..., None] - lo).clip(0, 1)
+    out = np.zeros((*values.shape, HIST_BINS))
+    np.put_along_axis(out, lo, 1 - frac, axis=-1)
+    np.put_along_axis(out, lo + 1, frac, axis=-1)
+    return out
+
+
+def color_histogram(thumb: np.ndarray) -> bytes:
+    """(THUMB, THUMB, 3) float thumbnail -> 64 uint16: RGB mass in 4x4x4 soft bins (x 65535),
+    counted over its 16x16 area means."""
+    side = THUMB // 4
+    small = thumb.reshape(side, 4, side, 4, 3).mean(axis=(1, 3)).reshape(-1, 3)
+    weights = soft_bins(small)  # (P, 3, B)
+    red_green = (weights[:, 0, :, None] * weights[:, 1, None, :]).reshape(len(small), -1)
+    hist = (red_green.T @ weights[:, 2]).ravel()  # (B * B, B): red, green, blue order
+    return np.round(hist / hist.sum() * 65535).astype("<u2").tobytes()
+
+
+def image_features(rgb: Image.Image) -> dict:
+    """The feature columns of one decoded image."""
+    thumb = np.asarray(rgb.resize((THUMB, THUMB), Image.Resampling.BOX), dtype=np.float64)
+    return {
+        "width": rgb.width,
+        "height": rgb.height,
+        "pixel_sha": pixel_sha(rgb),
+        "phash": perceptual_hashes(thumb),
+        "color": color_histogram(thumb),
+    }
+
+
+def hash_codes(column: list[bytes | None]) -> np.ndarray:
+    """phash column -> (n, VIEWS) uint64 codes (rows of unreadable samples are zeros)."""
+    out = np.zeros((len(column), VIEWS), dtype=np.uint64)
+    for i, value in enumerate(column):
+        if value is not None:
+            out[i] = np.frombuffer(value, dtype="<u8")
+    return out
+
+
+def histograms(column: list[bytes | None]) -> np.ndarray:
+    """color column -> (n, 64) float mass per bin, summing to ~1."""
+    out = np.zeros((len(column), HIST_BINS**3))
+    for i, value in enumerate(column):
+        if value is not None:
+            out[i] = np.frombuffer(value, dtype="<u2") / 65535
+    return out
