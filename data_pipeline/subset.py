@@ -7,11 +7,13 @@ A subset is a folder whose `subset.json` names source shards and the samples kep
      "rules": {...},                          the options that decided what was kept
      "samples": N, "kept": K, "removed": {"near_duplicate": n, ...},
      "shards": [{"path": "/data/cc/data-000000.tar", "sha256": "...", "bytes": 1234,
-                 "samples": 100, "kept": 80, "runs": [[0, 10], [12, 70]]}, ...]}
+                 "manifest_sha256": "...", "samples": 100, "kept": 80,
+                 "runs": [[0, 10], [12, 70]]}, ...]}
 
 `runs` are [first position, count] ranges of the kept samples, positions counting a tar's samples
 in stored order (its index). A shard with nothing kept is listed all the same (its sha256 is part
-of the record) but adds no sample. Beside it: `removed.jsonl` (each removed sample with its
+of the record) but adds no sample. `sha256` and `bytes` are those of the file read;
+`manifest_sha256` what its folder's manifest said then (null without one). Beside it: `removed.jsonl` (each removed sample with its
 reason and evidence) and the per-sample table of hashes and scores.
 
 Nothing in the source shards changes; the subset records each one's sha256 and size, and a
@@ -22,6 +24,7 @@ other samples.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,8 +44,9 @@ class SubsetError(ValueError):
 @dataclass(frozen=True)
 class SubsetShard:
     path: str
-    sha256: str
+    sha256: str  # of the file as read
     bytes: int
+    manifest_sha256: str | None  # its folder's manifest's entry when the subset was made
     samples: int  # in the source shard
     kept: np.ndarray = field(compare=False, repr=False)  # (k,) positions kept, ascending
 
@@ -114,6 +118,7 @@ def read_subset_if_any(folder: str) -> Subset | None:
                     str(entry["path"]),
                     str(entry["sha256"]),
                     int(entry["bytes"]),
+                    entry.get("manifest_sha256"),
                     int(entry["samples"]),
                     kept,
                 )
@@ -138,16 +143,17 @@ def source_shas(folder: str) -> dict[str, str]:
 
 def check_sources(subset: Subset) -> None:
     """Refuse (SubsetError, one line) a subset whose source shards changed since it was made:
-    another sha256 in their folder's manifest, or another size on local disk. Cheap: one
-    manifest read per source folder and a stat per local shard (a full read is `verify_sources`)."""
+    another sha256 in their folder's manifest than then, or another size on local disk. Cheap:
+    one manifest read per source folder and a stat per local shard (`verify_sources` reads all)."""
     manifests: dict[str, dict[str, str]] = {}
     for shard in subset.shards:
         folder = storage.parent(shard.path)
         if folder not in manifests:
             manifests[folder] = source_shas(folder)
         now = manifests[folder].get(storage.basename(shard.path))
-        if now is not None and now != shard.sha256:
-            raise SubsetError(changed(subset, shard, f"its manifest now says sha256 {now[:12]}…"))
+        if now != shard.manifest_sha256:
+            said = f"sha256 {now[:12]}…" if now else "nothing of it"
+            raise SubsetError(changed(subset, shard, f"its folder's manifest now says {said}"))
         if not storage.is_remote(shard.path):
             if not storage.is_file(shard.path):
                 raise SubsetError(changed(subset, shard, "it is missing"))
@@ -175,3 +181,15 @@ def verify_sources(subset: Subset, sha256_of) -> list[str]:
         if digest != shard.sha256:
             problems.append(changed(subset, shard, f"its sha256 is now {digest[:12]}…"))
     return problems
+
+
+def counts_by_source(subset: Subset) -> dict[str, Counter]:
+    """{source folder: Counter(kept=n, <reason>=n, ...)} from subset.json and removed.jsonl."""
+    counts: dict[str, Counter] = {}
+    for shard in subset.shards:
+        counts.setdefault(storage.parent(shard.path), Counter())["kept"] += len(shard.kept)
+    text = storage.read_text_if_exists(storage.join(subset.location, REMOVED_FILE)) or ""
+    for line in text.splitlines():
+        record = json.loads(line)
+        counts.setdefault(storage.parent(record["shard"]), Counter())[record["reason"]] += 1
+    return counts

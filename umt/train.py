@@ -286,6 +286,7 @@ def data_summary(data) -> dict | None:
                 "samples": s.total_samples,
                 "shards": len(s.shards),
                 "weight": s.weight,
+                **({"subset": s.subset} if s.subset else {}),  # `umt data curate`'s rules
             }
             for s in dataset.sources
         ],

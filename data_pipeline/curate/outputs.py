@@ -68,6 +68,7 @@ def subset_manifest(
                 "path": record["path"],
                 "sha256": record["sha256"],
                 "bytes": record["bytes"],
+                "manifest_sha256": record["manifest_sha256"],
                 "samples": int(record["samples"]),
                 "kept": int(positions.size),
                 "runs": runs_of(np.sort(positions)),

@@ -99,16 +99,20 @@ def load_done(task: ShardTask) -> dict | None:
     return record
 
 
-def shard_sha256(task: ShardTask, cache: ShardCache | None) -> str:
-    """The shard's sha256: its manifest's, else computed from the file (or its cached copy)."""
-    if task.manifest_sha:
-        return task.manifest_sha
+def shard_identity(task: ShardTask, cache: ShardCache | None) -> tuple[str, int | None]:
+    """(sha256, bytes) of the shard as read: its manifest's sha256 when the manifest describes
+    this file (same size), else computed from the file (or its cached copy)."""
     path = task.shard.path
     if not storage.is_remote(path):
-        return file_sha256(Path(path))
+        size = storage.size(path)
+        if task.manifest_sha and size == task.shard.bytes:
+            return task.manifest_sha, size
+        return file_sha256(Path(path)), size
+    if task.manifest_sha:
+        return task.manifest_sha, task.shard.bytes
     held = cache.acquire(path, task.shard.bytes)
     try:
-        return file_sha256(held.path)
+        return file_sha256(held.path), held.path.stat().st_size
     finally:
         held.release()
 
@@ -119,7 +123,7 @@ def scan_shard(task: ShardTask, scorer_cache: dict | None = None) -> dict:
         return record
     remote = storage.is_remote(task.shard.path)
     cache = ShardCache(task.cache_dir or default_cache_dir()) if remote else None
-    sha = shard_sha256(task, cache)
+    sha, size = shard_identity(task, cache)
     hashes_name, scores_name = table_names(task, sha)
     tables = Path(task.table_dir)
     tables.mkdir(parents=True, exist_ok=True)
@@ -139,7 +143,8 @@ def scan_shard(task: ShardTask, scorer_cache: dict | None = None) -> dict:
     record = {
         "path": task.shard.path,
         "sha256": sha,
-        "bytes": task.shard.bytes if task.shard.bytes is not None else local_size(task),
+        "bytes": size,
+        "manifest_sha256": task.manifest_sha,  # what its folder's manifest said, to check later
         "samples": int(len(task.positions)),
         "hashes": hashes_name,
         "scores": scores_name,
@@ -148,11 +153,6 @@ def scan_shard(task: ShardTask, scorer_cache: dict | None = None) -> dict:
     write_json_atomic(done_path(task.state_dir, task.name), record)
     failpoint(task.name)
     return record
-
-
-def local_size(task: ShardTask) -> int | None:
-    path = task.shard.path
-    return None if storage.is_remote(path) else storage.size(path)
 
 
 def scorer_for(task: ShardTask, scorer_cache: dict | None):

@@ -164,3 +164,132 @@ def plant(root: Path, scene_count: int = 40, eval_scene_count: int = 24, seed: i
     for i, (_, _, _, extra) in enumerate(train):
         planted.truth[f"train-{i:05d}"] = extra
     return planted
+
+
+def write_random_export(
+    folder: Path, preset: str, tokenizer: Path, image_size: int | None = None, seed: int = 0
+) -> Path:
+    """An export folder (what `umt export` writes and `umt.load` reads) of a randomly initialised
+    `preset` model with the given tokenizer: a scorer to test and benchmark with, no training."""
+    from dataclasses import asdict
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    from umt.model import build_model, preset_config
+
+    cfg = preset_config(preset)
+    tok = AutoTokenizer.from_pretrained(str(tokenizer))
+    cfg.text.vocab_size = len(tok)
+    if image_size:
+        cfg.image.image_size = image_size
+    torch.manual_seed(seed)
+    model = build_model(cfg, log_table=False)
+    folder.mkdir(parents=True)
+    state = {f"umt.{k}": v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"), {"format": "pt"})
+    tok.save_pretrained(str(folder))
+    image = {"image_size": cfg.image.image_size, "mean": [0.5] * 3, "std": [0.5] * 3}
+    manifest = {
+        "format_version": 2,
+        "model": asdict(cfg),
+        "image": image,
+        "text": {"max_length": 24, "tokenizer": "."},
+    }
+    (folder / "umt_export.json").write_text(json.dumps(manifest, indent=2))
+    return folder
+
+
+def plant_swapped(
+    folder: Path, count: int = 200, swapped: int = 20, side: int = 64, seed: int = 5
+) -> set[str]:
+    """Built-in scenes drawn at `side` px with their first caption, where `swapped` of them (in
+    pairs) carry each other's caption instead; returns the keys of those."""
+    rng = random.Random(seed)
+    drawn = scenes_at(count, side, seed)
+    order = list(range(count))
+    rng.shuffle(order)
+    captions = [caption for _, caption in drawn]
+    for a, b in zip(order[:swapped:2], order[1:swapped:2]):
+        captions[a], captions[b] = captions[b], captions[a]
+    samples = [(encode(image, "PNG"), "png", captions[i], {}) for i, (image, _) in enumerate(drawn)]
+    write_shards(folder, samples, per_shard=50)
+    return {f"{folder.name}-{i:05d}" for i in order[:swapped]}
+
+
+def scenes_at(count: int, side: int, seed: int) -> list[tuple[Image.Image, str]]:
+    """`count` built-in scenes drawn at `side` px (captions may repeat, as in the demo's data)."""
+    from data_pipeline import builtin
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        scene = builtin.sample_scene(rng)
+        out.append((builtin.render(scene, side, rng), builtin.captions(scene)[0]))
+    return out
+
+
+# --- scoring a curation against the truth ------------------------------------------------------
+
+PIXEL_COPIES = ("original", "exact", "same_pixels")  # the same decoded pixels
+
+
+def read_removed(subset: Path) -> list[dict]:
+    return [json.loads(line) for line in (subset / "removed.jsonl").read_text().splitlines()]
+
+
+def dedup_report(planted: Planted, removed: list[dict], reason: str) -> dict:
+    """Precision, recall and per-kind recall of one dedup rule (`exact_duplicate` or
+    `near_duplicate`) run alone. A removal is right when the sample it names as kept copies the
+    same original (for exact: the same pixels); recall counts the removals a perfect rule makes
+    (all but one of each group). Per kind: the share of copies not left beside their original."""
+    truth = planted.truth
+    exact = reason == "exact_duplicate"
+
+    def group(key: str):
+        t = truth[key]
+        if t.get("base") is None or (exact and t["kind"] not in PIXEL_COPIES):
+            return None
+        return t["base"]
+
+    mine = [r for r in removed if r["reason"] == reason]
+    right = sum(1 for r in mine if group(r["key"]) is not None and group(r["key"]) == group(r["evidence"]["kept"]["key"]))  # fmt: skip
+    sizes: dict = {}
+    for key in truth:
+        if (g := group(key)) is not None:
+            sizes[g] = sizes.get(g, 0) + 1
+    expected = sum(n - 1 for n in sizes.values())
+    gone = {r["key"] for r in mine}
+    original = {t["base"]: k for k, t in truth.items() if t.get("kind") == "original"}
+    per_kind = {}
+    for kind in PIXEL_COPIES[1:] if exact else KINDS:
+        copies = [k for k, t in truth.items() if t["kind"] == kind and t.get("base") is not None]
+        caught = [k for k in copies if k in gone or original[truth[k]["base"]] in gone]
+        per_kind[kind] = len(caught) / len(copies)
+    return {
+        "removed": len(mine),
+        "precision": right / len(mine) if mine else 1.0,
+        "recall": right / expected,
+        "per_kind": per_kind,
+    }
+
+
+def decontamination_report(planted: Planted, removed: list[dict]) -> dict:
+    """Precision and recall of eval_duplicate: right when the evaluation image named is the one
+    the sample copies."""
+    mine = [r for r in removed if r["reason"] == "eval_duplicate"]
+    right = [
+        r for r in mine
+        if planted.truth[r["key"]].get("eval") == int(r["evidence"]["eval"]["key"].rsplit("-", 1)[1])
+    ]  # fmt: skip
+    per_kind = {}
+    for kind in NEAR_KINDS:
+        copies = [k for k, t in planted.truth.items() if t.get("eval") is not None and t["kind"] == kind]  # fmt: skip
+        per_kind[kind] = sum(1 for r in right if r["key"] in copies) / len(copies)
+    return {
+        "removed": len(mine),
+        "precision": len(right) / len(mine) if mine else 1.0,
+        "recall": len(right) / planted.eval_copies,
+        "per_kind": per_kind,
+    }
