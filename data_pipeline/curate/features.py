@@ -89,50 +89,92 @@ def pixel_sha(rgb: Image.Image) -> str:
     return digest.hexdigest()[:32]
 
 
-def perceptual_hashes(thumb: np.ndarray) -> bytes:
-    """(THUMB, THUMB, 3) float thumbnail -> VIEWS x 8 bytes of 64-bit pHashes."""
-    grey = thumb @ LUMA  # (THUMB, THUMB)
+def perceptual_hashes(thumbs: np.ndarray) -> list[bytes]:
+    """(n, THUMB, THUMB, 3) uint8 thumbnails -> per image VIEWS x 8 bytes of 64-bit pHashes.
+    Batched: the numpy calls are few whatever n (per image, their overhead was most of the cost)."""
+    grey = thumbs.astype(np.float64) @ LUMA  # (n, THUMB, THUMB)
     # Stacked products (V, LOW, THUMB) @ (THUMB, THUMB) @ (V, THUMB, LOW): numpy loops over the
-    # views itself; a (THUMB, V * LOW) product goes to a threaded BLAS, 100x slower on 2 shared
-    # cores at this size.
-    low = np.matmul(np.matmul(ROWS, grey), COLS_T).reshape(VIEWS, LOW * LOW)
-    bits = low > np.median(low, axis=1, keepdims=True)
-    return np.packbits(bits, axis=1).tobytes()
+    # images and views itself; one (THUMB, V * LOW) product would go to a threaded BLAS, 100x
+    # slower on 2 shared cores at this size.
+    low = np.matmul(np.matmul(ROWS[None], grey[:, None]), COLS_T[None])  # (n, V, LOW, LOW)
+    low = low.reshape(-1, LOW * LOW)
+    half = LOW * LOW // 2
+    middle = np.partition(low, (half - 1, half), axis=1)[:, half - 1 : half + 1]
+    bits = low > middle.mean(axis=1, keepdims=True)  # above the median
+    packed = np.packbits(bits, axis=1).reshape(len(thumbs), VIEWS * 8)
+    return [row.tobytes() for row in packed]
 
 
-def soft_bins(values: np.ndarray) -> np.ndarray:
-    """(n, 3) values in [0, 255] -> (n, 3, HIST_BINS) weights: linear between the two nearest
-    bin centres, so a colour near a bin edge does not jump from one bin to the next."""
-    x = values / 255 * (HIST_BINS - 1)
-    lo = np.clip(np.floor(x), 0, HIST_BINS - 2).astype(np.int64)[..., None]
-    frac = (x[..., None] - lo).clip(0, 1)
-    out = np.zeros((*values.shape, HIST_BINS))
-    np.put_along_axis(out, lo, 1 - frac, axis=-1)
-    np.put_along_axis(out, lo + 1, frac, axis=-1)
-    return out
+def _soft_bin_table() -> np.ndarray:
+    """(256, HIST_BINS): each 8-bit value's weights, linear between the two nearest bin centres,
+    so a colour near a bin edge does not jump from one bin to the next."""
+    x = np.arange(256) / 255 * (HIST_BINS - 1)
+    lo = np.clip(np.floor(x), 0, HIST_BINS - 2).astype(np.int64)
+    table = np.zeros((256, HIST_BINS))
+    table[np.arange(256), lo] = 1 - (x - lo)
+    table[np.arange(256), lo + 1] += x - lo
+    return table
 
 
-def color_histogram(thumb: np.ndarray) -> bytes:
-    """(THUMB, THUMB, 3) float thumbnail -> 64 uint16: RGB mass in 4x4x4 soft bins (x 65535),
-    counted over its 16x16 area means."""
-    side = THUMB // 4
-    small = thumb.reshape(side, 4, side, 4, 3).mean(axis=(1, 3)).reshape(-1, 3)
-    weights = soft_bins(small)  # (P, 3, B)
-    red_green = (weights[:, 0, :, None] * weights[:, 1, None, :]).reshape(len(small), -1)
-    hist = (red_green.T @ weights[:, 2]).ravel()  # (B * B, B): red, green, blue order
-    return np.round(hist / hist.sum() * 65535).astype("<u2").tobytes()
+SOFT_BINS = _soft_bin_table()
+HIST_SIDE = 16  # the histogram counts a 16x16 area-averaged image
+
+
+def color_histograms(smalls: np.ndarray) -> list[bytes]:
+    """(n, HIST_SIDE, HIST_SIDE, 3) uint8 -> per image 64 uint16: RGB mass in 4x4x4 soft bins
+    (x 65535), in red, green, blue order."""
+    weights = SOFT_BINS[smalls.reshape(len(smalls), -1, 3)]  # (n, P, 3, B)
+    red_green = weights[:, :, 0, :, None] * weights[:, :, 1, None, :]  # (n, P, B, B)
+    hist = np.matmul(
+        red_green.reshape(*red_green.shape[:2], -1).transpose(0, 2, 1), weights[:, :, 2]
+    )
+    hist = hist.reshape(len(smalls), -1)
+    hist = np.round(hist / hist.sum(axis=1, keepdims=True) * 65535).astype("<u2")
+    return [row.tobytes() for row in hist]
+
+
+def thumbnails(rgb: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+    """(THUMB x THUMB, HIST_SIDE x HIST_SIDE) area averages of the image as uint8 arrays: an
+    integer-factor box reduction first (fast in PIL), then box resamples."""
+    factor = max(1, min(rgb.width, rgb.height) // THUMB)
+    reduced = rgb.reduce(factor) if factor > 1 else rgb
+    thumb = reduced.resize((THUMB, THUMB), Image.Resampling.BOX)
+    small = thumb.resize((HIST_SIDE, HIST_SIDE), Image.Resampling.BOX)
+    return np.asarray(thumb), np.asarray(small)
+
+
+class FeatureBatch:
+    """Per-image columns now (size, pixel_sha), the thumbnail-based ones (phash, color) for
+    many images at once: `add` a decoded image's row, `finish` fills the pending rows."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+        self.thumbs: list[np.ndarray] = []
+        self.smalls: list[np.ndarray] = []
+
+    def add(self, row: dict, rgb: Image.Image) -> None:
+        row.update(width=rgb.width, height=rgb.height, pixel_sha=pixel_sha(rgb))
+        thumb, small = thumbnails(rgb)
+        self.rows.append(row)
+        self.thumbs.append(thumb)
+        self.smalls.append(small)
+
+    def finish(self) -> None:
+        if not self.rows:
+            return
+        codes = perceptual_hashes(np.stack(self.thumbs))
+        colors = color_histograms(np.stack(self.smalls))
+        for row, code, color in zip(self.rows, codes, colors):
+            row.update(phash=code, color=color)
+        self.__init__()
 
 
 def image_features(rgb: Image.Image) -> dict:
     """The feature columns of one decoded image."""
-    thumb = np.asarray(rgb.resize((THUMB, THUMB), Image.Resampling.BOX), dtype=np.float64)
-    return {
-        "width": rgb.width,
-        "height": rgb.height,
-        "pixel_sha": pixel_sha(rgb),
-        "phash": perceptual_hashes(thumb),
-        "color": color_histogram(thumb),
-    }
+    batch, row = FeatureBatch(), {}
+    batch.add(row, rgb)
+    batch.finish()
+    return row
 
 
 def hash_codes(column: list[bytes | None]) -> np.ndarray:

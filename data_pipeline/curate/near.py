@@ -23,6 +23,7 @@ import numpy as np
 
 CHUNKS = ((0, 22), (22, 43), (43, 64))  # bit ranges of a code
 QUERY_BLOCK = 1 << 16  # queries probed at once (bounds the candidate arrays)
+TABLE_FROM = 1 << 20  # entries from which buckets are a table over every chunk value
 
 
 def flip_patterns(width: int, flips: int) -> np.ndarray:
@@ -35,25 +36,35 @@ def flip_patterns(width: int, flips: int) -> np.ndarray:
 
 @dataclass
 class ChunkBuckets:
-    """Entries sorted by one chunk's value, and where each value's run starts (counting sort)."""
+    """Entries sorted by one chunk's value, and where each value's run starts: a table over
+    every value (a counting sort) for many entries, a binary search over the sorted values for
+    few (the table's 2**22 slots would cost more than the search)."""
 
     shift: int
     mask: np.uint64
     order: np.ndarray  # (E,) entry indices sorted by chunk value
-    starts: np.ndarray  # (2**width + 1,) first sorted slot of each value
+    sorted_keys: np.ndarray  # (E,) their chunk values
+    starts: np.ndarray | None  # (2**width + 1,) first sorted slot of each value, or None
 
     @classmethod
     def build(cls, entries: np.ndarray, lo: int, hi: int) -> ChunkBuckets:
         mask = np.uint64((1 << (hi - lo)) - 1)
-        keys = (entries >> np.uint64(lo)) & mask
-        counts = np.bincount(keys.astype(np.int64), minlength=1 << (hi - lo))
-        starts = np.concatenate([[0], np.cumsum(counts)])
-        return cls(lo, mask, np.argsort(keys, kind="stable"), starts)
+        keys = ((entries >> np.uint64(lo)) & mask).astype(np.int64)
+        order = np.argsort(keys, kind="stable")
+        starts = None
+        if len(entries) >= TABLE_FROM:
+            counts = np.bincount(keys, minlength=1 << (hi - lo))
+            starts = np.concatenate([[0], np.cumsum(counts)])
+        return cls(lo, mask, order, keys[order], starts)
 
     def probe(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(query positions, entry indices) of every entry whose chunk equals each key."""
         keys = keys.astype(np.int64)
-        begin, end = self.starts[keys], self.starts[keys + 1]
+        if self.starts is not None:
+            begin, end = self.starts[keys], self.starts[keys + 1]
+        else:
+            begin = np.searchsorted(self.sorted_keys, keys, side="left")
+            end = np.searchsorted(self.sorted_keys, keys, side="right")
         counts = end - begin
         hit = np.flatnonzero(counts)
         if hit.size == 0:

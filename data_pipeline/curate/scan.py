@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_pipeline import storage
-from data_pipeline.curate.features import FEATURES_VERSION, decode_rgb, image_features
+from data_pipeline.curate.features import FEATURES_VERSION, FeatureBatch, decode_rgb
 from data_pipeline.loader.dataset import Shard
 from data_pipeline.loader.reader import ShardReader
 from data_pipeline.shard.manifest import file_sha256, write_json_atomic
@@ -30,6 +30,7 @@ from data_pipeline.shard.write import trigger_failpoint
 from data_pipeline.shard_cache import ShardCache, default_cache_dir
 
 FAILPOINT_ENV = "UMT_CURATE_FAILPOINT"  # test hook: "{task name}" or "finalize"
+FEATURE_BATCH = 256  # images whose thumbnail features are computed together
 
 HASH_SCHEMA = pa.schema(
     [
@@ -132,7 +133,7 @@ def scan_shard(task: ShardTask, scorer_cache: dict | None = None) -> dict:
     errors: Counter = Counter()
     if need_hashes or need_scores:
         scorer = scorer_for(task, scorer_cache) if need_scores else None
-        rows, scores = read_shard(task, cache, scorer)
+        rows, scores = read_shard(task, cache, scorer, features=need_hashes)
         if need_hashes:
             write_table(pa.Table.from_pylist(rows, schema=HASH_SCHEMA), tables / hashes_name)
         if need_scores:
@@ -165,14 +166,17 @@ def scorer_for(task: ShardTask, scorer_cache: dict | None):
     return scorer_cache[task.scorer]
 
 
-def read_shard(task: ShardTask, cache: ShardCache | None, scorer) -> tuple[list[dict], list]:
-    """Every sample's row of the hashes table and, with a scorer, its similarity (NaN for a
-    sample that cannot be used)."""
+def read_shard(
+    task: ShardTask, cache: ShardCache | None, scorer, features: bool = True
+) -> tuple[list[dict], list]:
+    """Every sample's row of the hashes table (its image features when `features`) and, with
+    a scorer, its similarity (NaN for a sample that cannot be used)."""
     reader = ShardReader((task.shard,), cache, keep_open=1)
     rows, scores = [], []
+    pending = FeatureBatch()
     batch: list[tuple[int, object, str]] = []  # (row, image, caption) awaiting the scorer
 
-    def flush() -> None:
+    def score() -> None:
         if batch:
             values = scorer.score([b[1] for b in batch], [b[2] for b in batch])
             for (row, _, _), value in zip(batch, values):
@@ -184,12 +188,19 @@ def read_shard(task: ShardTask, cache: ShardCache | None, scorer) -> tuple[list[
             row, rgb = read_sample(reader, position)
             rows.append(row)
             scores.append(float("nan"))
-            if scorer is not None and rgb is not None:
+            if rgb is None:
+                continue
+            if features:
+                pending.add(row, rgb)
+                if len(pending.rows) >= FEATURE_BATCH:
+                    pending.finish()
+            if scorer is not None:
                 batch.append((len(rows) - 1, rgb, row["caption"]))
                 if len(batch) >= task.score_batch:
-                    flush()
+                    score()
+        pending.finish()
         if scorer is not None:
-            flush()
+            score()
     finally:
         reader.close()
     return rows, scores
@@ -208,12 +219,10 @@ def read_sample(reader: ShardReader, position: int) -> tuple[dict, object]:
     row.update(key=raw.key, image_key=raw.image_key, caption=raw.text)
     row["words"] = len(raw.text.split())
     try:
-        rgb = decode_rgb(raw.image)
-        row.update(image_features(rgb))
+        return row, decode_rgb(raw.image)
     except Exception:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, bombs ...
         row["error"] = "corrupt_image"
         return row, None
-    return row, rgb
 
 
 def write_table(table: pa.Table, path: Path) -> None:

@@ -269,6 +269,8 @@ def dedup_report(planted: Planted, removed: list[dict], reason: str) -> dict:
         per_kind[kind] = len(caught) / len(copies)
     return {
         "removed": len(mine),
+        "right": right,
+        "expected": expected,
         "precision": right / len(mine) if mine else 1.0,
         "recall": right / expected,
         "per_kind": per_kind,
@@ -289,6 +291,8 @@ def decontamination_report(planted: Planted, removed: list[dict]) -> dict:
         per_kind[kind] = sum(1 for r in right if r["key"] in copies) / len(copies)
     return {
         "removed": len(mine),
+        "right": len(right),
+        "expected": planted.eval_copies,
         "precision": len(right) / len(mine) if mine else 1.0,
         "recall": len(right) / planted.eval_copies,
         "per_kind": per_kind,

@@ -51,8 +51,12 @@ def kept_keys(subset: Path) -> list[str]:
 # --- the search and the grouping -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("radius", [0, 3, 8, 11])
-def test_hamming_search_finds_exactly_the_brute_force_pairs(radius):
+@pytest.mark.parametrize("radius, table_from", [(0, 1), (3, 10**9), (8, 1), (8, 10**9), (11, 1)])
+def test_hamming_search_finds_exactly_the_brute_force_pairs(radius, table_from, monkeypatch):
+    """Both bucket lookups (a table over all chunk values, a binary search) at several radii."""
+    from data_pipeline.curate import near
+
+    monkeypatch.setattr(near, "TABLE_FROM", table_from)
     rng = np.random.default_rng(radius)
     entries = rng.integers(0, 2**64, size=2000, dtype=np.uint64)
     queries = entries[:300].copy()
