@@ -95,6 +95,11 @@ def add_parser(commands, environ: Mapping[str, str]) -> None:
     p.add_argument("--min-similarity", type=float, help="remove pairs scoring below this")
     p.add_argument("--keep-top", type=float, help="keep this fraction of pairs, by score")
     p.add_argument("--score-batch", type=int, default=32, help="pairs per scorer call")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="scorer device: cpu, cuda (this rank's GPU) or auto (cuda when visible)",
+    )
     p.add_argument("--min-caption-words", type=int)
     p.add_argument("--max-caption-words", type=int)
     p.add_argument(
@@ -133,6 +138,7 @@ def options_from_args(args: argparse.Namespace) -> CurateOptions:
         part_index=args.part_index,
         num_parts=args.num_parts,
         score_batch=args.score_batch,
+        device=args.device,
         cache_dir=args.cache_dir,
         overwrite=args.overwrite,
         progress=not args.no_progress and sys.stderr.isatty(),

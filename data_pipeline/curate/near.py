@@ -179,6 +179,24 @@ def cross_pairs(
     return NearPairs(a[agree], b[agree], d[agree], color[agree])
 
 
+def same_features(codes: np.ndarray, hists: np.ndarray) -> np.ndarray:
+    """(n,) for each image, the first image with exactly its features (every hash and the
+    colours): such copies are grouped before the search, whose pairs would otherwise grow with
+    the square of a much-repeated image (a placeholder, a logo)."""
+    n = len(codes)
+    rows = np.concatenate(
+        [
+            codes.view(np.uint8).reshape(n, -1),
+            np.ascontiguousarray(hists).view(np.uint8).reshape(n, -1),
+        ],
+        axis=1,
+    )
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    _, first, inverse = np.unique(rows, axis=0, return_index=True, return_inverse=True)
+    return first[inverse.reshape(-1)]
+
+
 def first_of_groups(pairs: NearPairs, n: int) -> Iterator[tuple[int, int, int]]:
     """(removed, kept, pair index): samples are taken in index order; one not yet removed is kept
     and removes every later sample it pairs with that is not yet removed. Deterministic, and a

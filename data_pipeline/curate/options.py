@@ -54,6 +54,9 @@ class CurateOptions:
     num_parts: int = 1
     score_batch: int = 32
     """Pairs per scorer call."""
+    device: str = "auto"
+    """Where the scorer runs: `cpu`, `cuda` (this rank's GPU: LOCAL_RANK or SLURM_LOCALID), or
+    `auto` (cuda when a GPU is visible)."""
     cache_dir: str | None = None
     """Node-local folder for copies of s3:// and http(s):// shards."""
     overwrite: bool = False
@@ -105,6 +108,8 @@ def validate_options(o: CurateOptions) -> None:
         raise CurateError(f"--min-caption-words {lo} is above --max-caption-words {hi}")
     if o.decontaminate_captions and not o.decontaminate:
         raise CurateError("--decontaminate-captions needs --decontaminate EVAL_SHARDS")
+    if o.device not in ("auto", "cpu", "cuda"):
+        raise CurateError(f"--device must be auto, cpu or cuda (got {o.device!r})")
     if o.workers < 1 or o.score_batch < 1:
         raise CurateError("--workers and --score-batch must be >= 1")
     if not 0 <= o.part_index < o.num_parts:

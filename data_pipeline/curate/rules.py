@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from data_pipeline.curate.features import hash_codes, histograms
-from data_pipeline.curate.near import cross_pairs, first_of_groups, near_pairs
+from data_pipeline.curate.near import cross_pairs, first_of_groups, near_pairs, same_features
 from data_pipeline.curate.options import CurateOptions
 
 REASONS = (
@@ -185,12 +185,25 @@ def exact_duplicates(s: Samples, d: Decisions) -> None:
 
 
 def near_duplicates(s: Samples, d: Decisions, o: CurateOptions) -> None:
+    """Images with identical features count as one in the search (their first stands for them);
+    the first of each group keeps, as if every image had been searched."""
     alive = np.flatnonzero(d.kept)
-    pairs = near_pairs(s.codes[alive], s.hists[alive], o.near_hamming, o.near_color)
-    for removed, kept, p in first_of_groups(pairs, len(alive)):
-        evidence = {"kept": s.ref(int(alive[kept])), "hamming": int(pairs.hamming[p])}
-        evidence["color_l1"] = round(float(pairs.color[p]), 4)
-        d.remove(int(alive[removed]), "near_duplicate", evidence)
+    leader = same_features(s.codes[alive], s.hists[alive])  # (n,) index into alive
+    reps = np.unique(leader)  # ascending: in sample order
+    slot = np.searchsorted(reps, leader)  # each sample's representative among reps
+    pairs = near_pairs(s.codes[alive[reps]], s.hists[alive[reps]], o.near_hamming, o.near_color)
+    claimed = {removed: (kept, p) for removed, kept, p in first_of_groups(pairs, len(reps))}
+    for i, rep in enumerate(slot.tolist()):
+        if rep in claimed:
+            kept, p = claimed[rep]
+            distance, color = int(pairs.hamming[p]), round(float(pairs.color[p]), 4)
+            first = alive[reps[kept]]
+        elif leader[i] != i:  # the same features as an earlier kept image
+            distance, color, first = 0, 0.0, alive[leader[i]]
+        else:
+            continue
+        evidence = {"kept": s.ref(int(first)), "hamming": distance, "color_l1": color}
+        d.remove(int(alive[i]), "near_duplicate", evidence)
 
 
 def similarity(s: Samples, d: Decisions, o: CurateOptions) -> None:

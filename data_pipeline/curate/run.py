@@ -101,7 +101,7 @@ def plan_tasks(
         return ShardTask(
             name, shard, sha, table_dir, state_dir,
             scorer=o.model if scored else None, scorer_id=scorer_id if scored else None,
-            score_batch=o.score_batch, cache_dir=o.cache_dir,
+            score_batch=o.score_batch, device=o.device, cache_dir=o.cache_dir,
         )  # fmt: skip
 
     tasks = [task(f"train-{i:06d}", s, bool(o.model)) for i, s in enumerate(train.shards)]

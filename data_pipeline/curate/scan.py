@@ -62,6 +62,7 @@ class ShardTask:
     scorer: str | None = None
     scorer_id: str | None = None
     score_batch: int = 32
+    device: str = "auto"
     cache_dir: str | None = None
 
     @property
@@ -162,7 +163,7 @@ def scorer_for(task: ShardTask, scorer_cache: dict | None):
 
     scorer_cache = {} if scorer_cache is None else scorer_cache
     if task.scorer not in scorer_cache:
-        scorer_cache[task.scorer] = load_scorer(task.scorer)
+        scorer_cache[task.scorer] = load_scorer(task.scorer, task.device)
     return scorer_cache[task.scorer]
 
 

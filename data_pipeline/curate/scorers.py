@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -68,7 +69,20 @@ def scorer_identity(spec: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def load_scorer(spec: str, device: str = "cpu") -> PairScorer:
+def scorer_device(device: str) -> str:
+    """`cpu`; `cuda` or `auto` with a GPU: this rank's (LOCAL_RANK, else SLURM_LOCALID)."""
+    import torch
+
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise CurateError("--device cuda: no GPU is visible here")
+    local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
+    return f"cuda:{local % torch.cuda.device_count()}"
+
+
+def load_scorer(spec: str, device: str = "auto") -> PairScorer:
+    device = scorer_device(device)
     if spec.startswith(OPEN_CLIP):
         return OpenClipScorer(*parse_open_clip(spec), device=device)
     return UMTScorer(spec, device)

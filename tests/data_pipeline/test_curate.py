@@ -324,3 +324,24 @@ def test_the_model_card_names_the_subset_and_its_rules(tmp_path):
     assert "`dedup`: ['exact']" in text and "`min_caption_words`: 7" in text
     assert "8 of 8 samples kept" in text and "removed: none" in text
     assert resolve_dataset(str(tmp_path / "d"), False).sources[0].subset is None
+
+
+def test_identical_images_searched_once_decide_as_if_each_were_searched(planted, table, tmp_path):
+    """Copies with identical features (byte copies, PNGs of the same pixels) stand in the search
+    as one: the decisions equal those of the search over every image, sample by sample."""
+    from data_pipeline.curate.near import near_pairs
+    from data_pipeline.curate.rules import Decisions, load_samples, near_duplicates
+
+    run(planted, table, tmp_path / "s", dedup=("near",))
+    done = sorted((tmp_path / "s/.umt-curate/done").glob("train-*.json"))
+    samples = load_samples([json.loads(p.read_text()) for p in done], table)
+    options = CurateOptions(["x"], "x", dedup=("near",))
+    grouped = Decisions([None] * len(samples), [None] * len(samples))
+    near_duplicates(samples, grouped, options)
+    pairs = near_pairs(samples.codes, samples.hists, options.near_hamming, options.near_color)
+    every = {removed: kept for removed, kept, _ in first_of_groups(pairs, len(samples))}
+    assert {i: e["kept"]["position"] + 64 * samples.shards.index(e["kept"]["shard"])
+            for i, e in enumerate(grouped.evidence) if e} == {
+        i: int(samples.position[k]) + 64 * int(samples.shard[k]) for i, k in every.items()
+    }  # fmt: skip
+    assert sum(r is not None for r in grouped.reason) > 300
