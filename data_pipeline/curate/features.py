@@ -61,16 +61,20 @@ def area_matrix(lo: float, hi: float) -> np.ndarray:
     return weights / weights.sum(axis=1, keepdims=True)
 
 
-def _view_matrices() -> tuple[np.ndarray, np.ndarray]:
+def _view_matrices() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row matrices of the distinct vertical spans (U, LOW, THUMB), each view's span (V,),
+    column matrices transposed (V, THUMB, LOW)): a view's low frequencies are
+    rows[span] @ grey @ cols; views share 7 vertical spans, computed once per image."""
     n = np.arange(DCT_SIDE)
     dct = 2 * np.cos(np.pi * np.outer(np.arange(LOW), 2 * n + 1) / (2 * DCT_SIDE))  # DCT-II rows
-    rows = np.stack([dct @ area_matrix(y0, y1) for _, y0, _, y1 in view_boxes()])
-    cols = np.stack([dct @ area_matrix(x0, x1) for x0, _, x1, _ in view_boxes()])
-    return rows, cols  # (V, LOW, THUMB) each
+    spans = sorted({(y0, y1) for _, y0, _, y1 in view_boxes()})
+    rows = np.stack([dct @ area_matrix(y0, y1) for y0, y1 in spans])
+    span = np.array([spans.index((y0, y1)) for _, y0, _, y1 in view_boxes()])
+    cols = np.stack([(dct @ area_matrix(x0, x1)).T for x0, _, x1, _ in view_boxes()])
+    return rows, span, cols
 
 
-ROWS, COLS = _view_matrices()
-COLS_T = np.ascontiguousarray(COLS.transpose(0, 2, 1))  # (V, THUMB, LOW)
+ROWS, VIEW_SPAN, COLS_T = _view_matrices()
 LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601, as PIL's "L"
 
 
@@ -93,10 +97,10 @@ def perceptual_hashes(thumbs: np.ndarray) -> list[bytes]:
     """(n, THUMB, THUMB, 3) uint8 thumbnails -> per image VIEWS x 8 bytes of 64-bit pHashes.
     Batched: the numpy calls are few whatever n (per image, their overhead was most of the cost)."""
     grey = thumbs.astype(np.float64) @ LUMA  # (n, THUMB, THUMB)
-    # Stacked products (V, LOW, THUMB) @ (THUMB, THUMB) @ (V, THUMB, LOW): numpy loops over the
-    # images and views itself; one (THUMB, V * LOW) product would go to a threaded BLAS, 100x
-    # slower on 2 shared cores at this size.
-    low = np.matmul(np.matmul(ROWS[None], grey[:, None]), COLS_T[None])  # (n, V, LOW, LOW)
+    # Stacked products: numpy loops over the images and views itself; one (THUMB, V * LOW)
+    # product would go to a threaded BLAS, 100x slower on 2 shared cores at this size.
+    by_span = np.matmul(ROWS[None], grey[:, None])  # (n, U, LOW, THUMB)
+    low = np.matmul(by_span[:, VIEW_SPAN], COLS_T[None])  # (n, V, LOW, LOW)
     low = low.reshape(-1, LOW * LOW)
     half = LOW * LOW // 2
     middle = np.partition(low, (half - 1, half), axis=1)[:, half - 1 : half + 1]

@@ -119,7 +119,7 @@ def shard_identity(task: ShardTask, cache: ShardCache | None) -> tuple[str, int 
         held.release()
 
 
-def scan_shard(task: ShardTask, scorer_cache: dict | None = None) -> dict:
+def scan_shard(task: ShardTask) -> dict:
     """Scan one shard (or reuse its tables), write its done-record and return it."""
     if (record := load_done(task)) is not None:
         return record
@@ -133,7 +133,7 @@ def scan_shard(task: ShardTask, scorer_cache: dict | None = None) -> dict:
     need_scores = scores_name is not None and not (tables / scores_name).is_file()
     errors: Counter = Counter()
     if need_hashes or need_scores:
-        scorer = scorer_for(task, scorer_cache) if need_scores else None
+        scorer = scorer_for(task) if need_scores else None
         rows, scores = read_shard(task, cache, scorer, features=need_hashes)
         if need_hashes:
             write_table(pa.Table.from_pylist(rows, schema=HASH_SCHEMA), tables / hashes_name)
@@ -157,14 +157,15 @@ def scan_shard(task: ShardTask, scorer_cache: dict | None = None) -> dict:
     return record
 
 
-def scorer_for(task: ShardTask, scorer_cache: dict | None):
-    """The task's scorer, loaded once per process."""
+_SCORERS: dict = {}  # spec -> scorer, loaded once per process (a worker scans many shards)
+
+
+def scorer_for(task: ShardTask):
     from data_pipeline.curate.scorers import load_scorer
 
-    scorer_cache = {} if scorer_cache is None else scorer_cache
-    if task.scorer not in scorer_cache:
-        scorer_cache[task.scorer] = load_scorer(task.scorer, task.device)
-    return scorer_cache[task.scorer]
+    if task.scorer not in _SCORERS:
+        _SCORERS[task.scorer] = load_scorer(task.scorer, task.device)
+    return _SCORERS[task.scorer]
 
 
 def read_shard(

@@ -345,3 +345,23 @@ def test_identical_images_searched_once_decide_as_if_each_were_searched(planted,
         i: int(samples.position[k]) + 64 * int(samples.shard[k]) for i, k in every.items()
     }  # fmt: skip
     assert sum(r is not None for r in grouped.reason) > 300
+
+
+def test_perceptual_hashes_are_the_median_bits_of_each_views_low_frequencies():
+    """The batched, shared-span computation equals pHash's definition view by view: the 8x8
+    lowest DCT-II frequencies of the view's 32x32 area resample, each bit "above the median"."""
+    from data_pipeline.curate import features
+
+    rng = np.random.default_rng(0)
+    thumbs = rng.integers(0, 256, size=(3, 64, 64, 3), dtype=np.uint8)
+    n = np.arange(32)
+    dct = 2 * np.cos(np.pi * np.outer(np.arange(8), 2 * n + 1) / 64)
+    for thumb, got in zip(thumbs, features.perceptual_hashes(thumbs)):
+        grey = thumb.astype(np.float64) @ features.LUMA
+        bits = []
+        for x0, y0, x1, y1 in features.view_boxes():
+            rows, cols = features.area_matrix(y0, y1), features.area_matrix(x0, x1)
+            low = (dct @ rows @ grey @ cols.T @ dct.T).ravel()
+            bits.append(low > np.median(low))
+        assert np.packbits(np.array(bits), axis=1).tobytes() == got
+    assert len(features.view_boxes()) == 19
