@@ -105,6 +105,19 @@ def hamming_pairs(
     return pair_q, pair_e, np.bitwise_count(queries[pair_q] ^ entries[pair_e])
 
 
+def least_per_pair(
+    a: np.ndarray, b: np.ndarray, d: np.ndarray, n_b: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs (a, b) found with distances d, several times some: each once, with its least
+    distance, sorted by a then b (b < n_b)."""
+    keyed = a * np.int64(n_b) + b
+    order = np.lexsort((d, keyed))  # by pair, least distance first
+    keyed, d = keyed[order], d[order]
+    first = np.concatenate([[True], keyed[1:] != keyed[:-1]]) if keyed.size else keyed.astype(bool)
+    keyed, d = keyed[first], d[first]
+    return keyed // n_b, keyed % n_b, d
+
+
 def view_pairs(
     query_codes: np.ndarray, entry_codes: np.ndarray, radius: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -113,13 +126,7 @@ def view_pairs(
     pair kept."""
     views = entry_codes.shape[1]
     q, e, d = hamming_pairs(query_codes[:, 0], entry_codes.reshape(-1), radius)
-    image = e // views
-    keyed = q * np.int64(len(entry_codes)) + image
-    order = np.lexsort((d, keyed))  # by pair, least distance first
-    keyed, d = keyed[order], d[order]
-    first = np.concatenate([[True], keyed[1:] != keyed[:-1]]) if keyed.size else keyed.astype(bool)
-    keyed, d = keyed[first], d[first]
-    return keyed // len(entry_codes), keyed % len(entry_codes), d
+    return least_per_pair(q, e // views, d, len(entry_codes))
 
 
 def color_distance(hist_a: np.ndarray, hist_b: np.ndarray) -> np.ndarray:
@@ -129,7 +136,7 @@ def color_distance(hist_a: np.ndarray, hist_b: np.ndarray) -> np.ndarray:
 
 @dataclass
 class NearPairs:
-    """Near-duplicate pairs (a < b, sample indices), with their evidence."""
+    """Near-duplicate pairs (sample indices a, b), with their evidence."""
 
     a: np.ndarray
     b: np.ndarray
@@ -137,22 +144,27 @@ class NearPairs:
     color: np.ndarray
 
 
+def colour_checked(
+    a: np.ndarray,
+    b: np.ndarray,
+    d: np.ndarray,
+    hists_a: np.ndarray,
+    hists_b: np.ndarray,
+    max_color: float,
+) -> NearPairs:
+    color = color_distance(hists_a[a], hists_b[b])
+    agree = color <= max_color
+    return NearPairs(a[agree], b[agree], d[agree], color[agree])
+
+
 def near_pairs(codes: np.ndarray, hists: np.ndarray, radius: int, max_color: float) -> NearPairs:
-    """Near-duplicate pairs among images (codes (n, VIEWS), histograms (n, 64)), either
+    """Near-duplicate pairs (a < b) among images (codes (n, VIEWS), histograms (n, 64)), either
     direction of the view match counted, the least distance kept, colours checked."""
     q, e, d = view_pairs(codes, codes, radius)
     other = q != e
     q, e, d = q[other], e[other], d[other]
-    a, b = np.minimum(q, e), np.maximum(q, e)
-    keyed = a * np.int64(len(codes)) + b
-    order = np.lexsort((d, keyed))
-    keyed, d = keyed[order], d[order]
-    first = np.concatenate([[True], keyed[1:] != keyed[:-1]]) if keyed.size else keyed.astype(bool)
-    keyed, d = keyed[first], d[first]
-    a, b = keyed // len(codes), keyed % len(codes)
-    color = color_distance(hists[a], hists[b])
-    agree = color <= max_color
-    return NearPairs(a[agree], b[agree], d[agree], color[agree])
+    a, b, d = least_per_pair(np.minimum(q, e), np.maximum(q, e), d, len(codes))
+    return colour_checked(a, b, d, hists, hists, max_color)
 
 
 def cross_pairs(
@@ -168,15 +180,8 @@ def cross_pairs(
     q1, e1, d1 = view_pairs(codes, other_codes, radius)
     q2, e2, d2 = view_pairs(other_codes, codes, radius)
     a, b, d = np.concatenate([q1, e2]), np.concatenate([e1, q2]), np.concatenate([d1, d2])
-    keyed = a * np.int64(len(other_codes)) + b
-    order = np.lexsort((d, keyed))
-    keyed, d = keyed[order], d[order]
-    first = np.concatenate([[True], keyed[1:] != keyed[:-1]]) if keyed.size else keyed.astype(bool)
-    keyed, d = keyed[first], d[first]
-    a, b = keyed // len(other_codes), keyed % len(other_codes)
-    color = color_distance(hists[a], other_hists[b])
-    agree = color <= max_color
-    return NearPairs(a[agree], b[agree], d[agree], color[agree])
+    a, b, d = least_per_pair(a, b, d, len(other_codes))
+    return colour_checked(a, b, d, hists, other_hists, max_color)
 
 
 def same_features(codes: np.ndarray, hists: np.ndarray) -> np.ndarray:
