@@ -3,6 +3,8 @@ training on its materialized shards, and the open_clip scorer."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -14,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, free_port
-from tests.data_pipeline.curate_cases import plant
+from tests.data_pipeline.curate_cases import plant, read_removed
 from tests.test_train import demo_shards, sample_log, scalars, train  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.slow
@@ -174,3 +176,37 @@ def test_open_clip_scorer_with_a_randomly_initialised_model(tmp_path):
     for r in removed:
         want = direct["scores"][direct["keys"].index(r["key"])]
         assert abs(r["evidence"]["score"] - want) < 1e-5
+
+
+def test_shards_in_object_storage_curate_to_the_local_subset(tmp_path):
+    """The same shards read from S3 (moto) and over HTTP (nginx): the same samples removed for
+    the same reasons and kept, and the remote subsets deal the same global order."""
+    from data_pipeline.curate.options import CurateOptions
+    from data_pipeline.curate.run import curate
+    from launch.data import main as data_main
+    from tests.storage_servers import moto_s3, nginx
+
+    planted = plant(tmp_path / "planted", scene_count=8, eval_scene_count=4)
+    rules = {"dedup": ("exact", "near"), "cache_dir": str(tmp_path / "cache")}
+
+    def decided(source: str, out: str) -> tuple[list, list]:
+        summary = curate(CurateOptions([source], str(tmp_path / out), **rules))
+        removed = [(r["key"], r["reason"]) for r in read_removed(tmp_path / out)]
+        assert summary.kept and removed
+        return removed, [s["kept"] for s in json.loads((tmp_path / out / "subset.json").read_text())["shards"]]  # fmt: skip
+
+    def order(subset: str) -> str:
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            assert data_main(["order", subset, "--batch-size", "8", "--global", "--sample-keys",
+                              "--steps", "5", "--cache-dir", str(tmp_path / "cache")]) == 0  # fmt: skip
+        return buffer.getvalue()
+
+    want, local_order = decided(str(planted.train), "local"), order(str(tmp_path / "local"))
+    assert local_order.count("\n") == 5
+    with moto_s3() as s3:
+        url = s3.upload_folder(planted.train, "planted/train")
+        assert decided(url, "s3") == want and order(str(tmp_path / "s3")) == local_order
+    with nginx(planted.train.parent, tmp_path / "nginx") as http:
+        assert decided(f"{http.base}/train/", "http") == want
+        assert order(str(tmp_path / "http")) == local_order
