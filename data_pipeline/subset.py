@@ -153,7 +153,11 @@ def check_sources(subset: Subset) -> None:
         now = manifests[folder].get(storage.basename(shard.path))
         if now != shard.manifest_sha256:
             said = f"sha256 {now[:12]}…" if now else "nothing of it"
-            raise SubsetError(changed(subset, shard, f"its folder's manifest now says {said}"))
+            then = shard.manifest_sha256
+            before = f"{then[:12]}… then" if then else "nothing of it then"
+            raise SubsetError(
+                changed(subset, shard, f"its folder's manifest says {said}, {before}")
+            )
         if not storage.is_remote(shard.path):
             if not storage.is_file(shard.path):
                 raise SubsetError(changed(subset, shard, "it is missing"))

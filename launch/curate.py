@@ -112,9 +112,7 @@ def add_parser(commands, environ: Mapping[str, str]) -> None:
     p.add_argument("--num-parts", type=int, default=num_parts, help="ranks splitting the shards")
     p.add_argument("--part-index", type=int, default=part_index, help="this rank")
     p.add_argument("--cache-dir", help="node-local folder for copies of remote shards")
-    p.add_argument(
-        "--overwrite", action="store_true", help="replace a subset of other options in --out"
-    )
+    p.add_argument("--overwrite", action="store_true", help="start --out over (its table is kept)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

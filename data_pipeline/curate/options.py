@@ -60,7 +60,7 @@ class CurateOptions:
     cache_dir: str | None = None
     """Node-local folder for copies of s3:// and http(s):// shards."""
     overwrite: bool = False
-    """Replace a subset of other options in OUT (its table is kept: it is keyed by content)."""
+    """Start OUT over, whatever it holds (its table is kept: it is keyed by content)."""
     progress: bool = False
 
     def rules(self) -> dict:
@@ -114,3 +114,7 @@ def validate_options(o: CurateOptions) -> None:
         raise CurateError("--workers and --score-batch must be >= 1")
     if not 0 <= o.part_index < o.num_parts:
         raise CurateError(f"rank {o.part_index} is not in [0, {o.num_parts})")
+    if o.overwrite and o.num_parts > 1:  # each rank would clear what the others wrote
+        raise CurateError(
+            "--overwrite starts the subset over: run it with one rank (or remove --out first)"
+        )

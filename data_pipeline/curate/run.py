@@ -136,29 +136,28 @@ def identity_differences(old: dict, new: dict) -> list[str]:
 
 
 def prepare_output(out: Path, identity: dict, overwrite: bool) -> None:
-    """Create `out`, or check that it holds this same run; refuse anything else."""
+    """Create `out`, or check that it holds this same run (then it resumes); refuse anything
+    else unless `overwrite`, which starts over (the tables, keyed by content, stay)."""
     state = out / STATE_DIR
     run_file = state / "run.json"
-    if run_file.is_file():
+    if not overwrite and run_file.is_file():
         old = json.loads(run_file.read_text(encoding="utf-8"))
         if old == identity:
             return
-        if not overwrite:
-            raise CurateError(
-                f"--out {out} holds a subset of other options ({'; '.join(identity_differences(old, identity))}); "
-                "pass --overwrite to replace it, or choose another --out (with --table "
-                f"{out / 'table'} to reuse its hashes and scores)"
-            )
-    elif (out / SUBSET_FILE).exists() or (out / REMOVED_FILE).exists():
-        if not overwrite:
-            raise CurateError(
-                f"--out {out} already holds a subset that this command did not make "
-                f"(no {STATE_DIR}/run.json); pass --overwrite to replace it"
-            )
-    if run_file.is_file() or overwrite:  # replaced: decisions go, tables (keyed by content) stay
-        shutil.rmtree(state, ignore_errors=True)
-        for name in (SUBSET_FILE, REMOVED_FILE):
-            (out / name).unlink(missing_ok=True)
+        differences = "; ".join(identity_differences(old, identity))
+        raise CurateError(
+            f"--out {out} holds a subset of other options ({differences}); pass --overwrite to "
+            f"replace it, or choose another --out (with --table {out / 'table'} to reuse its "
+            "hashes and scores)"
+        )
+    if not overwrite and ((out / SUBSET_FILE).exists() or (out / REMOVED_FILE).exists()):
+        raise CurateError(
+            f"--out {out} already holds a subset that this command did not make "
+            f"(no {STATE_DIR}/run.json); pass --overwrite to replace it"
+        )
+    shutil.rmtree(state, ignore_errors=True)
+    for name in (SUBSET_FILE, REMOVED_FILE):
+        (out / name).unlink(missing_ok=True)
     write_json_atomic(run_file, identity)
 
 
