@@ -11,7 +11,8 @@ A subset is a folder whose `subset.json` names source shards and the samples kep
                  "runs": [[0, 10], [12, 70]]}, ...]}
 
 `runs` are [first position, count] ranges of the kept samples, positions counting a tar's samples
-in stored order (its index). A shard with nothing kept is listed all the same (its sha256 is part
+in stored order (its index); `samples` is how many of the shard's samples were curated (all, or
+those a subset given as input kept). A shard with nothing kept is listed all the same (its sha256 is part
 of the record) but adds no sample. `sha256` and `bytes` are those of the file read;
 `manifest_sha256` what its folder's manifest said then (null without one). Beside it: `removed.jsonl` (each removed sample with its
 reason and evidence) and the per-sample table of hashes and scores.
@@ -47,7 +48,7 @@ class SubsetShard:
     sha256: str  # of the file as read
     bytes: int
     manifest_sha256: str | None  # its folder's manifest's entry when the subset was made
-    samples: int  # in the source shard
+    samples: int  # of the source shard, curated (all of it, or a subset's kept ones)
     kept: np.ndarray = field(compare=False, repr=False)  # (k,) positions kept, ascending
 
 
@@ -111,7 +112,7 @@ def read_subset_if_any(folder: str) -> Subset | None:
         shards = []
         for entry in data["shards"]:
             kept = positions_of(entry["runs"])
-            if len(kept) != int(entry["kept"]) or (kept.size and kept[-1] >= entry["samples"]):
+            if len(kept) != int(entry["kept"]) or len(kept) > int(entry["samples"]):
                 raise SubsetError(f"{where}: the runs of {entry['path']} do not match its counts")
             shards.append(
                 SubsetShard(

@@ -26,7 +26,7 @@ EXAMPLES = """examples:
   umt data curate shards/cc --out s --model open_clip:ViT-L-14:vitl14.pt --min-similarity 0.28
   umt data curate shards/cc --out s --dedup exact --materialize shards/cc-dedup
   torchrun --nproc_per_node 4 -m launch.cli data curate shards/cc --out s --dedup near
-  umt submit curate shards/cc --out s --tasks 8 -- --dedup exact,near
+  umt submit curate shards/cc --out s --nodes 2 --tasks-per-node 4 -- --dedup exact,near
 
 Run the same command again after an interruption: scanned shards are kept, the rest redone."""
 

@@ -250,6 +250,22 @@ def test_similarity_is_the_exports_cosine_and_keep_top_keeps_the_top(tmp_path):
     assert {r["reason"] for r in removed} == {"below_top_fraction"} and len(removed) == 14
 
 
+def test_a_subset_curated_again_refers_to_the_original_shards(planted, table, tmp_path):
+    """Curating a subset reads only its kept samples; the new subset names the source tars and
+    their positions, and keeps what both rules keep."""
+    run(planted, table, tmp_path / "first", dedup=("exact",))
+    curate(CurateOptions([str(tmp_path / "first")], str(tmp_path / "second"), dedup=("near",)))
+    first = json.loads((tmp_path / "first" / "subset.json").read_text())
+    second = json.loads((tmp_path / "second" / "subset.json").read_text())
+    assert [s["path"] for s in second["shards"]] == [
+        s["path"] for s in first["shards"] if s["kept"]
+    ]
+    assert second["samples"] == first["kept"]
+    both = run(planted, table, tmp_path / "both", dedup=("exact", "near"))
+    assert set(kept_keys(tmp_path / "second")) == set(kept_keys(tmp_path / "both"))
+    assert len(both) == len(planted.truth) - second["kept"]
+
+
 # --- bad input: one line, nothing lost -----------------------------------------------------------
 
 
