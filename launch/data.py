@@ -1,4 +1,4 @@
-"""`umt data`: inspect shards, index them, and print the sample order training sees.
+"""`umt data`: inspect shards, index them, print the sample order training sees, and curate them.
 
 `umt data order` runs the training loader itself (same global order, dealing rule and workers)
 with image decoding switched off, so it prints what a rank trains on, fast; `--global` prints
@@ -16,6 +16,7 @@ import math
 import os
 import sys
 from collections import Counter
+from pathlib import Path
 
 from data_pipeline import storage
 from data_pipeline.loader import (
@@ -35,8 +36,11 @@ from data_pipeline.loader.tar_index import (
     read_index,
     write_index,
 )
+from data_pipeline.shard.manifest import file_sha256
 from data_pipeline.shard_cache import ShardCache, default_cache_dir
 from data_pipeline.storage import StorageError
+from data_pipeline.subset import counts_by_source, read_subset_if_any, verify_sources
+from launch import curate as curate_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="print sample counts and show a few samples")
     inspect.add_argument("shards", help="shard folder, brace pattern, or comma-separated specs")
     inspect.add_argument("--samples", type=int, default=3, help="samples to show (default 3)")
+    inspect.add_argument(
+        "--verify",
+        action="store_true",
+        help="of a subset: recompute every source shard's sha256 against the one recorded",
+    )
     add_storage_options(inspect)
 
     index = commands.add_parser(
@@ -87,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_storage_options(order)
     order.add_argument("--cache-limit-gb", type=float, default=0.0, help="0: 90%% of free space")
     order.add_argument("--remote-read", choices=("cache", "range"), default="cache")
+    curate_cli.add_parser(commands, os.environ)
     return parser
 
 
@@ -103,12 +113,15 @@ def inspect_shards(args: argparse.Namespace, out: io.TextIOBase) -> int:
     from PIL import Image  # only inspect looks at image headers
 
     dataset = resolve_dataset(args.shards, resampled=True)
+    problems = []
     for source in dataset.sources:
         print(
             f"source {source.name}: {len(source.shards)} shards, {source.total_samples} samples "
             f"(weight {source.weight:g})",
             file=out,
         )
+        if source.subset is not None:
+            problems += describe_subset(source.subset["subset"], args, out)
     print(f"total: {dataset.total_samples} samples", file=out)
     errors: Counter = Counter()
     for sample in itertools.islice(
@@ -126,7 +139,41 @@ def inspect_shards(args: argparse.Namespace, out: io.TextIOBase) -> int:
         )
     if errors:
         print(f"skipped while reading: {dict(errors)}", file=out)
-    return 0
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    return 1 if problems else 0
+
+
+def describe_subset(location: str, args: argparse.Namespace, out: io.TextIOBase) -> list[str]:
+    """A subset's rules and its kept and removed counts by reason and by source folder; with
+    --verify, every source shard's sha256 checked (the problems returned, one line each)."""
+    subset = read_subset_if_any(location)
+    m = subset.manifest
+    rules = ", ".join(f"{k}={v}" for k, v in m["rules"].items() if v not in (None, [], False))
+    print(f"  subset of {', '.join(m['sources'])}: {m['kept']} of {m['samples']} samples kept; "
+          f"rules: {rules or 'none'}", file=out)  # fmt: skip
+    for folder, counts in counts_by_source(subset).items():
+        removed = {k: n for k, n in sorted(counts.items()) if k != "kept"}
+        reasons = ", ".join(f"{k} {n}" for k, n in removed.items())
+        print(f"  {folder}: {counts['kept']} kept, {sum(removed.values())} removed"
+              + (f" ({reasons})" if reasons else ""), file=out)  # fmt: skip
+    if not args.verify:
+        return []
+    cache = ShardCache(args.cache_dir or default_cache_dir())
+
+    def sha256_of(path: str) -> str:
+        if not storage.is_remote(path):
+            return file_sha256(Path(path))
+        held = cache.acquire(path)
+        try:
+            return file_sha256(held.path)
+        finally:
+            held.release()
+
+    problems = verify_sources(subset, sha256_of)
+    print(f"  verified: {len(subset.shards) - len(problems)} of {len(subset.shards)} source "
+          "shards have the recorded sha256", file=out)  # fmt: skip
+    return problems
 
 
 def find_tars(spec: str) -> list[str]:
@@ -255,6 +302,8 @@ def print_global_order(loader, args: argparse.Namespace, steps: int, out: io.Tex
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "curate":
+        return curate_cli.run(args)
     try:
         if args.command == "inspect":
             return inspect_shards(args, sys.stdout)

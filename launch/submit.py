@@ -1,4 +1,4 @@
-"""`umt submit train|shard|eval`: render a `slurm/*.sbatch` template from options (and, for
+"""`umt submit train|shard|eval|curate`: render a `slurm/*.sbatch` template from options (and, for
 training, the config), write it into the run's folder and `sbatch` it.
 
 Every value a user fills in comes from an option here, never from editing a script: partition,
@@ -31,7 +31,9 @@ EXAMPLES = """examples:
       --dry-run -- train.steps=50 output_dir=runs/try
   umt submit shard pairs.parquet --out shards/web --parts 16 --cpus-per-task 8 -- --maxcount 5000
   umt submit eval --model runs/x/checkpoints --shards coco-test/ --out runs/x/coco.json \\
-      --gpus-per-node 1 -- --itm-rerank 256"""
+      --gpus-per-node 1 -- --itm-rerank 256
+  umt submit curate shards/cc --out subsets/cc --nodes 2 --tasks-per-node 4 \\
+      --cpus-per-task 8 -- --dedup exact,near --decontaminate shards/coco_test"""
 
 
 class SubmitError(RuntimeError):
@@ -71,6 +73,7 @@ QUOTED_FIELDS = {
     "accelerate_args",
     "shard_args",
     "eval_args",
+    "curate_args",
     "out",
     "python",
 }  # shlex-quoted here
@@ -173,8 +176,8 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
     job.add_argument(
         "--cpus-per-task",
         type=int,
-        help="CPUs per task (default: train, data.train.num_workers + 2 per rank; shard 4; eval "
-        "8; capped to fit the partition's nodes)",
+        help="CPUs per task (default: train, data.train.num_workers + 2 per rank; shard and "
+        "curate 4; eval 8; capped to fit the partition's nodes)",
     )
     job.add_argument("--job-name", help="job name (default: umt-<what>-<folder name>)")
     job.add_argument(
@@ -605,7 +608,18 @@ def submit_eval(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": submit_train, "shard": submit_shard, "eval": submit_eval}
+def submit_curate(argv: list[str]) -> int:
+    from launch.submit_curate import submit_curate as submit  # its own module: this one is full
+
+    return submit(argv)
+
+
+COMMANDS = {
+    "train": submit_train,
+    "shard": submit_shard,
+    "eval": submit_eval,
+    "curate": submit_curate,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -169,3 +169,16 @@ def test_loader_throughput_quick_compares_every_contender_on_the_same_samples():
         assert float(values[f"vs_{contender}"]) > 0
     # mosaic streaming is installed by the benchmark itself; without it, the reason is printed
     assert "vs_mosaic" in values or "mosaic streaming left out:" in out
+
+
+@pytest.mark.slow
+def test_curation_benchmarks_quick_print_their_summaries():
+    out = run(sys.executable, "benchmarks/curate_throughput.py", "--quick", "--images", "60")
+    values = summary(out)
+    assert float(values["hash_ips_per_core"]) > 0 and float(values["shard_ips_per_core"]) > 0
+    assert float(values["hash_over_shard_time"]) > 0
+    for preset in ("tiny", "small"):
+        assert float(values[f"score_{preset}_sps"]) > 0 and float(values[f"model_{preset}_sps"]) > 0
+    values = summary(run(sys.executable, "benchmarks/curate_quality.py", "--seeds", "0"))
+    assert float(values["near_precision"]) >= 0.98 and float(values["near_recall"]) >= 0.95
+    assert float(values["decontaminate_recall"]) >= 0.95

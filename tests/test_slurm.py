@@ -606,3 +606,36 @@ def test_eval_job_writes_the_report_a_local_eval_writes(own_data, own_run, parti
     assert report.is_file(), logs(report.parent)[-6000:]
     local = json.loads((own_data / "local.json").read_text())
     assert json.loads(report.read_text())["itc"] == local["itc"]
+
+
+def test_curate_job_writes_the_subset_a_local_run_writes(tmp_path, partition, jobs, capsys):
+    """`umt submit curate`: 2 tasks split the shards and the last one writes the subset; its
+    bytes equal a one-process run's. The options after -- are checked before sbatch."""
+    from tests.data_pipeline.curate_cases import plant
+
+    planted = plant(tmp_path / "planted", scene_count=8, eval_scene_count=4)
+    options = ["--dedup", "exact,near", "--decontaminate", str(planted.eval)]
+    local = tmp_path / "local"
+    subprocess.run(
+        [sys.executable, "-m", "launch.cli", "data", "curate", str(planted.train), "--out",
+         str(local), *options],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True, capture_output=True,
+    )  # fmt: skip
+    job_dir = tmp_path / "job"
+    common = [
+        "curate", str(planted.train), f"--out={job_dir}", "--tasks-per-node=2",
+        "--cpus-per-task=1", "--time=00:10:00", f"--partition={partition}",
+    ]  # fmt: skip
+    assert submit_module.main([*common, "--dry-run", "--", "--keep-top=2"]) == 2
+    assert "--keep-top must be in (0, 1]" in capsys.readouterr().err
+    assert submit_module.main([*common, "--dry-run", "--", *options]) == 0
+    (tmp_path / "curate.sbatch").write_text(capsys.readouterr().out)
+    assert_sbatch_accepts(tmp_path / "curate.sbatch")
+    proc = umt_submit(*common, "--", *options, cwd=tmp_path)
+    [job_id] = submitted_ids(proc.stdout)
+    jobs.append(job_id)
+    info = wait_for_job(job_id, job_dir)
+    assert info["JobState"] == "COMPLETED", logs(job_dir)[-6000:]
+    assert "the last rank to finish writes the subset" in logs(job_dir)
+    for name in ("subset.json", "removed.jsonl"):
+        assert (job_dir / name).read_bytes() == (local / name).read_bytes(), name

@@ -108,7 +108,27 @@ def _data_section(data: dict | None, cfg: dict) -> str:
         lines.append(
             f"| {source['name']} | {source['samples']:,} | {source['shards']:,} | {weight} |"
         )
+    for source in data.get("sources", []):
+        if source.get("subset"):
+            lines += ["", _subset_lines(source["name"], source["subset"])]
     return "\n".join(lines)
+
+
+def _subset_lines(name: str, subset: dict) -> str:
+    """A curated source: where its subset is, what it was made from and by which rules."""
+    rules = subset.get("rules", {})
+    named = [f"`{k}`: {v}" for k, v in rules.items() if v not in (None, [], False, "")]
+    removed = ", ".join(f"{reason} {n:,}" for reason, n in subset.get("removed", {}).items())
+    return "\n".join(
+        [
+            f"Source `{name}` is the subset `{subset.get('subset')}` (`umt data curate`) of "
+            f"{', '.join(f'`{s}`' for s in subset.get('sources', []))}: "
+            f"{subset.get('kept', 0):,} of {subset.get('samples', 0):,} samples kept.",
+            "",
+            f"- rules: {'; '.join(named) or 'none'}",
+            f"- removed: {removed or 'none'}",
+        ]
+    )
 
 
 def _eval_section(evaluation: dict | None) -> str:

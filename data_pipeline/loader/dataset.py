@@ -3,6 +3,10 @@
 Counts come from `manifest.json` (what `umt shard` writes) or open_clip's `sizes.json`; for
 shards named by a pattern with neither beside them, from their index files, else by reading
 their tar headers. Only counts are needed to plan the order: no shard is opened to start.
+
+A subset folder (`subset.json`, written by `umt data curate`) is a source too: its shards are the
+source shards that keep samples, each counting only those; `Dataset.locate` maps a sample to its
+position in the tar, so the order, dealing and resume work over the kept samples alone.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import numpy as np
@@ -18,6 +22,7 @@ import numpy as np
 from data_pipeline import storage
 from data_pipeline.loader.config import LoaderConfigError
 from data_pipeline.loader.tar_index import TarIndexError, load_index
+from data_pipeline.subset import SubsetError, check_sources, read_subset_if_any
 
 MANIFEST_FORMAT_VERSION = 1
 
@@ -25,8 +30,10 @@ MANIFEST_FORMAT_VERSION = 1
 @dataclass(frozen=True)
 class Shard:
     path: str
-    count: int  # samples, from the manifest (or the index)
+    count: int  # samples, from the manifest (or the index); of a subset shard, those kept
     bytes: int | None = None  # the tar's size, where the manifest says (checked on download)
+    # A subset's shard: the tar positions of its kept samples, ascending (None: every sample).
+    kept: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,7 @@ class Source:
     name: str
     shards: tuple[Shard, ...]
     weight: float
+    subset: dict | None = field(default=None, compare=False)  # a subset's summary (its rules)
 
     @property
     def total_samples(self) -> int:
@@ -75,17 +83,34 @@ class Dataset:
         return int(self.counts.sum())
 
     def locate(self, sample_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Global sample ids -> (shard indices, indices within the shard)."""
+        """Global sample ids -> (shard indices, sample indices in the tar)."""
         shard = np.searchsorted(self.starts, sample_ids, side="right") - 1
-        return shard, sample_ids - self.starts[shard]
+        index = np.asarray(sample_ids - self.starts[shard])
+        for s in np.unique(shard) if self.has_subsets else ():
+            kept = self.shards[int(s)].kept
+            if kept is not None:
+                mine = shard == s
+                index[mine] = kept[index[mine]]
+        return shard, index
+
+    @cached_property
+    def has_subsets(self) -> bool:
+        return any(sh.kept is not None for sh in self.shards)
 
     def digest(self) -> str:
-        """Short hash of shard names, counts and weights: a resumed state must see the same data."""
+        """Short hash of shard names, counts and weights (and a subset's kept positions): a
+        resumed state must see the same data."""
         listing = [
-            (s.name, s.weight, [(storage.basename(sh.path), sh.count) for sh in s.shards])
-            for s in self.sources
+            (s.name, s.weight, [_shard_listing(sh) for sh in s.shards]) for s in self.sources
         ]
         return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+
+
+def _shard_listing(shard: Shard) -> tuple:
+    entry = (storage.basename(shard.path), shard.count)
+    if shard.kept is None:
+        return entry
+    return (*entry, hashlib.sha256(shard.kept.astype("<i8").tobytes()).hexdigest()[:16])
 
 
 _NAME = re.compile(r"^([A-Za-z_][\w.-]*)=(.+)$")
@@ -191,6 +216,8 @@ def resolve_source(spec: SourceSpec, index: int) -> Source:
     location = storage.normalize(spec.location)
     if storage.is_dir(location):
         counts = read_shard_counts(location)
+        if counts is None and (subset := read_subset_source(location, spec)) is not None:
+            return subset
         if counts is None:
             raise LoaderConfigError(
                 f"data.shards: {location} has no manifest.json or sizes.json; write one with "
@@ -221,6 +248,23 @@ def resolve_source(spec: SourceSpec, index: int) -> Source:
         count, size = known[name] if name in known else (count_samples(p), None)
         shards.append(Shard(p, count, size))
     return Source(spec.name or default_name, tuple(shards), spec.weight or 1.0)
+
+
+def read_subset_source(location: str, spec: SourceSpec) -> Source | None:
+    """A subset folder as a source: the source shards keeping samples, their kept positions;
+    None when `location` holds no subset. Refused when a source shard changed since."""
+    try:
+        subset = read_subset_if_any(location)
+        if subset is None:
+            return None
+        check_sources(subset)
+    except SubsetError as exc:
+        raise LoaderConfigError(f"data.shards: {exc}") from None
+    shards = tuple(
+        Shard(s.path, len(s.kept), s.bytes, s.kept) for s in subset.shards if len(s.kept)
+    )
+    name = spec.name or storage.basename(location)
+    return Source(name, shards, spec.weight or 1.0, subset.summary())
 
 
 def resolve_dataset(shards: str | list[str], resampled: bool) -> Dataset:

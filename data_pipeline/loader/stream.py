@@ -292,6 +292,7 @@ class StreamingLoader:
                     "samples": s.total_samples,
                     "shards": len(s.shards),
                     "weight": s.weight,
+                    **({"subset": s.subset} if s.subset else {}),  # `umt data curate`'s rules
                 }
                 for s in dataset.sources
             ],
@@ -368,11 +369,20 @@ def iter_raw_samples(
     shards: str | list[str], errors: Counter | None = None, cache_dir: str | None = None
 ) -> Iterator[RawSample]:
     """Every sample of the given shards in stored order, no shuffling (evaluation, inspection);
-    remote shards through the node cache."""
+    remote shards through the node cache. Of a subset's shard, its kept samples only."""
     errors = Counter() if errors is None else errors
     dataset = resolve_dataset(shards, resampled=True)  # True: accept `:weight` specs too
     cache = None
     if any(storage.is_remote(s.path) for s in dataset.shards):
         cache = ShardCache(cache_dir or default_cache_dir())
     for shard in dataset.shards:
-        yield from read_tar_samples(shard, errors, cache)
+        if shard.kept is None:
+            yield from read_tar_samples(shard, errors, cache)
+            continue
+        reader = ShardReader((shard,), cache, keep_open=1)
+        try:
+            for position in shard.kept.tolist():
+                if (sample := reader.read(0, position, errors)) is not None:
+                    yield sample
+        finally:
+            reader.close()
