@@ -12,6 +12,9 @@ Storage (`data_pipeline.storage`):
 Sharding (`data_pipeline.shard.write`):
 - UMT_SHARD_FAILPOINT=SHARD:N | SHARD:renamed | SHARD:published: SIGKILL the sharder's process
   group after N samples of that shard are written, after its rename, or after its publication.
+Curation (`data_pipeline.curate.scan`):
+- UMT_CURATE_FAILPOINT=TASK | finalize: SIGKILL the curation's process group when that task's
+  results are written, or before the subset's manifest is.
 
 This module sits on the lowest floor (the data side) so that every component can read it.
 """
@@ -28,6 +31,7 @@ NAN_AT_STEP = "UMT_FAULT_NAN_AT_STEP"
 DATA_STALL = "UMT_FAULT_DATA_STALL"
 KILL_IN_DOWNLOAD = "UMT_FAULT_KILL_IN_DOWNLOAD"
 SHARD_FAILPOINT = "UMT_SHARD_FAILPOINT"
+CURATE_FAILPOINT = "UMT_CURATE_FAILPOINT"
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,10 @@ def kill_in_download() -> bool:
 
 def shard_failpoint() -> str:
     return os.environ.get(SHARD_FAILPOINT, "")
+
+
+def curate_failpoint() -> str:
+    return os.environ.get(CURATE_FAILPOINT, "")
 
 
 def kill_self() -> None:

@@ -21,15 +21,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_pipeline import storage
+from data_pipeline import faults, storage
 from data_pipeline.curate.features import FEATURES_VERSION, FeatureBatch, decode_rgb
 from data_pipeline.loader.dataset import Shard
 from data_pipeline.loader.reader import ShardReader
 from data_pipeline.shard.manifest import file_sha256, write_json_atomic
-from data_pipeline.shard.write import trigger_failpoint
 from data_pipeline.shard_cache import ShardCache, default_cache_dir
 
-FAILPOINT_ENV = "UMT_CURATE_FAILPOINT"  # test hook: "{task name}" or "finalize"
+FAILPOINT_ENV = faults.CURATE_FAILPOINT  # test hook: "{task name}" or "finalize"
 FEATURE_BATCH = 256  # images whose thumbnail features are computed together
 
 HASH_SCHEMA = pa.schema(
@@ -239,4 +238,4 @@ def write_table(table: pa.Table, path: Path) -> None:
 
 def failpoint(here: str) -> None:
     """Test hook (UMT_CURATE_FAILPOINT): SIGKILL the run and its workers at a set point."""
-    trigger_failpoint(os.environ.get(FAILPOINT_ENV, ""), here)
+    faults.trigger_failpoint(faults.curate_failpoint(), here)

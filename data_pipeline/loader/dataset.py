@@ -105,6 +105,25 @@ class Dataset:
         ]
         return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
 
+    def summary(self) -> dict:
+        """What a checkpoint records of its training data (the model card of an export says it):
+        the digest, samples per epoch, shards, and each source (with a subset's rules)."""
+        return {
+            "digest": self.digest(),
+            "samples": self.total_samples,
+            "shards": len(self.shards),
+            "sources": [
+                {
+                    "name": s.name,
+                    "samples": s.total_samples,
+                    "shards": len(s.shards),
+                    "weight": s.weight,
+                    **({"subset": s.subset} if s.subset else {}),  # `umt data curate`'s rules
+                }
+                for s in self.sources
+            ],
+        }
+
 
 def _shard_listing(shard: Shard) -> tuple:
     entry = (storage.basename(shard.path), shard.count)

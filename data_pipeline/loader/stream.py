@@ -279,24 +279,8 @@ class StreamingLoader:
         return dict(self._io)
 
     def summary(self) -> dict[str, Any]:
-        """What a checkpoint records of its training data (the model card of an export says it):
-        the dataset digest (shard names and counts), samples per epoch and the sources."""
-        dataset = self.dataset
-        return {
-            "digest": dataset.digest(),
-            "samples": dataset.total_samples,
-            "shards": len(dataset.shards),
-            "sources": [
-                {
-                    "name": s.name,
-                    "samples": s.total_samples,
-                    "shards": len(s.shards),
-                    "weight": s.weight,
-                    **({"subset": s.subset} if s.subset else {}),  # `umt data curate`'s rules
-                }
-                for s in dataset.sources
-            ],
-        }
+        """What a checkpoint records of its training data (`Dataset.summary`)."""
+        return self.dataset.summary()
 
     def state_dict(self) -> dict[str, Any]:
         """The stream position reached, plain JSON; the same on every rank."""

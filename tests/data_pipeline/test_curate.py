@@ -325,17 +325,14 @@ def test_another_run_into_the_same_folder_is_refused_then_replaced_on_request(tm
 
 def test_the_model_card_names_the_subset_and_its_rules(tmp_path):
     from umt.model_card import _data_section
-    from umt.train import data_summary
 
     write_dataset(tmp_path / "d", [4, 4])  # captions of 7 words
     options = CurateOptions([str(tmp_path / "d")], str(tmp_path / "s"), dedup=("exact",))
     options.min_caption_words = options.max_caption_words = 7
     curate(options)
 
-    class Run:  # what `data_summary` reads of a training run: its loader's dataset
-        dataset = resolve_dataset(str(tmp_path / "s"), False)
-
-    text = _data_section(data_summary(Run()), {"data": {"train": {"shards": str(tmp_path / "s")}}})
+    summary = resolve_dataset(str(tmp_path / "s"), False).summary()  # what a checkpoint records
+    text = _data_section(summary, {"data": {"train": {"shards": str(tmp_path / "s")}}})
     assert f"is the subset `{tmp_path / 's'}`" in text and f"of `{tmp_path / 'd'}`" in text
     assert "`dedup`: ['exact']" in text and "`min_caption_words`: 7" in text
     assert "8 of 8 samples kept" in text and "removed: none" in text
