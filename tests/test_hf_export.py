@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import REPO, write_tiny_towers
 from tests.test_daily_jobs import TINY, umt
 
 pytestmark = pytest.mark.slow
@@ -20,7 +20,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
-    """4 steps on real shards, checkpoints and retrieval evaluation at steps 2 and 4."""
+    """4 steps on real shards from pretrained towers of non-default settings (local folders),
+    checkpoints and retrieval evaluation at steps 2 and 4."""
     from data_pipeline.builtin import write_split, write_tokenizer
     from data_pipeline.shard import ShardOptions, shard_dataset
 
@@ -28,11 +29,12 @@ def run(tmp_path_factory) -> Path:
     table = write_split(root / "data", "train", 24, 32)
     shard_dataset(table, root / "shards", ShardOptions(resize="none", maxcount=12))
     write_tokenizer(root / "tokenizer")
+    bert, vit = write_tiny_towers(root / "towers")
     umt(
         "train", f"output_dir={root / 'run'}", f"data.train.shards={root / 'shards'}",
         f"data.eval.shards={root / 'shards'}", f"data.tokenizer={root / 'tokenizer'}",
         "train.steps=4", "checkpoint.every_steps=2", "checkpoint.keep=5", "eval.every_steps=2",
-        "model.mlm=true", *TINY,
+        "model.mlm=true", *TINY, f"model.text.pretrained={bert}", f"model.image.pretrained={vit}",
     )  # fmt: skip
     return root / "run"
 
@@ -89,6 +91,36 @@ def test_an_export_loads_with_automodel_and_equals_umt_load(export):
         tokenizer(text, padding="longest", return_tensors="pt")["input_ids"],
         processor(text=text)["input_ids"],
     )
+
+
+def test_pretrained_towers_come_back_exactly_from_the_export_and_the_checkpoint(run, export):
+    """The towers' own settings (relu / gelu_new, norm epsilons, one token type, no QKV bias)
+    travel with the run: export -> umt.load, AutoModel, and checkpoint -> evaluation's loader
+    equal the trained model (its towers built from the pretrained folders) bit for bit."""
+    from transformers import AutoModel
+
+    import umt
+    from umt import checkpoint
+    from umt.export import consolidate, load_model
+    from umt.model import build_model, model_config_from_dict
+
+    ref = checkpoint.resolve(str(run / "checkpoints"), run / "checkpoints", flag="checkpoint")
+    trained_cfg = model_config_from_dict(checkpoint.read_meta(ref)["config"]["model"])
+    assert trained_cfg.text.architecture["hidden_act"] == "relu"
+    assert trained_cfg.image.architecture["layer_norm_eps"] == 1e-6
+    trained = build_model(trained_cfg, log_table=False)  # towers from the folders again
+    trained.load_state_dict(consolidate(ref), strict=True)
+    trained.eval()
+    rebuilt = {
+        "umt.load": umt.load(export)[0],
+        "AutoModel": AutoModel.from_pretrained(export).umt,
+        "checkpoint": load_model(run / "checkpoints")[0],
+    }
+    ids, mask, pixels = inputs()
+    want = outputs(trained, ids, mask, pixels)
+    for name, model in rebuilt.items():
+        got = outputs(model, ids, mask, pixels)
+        assert all(torch.equal(a, b) for a, b in zip(want, got)), name
 
 
 def test_save_pretrained_round_trips_bit_for_bit(export, tmp_path):

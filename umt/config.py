@@ -227,6 +227,9 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
+    elif tp is dict:
+        if isinstance(value, dict):
+            return value
     elif tp is Any:
         return value
     raise ConfigError(f"{key} must be {_type_name(tp)} (got {value!r}){source}")

@@ -24,6 +24,7 @@ from PIL import Image
 
 from umt import checkpoint
 from umt.model import UnifiedMultimodalTransformer, build_model, model_config_from_dict
+from umt.model.config import for_saved_weights
 
 log = logging.getLogger("umt.export")
 EXPORT_VERSION = 2
@@ -219,10 +220,7 @@ def load(
         model_cfg = model_config_from_dict(manifest["model"])
     except (ValueError, KeyError, TypeError) as exc:
         raise ExportError(f"{manifest_path}: not a UMT export manifest ({exc})") from None
-    # The weights come from the export: build the towers from config, not from the Hub.
-    model_cfg.text.pretrained = None
-    model_cfg.image.pretrained = None
-    model = build_model(model_cfg, log_table=False)
+    model = build_model(for_saved_weights(model_cfg, str(path)), log_table=False)
     try:
         state = load_file(str(path / WEIGHTS))
     except FileNotFoundError:
@@ -275,8 +273,7 @@ def load_model(
     cfg = checkpoint.read_meta(ref).get("config") or {}
     if "model" not in cfg:
         raise ExportError(f"{ref.path}: the checkpoint carries no model config")
-    model_cfg = model_config_from_dict(cfg["model"])
-    model_cfg.text.pretrained = model_cfg.image.pretrained = None
+    model_cfg = for_saved_weights(model_config_from_dict(cfg["model"]), str(ref.path))
     model = build_model(model_cfg, log_table=False)
     model.load_state_dict(consolidate(ref), strict=True)
     model.to(device).eval()

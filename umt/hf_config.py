@@ -28,9 +28,7 @@ class UMTConfig(PretrainedConfig):
 
     def model_config(self):
         """The typed `ModelConfig`; towers are built from it, never fetched from the Hub."""
-        from umt.model.config import model_config_from_dict  # the model package is heavy
+        from umt.model.config import for_saved_weights, model_config_from_dict  # heavy package
 
         cfg = model_config_from_dict(self.umt_model)
-        cfg.text.pretrained = None
-        cfg.image.pretrained = None
-        return cfg
+        return for_saved_weights(cfg, self.name_or_path or "UMTConfig")
