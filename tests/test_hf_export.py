@@ -123,6 +123,40 @@ def test_pretrained_towers_come_back_exactly_from_the_export_and_the_checkpoint(
         assert all(torch.equal(a, b) for a, b in zip(want, got)), name
 
 
+def test_deepspeeds_zero_to_fp32_reads_the_checkpoint_root_and_equals_the_export(
+    run, export, tmp_path
+):
+    """DeepSpeed's own `zero_to_fp32.py` (copied into `checkpoints/` by DeepSpeed) consolidates
+    the newest checkpoint from the root, another with `-t stepN`, and refuses a step folder
+    (it looks for `latest` in the folder it is given)."""
+    from safetensors.torch import load_file
+
+    from umt import checkpoint
+    from umt.export import consolidate
+
+    root = run / "checkpoints"
+
+    def zero_to_fp32(folder: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, str(root / "zero_to_fp32.py"), str(folder), str(out),
+             "--safe_serialization", *args],
+            cwd=REPO, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+
+    proc = zero_to_fp32(root, tmp_path / "newest")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    theirs = load_file(tmp_path / "newest" / "model.safetensors")
+    ours = {k.removeprefix("umt."): v for k, v in load_file(export / "model.safetensors").items()}
+    assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
+    proc = zero_to_fp32(root, tmp_path / "step2", "-t", "step2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    step2 = consolidate(checkpoint.resolve(str(root / "step2"), root / "step2", flag="ckpt"))
+    theirs = load_file(tmp_path / "step2" / "model.safetensors")
+    assert theirs.keys() == step2.keys() and all(torch.equal(theirs[k], step2[k]) for k in step2)
+    proc = zero_to_fp32(root / "step4", tmp_path / "refused")
+    assert proc.returncode != 0 and "Unable to find 'latest' file" in proc.stderr
+
+
 def test_save_pretrained_round_trips_bit_for_bit(export, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModel
