@@ -90,6 +90,15 @@ def test_resolved_config_round_trips(tmp_path):
     assert again == cfg
 
 
+def test_a_recorded_tower_architecture_round_trips_and_must_be_a_mapping(tmp_path):
+    cfg = load_config(None, SYNTH)
+    cfg.model.text.architecture = {"model_type": "bert", "hidden_act": "relu", "id2label": {0: "A"}}
+    save_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml") == cfg
+    with pytest.raises(ConfigError, match="model.image.architecture must be dict"):
+        load_config(None, [*SYNTH, "model.image.architecture=relu"])
+
+
 def test_deepspeed_config_on_cpu_is_fp32_with_explicit_clipping():
     cfg = load_config(None, [*SYNTH, "zero.stage=3", "train.grad_clip=0.5"])
     ds = deepspeed_config(cfg, 2, torch.device("cpu"), load_universal=True)
