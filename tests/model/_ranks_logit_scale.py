@@ -15,7 +15,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from umt.model.unified import LogitScale  # noqa: E402
+from umt.model.training import DeepSpeedLogitScale  # noqa: E402
 
 STEPS, LR = 80, 0.05
 TARGETS = [200.0] * (STEPS // 2) + [30.0] * (STEPS // 2)
@@ -24,7 +24,7 @@ TARGETS = [200.0] * (STEPS // 2) + [30.0] * (STEPS // 2)
 class Toy(nn.Module):
     def __init__(self):
         super().__init__()
-        self.logit_scale = LogitScale(math.log(1 / 0.07), math.log(100))
+        self.logit_scale = DeepSpeedLogitScale(math.log(1 / 0.07), math.log(100))
         self.other = nn.Linear(4, 4)  # something else for ZeRO to partition
 
     def forward(self, target: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import json
 import torch
 from transformers import BertConfig, BertModel, ViTConfig, ViTModel
 
-from umt.model.config import ImageTowerConfig, TextTowerConfig
+from .config import ImageTowerConfig, TextTowerConfig
 
 
 def build_text_tower(cfg: TextTowerConfig) -> BertModel:

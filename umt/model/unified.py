@@ -1,17 +1,24 @@
-"""`UnifiedMultimodalTransformer`: text tower + image tower + fusion transformer + heads."""
+"""`UnifiedMultimodalTransformer`: text tower + image tower + fusion transformer + heads.
+
+Like every module of `umt/model/` but `__init__` and `training`, this one imports only torch,
+transformers and its siblings (relative imports): an export carries it as remote code, which
+transformers loads where UMT is not installed. The training parts (the pretraining losses,
+DeepSpeed's master copy of the logit scale) are given to the model by `build_model`.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from umt.model.config import ModelConfig, check_fusion
-from umt.model.fusion import FusionTransformer
-from umt.objectives.pretrain import ObjectiveConfig, PretrainOutput, pretraining_losses
+from .config import ModelConfig, check_fusion
+from .fusion import FusionTransformer
+from .towers import build_image_tower, build_text_tower
 
 
 class TextFeatures(NamedTuple):
@@ -29,10 +36,11 @@ class LogitScale(nn.Module):
     """Learnable temperature exp(log_scale), log_scale kept in [0, max_log] (CLIP's ln(100)), and
     with `bias_init` the learnable bias of the sigmoid loss (SigLIP: -10).
 
-    The parameter itself is clamped after each optimizer step (`after_step`, on DeepSpeed's fp32
-    master copy too), as open_clip and FLAVA do. A clamp inside `forward` would instead zero the
-    gradient for good once Adam pushed the parameter past the bound: the scale could never come
-    back down. Evaluation still clamps, for checkpoints written before this rule.
+    The parameter itself is clamped after each optimizer step (`DeepSpeedLogitScale.after_step`
+    in `umt.model.training`, on DeepSpeed's fp32 master copy too), as open_clip and FLAVA do. A
+    clamp inside `forward` would instead zero the gradient for good once Adam pushed the
+    parameter past the bound: the scale could never come back down. Evaluation still clamps,
+    for checkpoints written before this rule.
 
     Under bf16/fp16 DeepSpeed casts every parameter, and a bf16 log-scale moves in steps of
     1.6-3% of the scale (init 14.25 instead of 14.29). So the forward then reads fp32 buffers
@@ -68,72 +76,11 @@ class LogitScale(nn.Module):
     def logit_bias(self) -> torch.Tensor | None:
         return None if self.bias is None else self._fp32(self.bias, self.bias_master)[0]
 
-    def _copies(self):
+    def copies(self):
         """(parameter, its fp32 buffer, initial value, clamp bounds or None)."""
         yield self.log_scale, self.master, self.init_log, (0.0, self.max_log)
         if self.bias is not None:
             yield self.bias, self.bias_master, self.bias_init, None
-
-    @torch.no_grad()
-    def start_(self) -> None:
-        """After DeepSpeed's set-up of a fresh run. Under bf16/fp16 DeepSpeed built its fp32
-        masters from the parameters it had already cast (14.25, not 14.29): put the exact
-        initial values there. Every rank calls it."""
-        for param, master, init, _ in self._copies():
-            if param.dtype != torch.float32:
-                _set_fp32_master(param, torch.full((1,), init, device=master.device))
-        self.after_step()
-
-    @torch.no_grad()
-    def after_step(self) -> None:
-        """Clamp every copy of the scale that an optimizer step may have moved: DeepSpeed's fp32
-        master (ZeRO 1-2: this rank's fragment; ZeRO-3: this rank's partition) and the module's
-        own copy, which the next forward reads; in place, with no host sync. Under bf16/fp16,
-        then copy the full fp32 masters into the buffers (one collective of one value each).
-        Every rank calls it (also after DeepSpeed's set-up and a resume)."""
-        for param, master, _, bounds in self._copies():
-            if bounds is not None:
-                _clamp_everywhere(param, *bounds)
-            if param.dtype != torch.float32:
-                from deepspeed.utils import safe_get_full_fp32_param
-
-                full = safe_get_full_fp32_param(param)
-                master.copy_(full.reshape(1).float() if full is not None else param.float())
-                self.master_synced = True
-
-
-def _clamp_everywhere(param: nn.Parameter, low: float, high: float) -> None:
-    if hasattr(param, "ds_id"):  # ZeRO-3
-        from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
-
-        local = safe_get_local_fp32_param(param)
-        if local is not None:
-            safe_set_local_fp32_param(param, local.clamp(low, high))
-        param.ds_tensor.clamp_(low, high)
-        return
-    mapping = getattr(param, "_hp_mapping", None)  # ZeRO 1-2 and DeepSpeed's bf16 optimizer
-    if mapping is not None and mapping.get_hp_fragment() is not None:
-        mapping.get_hp_fragment().clamp_(low, high)
-    param.clamp_(low, high)
-
-
-def _set_fp32_master(param: nn.Parameter, exact: torch.Tensor) -> None:
-    if hasattr(param, "ds_id"):  # ZeRO-3
-        # DeepSpeed's safe_set_full_fp32_param fails for a parameter with fewer elements than
-        # ranks: set this rank's slice of the padded value itself.
-        import torch.distributed as dist
-        from deepspeed.utils import safe_set_local_fp32_param
-
-        size = param.ds_tensor.numel()
-        padded = torch.zeros(size * dist.get_world_size(param.ds_process_group))
-        padded[: exact.numel()] = exact.cpu()
-        mine = padded.narrow(0, size * dist.get_rank(param.ds_process_group), size)
-        safe_set_local_fp32_param(param, mine.to(exact.device))
-        param.ds_tensor.copy_(mine)
-    else:
-        from deepspeed.utils import safe_set_full_fp32_param
-
-        safe_set_full_fp32_param(param, exact)
 
 
 class MLMHead(nn.Module):
@@ -153,7 +100,9 @@ class MLMHead(nn.Module):
 
 
 class UnifiedMultimodalTransformer(nn.Module):
-    """Composes built towers and fusion; `forward` computes the pretraining losses of one batch."""
+    """Composes built towers and fusion; `forward` computes the pretraining losses of one batch
+    through `objective` (`umt.objectives.pretraining_losses`, which `build_model` gives it;
+    None in a model built without UMT's training code, e.g. an export loaded as remote code)."""
 
     def __init__(
         self,
@@ -161,12 +110,15 @@ class UnifiedMultimodalTransformer(nn.Module):
         text_tower: nn.Module,
         image_tower: nn.Module,
         fusion: FusionTransformer,
+        logit_scale: LogitScale | None = None,
+        objective: Callable | None = None,
     ):
         super().__init__()
         self.config = cfg
         self.text_tower = text_tower
         self.image_tower = image_tower
         self.fusion = fusion
+        self.objective = objective
         text_width = text_tower.config.hidden_size
         image_width = image_tower.config.hidden_size
         fused_width = fusion.ln_final.normalized_shape[0]
@@ -176,7 +128,7 @@ class UnifiedMultimodalTransformer(nn.Module):
             text_width = image_width = fused_width
         self.text_proj = nn.Linear(text_width, cfg.embed_dim)
         self.image_proj = nn.Linear(image_width, cfg.embed_dim)
-        self.logit_scale = LogitScale(
+        self.logit_scale = logit_scale or LogitScale(
             cfg.logit_scale_init, cfg.logit_scale_max, cfg.logit_bias_init
         )
         self.itm_head = nn.Linear(fused_width, 2)
@@ -187,6 +139,25 @@ class UnifiedMultimodalTransformer(nn.Module):
         for head in (self.text_proj, self.image_proj, self.itm_head):
             nn.init.normal_(head.weight, std=0.02)
             nn.init.zeros_(head.bias)
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: ModelConfig,
+        logit_scale: LogitScale | None = None,
+        objective: Callable | None = None,
+    ) -> UnifiedMultimodalTransformer:
+        """Towers (from config, a recorded architecture or `from_pretrained`), fusion, heads."""
+        _check_heads(cfg)
+        text_tower = build_text_tower(cfg.text)
+        image_tower = build_image_tower(cfg.image)
+        fusion = FusionTransformer(
+            cfg.fusion,
+            text_tower.config.hidden_size,
+            image_tower.config.hidden_size,
+            modality_passes=cfg.itc_from == "fusion",
+        )
+        return cls(cfg, text_tower, image_tower, fusion, logit_scale, objective)
 
     # --- the parts, used by the objectives, evaluation and users --------------------------
     def embed_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextFeatures:
@@ -272,21 +243,27 @@ class UnifiedMultimodalTransformer(nn.Module):
         attention_mask: torch.Tensor,
         image_ids: torch.Tensor | None = None,
         seed: int = 0,
-        objectives: ObjectiveConfig | None = None,
+        objectives=None,  # umt.objectives.ObjectiveConfig; None: its defaults
         negative_texts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    ) -> PretrainOutput:
-        """Pretraining losses of this rank's batch (collectives over the default process group).
+    ):
+        """Pretraining losses of this rank's batch (collectives over the default process group),
+        a `umt.objectives.PretrainOutput`.
 
         One call so that DeepSpeed's engine (ZeRO-3 parameter gathering) wraps the whole step.
         `seed` makes hard-negative and MLM sampling reproducible (mix in the step).
         """
-        return pretraining_losses(
+        if self.objective is None:
+            raise RuntimeError(
+                "this model was built without its pretraining objective: build it with "
+                "umt.model.build_model (pip install umt) to train it"
+            )
+        return self.objective(
             self,
             pixel_values,
             input_ids,
             attention_mask,
             image_ids,
-            objectives or ObjectiveConfig(),
+            objectives,
             seed,
             negative_texts=negative_texts,
         )
