@@ -1,20 +1,22 @@
-"""`python -m launch.accelerate_launch ARGS`: `accelerate launch ARGS` as one Slurm task per node
-(`umt submit train --launcher accelerate`).
+"""`python -m launch.accelerate_launch ARGS`: `accelerate launch ARGS` with UMT's handling of
+signals, as one Slurm task per node (`umt submit train --launcher accelerate`) or by hand.
 
-Two things `accelerate launch` does not do on Slurm, done here before handing over to it:
+What `accelerate launch` does not do, done here before handing over to it:
 - `--machine_rank` comes from this task's `SLURM_NODEID` when not given (the batch script runs on
   the first node only, so it cannot pass each node's rank);
-- USR1 (Slurm's warning before the time limit) is ignored by this process: its torchrun agent
-  does not handle USR1 and would die of it, leaving its ranks. srun signals every process of
-  the job step, so the ranks get USR1 themselves and checkpoint (they install their own handler;
-  an ignored signal's disposition is inherited, so one that comes before is ignored, not fatal).
+- SIGINT (Ctrl-C), SIGTERM and USR1 (Slurm's warning before the time limit) do not kill its
+  torchrun agent: they are passed on to the ranks, which finish their step, save a checkpoint
+  together and exit 0 (`launch.torchrun`). Plain `accelerate launch` dies of them and exits 130
+  after giving the ranks 30 s; srun, which signals every process of the step, would kill it
+  before its ranks could save.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import sys
+
+from launch.torchrun import TORCHRUN_HANDLES, forward_signals
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     own = argv[:script_at]
     if not any(a.split("=")[0] == "--machine_rank" for a in own) and "SLURM_NODEID" in os.environ:
         argv[script_at:script_at] = ["--machine_rank", os.environ["SLURM_NODEID"]]
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    # accelerate builds torchrun's options from torchrun's own parser, whose defaults come from
+    # PET_* variables: the agent itself then handles only these (the others are forwarded).
+    os.environ["PET_SIGNALS_TO_HANDLE"] = TORCHRUN_HANDLES
+    forward_signals()
     from accelerate.commands.launch import launch_command, launch_command_parser
 
     args = launch_command_parser().parse_args(argv)

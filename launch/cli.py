@@ -66,14 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     return run_guarded(f"umt {name}", module.main, rest)
 
 
-def debug_enabled() -> bool:
-    return os.environ.get("UMT_DEBUG", "") not in ("", "0")
-
-
 def run_guarded(prog: str, main_fn: Callable[[list[str]], int | None], argv: list[str]) -> int:
     """`main_fn(argv)`, with an error no command handles shown as one line (exit 1), not a
     traceback, unless UMT_DEBUG=1 (or --debug) asks for the traceback."""
-    if debug_enabled():
+    from umt.logging import debugging
+
+    if debugging():
         return int(main_fn(argv) or 0)
     try:
         return int(main_fn(argv) or 0)

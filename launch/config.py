@@ -10,6 +10,20 @@ import sys
 import yaml
 
 
+def first_sentence(text: str) -> str:
+    """The first sentence of a config's leading comment (it may run over several lines)."""
+    comment = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        comment.append(line.lstrip("#").strip())
+    words = " ".join(comment).split()
+    for i, word in enumerate(words):
+        if word.endswith(".") and not word.endswith(("e.g.", "i.e.")):
+            return " ".join(words[: i + 1])
+    return " ".join(words)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="umt config", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -21,13 +35,12 @@ def main(argv: list[str]) -> int:
     from umt.shipped import config_names, config_path, configs_dir
 
     if args.command == "list":
-        for name in config_names():
-            text = (configs_dir() / f"{name}.yaml").read_text()
-            about = next(
-                (line.lstrip("# ").strip() for line in text.splitlines() if line.startswith("#")),
-                "",
+        names = config_names()
+        width = max(map(len, names), default=0)
+        for name in names:
+            print(
+                f"{name:<{width}}  {first_sentence((configs_dir() / f'{name}.yaml').read_text())}"
             )
-            print(f"{name:<16} {about}")
         return 0
     path = config_path(args.name)
     if not path.is_file():

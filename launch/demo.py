@@ -79,7 +79,7 @@ def train(out: Path, ranks: int, overrides: list[str], config: str = "demo_cpu")
     from umt.distributed import _free_port
 
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
+        sys.executable, "-m", "launch.torchrun", f"--nproc_per_node={ranks}",
         "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
         "-m", "launch.train", "--config", str(config_path(config)), "--resume", "auto",
         *overrides,
@@ -99,7 +99,8 @@ def evaluate(out: Path, cfg) -> tuple[dict, dict]:
 
     from data_pipeline.loader import iter_raw_samples
     from data_pipeline.transforms import ImageTransformConfig, normalize_images, transform_image
-    from umt.evaluate import EvalData, evaluate_retrieval, format_report
+    from umt import checkpoint
+    from umt.evaluate import EvalData, evaluate_retrieval, format_report, write_eval_record
     from umt.export import load_model
 
     torch.manual_seed(0)
@@ -108,6 +109,10 @@ def evaluate(out: Path, cfg) -> tuple[dict, dict]:
     data = EvalData(shards, processor.tokenizer, processor.image_size, processor.max_length, 64)
     report = evaluate_retrieval(model, data, rerank_k=16)
     print(format_report(report))
+    # Where `umt export` finds it for the model card, as the trainer's own evaluations.
+    ref = checkpoint.find_latest(out / "train" / "checkpoints")
+    samples = checkpoint.read_meta(ref).get("samples", 0)
+    write_eval_record(out / "train", ref.step, samples, shards, report)
     rows = {}
     for line in (out / "data" / "test.jsonl").read_text().splitlines():
         row = json.loads(line)
@@ -182,10 +187,51 @@ def format_itm(itm: dict) -> str:
     return "\n".join(lines)
 
 
+# How README names the kinds of negatives that are not attribute swaps.
+KIND_NAMES = {
+    "recolour": "one shape recoloured",
+    "relation_flip": 'relation flipped ("above" for "below")',
+}
+
+
+def readme_figures(results: dict) -> str:
+    """README's demo figures, written from a `results.json` (docs/demo_results.json holds the run
+    they come from; a test keeps README and that file in step)."""
+
+    def pct(value: float) -> str:
+        return f"{value:.1f}%".replace(".0%", "%") if value == 100 else f"{value:.1f}%"
+
+    chance = results["chance"]["i2t_r1"]
+    itc, itm = results["retrieval_itc"], results["retrieval_itm_rerank"]
+    hard = results["itm_hard_negatives"]
+    minutes = results["wall_time_s"] / 60
+    lines = [
+        f"Measured: {results['steps']} steps on {results['ranks']} CPU ranks in {minutes:.1f} min, "
+        f"{results['images']} test images and {results['texts']} captions:",
+        "",
+        "| | R@1 image→text | R@1 text→image | chance |",
+        "| --- | --- | --- | --- |",
+        f"| ITC | {pct(itc['i2t_r1'])} | {pct(itc['t2i_r1'])} | {chance:.2f}% |",
+        f"| ITC top-16 re-ranked by ITM | {pct(itm['i2t_r1'])} | {pct(itm['t2i_r1'])} | {chance:.2f}% |",
+        "",
+        f"| ITM negatives (chance {hard['chance']:.0f}%) | pairs | accuracy | own caption preferred |",
+        "| --- | --- | --- | --- |",
+    ]
+    rows = [
+        ("all", hard),
+        ("attribute swaps (colour, size or shape exchanged)", hard["attribute_swaps"]),
+    ]
+    rows += [(KIND_NAMES[kind], hard["by_type"][kind]) for kind in KIND_NAMES]
+    for name, r in rows:
+        lines.append(f"| {name} | {r['pairs']} | {pct(r['accuracy'])} | {pct(r['preference'])} |")
+    return "\n".join(lines)
+
+
 def examples(
     out: Path, model, processor, samples, pixels, captions: list[str], queries: int = 4
 ) -> None:
-    """retrieval_examples.png: text queries with their top-5 images, correct ones outlined green."""
+    """retrieval_examples.png: text queries with their top-5 images by ITC, the query's own image
+    outlined green and the others red, under a legend that says so."""
     import io
 
     import torch
@@ -196,13 +242,17 @@ def examples(
         enc = processor.text(captions[:queries])
         text_embeds = model.encode_text(enc["input_ids"], enc["attention_mask"])
     top = (text_embeds @ image_embeds.T).topk(5, dim=1).indices
-    thumb, pad, label = 96, 6, 22
+    thumb, pad, label, legend = 96, 6, 22, 36
     canvas = Image.new(
-        "RGB", (5 * (thumb + pad) + pad, queries * (thumb + label + pad) + pad), "white"
+        "RGB", (5 * (thumb + pad) + pad, legend + queries * (thumb + label + pad) + pad), "white"
     )
     draw = ImageDraw.Draw(canvas)
+    draw.text(
+        (pad, pad), "Each query's top 5 test images by ITC (cosine similarity),", fill="black"
+    )
+    draw.text((pad, pad + 14), "best first. Green: its own image; red: another.", fill="black")
     for q in range(queries):
-        y = pad + q * (thumb + label + pad)
+        y = legend + pad + q * (thumb + label + pad)
         draw.text((pad, y), f"query: {captions[q]}", fill="black")
         for r, idx in enumerate(top[q].tolist()):
             x = pad + r * (thumb + pad)
@@ -266,8 +316,8 @@ results:            {out / "results.json"}
 examples:           {out / "retrieval_examples.png"}
 TensorBoard:        tensorboard --logdir {out / "train" / "tensorboard"}
 checkpoints:        {ckpt}
-resume training:    umt train --resume {out / "train"} train.steps=<more>
-export:             umt export {ckpt} {out / "export"}
+resume training:    umt train --resume {out / "train"} --nproc-per-node {args.ranks} train.steps={2 * cfg.train.steps}
+export:             umt export {ckpt} {out / "train" / "export"}
 evaluate:           umt eval --model {ckpt} --shards {out / "shards" / "test"} --itm-rerank 16 --out {out / "eval.json"}
 """
     )

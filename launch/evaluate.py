@@ -109,8 +109,9 @@ def main(argv: list[str]) -> int:
         if world.rank == 0:
             print(
                 f"zero-shot: {report['samples']} images, {report['classes']} classes: "
-                f"top-1 {report['top1']:.2f}%, top-5 {report['top5']:.2f}% "
-                f"({report['unlabelled']} unlabelled left out)"
+                f"top-1 {report['top1']:.2f}%, top-5 {report['top5']:.2f}% (chance "
+                f"{report['chance_top1']:.2f}% and {report['chance_top5']:.2f}%; "
+                f"{report['unlabelled']} unlabelled left out)"
             )
             if args.out:
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -406,7 +406,7 @@ def submit_train(argv: list[str]) -> int:
     cpus = fit_request(args, wanted, args.nodes, 1 if torchrun else procs, args.gpus_per_node)
     out = Path(cfg.output_dir).resolve()
     folder = out / "slurm"
-    train_args = ["--config", str(Path(args.config).resolve())] if args.config else []
+    train_args = ["--config", job_config(args.config)] if args.config else []
     train_args += list(args.overrides)
     values = job_values(args, f"umt-train-{out.name}", folder / "logs", cpus)
     values |= {
@@ -421,9 +421,16 @@ def submit_train(argv: list[str]) -> int:
         "accelerate_args": quote_all(accelerate_args),
     }
     text = render("train.sbatch", values)
+    problem = job_input_problem(cfg)
     if args.dry_run:
+        if problem:
+            print(
+                f"umt submit: warning: the job would stop at its start: {problem}", file=sys.stderr
+            )
         print(text, end="")
         return 0
+    if problem:
+        raise SubmitError(f"the job would stop at its start: {problem}")
     script = write_script(folder, "train.sbatch", text)
     previous: str | None = None
     for _ in range(args.chain):
@@ -432,6 +439,28 @@ def submit_train(argv: list[str]) -> int:
         print(f"submitted training job {previous} ({script})")
     print(follow_hint(folder / "logs", values["job_name"], previous))
     return 0
+
+
+def job_input_problem(cfg) -> str | None:
+    """What the job's `umt train` would refuse in the data it loads (shards, tokenizer, the
+    negatives field), checked here as it will check them, from the folder the job runs in."""
+    from umt.config import ConfigError
+    from umt.preflight import check_training_inputs
+    from umt.run_config import absolute_paths
+
+    try:
+        check_training_inputs(absolute_paths(cfg))
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
+def job_config(given: str) -> str:
+    """--config as the job names it: a file's absolute path, or a shipped config's name (the
+    job's own UMT installation resolves it; a path under the submitting folder would not exist)."""
+    if Path(given).is_file():
+        return str(Path(given).resolve())
+    return given  # load_config accepted it: a shipped config's name
 
 
 def accelerate_launch_args(args: argparse.Namespace, cfg) -> list[str]:

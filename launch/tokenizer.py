@@ -37,7 +37,9 @@ def main(argv: list[str]) -> int:
     try:
         size = train_wordpiece(texts(), args.vocab_size, Path(args.out), lowercase=not args.cased)
     except (LoaderConfigError, StorageError) as exc:
-        print(f"umt tokenizer: {exc}", file=sys.stderr)
+        message = str(exc).removeprefix("data.shards").lstrip(": ")
+        named = message if message.startswith(args.shards) else f"{args.shards}: {message}"
+        print(f"umt tokenizer: SHARDS {named}", file=sys.stderr)
         return 2
     if counted[0] == 0:
         print(f"umt tokenizer: {args.shards} holds no caption", file=sys.stderr)

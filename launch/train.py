@@ -23,37 +23,66 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--resume",
-        default="none",
-        help="`auto` (newest complete checkpoint, else fresh), a checkpoint folder, or `none`",
+        default="auto",
+        help="default `auto`: a run folder (output_dir) holding a checkpoint is resumed from its "
+        "newest one, else the run starts fresh; or a run folder, its checkpoints/ or one step "
+        "folder to go on from; `none`: a fresh start, refused in a folder that holds a run",
+    )
+    parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="start over in an output_dir that holds a run: the old run is moved into "
+        "OUTPUT_DIR/replaced-<time>/ (nothing is deleted)",
+    )
+    parser.add_argument(
+        "--nproc-per-node",
+        type=int,
+        metavar="N",
+        help="run N ranks on this machine (through torchrun, Ctrl-C saving cleanly)",
     )
     parser.add_argument(
         "--local_rank", type=int, default=None, help=argparse.SUPPRESS
     )  # deepspeed launcher
     parser.add_argument("overrides", nargs="*", help="config overrides key.path=value")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.restart and args.resume not in ("auto", "none"):
+        parser.error("--restart starts over: it goes without --resume")
+    if args.nproc_per_node is not None and args.nproc_per_node < 1:
+        parser.error(f"--nproc-per-node must be >= 1 (got {args.nproc_per_node})")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
     from umt.checkpoint import CheckpointError
     from umt.config import ConfigError, load_config
     from umt.distributed import discover_world
     from umt.run_config import absolute_paths, check_resume, resume_plan
 
-    config, overrides, resume, run = resume_plan(args.resume, args.config, args.overrides)
     try:
+        # --restart: the run's saved config (unless --config), started over
+        config, overrides, resume, run = resume_plan(args.resume, args.config, args.overrides)
+        resume = "none" if args.restart else resume
         cfg = absolute_paths(load_config(config, overrides))  # a run remembers where things are
-        check_resume(cfg, resume)  # a resume that would make another run is refused
+        check_resume(cfg, resume, args.restart)  # a run folder is resumed or refused
         import torch
 
         from umt.preflight import check_accelerate_settings, check_training_inputs
 
         check_training_inputs(cfg)  # before the process group, the model and DeepSpeed
         launched_by = check_accelerate_settings(cfg, os.environ, torch.cuda.is_available())
-    except ConfigError as exc:
+    except (ConfigError, CheckpointError) as exc:
         if discover_world().rank == 0:  # every rank finds the same: say it once
             print(f"umt train: {exc}", file=sys.stderr)
         return 2
+    done = finished_run(cfg, resume)
+    if done:
+        if discover_world().rank == 0:
+            print(f"umt train: {done}", file=sys.stderr)
+        return 0
+    if args.nproc_per_node is not None and discover_world().launcher == "single":
+        return launch_ranks(args.nproc_per_node, argv)
     args.resume = resume
 
     from data_pipeline.loader import LoaderConfigError, LoaderStateError
@@ -67,9 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         log.info("%s", launched_by)
     if run is not None and discover_world().rank == 0:
         given = ", ".join(args.overrides) or "none"
-        log.info("resuming %s with its saved config %s; overrides on top: %s", run, config, given)
+        what = "starting over in" if args.restart else "resuming"
+        log.info("%s %s with its saved config %s; overrides on top: %s", what, run, config, given)
     try:
-        trainer = Trainer(cfg, resume=args.resume)
+        trainer = Trainer(cfg, resume=args.resume, restart=args.restart)
         trainer.install_signal_handlers()
         trainer.train()
     except (
@@ -91,6 +121,39 @@ def main(argv: list[str] | None = None) -> int:
     if trainer.state.step < cfg.train.steps and trainer.rank == 0 and not stopped_by_user:
         requeue_slurm_job(os.environ)
     return 0
+
+
+def finished_run(cfg, resume: str) -> str | None:
+    """Why there is nothing to train (the checkpoint resumed from is at or past train.steps), or
+    None. Said before any set-up: re-running a finished run's command only says so."""
+    from pathlib import Path
+
+    from umt.checkpoint import resolve
+
+    root = Path(cfg.checkpoint.dir or Path(cfg.output_dir) / "checkpoints")
+    ref = resolve(resume, root)
+    if ref is None or ref.step < cfg.train.steps:
+        return None
+    return (
+        f"the run in {cfg.output_dir} is at step {ref.step} ({ref.path}) and train.steps is "
+        f"{cfg.train.steps}: nothing to train (train.steps=N with N > {ref.step} goes on)"
+    )
+
+
+def launch_ranks(nproc: int, argv: list[str]) -> int:
+    """`umt train --nproc-per-node N ...`: the same command as N ranks under torchrun on this
+    machine (a rendezvous of its own on a free port)."""
+    from launch.torchrun import main as torchrun
+
+    rest, skip = [], False
+    for arg in argv:  # everything but --nproc-per-node goes to each rank
+        if skip:
+            skip = False
+        elif arg == "--nproc-per-node":
+            skip = True
+        elif not arg.startswith("--nproc-per-node="):
+            rest.append(arg)
+    return torchrun(["--standalone", f"--nproc_per_node={nproc}", "-m", "launch.train", *rest])
 
 
 def requeue_slurm_job(env: Mapping[str, str]) -> None:

@@ -174,6 +174,7 @@ def test_configs_folder_has_the_three_documented_files():
 def test_resume_plan_takes_the_runs_saved_config_unless_one_is_given(tmp_path):
     """`--resume RUN_DIR`: the run's config.yaml (or the --config given, which check_resume then
     compares with it), output_dir the run, `auto` in it; a checkpoint path stays as given."""
+    from umt.checkpoint import CheckpointError
     from umt.run_config import resume_plan
 
     run = tmp_path / "run"
@@ -191,12 +192,8 @@ def test_resume_plan_takes_the_runs_saved_config_unless_one_is_given(tmp_path):
         "auto",
         None,
     )
-    assert resume_plan(str(run / "checkpoints"), None, []) == (
-        None,
-        [],
-        str(run / "checkpoints"),
-        None,
-    )
+    with pytest.raises(CheckpointError, match="checkpoints: no such file or folder"):
+        resume_plan(str(run / "checkpoints"), None, [])  # named, not taken for a fresh start
     assert resume_plan("auto", None, [f"output_dir={run}"]) == (
         str(run / "config.yaml"),
         [f"output_dir={run}"],
@@ -204,11 +201,11 @@ def test_resume_plan_takes_the_runs_saved_config_unless_one_is_given(tmp_path):
         run,
     )
     assert resume_plan("auto", "mine.yaml", []) == ("mine.yaml", [], "auto", None)
-    assert resume_plan("none", None, [f"output_dir={run}"]) == (
-        None,
+    assert resume_plan("none", None, [f"output_dir={run}"]) == (  # check_resume decides
+        str(run / "config.yaml"),
         [f"output_dir={run}"],
         "none",
-        None,
+        run,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -23,6 +24,23 @@ def test_config_reference_matches_the_dataclasses():
     assert block.group(1).strip() == config_reference().strip(), (
         "README config reference is stale: regenerate it with "
         "python -c 'from umt.config import config_reference; print(config_reference())'"
+    )
+
+
+def test_demo_figures_are_those_of_the_recorded_demo_run():
+    """README's demo figures are written from docs/demo_results.json, the `results.json` of a
+    full `umt demo` run (test_demo keeps that file's format equal to what the demo writes)."""
+    from launch.demo import readme_figures
+
+    block = re.search(
+        r"<!-- demo-figures:start.*?-->\n(.*?)<!-- demo-figures:end -->", README, re.S
+    )
+    assert block, "README lost its demo-figures markers"
+    results = json.loads((REPO / "docs" / "demo_results.json").read_text())
+    assert block.group(1).strip() == readme_figures(results), (
+        "README's demo figures are not docs/demo_results.json's: regenerate them with python -c "
+        "'import json; from launch.demo import readme_figures; "
+        'print(readme_figures(json.load(open("docs/demo_results.json"))))\''
     )
 
 

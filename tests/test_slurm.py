@@ -322,6 +322,7 @@ def test_chain_links_jobs_with_afterany(tmp_path, partition, jobs):
         "--sbatch-arg=--hold",  # queued, never started: the links are what is tested
         "--",
         f"output_dir={out}",
+        "data.train.synthetic=true",  # the demo's shards are not there: the job would refuse
         cwd=tmp_path,
     )
     ids = submitted_ids(proc.stdout)
@@ -504,49 +505,104 @@ def test_shard_array_and_merge_equal_a_single_process_run(tmp_path, partition, j
         assert (parts / name).read_bytes() == (single / name).read_bytes(), name
 
 
-def test_eval_job_writes_the_report_a_local_eval_writes(tmp_path, partition, jobs):
-    """`umt submit eval` runs `umt eval` in the job (it once ran a module with no entry point and
-    ended COMPLETED with no report): the job's report equals one made locally."""
-    from data_pipeline.builtin import write_split, write_tokenizer
+@pytest.fixture(scope="module")
+def own_data(tmp_path_factory) -> Path:
+    """A new user's working folder: shards of their own and a tokenizer trained on them."""
+    from data_pipeline.builtin import write_split
     from data_pipeline.shard import ShardOptions, shard_dataset
+    from data_pipeline.tokenizer_training import shard_captions, train_wordpiece
 
-    table = write_split(tmp_path / "data", "test", 16, 32)
+    folder = tmp_path_factory.mktemp("own")
+    table = write_split(folder / "data", "test", 16, 32)
     options = ShardOptions(image_col="image", caption_col="captions", resize="none", maxcount=8)
-    shard_dataset(table, tmp_path / "shards", options)
-    tokenizer = write_tokenizer(tmp_path / "tokenizer")
+    shard_dataset(table, folder / "shards", options)
+    train_wordpiece(shard_captions(str(folder / "shards")), 64, folder / "tokenizer")
+    return folder
+
+
+# As README's own-data command, relative to the working folder, made small.
+OWN = [
+    "output_dir=run", "data.train.shards=shards", "data.tokenizer=tokenizer",
+    "model.image.image_size=32", "train.micro_batch_size=4", "train.steps=2",
+    "data.train.num_workers=0", "data.train.max_text_len=12", "train.warmup_steps=1",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def own_run(own_data, partition) -> Path:
+    """A training job submitted with a shipped config's name (it once died at its start: the
+    script named a file under the submitting folder)."""
+    ids: list[str] = []
+    proc = umt_submit(
+        "train", "--config", "tiny_cpu", "--gpus-per-node=0", "--tasks-per-node=1",
+        "--cpus-per-task=1", "--time=00:10:00", f"--partition={partition}", "--", *OWN,
+        cwd=own_data,
+    )  # fmt: skip
+    [job_id] = submitted_ids(proc.stdout)
+    ids.append(job_id)
+    run = own_data / "run"
+    try:
+        info = wait_for_job(job_id, run)
+    finally:
+        subprocess.run(["scancel", *ids], capture_output=True)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", logs(run)[-6000:]
+    return run
+
+
+def test_a_job_with_a_shipped_config_name_trains(own_run):
+    script = (own_run / "slurm" / "train.sbatch").read_text()
+    assert "TRAIN_ARGS=(--resume auto --config tiny_cpu output_dir=run" in script
+    assert (own_run / "checkpoints" / "latest").read_text() == "step2"
+
+
+def test_what_the_job_would_refuse_is_refused_before_sbatch(
+    own_data, partition, capsys, monkeypatch
+):
+    """The job's inputs are checked as its `umt train` will check them: not after hours in the
+    queue. A dry run still prints the script, with a warning."""
+    monkeypatch.chdir(own_data)  # the job's folder: relative paths as the job reads them
+    common = ["train", "--config", "tiny_cpu", "--gpus-per-node=0", f"--partition={partition}"]
+    for bad, said in (
+        ("data.train.shards=shards-typo", "data.train.shards: "),
+        ("data.tokenizer=tokenizers/mien", "data.tokenizer: "),
+    ):
+        overrides = [*OWN, bad, "output_dir=refused"]
+        assert submit_module.main([*common, "--", *overrides]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("umt submit train: error: the job would stop at its start: " + said)
+        assert len(err.splitlines()) == 1
+        assert submit_module.main([*common, "--dry-run", "--", *overrides]) == 0
+        dry = capsys.readouterr()
+        assert "warning: the job would stop at its start" in dry.err and "#SBATCH" in dry.out
+    assert not (own_data / "refused").exists()
+
+
+def test_eval_job_writes_the_report_a_local_eval_writes(own_data, own_run, partition, jobs):
+    """`umt submit eval` runs `umt eval` in the job (it once ran a module with no entry point and
+    ended COMPLETED with no report): the job's report equals one made locally, of the run folder."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    run = tmp_path / "run"
-    train = [
-        f"output_dir={run}", f"data.train.shards={tmp_path / 'shards'}",
-        f"data.tokenizer={tokenizer}", "model.preset=tiny", "model.text.vocab_size=25",
-        "model.image.image_size=32", "train.micro_batch_size=4", "train.steps=1",
-        "data.train.num_workers=0", "data.train.max_text_len=12",
-    ]  # fmt: skip
-    for command in (
-        ["train", *train],
-        ["eval", f"--model={run / 'checkpoints'}", f"--shards={tmp_path / 'shards'}",
-         f"--out={tmp_path / 'local.json'}"],
-    ):  # fmt: skip
-        subprocess.run(
-            [sys.executable, "-m", "launch.cli", *command],
-            cwd=tmp_path, env=env, check=True, capture_output=True, timeout=600,
-        )  # fmt: skip
-    report = tmp_path / "job" / "report.json"
+    shards = own_data / "shards"
+    subprocess.run(
+        [sys.executable, "-m", "launch.cli", "eval", f"--model={own_run}", f"--shards={shards}",
+         f"--out={own_data / 'local.json'}"],
+        cwd=own_data, env=env, check=True, capture_output=True, timeout=600,
+    )  # fmt: skip
+    report = own_data / "job" / "report.json"
     proc = umt_submit(
         "eval",
-        f"--model={run / 'checkpoints'}",
-        f"--shards={tmp_path / 'shards'}",
+        f"--model={own_run / 'checkpoints'}",
+        f"--shards={shards}",
         f"--out={report}",
         "--gpus-per-node=0",
         "--cpus-per-task=1",
         "--time=00:10:00",
         f"--partition={partition}",
-        cwd=tmp_path,
+        cwd=own_data,
     )
     [job_id] = submitted_ids(proc.stdout)
     jobs.append(job_id)
     info = wait_for_job(job_id, report.parent)
     assert info["JobState"] == "COMPLETED", logs(report.parent)[-6000:]
     assert report.is_file(), logs(report.parent)[-6000:]
-    local = json.loads((tmp_path / "local.json").read_text())
+    local = json.loads((own_data / "local.json").read_text())
     assert json.loads(report.read_text())["itc"] == local["itc"]

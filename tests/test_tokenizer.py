@@ -39,6 +39,10 @@ def test_a_wordpiece_tokenizer_trained_on_the_captions(tmp_path, shards, capsys)
     tokens = tokenizer.convert_ids_to_tokens(tokenizer("A red circle above")["input_ids"])
     assert tokens == ["[CLS]", "a", "red", "circle", "above", "[SEP]"]  # whole caption words
     assert tokenizer_cli.main(["train", str(shards), "--vocab-size", "5", "--out", str(out)]) == 2
+    table = shards.parent / "data" / "train.jsonl"  # the table, not its shards: named as given
+    assert tokenizer_cli.main(["train", str(table), "--out", str(tmp_path / "t2")]) == 2
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert said == f"umt tokenizer: SHARDS {table} is not a readable tar: invalid header"
 
 
 @pytest.mark.slow

@@ -225,8 +225,8 @@ def test_resume_from_a_path_that_does_not_load_fails_loudly(tmp_path):
     proc = train(
         tmp_path / "x", "train.steps=1", nproc=1, resume=str(tmp_path / "nowhere"), check=False
     )
-    assert proc.returncode == 1
-    assert "not a checkpoint folder" in proc.stderr
+    assert proc.returncode == 2
+    assert f"umt train: --resume {tmp_path / 'nowhere'}: no such file or folder" in proc.stderr
 
 
 def test_a_non_finite_loss_is_skipped_and_counted(tmp_path):

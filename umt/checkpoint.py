@@ -3,8 +3,9 @@
 
 Layout of `CKPT_ROOT/`:
     step{N}/                 DeepSpeed's files (model states, ZeRO optimizer shards)
-    step{N}/umt_meta.json    step, world size, ZeRO stage, resolved config (rank 0; read before the
-                             engine exists and by `umt export`)
+    step{N}/umt_meta.json    step, world size, ZeRO stage, run id, resolved config (rank 0; read
+                             before the engine exists and by `umt export`)
+    step{N}/config.yaml      the same config as YAML: what `--resume step{N}` starts from
     step{N}/rank{R}.pt       per-rank RNG states and loader state (DeepSpeed keeps no RNG and writes
                              client_state from rank 0 only)
     step{N}_universal/       created on demand when resuming on a different world size
@@ -30,12 +31,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from umt import distributed
 
 log = logging.getLogger("umt.checkpoint")
 LATEST = "latest"
 META = "umt_meta.json"
+RUN_CONFIG = "config.yaml"  # a run's config: in its folder (each start) and in each step folder
 TAG = re.compile(r"^step(\d+)$")
 
 
@@ -56,6 +59,9 @@ class CheckpointError(RuntimeError):
 def _allowed_globals() -> list:
     import codecs
 
+    from umt.logging import quiet_deepspeed
+
+    quiet_deepspeed()
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
@@ -153,13 +159,22 @@ def save(
     client_state: dict,
     rank_state: dict,
     keep: int,
+    run_id: str,
     config: dict | None = None,
     meta: dict | None = None,
 ) -> Path:
-    """Save on every rank; `latest` is written by rank 0 only after every rank's files are on disk."""
+    """Save on every rank; `latest` is written by rank 0 only after every rank's files are on disk.
+
+    `run_id` names the run (kept across its resumes): a step folder of another run is never
+    written over, and pruning deletes only this run's checkpoints."""
     rank, world = distributed.rank(), distributed.world_size()
     tag = tag_for(step)
     root.mkdir(parents=True, exist_ok=True)
+    owner = run_of(root / tag)
+    if owner not in (None, run_id):  # every rank sees the same file: all refuse together
+        raise CheckpointError(
+            f"{root / tag} holds a checkpoint of another run ({owner}); not writing over it"
+        )
     # DeepSpeed's universal conversion requires this entry to exist in the client state.
     client_state = {**client_state, "universal_checkpoint_info": {}}
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
@@ -170,27 +185,39 @@ def save(
             "step": step,
             "world_size": world,
             "zero_stage": engine.zero_optimization_stage(),
+            "run_id": run_id,
             "config": config or {},  # read by `umt export` without DeepSpeed
             **(meta or {}),
         }
+        if config:  # the config this step was trained with, for a person and for a resume
+            _atomic_write(path / RUN_CONFIG, yaml.safe_dump(config, sort_keys=False))
         _atomic_write(path / META, json.dumps(meta))
     distributed.barrier()  # every rank's shards and state files are written
     if rank == 0:
         _atomic_write(root / LATEST, tag)
-        prune(root, keep)
+        prune(root, keep, run_id)
     distributed.barrier()
     return path
 
 
-def prune(root: Path, keep: int) -> None:
-    """Delete complete checkpoints older than the newest `keep` (and their universal copies)."""
+def run_of(step_dir: Path) -> str | None:
+    """The run id recorded in a step folder's meta (None: no meta, or one from before run ids)."""
+    try:
+        return json.loads((step_dir / META).read_text()).get("run_id")
+    except (OSError, ValueError):
+        return None
+
+
+def prune(root: Path, keep: int, run_id: str) -> None:
+    """Delete this run's complete checkpoints older than its newest `keep` (and their universal
+    copies). Another run's checkpoints (or ones without a run id) are never deleted."""
     latest = find_latest(root)
     if latest is None:
         return
     steps = sorted(
         int(m.group(1))
         for p in root.iterdir()
-        if (m := TAG.match(p.name)) and int(m.group(1)) <= latest.step
+        if (m := TAG.match(p.name)) and int(m.group(1)) <= latest.step and run_of(p) == run_id
     )
     for step in steps[:-keep]:
         for name in (tag_for(step), tag_for(step) + "_universal"):
@@ -224,21 +251,80 @@ def find_latest(root: Path) -> CheckpointRef | None:
 def resolve(resume: str | None, default_root: Path, flag: str = "--resume") -> CheckpointRef | None:
     """`--resume`: None/'none' -> fresh; 'auto' -> newest complete or None; a path -> that one or an error.
 
-    A path may be a checkpoint root (uses its `latest`) or one `step{N}` folder.
+    A path may be a run folder (its checkpoint root's `latest`), a checkpoint root (its
+    `latest`) or one `step{N}` folder; anything else is refused naming what the folder is.
     """
     if resume in (None, "", "none"):
         return None
     if resume == "auto":
         return find_latest(default_root)
-    path = Path(resume)
+    return locate(Path(resume), flag)
+
+
+def run_checkpoint_root(run_dir: Path) -> Path:
+    """Where a run folder's checkpoints are: its saved config's checkpoint.dir, else checkpoints/."""
+    try:
+        saved = yaml.safe_load((run_dir / RUN_CONFIG).read_text()) or {}
+        named = (saved.get("checkpoint") or {}).get("dir")
+    except (OSError, ValueError, AttributeError):
+        named = None
+    return Path(named) if named else run_dir / "checkpoints"
+
+
+def is_run_folder(path: Path) -> bool:
+    if (path / META).is_file():  # a step folder (it carries its config.yaml too)
+        return False
+    return (path / RUN_CONFIG).is_file() or (path / "checkpoints" / LATEST).is_file()
+
+
+def locate(
+    path: Path, flag: str, wanted: str = "a run, checkpoint or step folder"
+) -> CheckpointRef:
+    """The checkpoint a user means by `path`: a run folder, a checkpoint root or a step folder.
+    Anything else is a CheckpointError saying what `path` is instead (`wanted`: what the flag takes)."""
     if (path / LATEST).is_file():
         ref = find_latest(path)
         assert ref is not None
         return ref
     if (path / META).is_file():
         return read_ref(path.parent, path.name)
-    raise CheckpointError(
-        f"{flag} {resume}: not a checkpoint folder (no {LATEST} and no {META} in it)"
+    if is_run_folder(path):
+        root = run_checkpoint_root(path)
+        ref = find_latest(root)
+        if ref is None:
+            raise CheckpointError(
+                f"{flag} {path}: a run folder with no complete checkpoint yet (none in {root})"
+            )
+        return ref
+    raise CheckpointError(f"{flag} {path}: {describe_folder(path, wanted)}")
+
+
+def describe_folder(path: Path, wanted: str = "a run, checkpoint or step folder") -> str:
+    """Why `path` is not `wanted` (a run, checkpoint or step folder...), in a few words."""
+    if not path.exists():
+        return "no such file or folder"
+    if not path.is_dir():
+        return f"a file, not {wanted}"
+    names = {p.name for p in path.iterdir()}
+    if not names:
+        return f"the folder is empty: not {wanted}"
+    if "umt_export.json" in names:
+        return (
+            "an export (umt export): exports are evaluated and loaded (umt eval --model, "
+            "umt.load), not resumed or exported again"
+        )
+    if "manifest.json" in names or "sizes.json" in names or any(n.endswith(".tar") for n in names):
+        return "a shard folder, not a run: give the run's output_dir (or its checkpoints/)"
+    steps = sorted(n for n in names if TAG.match(n))
+    if steps:
+        return (
+            f"step folders ({', '.join(steps[:3])}{'...' if len(steps) > 3 else ''}) but no "
+            f"`{LATEST}` and no {META}: no complete checkpoint (a run killed while saving?)"
+        )
+    return (
+        f"not {wanted} (no umt_export.json, {RUN_CONFIG}, {LATEST} or {META} in it)"
+        if "export" in wanted
+        else f"not {wanted} (no {RUN_CONFIG}, {LATEST} or {META} in it)"
     )
 
 

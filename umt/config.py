@@ -108,6 +108,9 @@ class TrainConfig:
     offload; DeepSpeed builds its op on first use)."""
     collective_timeout_min: float = 30.0
     """A collective that waits longer than this fails the run instead of hanging it."""
+    cpu_threads: int = 0
+    """Threads of torch's CPU operations per rank; 0: the CPUs this rank may use (affinity,
+    Slurm's CPUs per task) shared with the other ranks of its launcher, minus its loader workers."""
 
 
 @dataclass
@@ -402,6 +405,7 @@ def validate(cfg: Config, source: str = "") -> None:
         f"train.optimizer must be one of {', '.join(optimizers)} (got {t.optimizer!r})",
         source,
     )
+    _require(t.cpu_threads >= 0, f"train.cpu_threads must be >= 0 (got {t.cpu_threads})", source)
     _require(
         t.collective_timeout_min > 0,
         f"train.collective_timeout_min must be > 0 (got {t.collective_timeout_min})",

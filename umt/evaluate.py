@@ -13,6 +13,7 @@ import logging
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -455,6 +456,7 @@ def zero_shot_classification(
     lookup = {c.strip().lower(): i for i, c in enumerate(classes)}
     transform = ImageTransformConfig(image_size=data.image_size, train=False)
     correct1 = correct5 = counted = unlabelled = 0
+    fields: set[str] = set()  # the json fields the samples have (for an error about label_field)
 
     def my_batches():
         nonlocal unlabelled
@@ -462,6 +464,7 @@ def zero_shot_classification(
         for i, sample in enumerate(iter_raw_samples(data.shards, cache_dir=data.cache_dir)):
             if i % world_size() != rank():
                 continue
+            fields.update(sample.meta)
             label = sample_label(label_values(sample, label_field), lookup)
             if label is None:
                 unlabelled += 1
@@ -491,6 +494,12 @@ def zero_shot_classification(
     totals = torch.tensor([correct1, correct5, counted, unlabelled], dtype=torch.long)
     c1, c5, n, skipped = all_reduce(totals).tolist()
     if n == 0:
+        seen = sorted(set().union(*all_gather_object(sorted(fields))))
+        if label_field and label_field not in seen:
+            raise EvalDataError(
+                f"--label-field {label_field}: none of the {skipped} samples of {data.shards} "
+                f"has that json field (their fields: {', '.join(seen) or 'none'})"
+            )
         where = f"its json field {label_field!r}" if label_field else "its caption"
         raise EvalDataError(
             f"--shards {data.shards}: none of its {skipped} samples has a label among the "
@@ -503,4 +512,17 @@ def zero_shot_classification(
         "unlabelled": skipped,
         "top1": percent(c1, n),
         "top5": percent(c5, n),
+        # A guess among the classes (the samples' labels spread evenly): top-k = k / classes.
+        "chance_top1": percent(1, len(classes)),
+        "chance_top5": percent(min(5, len(classes)), len(classes)),
     }
+
+
+def write_eval_record(run_dir: Path, step: int, samples: int, shards, report: dict) -> Path:
+    """`RUN_DIR/eval/step{N}.json`: an evaluation of the run's step-N checkpoint, which `umt export`
+    puts on the model card (the trainer's periodic evaluation and the demo's write these)."""
+    from umt.checkpoint import write_json_atomic
+
+    path = Path(run_dir) / "eval" / f"step{step}.json"
+    write_json_atomic(path, {"step": step, "samples": samples, "shards": shards, "report": report})
+    return path

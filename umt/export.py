@@ -44,9 +44,13 @@ class ExportError(RuntimeError):
 
 def consolidate(ref: checkpoint.CheckpointRef) -> dict[str, torch.Tensor]:
     """fp32 weights of every ZeRO stage, through DeepSpeed's own zero_to_fp32 consolidation."""
+    from umt.logging import quiet_deepspeed, quiet_prints
+
+    quiet_deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    with checkpoint.weights_only_loads():  # DeepSpeed's files run no code when loaded
+    # DeepSpeed's files run no code when loaded; its "Processing zero checkpoint" prints go.
+    with checkpoint.weights_only_loads(), quiet_prints():
         return get_fp32_state_dict_from_zero_checkpoint(str(ref.root), tag=ref.tag)
 
 
@@ -215,12 +219,16 @@ class Processor:
 def load(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[UnifiedMultimodalTransformer, Processor]:
-    """`(model, processor)` from an export folder; no DeepSpeed involved. The model is in eval mode."""
+    """`(model, processor)` from an export folder; no DeepSpeed involved. The model is for
+    inference: eval mode, parameters without gradients (outputs are plain tensors; to fine-tune,
+    `model.train().requires_grad_(True)`)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
     manifest_path = path / MANIFEST
+    if not path.exists():
+        raise ExportError(f"{path}: no such folder")
     if not manifest_path.is_file():
         raise ExportError(f"{path} is not a UMT export (no {MANIFEST}); run `umt export` first")
     try:
@@ -242,7 +250,7 @@ def load(
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ExportError(f"{path / WEIGHTS}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    model.to(device).eval()
+    model.to(device).eval().requires_grad_(False)  # for inference: outputs carry no graph
     tokenizer = None
     tok = manifest["text"].get("tokenizer")
     if tok:
@@ -270,21 +278,15 @@ def load_model(
         return load(path, device)
     if not path.exists():
         raise ExportError(f"--model {path}: no such file or folder")
-    if not (path / checkpoint.LATEST).is_file() and not (path / checkpoint.META).is_file():
-        raise ExportError(
-            f"--model {path}: neither a UMT export (no {MANIFEST}) nor a checkpoint "
-            f"(no {checkpoint.LATEST}, no {checkpoint.META})"
-        )
-    ref = checkpoint.resolve(str(path), path, flag="--model")
-    if ref is None:
-        raise ExportError(f"--model {path}: neither a UMT export nor a checkpoint")
+    # A run folder, its checkpoint root or one step folder; else one line saying what it is.
+    ref = checkpoint.locate(path, "--model", "an export, or a run, checkpoint or step folder")
     cfg = checkpoint.read_meta(ref).get("config") or {}
     if "model" not in cfg:
         raise ExportError(f"{ref.path}: the checkpoint carries no model config")
     model_cfg = for_saved_weights(model_config_from_dict(cfg["model"]), str(ref.path))
     model = build_model(model_cfg, log_table=False)
     model.load_state_dict(consolidate(ref), strict=True)
-    model.to(device).eval()
+    model.to(device).eval().requires_grad_(False)  # for inference: outputs carry no graph
     data = cfg.get("data", {})
     name = data.get("tokenizer") or cfg["model"]["text"].get("pretrained")
     tokenizer = checkpoint_tokenizer(ref, name) if name else None

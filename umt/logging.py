@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +26,38 @@ def setup_logging(rank: int, level: int = logging.INFO) -> None:
     root.propagate = False
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def debugging() -> bool:
+    """--debug (or UMT_DEBUG=1): tracebacks and the libraries' own chatter."""
+    return os.environ.get("UMT_DEBUG", "") not in ("", "0")
+
+
+def quiet_deepspeed() -> None:
+    """Call before DeepSpeed is first imported: its accelerator guess, scheduler warnings and
+    checkpoint prints stay out of UMT's logs (they show with --debug). On a machine without
+    CUDA, DeepSpeed is told it runs on the CPU instead of warning that it guessed so."""
+    if debugging():
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.ERROR)
+    for handler in logger.handlers:
+        handler.setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def quiet_prints():
+    """Within: what a library prints to stdout is dropped (kept with --debug)."""
+    if debugging():
+        yield
+        return
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
 
 
 class MetricsWriter:

@@ -64,6 +64,8 @@ def check_tokenizer(cfg: Config) -> None:
     key = "data.tokenizer" if cfg.data.tokenizer else "model.text.pretrained"
     if looks_like_path(name) and not Path(name).expanduser().is_dir():
         raise ConfigError(f"{key}: {name} is not a folder (a tokenizer folder or a Hub name)")
+    if not looks_like_path(name):
+        check_hub_name(key, name)
     folder = Path(name).expanduser()
     if looks_like_path(name) and not any((folder / f).is_file() for f in TOKENIZER_FILES):
         raise ConfigError(
@@ -77,6 +79,47 @@ def check_tokenizer(cfg: Config) -> None:
         lines = [line for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
         raise ConfigError(f"{key}: cannot load tokenizer {name!r}: {lines[0]}") from None
     check_tokenizer_fits(cfg, tokenizer, key, name)
+
+
+HUB_PROBE_TIMEOUT_S = 5.0
+
+
+def check_hub_name(key: str, name: str) -> None:
+    """`name` is no local path, so it would be looked up on the Hugging Face Hub: refuse at once
+    a mistyped folder (`tokenizers/mien` beside `tokenizers/mine`) and a Hub that cannot be reached
+    (offline, or no network), instead of a minute of retries ending in "couldn't connect"."""
+    parent = Path(name).parent
+    if parent != Path(".") and parent.expanduser().is_dir():
+        present = sorted(p.name for p in parent.expanduser().iterdir() if p.is_dir())[:8]
+        raise ConfigError(
+            f"{key}: folder {name} does not exist ({parent}/ holds: {', '.join(present) or 'no folders'})"
+        )
+    if name.count("/") > 1:  # a Hub name is `name` or `org/name`
+        raise ConfigError(f"{key}: folder {name} does not exist")
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        if isinstance(try_to_load_from_cache(name, "tokenizer_config.json"), str):
+            return  # in the local Hub cache: loads without the network
+    except HFValidationError:
+        raise ConfigError(f"{key}: {name} is neither a folder here nor a Hub name") from None
+    if constants.HF_HUB_OFFLINE:
+        raise ConfigError(
+            f"{key}: {name} is not a folder here, and the Hugging Face Hub is offline "
+            "(HF_HUB_OFFLINE) with no copy of it in the cache"
+        )
+    import urllib.request
+
+    endpoint = constants.ENDPOINT
+    try:
+        urllib.request.urlopen(endpoint, timeout=HUB_PROBE_TIMEOUT_S).close()
+    except OSError as exc:  # URLError, timeouts and refused connections
+        reason = getattr(exc, "reason", exc)
+        raise ConfigError(
+            f"{key}: {name} is not a folder here, and {endpoint} cannot be reached to fetch it "
+            f"as a Hub name ({reason})"
+        ) from None
 
 
 def check_tokenizer_fits(cfg: Config, tokenizer, key: str, name: str) -> None:

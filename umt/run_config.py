@@ -6,6 +6,7 @@ changes that would make it another run (model shape, sample order)."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import yaml
 
 from umt.config import Config, ConfigError, from_dict, parse_override, to_dict
 
+log = logging.getLogger("umt.train")
 SAVED = "config.yaml"  # in the run folder, written by rank 0 at every start
 # Keys a resumed run may not change: the model's shape, and what fixes the sample order.
 FIXED_PREFIXES = ("model.",)
@@ -125,45 +127,157 @@ def resume_plan(
 ) -> tuple[str | None, list[str], str, Path | None]:
     """(config file, overrides, resume, run folder whose saved config is the base, or None).
 
-    `--resume RUN_DIR` (a folder holding config.yaml): the run's saved config (or --config, which
-    check_resume compares with it), output_dir set to it, and `auto` within it. `--resume auto` without --config: the saved config of the output_dir
-    the overrides name (or the default one), when there is one. Anything else: as given.
+    `--resume PATH`: a run folder, its checkpoint root or one `step{N}` folder (anything else is a
+    CheckpointError saying what PATH is). The run's saved config is the base (or --config, which
+    check_resume compares with it), output_dir is the run's, and a run folder or checkpoint root
+    resumes its newest checkpoint (`auto`), a step folder that step. `auto` (the default) and
+    `none` without --config: the saved config of the output_dir the overrides name (or the
+    default one), when there is one.
     """
     if resume not in (None, "", "none", "auto"):
-        run = Path(resume)
-        if not (run / SAVED).is_file():  # a checkpoint root or step folder
+        from umt import checkpoint
+
+        given = Path(resume)
+        root = checkpoint.run_checkpoint_root(given)
+        if checkpoint.is_run_folder(given) and checkpoint.find_latest(root) is None:
+            # A run that has saved nothing yet: it starts (again) with its saved config.
+            overrides = [*overrides, f"output_dir={given.resolve()}"]
+            if config is not None or not (given / SAVED).is_file():
+                return config, overrides, "auto", None
+            return str(given / SAVED), overrides, "auto", given
+        ref = checkpoint.locate(given, "--resume")
+        run = run_folder_of(given, ref)
+        step_folder = (given / checkpoint.META).is_file()
+        branch = output_dir_of(overrides)
+        if branch is None:  # going on within its run: from the run's newest checkpoint only
+            newest = checkpoint.find_latest(ref.root)
+            if newest is not None and newest.step > ref.step:
+                raise checkpoint.CheckpointError(
+                    f"--resume {resume}: not the newest checkpoint of its run ({newest.tag} is); "
+                    f"going on from it would write over later steps of that run: add "
+                    f"output_dir=NEW_FOLDER to branch off from {ref.tag}"
+                )
+            if run is None:
+                raise checkpoint.CheckpointError(
+                    f"--resume {resume}: the run folder of this checkpoint (with its {SAVED}) is "
+                    "not beside it: add output_dir=FOLDER for the run that goes on from it"
+                )
+            overrides = [*overrides, f"output_dir={run.resolve()}"]
+            if ref.root.resolve() != (run / "checkpoints").resolve():
+                overrides.append(f"checkpoint.dir={ref.root.resolve()}")
+        # The base config: the one the step was trained with, else its run's.
+        step_config = ref.path / SAVED
+        base = step_config if step_folder and step_config.is_file() else (run and run / SAVED)
+        # Within its run: the newest checkpoint. Branching off into another output_dir: exactly
+        # this checkpoint.
+        resume = "auto" if branch is None else str(ref.path.resolve())
+        if config is not None or base is None:  # the given config, checked by check_resume
             return config, overrides, resume, None
-        overrides = [*overrides, f"output_dir={run.resolve()}"]
-        if config is not None:  # the given config, checked against the run's (check_resume)
-            return config, overrides, "auto", None
-        return str(run / SAVED), overrides, "auto", run
-    if resume == "auto" and config is None:
-        run = Path(output_dir_of(overrides) or Config().output_dir)
+        return str(base), overrides, resume, run
+    if resume in ("auto", "none") and config is None:  # (`none` is then refused by check_resume)
+        run = Path(output_dir_of(overrides) or Config().output_dir).resolve()
         if (run / SAVED).is_file():
-            return str(run / SAVED), overrides, "auto", run
+            return str(run / SAVED), overrides, resume, run
     return config, overrides, resume, None
 
 
-def check_resume(cfg: Config, resume: str | None) -> None:
-    """Resuming a run whose folder holds a saved config and a checkpoint: refuse a config that
-    changes its model or its sample order (that is another run), naming the keys."""
-    if resume in (None, "", "none"):
-        return
-    run = Path(cfg.output_dir)
-    saved = saved_config(run)
-    if saved is None:
+def run_folder_of(path: Path, ref) -> Path | None:
+    """The run folder (holding config.yaml) that a run, checkpoint or step folder belongs to."""
+    from umt import checkpoint
+
+    saved_out = (checkpoint.read_meta(ref).get("config") or {}).get("output_dir")
+    candidates = [path, ref.root.parent] + ([Path(saved_out)] if saved_out else [])
+    return next((c for c in candidates if checkpoint.is_run_folder(c)), None)
+
+
+def check_resume(cfg: Config, resume: str | None, restart: bool = False) -> None:
+    """A run folder is resumed or refused, never silently started over: `--resume none` on a
+    folder holding a checkpoint is refused, and so is a config that changes the run's model or
+    its sample order (that is another run), naming the keys. `--restart` is the way to start over."""
+    if restart:
         return
     from umt import checkpoint
 
+    run = Path(cfg.output_dir)
     root = Path(cfg.checkpoint.dir or run / "checkpoints")
-    if resume == "auto" and checkpoint.find_latest(root) is None:
-        return  # nothing to resume: a fresh start
+    found = checkpoint.find_latest(root) if (root / checkpoint.LATEST).is_file() else None
+    again = (
+        "give it another output_dir, or --restart to start over in it (the old run is moved "
+        "aside into it, nothing is deleted)"
+    )
+    if resume in (None, "", "none"):
+        if found is not None:
+            raise ConfigError(
+                f"output_dir {run} holds a run (newest checkpoint {found.tag}): umt train resumes "
+                f"it without --resume none; to start another run, {again}"
+            )
+        return
+    saved = saved_config(run)
+    if saved is None or (resume == "auto" and found is None):
+        return  # nothing to compare with, or nothing to resume: a fresh start
     # The saved paths as this working folder reads them (configs saved before paths were made
     # absolute held relative ones).
     saved = to_dict(absolute_paths(from_dict(Config, saved)))
     changes = run_changes(saved, cfg)
     if changes:
         raise ConfigError(
-            f"--resume: this config would change the run in {run}: {'; '.join(changes)}; "
-            "that makes another run: give it another output_dir"
+            f"this config would change the run in {run}: {'; '.join(changes)}; that makes "
+            f"another run: {again}"
         )
+
+
+def set_aside_run(out: Path, ckpt_root: Path) -> Path:
+    """`umt train --restart`: move the previous run's files out of the way, deleting nothing.
+
+    Everything in `out` but its `slurm/` folder (job scripts, and the log a job is writing) and
+    earlier set-aside runs goes to `out/replaced-<UTC time>/`; a checkpoint folder outside `out`
+    becomes `<it>.replaced-<UTC time>` beside itself. Returns the folder the run went to."""
+    import time
+
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside = out / f"replaced-{stamp}"
+    keep = {"slurm", aside.name}
+    if out.is_dir():
+        entries = [
+            p for p in out.iterdir() if p.name not in keep and not p.name.startswith("replaced-")
+        ]
+        if entries:
+            aside.mkdir()
+            for entry in entries:
+                os.replace(entry, aside / entry.name)
+    if ckpt_root.exists() and not ckpt_root.is_relative_to(out):
+        os.replace(ckpt_root, ckpt_root.with_name(f"{ckpt_root.name}.replaced-{stamp}"))
+    return aside
+
+
+def keep_global_batch(cfg: Config, ref, world_size: int, rank: int) -> Config:
+    """Resuming on another number of ranks: the same global batch, by train.grad_accum, when the
+    saved run's global batch splits evenly into this world's micro-batches. The sample order then
+    goes on exactly as before (a global step takes the next global batch of samples)."""
+    from umt import checkpoint
+
+    saved = (checkpoint.read_meta(ref).get("config") or {}).get("train") or {}
+    t = cfg.train
+    micro, accum = saved.get("micro_batch_size", t.micro_batch_size), saved.get("grad_accum", 1)
+    before = micro * accum * ref.world_size
+    now = t.micro_batch_size * t.grad_accum * world_size
+    if before == now:
+        return cfg
+    unchanged = (t.micro_batch_size, t.grad_accum) == (micro, accum)  # no override of either
+    if unchanged and before % (t.micro_batch_size * world_size) == 0:
+        grad_accum = before // (t.micro_batch_size * world_size)
+        if rank == 0:
+            log.warning(
+                "resuming a %d-rank run on %d rank(s): train.grad_accum %d -> %d keeps the global "
+                "batch at %d samples per step",
+                ref.world_size, world_size, t.grad_accum, grad_accum, before,
+            )  # fmt: skip
+        return dataclasses.replace(cfg, train=dataclasses.replace(t, grad_accum=grad_accum))
+    if rank == 0:
+        log.warning(
+            "resuming a %d-rank run on %d rank(s): the global batch changes from %d to %d samples "
+            "per step (%d ranks x train.micro_batch_size %d x train.grad_accum %d); the samples "
+            "go on in the same order",
+            ref.world_size, world_size, before, now, world_size, t.micro_batch_size, t.grad_accum,
+        )  # fmt: skip
+    return cfg

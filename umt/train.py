@@ -14,6 +14,7 @@ import random
 import resource
 import signal
 import time
+import uuid
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,12 +31,15 @@ from umt.config import Config, ConfigError, save_config, to_dict, tokenizer_name
 from umt.data_wait import DataWaiter, DataWaitInterrupted
 from umt.distributed import WorldInfo, any_rank
 from umt.flops import StepShape, gpu_peak_flops, train_step_flops
-from umt.logging import MetricsWriter, progress
+from umt.logging import MetricsWriter, progress, quiet_deepspeed
 from umt.model import build_model
 from umt.objectives import mix_seed
+from umt.run_config import keep_global_batch, set_aside_run
 from umt.step_log import StepLog
+from umt.threads import choose_threads
 
 log = logging.getLogger("umt.train")
+SAME_INTERRUPT_S = 1.0  # a SIGINT this soon after the first is the same Ctrl-C, delivered twice
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,7 @@ class TrainState:
     step: int = 0
     samples: int = 0
     nonfinite_total: int = 0
+    run_id: str = ""  # made at a fresh start, kept by every resume: whose checkpoints are whose
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -332,18 +337,30 @@ class Window:
 class Trainer:
     """Owns the engine, the data stream, the writer and the `TrainState`; `train()` runs the loop."""
 
-    def __init__(self, cfg: Config, resume: str | None = None):
+    def __init__(self, cfg: Config, resume: str | None = None, restart: bool = False):
+        quiet_deepspeed()
         import deepspeed
 
-        self.cfg = cfg
         self.world, self.device = init_distributed(cfg.train.collective_timeout_min * 60)
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         self.out = Path(cfg.output_dir)
         self.ckpt_root = Path(cfg.checkpoint.dir or self.out / "checkpoints")
+        if restart:
+            if self.rank == 0:  # before anything is written; nothing of the old run is deleted
+                moved = set_aside_run(self.out, self.ckpt_root)
+                log.warning("--restart: the previous run in %s is now in %s", self.out, moved)
+            distributed.barrier()
         ref = checkpoint.resolve(resume, self.ckpt_root)
         if resume == "auto" and ref is None and self.rank == 0:
-            log.info("--resume auto: no complete checkpoint in %s; starting fresh", self.ckpt_root)
+            log.info("no complete checkpoint in %s: starting fresh", self.ckpt_root)
         elastic = ref is not None and ref.world_size != self.world_size
+        if elastic:
+            cfg = keep_global_batch(cfg, ref, self.world_size, self.rank)
+        self.cfg = cfg
+        self.threads = choose_threads(cfg.train.cpu_threads, cfg.data.train.num_workers)
+        torch.set_num_threads(self.threads.count)
+        if self.rank == 0:
+            log.info("%s", self.threads.describe())
 
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
         model = build_model(cfg.model, log_table=self.rank == 0)
@@ -375,9 +392,11 @@ class Trainer:
         self.model_dtype = next(self.engine.module.parameters()).dtype
         seed_everything(cfg.train.seed + 1000 * (self.rank + 1))  # per-rank streams (dropout)
         self.data = build_train_data(cfg, self.rank, self.world_size, device=self.device)
-        self.state = TrainState()
+        self.state = TrainState(run_id=uuid.uuid4().hex[:12] if ref is None else "")
         if ref is not None:
             self.resume(ref, elastic)
+        # Every rank uses rank 0's id (a fresh run's ids differ per rank).
+        self.state.run_id = distributed.broadcast_object(self.state.run_id)
         # The exact fp32 logit scale into DeepSpeed's master and the copy a bf16 forward reads.
         scale = self.engine.module.logit_scale
         scale.after_step() if ref is not None else scale.start_()
@@ -408,6 +427,8 @@ class Trainer:
             # Loaded: later loads and saves of this engine are ordinary ZeRO checkpoints again.
             self.engine._config.load_universal_checkpoint = False
         self.state.load_state_dict(client_state["train_state"])
+        if not self.state.run_id:  # a checkpoint from before run ids: this resume starts one
+            self.state.run_id = uuid.uuid4().hex[:12]
         # Per-rank files: the same rank on the same topology, else rank 0's. The loader state
         # is one stream position, the same on every rank, so it resumes any topology exactly.
         rank_file = ref.root / tag / f"rank{self.rank if not elastic else 0}.pt"
@@ -433,6 +454,7 @@ class Trainer:
             client_state={"train_state": self.state.state_dict(), "config": to_dict(self.cfg)},
             rank_state={"data": self.data.state_dict()},
             keep=self.cfg.checkpoint.keep,
+            run_id=self.state.run_id,
             config=to_dict(self.cfg),
             meta={"samples": self.state.samples, "data": data_summary(self.data)},
         )
@@ -619,6 +641,7 @@ class Trainer:
             format_report,
             report_scalars,
             set_name,
+            write_eval_record,
         )
 
         cfg = self.cfg
@@ -638,13 +661,9 @@ class Trainer:
         self.writer.scalars(report_scalars(report, set_name(cfg.data.eval.shards)), self.state.step)
         log.info("evaluation at step %d:\n%s", self.state.step, format_report(report))
         if self.rank == 0:  # read by `umt export` for the model card
-            record = {
-                "step": self.state.step,
-                "samples": self.state.samples,
-                "shards": cfg.data.eval.shards,
-                "report": report,
-            }
-            checkpoint.write_json_atomic(self.out / "eval" / f"step{self.state.step}.json", record)
+            write_eval_record(
+                self.out, self.state.step, self.state.samples, cfg.data.eval.shards, report
+            )
         return report
 
     # --- the loop ----------------------------------------------------------------------------
@@ -653,15 +672,24 @@ class Trainer:
         checkpoint at the end of the step, then stop. A second SIGINT aborts without saving
         (KeyboardInterrupt: one line, no traceback; the unfinished step folder stays invisible)."""
 
+        owner = os.getpid()
+        first_interrupt = [0.0]
+
         def request(signum, _frame):
+            if os.getpid() != owner:  # a forked loader worker before its own set-up: not ours
+                return
             if signum == signal.SIGINT:
+                # One Ctrl-C can arrive twice: from the terminal or `scancel --signal=INT` (every
+                # process of a Slurm step), and again from a launcher that passes it on.
+                if time.monotonic() - first_interrupt[0] < SAME_INTERRUPT_S:
+                    return
                 if self.stop_signal == signal.SIGINT:
                     raise KeyboardInterrupt
+                first_interrupt[0] = time.monotonic()
                 if self.rank == 0:
                     log.warning(
-                        "Ctrl-C: saving a checkpoint after step %d, then stopping "
-                        "(press Ctrl-C again to stop now without saving)",
-                        self.state.step + 1,
+                        "Ctrl-C: finishing the step in progress, then saving a checkpoint and "
+                        "stopping (press Ctrl-C again to stop now without saving)"
                     )
             self.stop_signal = signum
 
@@ -742,7 +770,8 @@ class Trainer:
                     f"{self.cfg.data.eval.shards}"
                 )
         if self.state.step < t.steps:
-            lines.append(f"  go on:      umt train --resume {self.out}")
+            ranks = f" --nproc-per-node {self.world_size}" if self.world_size > 1 else ""
+            lines.append(f"  go on:      umt train --resume {self.out}{ranks}")
         return "\n".join(lines)
 
     def _train(self, batches: DataWaiter, bar) -> dict[str, float]:
@@ -772,9 +801,12 @@ class Trainer:
                 self.save_checkpoint()
                 saved_at = step
             if result.stop:
-                log.warning(
-                    "stopping at step %d after a signal; checkpoint %s", step, self.last_checkpoint
-                )
+                if self.rank == 0:
+                    log.warning(
+                        "stopping at step %d after a signal; checkpoint %s",
+                        step,
+                        self.last_checkpoint,
+                    )
                 break
             # After the checkpoint: an evaluation that fails must not cost the steps before it.
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0:

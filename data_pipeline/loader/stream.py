@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import signal
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -192,6 +193,9 @@ def _set_up_worker(worker_id: int) -> None:
     # Workers are the parallelism: one thread each, or 2 cores x (K workers x N threads) thrash.
     torch.set_num_threads(1)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # Ctrl-C reaches the whole foreground process group; the trainer (the parent) owns it and
+    # stops its workers itself. A forked worker would otherwise run the parent's handler.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _as_is(item):

@@ -1,0 +1,113 @@
+"""`python -m launch.torchrun [torchrun options] -m launch.train ...`: torchrun, with the signals a
+person or Slurm sends handled as UMT's ranks expect (`umt train --nproc-per-node N` runs this).
+
+torchrun treats SIGINT (Ctrl-C) like a death signal: it forwards it, gives the ranks 30 s
+(`--shutdown_timeout`), SIGKILLs them, and exits 1 with its own traceback, however cleanly the
+ranks saved. Here the agent does not die of SIGINT, SIGTERM or SIGUSR1: it passes each on to its
+ranks, which finish their step, save a checkpoint together and exit 0, and torchrun then ends as
+they did. Ranks run in sessions of their own (torchrun starts them so), so a terminal's Ctrl-C
+reaches only this process. A second Ctrl-C is passed on too (the ranks stop without saving); a
+third kills them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+TORCHRUN_HANDLES = "SIGHUP,SIGQUIT"  # still fatal to the agent, as torchrun makes them
+
+
+def child_pids(parent: int) -> list[int]:
+    """Processes whose parent is `parent` (Linux /proc): torchrun's ranks."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        # pid (comm) state ppid ...: comm may hold spaces and parentheses, so split after it.
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) > 1 and int(fields[1]) == parent:
+            pids.append(int(entry.name))
+    return pids
+
+
+def forward_signals() -> None:
+    """Install the agent's handlers: pass each signal on to the ranks (Ctrl-C: say what happens)."""
+    presses = [0]
+
+    def forward(signum, _frame):
+        sig = signal.Signals(signum)
+        if sig == signal.SIGINT:
+            presses[0] += 1
+            message = {
+                1: "the ranks finish their step, save a checkpoint and stop "
+                "(Ctrl-C again: stop now, without saving)",
+                2: "stopping the ranks now, without saving (Ctrl-C again: kill them)",
+            }.get(presses[0], "killing the ranks")
+            print(f"umt: Ctrl-C: {message}", file=sys.stderr, flush=True)
+            if presses[0] >= 3:
+                sig = signal.SIGKILL
+        for pid in child_pids(os.getpid()):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    for sig in FORWARDED:
+        signal.signal(sig, forward)
+
+
+def torchrun_args(argv: list[str]) -> list[str]:
+    """`argv` with torchrun's own handling left to SIGHUP and SIGQUIT (a --signals_to_handle the
+    user gave loses the forwarded signals, which this process handles)."""
+    script_at = next((i for i, a in enumerate(argv) if a in ("-m", "--module")), len(argv))
+    own, rest = argv[:script_at], argv[script_at:]
+    kept, skip = [], False
+    for i, arg in enumerate(own):
+        if skip:
+            skip = False
+            continue
+        name, eq, value = arg.partition("=")
+        if name in ("--signals_to_handle", "--signals-to-handle"):
+            if not eq:
+                value, skip = (own[i + 1] if i + 1 < len(own) else ""), True
+            given = [s for s in value.split(",") if s.strip() not in [f.name for f in FORWARDED]]
+            kept.append(f"--signals_to_handle={','.join(given) or TORCHRUN_HANDLES}")
+            continue
+        kept.append(arg)
+    if not any(a.split("=")[0] in ("--signals_to_handle", "--signals-to-handle") for a in kept):
+        kept.append(f"--signals_to_handle={TORCHRUN_HANDLES}")
+    return kept + rest
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = torchrun_args(list(sys.argv[1:] if argv is None else argv))
+    forward_signals()
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    try:
+        run(get_args_parser().parse_args(argv))
+    except ChildFailedError as exc:
+        # Each rank printed its own one-line error; say which ranks failed, not a traceback.
+        codes = sorted({f.exitcode for f in exc.failures.values()})
+        ranks = sorted(f.rank for f in exc.failures.values())
+        print(
+            f"umt: rank(s) {', '.join(map(str, ranks))} exited with "
+            f"{', '.join(map(str, codes))} (their own messages are above)",
+            file=sys.stderr,
+        )
+        code = codes[0] if len(codes) == 1 and codes[0] > 0 else 1
+        return code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
