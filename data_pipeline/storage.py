@@ -19,11 +19,12 @@ import logging
 import os
 import posixpath
 import random
-import signal
 import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any, TypeVar
+
+from data_pipeline import faults
 
 log = logging.getLogger("umt.data")
 T = TypeVar("T")
@@ -312,14 +313,14 @@ class _DownloadProgress:
 
     def __init__(self):
         self.size: int | None = None
-        self.kill = os.environ.get("UMT_FAULT_KILL_IN_DOWNLOAD") == "1"
+        self.kill = faults.kill_in_download()
 
     def set_size(self, size):
         self.size = size
 
     def relative_update(self, inc=1):
         if self.kill and inc:
-            os.kill(os.getpid(), signal.SIGKILL)
+            faults.kill_self()
 
     def absolute_update(self, value):
         pass

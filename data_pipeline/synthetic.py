@@ -24,6 +24,7 @@ class SyntheticBatch:
     keys: list[str]
     image_ids: torch.Tensor  # (B,) int64: every sample its own image
     negative_texts: None = None  # the loader's Batch has them with data.train.negatives
+    failures: tuple = ()  # no sample is ever unusable
 
     def normalized_pixels(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         return normalize_pixels(self.pixel_values.to(device, non_blocking=True), MEAN, STD, dtype)
@@ -99,6 +100,12 @@ class SyntheticBatches:
 
     def error_counts(self) -> dict[str, int]:
         return {}
+
+    def io_counts(self) -> dict[str, int]:
+        return {}  # nothing is read
+
+    def summary(self) -> dict:
+        return {"synthetic": True}
 
     def state_dict(self) -> dict:
         return {

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_guarded(prog: str, main_fn: Callable[[list[str]], int | None], argv: list[str]) -> int:
     """`main_fn(argv)`, with an error no command handles shown as one line (exit 1), not a
     traceback, unless UMT_DEBUG=1 (or --debug) asks for the traceback."""
-    from umt.logging import debugging
+    from umt.logs import debugging
 
     if debugging():
         return int(main_fn(argv) or 0)

@@ -64,7 +64,8 @@ def main(argv: list[str]) -> int:
         set_name,
     )
     from umt.export import ExportError, load_model
-    from umt.logging import MetricsWriter, setup_logging
+    from umt.logs import setup_logging
+    from umt.metrics import MetricsWriter
 
     setup_logging(discover_world().rank)
     # Flags that name files are checked before the model is loaded (a minute on a big checkpoint).

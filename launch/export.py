@@ -17,7 +17,7 @@ def main(argv: list[str]) -> int:
 
     from umt.checkpoint import CheckpointError
     from umt.export import ExportError, export_checkpoint
-    from umt.logging import setup_logging
+    from umt.logs import setup_logging
 
     setup_logging(0)
     try:

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     from data_pipeline.loader import LoaderConfigError, LoaderStateError
     from data_pipeline.storage import StorageError
     from umt.distributed import shutdown
-    from umt.logging import setup_logging
+    from umt.logs import setup_logging
     from umt.train import Trainer, TrainingError
 
     setup_logging(discover_world().rank)

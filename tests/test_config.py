@@ -9,7 +9,7 @@ import torch
 
 from tests.conftest import REPO
 from umt.config import Config, ConfigError, config_reference, load_config, save_config
-from umt.train import deepspeed_config
+from umt.engine import deepspeed_config
 
 SYNTH = ["data.train.synthetic=true"]
 

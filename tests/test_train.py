@@ -320,7 +320,7 @@ def test_the_deepspeed_launcher_runs_the_same_entry_point(tmp_path):
 def test_train_augmentation_options_reach_the_loader(demo_shards):
     """`data.train.crop_scale` / `hflip` configure the loader; a bad range fails with its key."""
     from umt.config import load_config
-    from umt.train import build_train_data
+    from umt.train_data import build_train_data
 
     shards, tokenizer = demo_shards
     base = [

@@ -59,7 +59,7 @@ class CheckpointError(RuntimeError):
 def _allowed_globals() -> list:
     import codecs
 
-    from umt.logging import quiet_deepspeed
+    from umt.logs import quiet_deepspeed
 
     quiet_deepspeed()
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler

@@ -9,6 +9,7 @@ query are scored by the ITM head; the others keep their ITC order below every sc
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable, Iterable
@@ -526,3 +527,34 @@ def write_eval_record(run_dir: Path, step: int, samples: int, shards, report: di
     path = Path(run_dir) / "eval" / f"step{step}.json"
     write_json_atomic(path, {"step": step, "samples": samples, "shards": shards, "report": report})
     return path
+
+
+def evaluate_run_step(model, cfg, step: int, samples: int, writer) -> dict:
+    """The periodic evaluation of a training run (`eval.every_steps`): retrieval on data.eval
+    with the same code as `umt eval`, its scalars to TensorBoard, its report to the log and to
+    `OUTPUT_DIR/eval/step{N}.json` (for the model card). Every rank takes part."""
+    from umt.config import tokenizer_name
+
+    data = EvalData(
+        cfg.data.eval.shards,
+        _tokenizer(tokenizer_name(cfg)),
+        cfg.model.image.image_size,
+        cfg.data.eval.max_text_len,
+        cfg.train.micro_batch_size,
+        cache_dir=cfg.data.cache_dir,
+    )
+    device = next(model.parameters()).device
+    report = evaluate_retrieval(model, data, cfg.eval.itm_rerank_k, device=device)
+    writer.scalars(report_scalars(report, set_name(cfg.data.eval.shards)), step)
+    log.info("evaluation at step %d:\n%s", step, format_report(report))
+    if rank() == 0:
+        write_eval_record(Path(cfg.output_dir), step, samples, cfg.data.eval.shards, report)
+    return report
+
+
+@functools.cache
+def _tokenizer(name: str):
+    """The evaluation's tokenizer, loaded once per process."""
+    from data_pipeline.transforms import load_tokenizer
+
+    return load_tokenizer(name)

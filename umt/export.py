@@ -44,7 +44,7 @@ class ExportError(RuntimeError):
 
 def consolidate(ref: checkpoint.CheckpointRef) -> dict[str, torch.Tensor]:
     """fp32 weights of every ZeRO stage, through DeepSpeed's own zero_to_fp32 consolidation."""
-    from umt.logging import quiet_deepspeed, quiet_prints
+    from umt.logs import quiet_deepspeed, quiet_prints
 
     quiet_deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

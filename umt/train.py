@@ -1,17 +1,19 @@
-"""The training loop: build, step, log, checkpoint. Where model, objectives, loader and DeepSpeed meet.
+"""The training loop: where model, objectives, data and DeepSpeed meet.
 
-`Trainer.train_step` reads top to bottom: next batch -> forward (embed, ITC, mine, fuse, ITM,
-MLM inside the model's objective) -> skip if non-finite anywhere -> backward -> step.
+`Trainer.train_step` reads top to bottom as a step happens: the next micro-batch, the forward
+(the model's objectives: embed, ITC, mine negatives, fuse, ITM, MLM), a non-finite loss skipped
+on every rank, backward, the optimizer step; after the last micro-batch, the logit scale's
+clamp. `train()` runs steps; when to log, save and evaluate is each a `Cadence`. The rest lives
+in modules of its own: DeepSpeed (`umt.engine`), the data stream (`umt.train_data`), what a log
+step reports (`umt.metrics`), the test hooks (`data_pipeline.faults`).
 """
 
 from __future__ import annotations
 
-import importlib
+import contextlib
 import json
 import logging
 import os
-import random
-import resource
 import signal
 import time
 import uuid
@@ -19,56 +21,34 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from data_pipeline.loader.batch import NO_NEGATIVE
+from data_pipeline.faults import TrainingFaults
 from data_pipeline.loader.config import LoaderDataError
-from data_pipeline.loader.reader import SAMPLE_ERRORS
-from data_pipeline.storage import IO_COUNTERS
 from umt import checkpoint, distributed, step_log, versions
-from umt.config import Config, ConfigError, save_config, to_dict, tokenizer_name
+from umt.config import Config, save_config, to_dict
 from umt.data_wait import DataWaiter, DataWaitInterrupted
-from umt.distributed import WorldInfo, any_rank
-from umt.flops import StepShape, gpu_peak_flops, train_step_flops
-from umt.logging import MetricsWriter, progress, quiet_deepspeed
+from umt.distributed import any_rank
+from umt.engine import (
+    build_engine,
+    clamp_logit_scale,
+    deepspeed_config,
+    init_distributed,
+    seed_everything,
+    start_logit_scale,
+    warmup_steps,
+)
+from umt.logs import progress
+from umt.metrics import MetricsWriter, StepResult, StepScalars, Window
 from umt.model import build_model
 from umt.objectives import mix_seed
 from umt.run_config import keep_global_batch, set_aside_run
 from umt.step_log import StepLog
 from umt.threads import choose_threads
+from umt.train_data import TrainBatch, TrainData, build_train_data
 
 log = logging.getLogger("umt.train")
 SAME_INTERRUPT_S = 1.0  # a SIGINT this soon after the first is the same Ctrl-C, delivered twice
-
-
-@dataclass(frozen=True)
-class Faults:
-    """Failure injection for tests of failure handling, read from the environment once.
-
-    UMT_FAULT_KILL_AT_STEP=N: every rank SIGKILLs itself right after step N (no checkpoint).
-    UMT_FAULT_NAN_AT_STEP=N: rank 0's loss is NaN on the first micro-batch tried for step N.
-    UMT_FAULT_DATA_STALL=N:S: rank 0's first batch of step N takes S more seconds to come.
-    """
-
-    kill_at_step: int = -1
-    nan_at_step: int = -1
-    stall_at_step: int = -1
-    stall_s: float = 0.0
-
-    def nan_at(self, step: int, micro: int, skipped_run: int) -> bool:
-        return step == self.nan_at_step and micro == 0 and skipped_run == 0
-
-    @classmethod
-    def from_env(cls) -> Faults:
-        env = os.environ
-        stall_step, _, stall_s = env.get("UMT_FAULT_DATA_STALL", "-1:0").partition(":")
-        return cls(
-            int(env.get("UMT_FAULT_KILL_AT_STEP", -1)),
-            int(env.get("UMT_FAULT_NAN_AT_STEP", -1)),
-            int(stall_step),
-            float(stall_s or 0),
-        )
 
 
 class TrainingError(RuntimeError):
@@ -98,249 +78,51 @@ class TrainState:
             setattr(self, key, value)
 
 
-# --- distributed set-up ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Cadence:
+    """Every `every` steps (0: never) and, with `last`, at that step too."""
 
+    every: int
+    last: int | None = None
 
-def init_distributed(timeout_s: float) -> tuple[WorldInfo, torch.device]:
-    """This rank's GPU and process group (NCCL on GPUs, gloo on CPU), then DeepSpeed's comm on top."""
-    import deepspeed
-
-    world, device = distributed.init_distributed(timeout_s, always=True)
-    if device.type == "cpu":
-        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce when its process group
-        # starts: ~50 s on 2 cores, once per machine, for an op only inference calls. Training
-        # collectives go through gloo either way.
-        # (`deepspeed.comm.torch` as an attribute is the torch package: import the module by name.)
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    # The torch group exists already, so DeepSpeed wraps it (and its timeout) instead of making one.
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
-    return world, device
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-# --- DeepSpeed configuration -----------------------------------------------------------------
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
-
-
-OPTIMIZERS = ("auto", "adamw", "fused_adamw", "cpu_adam")
-
-
-def resolve_optimizer(name: str, device: torch.device, offload: str) -> str:
-    """`train.optimizer`, with `auto` made concrete for the device.
-
-    auto: torch's fused AdamW on GPUs (one kernel for all parameters, no op to build);
-    DeepSpeed's vectorised CPU Adam when ZeRO offloads the optimizer to the CPU (torch's AdamW
-    would run there ~5x slower); torch's AdamW on a CPU-only run.
-    """
-    if name == "auto":
-        if offload == "cpu":
-            return "cpu_adam"
-        return "fused_adamw" if device.type == "cuda" else "adamw"
-    if name == "fused_adamw" and device.type != "cuda":
-        raise ConfigError("train.optimizer: fused_adamw needs a CUDA device; use adamw or auto")
-    return name
-
-
-def optimizer_config(t, optimizer: str) -> dict:
-    """DeepSpeed's `optimizer` block: which class DeepSpeed builds follows from `torch_adam`
-    (torch's AdamW; `fused` is handed to it) and ZeRO offload (DeepSpeedCPUAdam)."""
-    params = {
-        "lr": t.lr,
-        "betas": list(t.betas),
-        "eps": t.eps,
-        "weight_decay": t.weight_decay,
-        "adam_w_mode": True,
-        "torch_adam": optimizer in ("adamw", "fused_adamw"),
-    }
-    if optimizer == "fused_adamw":
-        params["fused"] = True
-    return {"type": "AdamW", "params": params}
-
-
-def warmup_steps(t) -> int:
-    """train.warmup_steps, at least 1 and at most train.steps (DeepSpeed warns on every start
-    and resume when the warmup is longer than the run)."""
-    return min(max(1, t.warmup_steps), t.steps)
-
-
-def deepspeed_config(
-    cfg: Config, world_size: int, device: torch.device, load_universal: bool
-) -> dict:
-    """The DeepSpeed JSON config, built from the typed config (written next to the logs)."""
-    t, z = cfg.train, cfg.zero
-    precision = resolve_precision(t.precision, device)
-    zero: dict = {
-        "stage": z.stage,
-        "overlap_comm": z.overlap_comm and device.type == "cuda",
-        "contiguous_gradients": z.contiguous_gradients,
-        "reduce_bucket_size": z.reduce_bucket_size,
-        "allgather_bucket_size": z.allgather_bucket_size,
-    }
-    if z.stage == 3:
-        zero.pop("allgather_bucket_size")
-        zero["stage3_prefetch_bucket_size"] = z.stage3_prefetch_bucket_size
-        zero["stage3_param_persistence_threshold"] = z.stage3_param_persistence_threshold
-        zero["stage3_gather_16bit_weights_on_model_save"] = False
-    if z.offload_optimizer == "cpu":
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
-    optimizer = resolve_optimizer(t.optimizer, device, z.offload_optimizer)
-    config = {
-        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
-        "gradient_clipping": t.grad_clip,
-        "optimizer": optimizer_config(t, optimizer),
-        "scheduler": {
-            "type": "WarmupCosineLR",
-            "params": {
-                "total_num_steps": t.steps,
-                "warmup_num_steps": warmup_steps(t),
-                "warmup_min_ratio": 0.0,
-                "cos_min_ratio": t.min_lr_ratio,
-                "warmup_type": "linear",
-            },
-        },
-        "zero_optimization": zero,
-        "bf16": {"enabled": precision == "bf16"},
-        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
-        "zero_allow_untested_optimizer": True,
-        "checkpoint": {"load_universal": load_universal},
-        "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
-    }
-    if z.communication_dtype is not None:
-        config["communication_data_type"] = z.communication_dtype
-    return config
-
-
-# --- data --------------------------------------------------------------------------------------
-
-
-def build_train_data(cfg: Config, rank: int, world_size: int, epoch: int = 0, device=None):
-    """The training stream for this rank: the streaming loader over shards, or synthetic batches.
-
-    On a GPU (`device`), loader batches come in pinned memory (asynchronous copies) and a short
-    synthetic cycle is kept on the device (no per-step host work in benchmarks).
-    """
-    d = cfg.data.train
-    on_gpu = device is not None and torch.device(device).type == "cuda"
-    if d.synthetic:
-        from data_pipeline.synthetic import SyntheticBatches
-
-        return SyntheticBatches(
-            cfg.train.micro_batch_size,
-            cfg.model.image.image_size,
-            d.max_text_len,
-            cfg.model.text.vocab_size,
-            cfg.train.seed,
-            rank,
-            world_size,
-            distinct_batches=d.synthetic_distinct or 1 << 30,
-            device=device if on_gpu else None,
-        )
-    from data_pipeline.loader import LoaderConfig, build_loader
-
-    loader_cfg = LoaderConfig(
-        shards=d.shards,
-        batch_size=cfg.train.micro_batch_size,
-        grad_accum=cfg.train.grad_accum,
-        num_workers=d.num_workers,
-        seed=cfg.train.seed,
-        resampled=d.resampled,
-        shuffle_window=d.shuffle_window,
-        epoch_tail=d.epoch_tail,
-        image_size=cfg.model.image.image_size,
-        max_text_len=d.max_text_len,
-        tokenizer=tokenizer_name(cfg),
-        train=True,
-        caption=d.caption,
-        crop_scale=d.crop_scale,
-        hflip=d.hflip,
-        negatives=d.negatives,
-        cache_dir=cfg.data.cache_dir,
-        cache_limit_gb=cfg.data.cache_limit_gb,
-        remote_read=cfg.data.remote_read,
-        pin_memory=on_gpu,
-    )
-    return build_loader(loader_cfg, rank=rank, world_size=world_size, epoch=epoch)
-
-
-def data_summary(data) -> dict | None:
-    """What a checkpoint says of its training data (for the model card of an export): the
-    dataset digest (shard names and counts), samples per epoch and the sources."""
-    dataset = getattr(data, "dataset", None)
-    if dataset is None:
-        return {"synthetic": True}
-    return {
-        "digest": dataset.digest(),
-        "samples": dataset.total_samples,
-        "shards": len(dataset.shards),
-        "sources": [
-            {
-                "name": s.name,
-                "samples": s.total_samples,
-                "shards": len(s.shards),
-                "weight": s.weight,
-            }
-            for s in dataset.sources
-        ],
-    }
-
-
-# --- the trainer -------------------------------------------------------------------------------
+    def due(self, step: int) -> bool:
+        return (self.every > 0 and step % self.every == 0) or step == self.last
 
 
 @dataclass
-class StepResult:
-    """One optimizer step as the loop sees it. `logs` stay on the device: read only on log steps."""
-
-    logs: dict[str, torch.Tensor]
-    stop: bool  # a stop signal reached some rank: checkpoint now
-    data_wait_s: float
-    elapsed_s: float
-    text_len: float  # mean padded text length fed (for MFU)
-    host_syncs: int = -1  # with UMT_SYNC_DEBUG on a GPU: synchronising CUDA calls in the step
-
-
-@dataclass
-class Window:
-    """What the throughput and MFU of a log line are averaged over."""
+class StepProgress:
+    """The micro-batches of one optimizer step so far: what the step returns and records."""
 
     start: float = field(default_factory=time.perf_counter)
-    steps: int = 0
-    excluded_s: float = 0.0  # evaluation and checkpoint time inside the window
+    micro: int = 0  # micro-batches trained on
+    skipped_run: int = 0  # consecutive non-finite micro-batches
+    stop: bool = False  # a stop signal reached some rank
     data_wait_s: float = 0.0
-    text_len: float = 0.0
-    host_syncs: list[int] = field(default_factory=list)
+    text_len: int = 0  # padded text tokens per sample, summed over micro-batches
+    logs: dict[str, torch.Tensor] = field(default_factory=dict)
+    keys: list[str] = field(default_factory=list)
+    failures: list[dict] = field(default_factory=list)
 
-    def add(self, result: StepResult) -> None:
-        self.steps += 1
-        self.data_wait_s += result.data_wait_s
-        self.text_len += result.text_len
-        if result.host_syncs >= 0:
-            self.host_syncs.append(result.host_syncs)
+    def next_batch(self, batches: DataWaiter, stop_requested) -> TrainBatch:
+        tic = time.perf_counter()
+        batch = batches.next(stop_requested)
+        self.data_wait_s += time.perf_counter() - tic
+        self.failures += batch.failures
+        return batch
 
-    def seconds(self) -> float:
-        return max(time.perf_counter() - self.start - self.excluded_s, 1e-9)
+    def add(self, batch: TrainBatch, logs: dict[str, torch.Tensor], grad_accum: int) -> None:
+        """A micro-batch trained on: its logs averaged into the step's (on the device)."""
+        for k, v in logs.items():
+            self.logs[k] = self.logs.get(k, 0) + v.detach().float() / grad_accum
+        self.text_len += batch.input_ids.shape[1]
+        self.keys += batch.keys
+        self.micro += 1
 
 
 class Trainer:
     """Owns the engine, the data stream, the writer and the `TrainState`; `train()` runs the loop."""
 
     def __init__(self, cfg: Config, resume: str | None = None, restart: bool = False):
-        quiet_deepspeed()
-        import deepspeed
-
         self.world, self.device = init_distributed(cfg.train.collective_timeout_min * 60)
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         self.out = Path(cfg.output_dir)
@@ -357,31 +139,14 @@ class Trainer:
         if elastic:
             cfg = keep_global_batch(cfg, ref, self.world_size, self.rank)
         self.cfg = cfg
-        self.threads = choose_threads(cfg.train.cpu_threads, cfg.data.train.num_workers)
-        torch.set_num_threads(self.threads.count)
-        if self.rank == 0:
-            log.info("%s", self.threads.describe())
+        self.use_cpu_threads()
 
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
         model = build_model(cfg.model, log_table=self.rank == 0)
         ds_config = deepspeed_config(cfg, self.world_size, self.device, load_universal=elastic)
         if self.rank == 0:
-            if cfg.train.warmup_steps > cfg.train.steps:
-                log.info(
-                    "train.warmup_steps %d > train.steps %d: warming up over the %d steps",
-                    cfg.train.warmup_steps,
-                    cfg.train.steps,
-                    warmup_steps(cfg.train),
-                )
-            self.out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.out / "config.yaml")
-            versions.record(self.out, resuming=ref is not None)
-            (self.out / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model,
-            model_parameters=model.optimizer_groups(cfg.train.weight_decay),
-            config=ds_config,
-        )
+            self.write_run_files(ds_config, resuming=ref is not None)
+        self.engine = build_engine(model, cfg, ds_config)
         if self.rank == 0:
             log.info(
                 "optimizer %s (train.optimizer=%s), collective timeout %g min",
@@ -391,7 +156,7 @@ class Trainer:
             )
         self.model_dtype = next(self.engine.module.parameters()).dtype
         seed_everything(cfg.train.seed + 1000 * (self.rank + 1))  # per-rank streams (dropout)
-        self.data = build_train_data(cfg, self.rank, self.world_size, device=self.device)
+        self.data: TrainData = build_train_data(cfg, self.rank, self.world_size, device=self.device)
         self.state = TrainState(run_id=uuid.uuid4().hex[:12] if ref is None else "")
         if ref is not None:
             self.resume(ref, elastic)
@@ -399,7 +164,7 @@ class Trainer:
         self.state.run_id = distributed.broadcast_object(self.state.run_id)
         # The exact fp32 logit scale into DeepSpeed's master and the copy a bf16 forward reads.
         scale = self.engine.module.logit_scale
-        scale.after_step() if ref is not None else scale.start_()
+        clamp_logit_scale(scale) if ref is not None else start_logit_scale(scale)
         if self.rank == 0:  # before any rank appends: the files describe the steps trained
             step_log.truncate_after(self.out, self.state.step)
         distributed.barrier()
@@ -407,10 +172,34 @@ class Trainer:
         self.writer = MetricsWriter(
             self.out / "tensorboard" if self.rank == 0 and cfg.log.tensorboard else None
         )
+        self.scalars = StepScalars(cfg, self.engine, self.data, self.world_size, self.device)
+        self.log_cadence = Cadence(cfg.log.every_steps, cfg.train.steps)
+        self.save_cadence = Cadence(cfg.checkpoint.every_steps, cfg.train.steps)
+        self.eval_cadence = Cadence(cfg.eval.every_steps)
         self.stop_signal: int | None = None
-        self.faults = Faults.from_env()
+        self.faults = TrainingFaults.from_env()
         self.sync_debug = os.environ.get("UMT_SYNC_DEBUG") == "1" and self.device.type == "cuda"
         self.last_checkpoint: Path | None = ref.path if ref else None
+
+    def use_cpu_threads(self) -> None:
+        workers = 0 if self.cfg.data.train.synthetic else self.cfg.data.train.num_workers
+        threads = choose_threads(self.cfg.train.cpu_threads, workers)
+        torch.set_num_threads(threads.count)
+        if self.rank == 0:
+            log.info("%s", threads.describe())
+
+    def write_run_files(self, ds_config: dict, resuming: bool) -> None:
+        """The run folder's config, versions and DeepSpeed config (rank 0, at every start)."""
+        t = self.cfg.train
+        if t.warmup_steps > t.steps:
+            log.info(
+                "train.warmup_steps %d > train.steps %d: warming up over the %d steps",
+                t.warmup_steps, t.steps, warmup_steps(t),
+            )  # fmt: skip
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, self.out / "config.yaml")
+        versions.record(self.out, resuming=resuming)
+        (self.out / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
 
     # --- state -------------------------------------------------------------------------------
     def resume(self, ref: checkpoint.CheckpointRef, elastic: bool) -> None:
@@ -423,9 +212,6 @@ class Trainer:
             load_path, client_state = self.engine.load_checkpoint(str(ref.root), tag=tag)
         if load_path is None:
             raise checkpoint.CheckpointError(f"DeepSpeed could not load {ref.root / tag}")
-        if elastic:
-            # Loaded: later loads and saves of this engine are ordinary ZeRO checkpoints again.
-            self.engine._config.load_universal_checkpoint = False
         self.state.load_state_dict(client_state["train_state"])
         if not self.state.run_id:  # a checkpoint from before run ids: this resume starts one
             self.state.run_id = uuid.uuid4().hex[:12]
@@ -456,14 +242,14 @@ class Trainer:
             keep=self.cfg.checkpoint.keep,
             run_id=self.state.run_id,
             config=to_dict(self.cfg),
-            meta={"samples": self.state.samples, "data": data_summary(self.data)},
+            meta={"samples": self.state.samples, "data": self.data.summary()},
         )
         self.last_checkpoint = path
         log.info("saved checkpoint %s", path)
         return path
 
     # --- the step ----------------------------------------------------------------------------
-    def forward(self, batch, seed: int):
+    def forward(self, batch: TrainBatch, seed: int):
         # uint8 pixels travel (a quarter of float32's bytes) and are normalised on the device;
         # image keys were hashed to int64 ids in the loader workers.
         pixels = batch.normalized_pixels(self.device, self.model_dtype)
@@ -483,190 +269,84 @@ class Trainer:
             negative_texts=negative_texts,
         )
 
-    def train_step(self, batches) -> StepResult:
-        """One optimizer step: grad_accum micro-batches; a non-finite one on any rank is skipped on all.
+    def train_step(self, batches: DataWaiter) -> StepResult:
+        """One optimizer step: grad_accum micro-batches; a non-finite one on any rank is skipped
+        on all (and another drawn).
 
         Host-device syncs: the ITM fetch plan's one read inside the forward, and one read of a
         fused all-reduce of (non-finite loss anywhere, stop signal anywhere) per micro-batch.
         Log values stay on the device (`StepResult.logs`).
         """
         t = self.cfg.train
-        logs: dict[str, torch.Tensor] = {}
-        data_wait, start, micro, skipped_run = 0.0, time.perf_counter(), 0, 0
-        stop, text_len = False, 0
-        trained_keys: list[str] = []
-        failures: list[dict] = []
+        step = StepProgress()
         with self._sync_counter() as syncs:
-            while micro < t.grad_accum:
-                tic = time.perf_counter()
-                batch = batches.next(lambda: self.stop_signal is not None)
-                data_wait += time.perf_counter() - tic
-                failures += getattr(batch, "failures", [])
-                seed = mix_seed(t.seed, self.state.step, micro, skipped_run)
-                out = self.forward(batch, seed)
-                if self.faults.nan_at(self.state.step + 1, micro, skipped_run) and self.rank == 0:
-                    out.loss = out.loss * float("nan")
-                nonfinite, stop_now = any_rank(
-                    [~torch.isfinite(out.loss.detach()), self.stop_signal is not None]
+            while step.micro < t.grad_accum:
+                batch = step.next_batch(batches, self.stop_requested)
+                out = self.forward(
+                    batch, mix_seed(t.seed, self.state.step, step.micro, step.skipped_run)
                 )
-                stop = stop or stop_now
-                if nonfinite:
-                    skipped_run += 1
-                    self.state.nonfinite_total += 1
-                    log.warning(
-                        "non-finite loss at step %d: micro-batch skipped", self.state.step + 1
-                    )
-                    if skipped_run >= t.max_nonfinite:
-                        raise TrainingError(
-                            f"{skipped_run} consecutive non-finite losses at step "
-                            f"{self.state.step + 1}; last checkpoint: {self.last_checkpoint or 'none'}"
-                        )
+                if self.skipped_as_nonfinite(out.loss, step):
                     continue
                 self.engine.backward(out.loss)
                 self.engine.step()
-                self.engine.module.logit_scale.after_step()  # after the optimizer moved it
-                for k, v in out.logs.items():
-                    logs[k] = logs.get(k, 0) + v.detach().float() / t.grad_accum
-                text_len += batch.input_ids.shape[1]
-                trained_keys += batch.keys
-                micro += 1
+                step.add(batch, out.logs, t.grad_accum)
+            clamp_logit_scale(self.engine.module.logit_scale)  # the optimizer moved it
         self.state.step += 1
         self.state.samples += t.micro_batch_size * t.grad_accum * self.world_size
-        self.step_log.record(self.state.step, trained_keys, failures)
+        self.step_log.record(self.state.step, step.keys, step.failures)
+        elapsed = time.perf_counter() - step.start
         return StepResult(
-            logs, stop, data_wait, time.perf_counter() - start, text_len / t.grad_accum, syncs[0]
+            step.logs, step.stop, step.data_wait_s, elapsed, step.text_len / t.grad_accum, syncs[0]
         )
 
+    def skipped_as_nonfinite(self, loss: torch.Tensor, step: StepProgress) -> bool:
+        """One all-reduce of (non-finite loss here, stop signal here): a micro-batch whose loss is
+        not finite on some rank is skipped on every rank, and too many in a row end the run."""
+        if self.faults.nan_at(self.state.step + 1, step.micro, step.skipped_run) and self.rank == 0:
+            loss = loss * float("nan")
+        nonfinite, stop = any_rank([~torch.isfinite(loss.detach()), self.stop_requested()])
+        step.stop = step.stop or stop
+        if not nonfinite:
+            return False
+        step.skipped_run += 1
+        self.state.nonfinite_total += 1
+        log.warning("non-finite loss at step %d: micro-batch skipped", self.state.step + 1)
+        if step.skipped_run >= self.cfg.train.max_nonfinite:
+            raise TrainingError(
+                f"{step.skipped_run} consecutive non-finite losses at step {self.state.step + 1}; "
+                f"last checkpoint: {self.last_checkpoint or 'none'}"
+            )
+        return True
+
+    def stop_requested(self) -> bool:
+        return self.stop_signal is not None
+
+    @contextlib.contextmanager
     def _sync_counter(self):
         """With UMT_SYNC_DEBUG=1 on a GPU: count CUDA calls that synchronise the host (torch's
         sync debug mode warns on each); yields a one-element list filled at exit (-1: off)."""
-        import contextlib
-
-        @contextlib.contextmanager
-        def counting():
-            box = [-1]
-            if not self.sync_debug:
+        box = [-1]
+        if not self.sync_debug:
+            yield box
+            return
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
                 yield box
-                return
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                torch.cuda.set_sync_debug_mode("warn")
-                try:
-                    yield box
-                finally:
-                    torch.cuda.set_sync_debug_mode("default")
-            box[0] = sum("synchroniz" in str(w.message) for w in caught)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        box[0] = sum("synchroniz" in str(w.message) for w in caught)
 
-        return counting()
-
-    # --- logging -----------------------------------------------------------------------------
-    def log_scalars(self, result: StepResult, window: Window) -> dict[str, float]:
-        """The step's logs and the window's system figures, averaged over ranks, and the data
-        counters (skipped samples, storage), summed over ranks: one all-reduce of a vector whose
-        keys are the same on every rank, one host read (log steps only)."""
-        logs = dict(result.logs)
-        grad_norm = self.engine.get_global_grad_norm()
-        if grad_norm is not None:
-            logs["grad_norm"] = torch.as_tensor(grad_norm, dtype=torch.float32)
-        host = self._system_scalars(window) | {
-            "lr": self.engine.get_lr()[0],
-            "time/step_s": result.elapsed_s,
-            "train/nonfinite_skipped": float(self.state.nonfinite_total),
-        }
-        counters = self._data_counters()
-        keys = sorted(logs) + sorted(host)
-        values = torch.stack(
-            [logs[k].to(self.device, torch.float64).reshape(()) for k in sorted(logs)]
-            + [torch.tensor(float(host[k]), dtype=torch.float64, device=self.device) for k in sorted(host)]
-            + [torch.tensor(float(v), dtype=torch.float64, device=self.device) for v in counters.values()]
-        )  # fmt: skip
-        total = distributed.all_reduce(values).tolist()
-        out = {k: v / self.world_size for k, v in zip(keys, total)}
-        return out | {k: v for k, v in zip(counters, total[len(keys) :]) if v}
-
-    def _data_counters(self) -> dict[str, int]:
-        """This rank's counts since its loader started, under names every rank has (a key only
-        some ranks had would break the all-reduce): skipped samples by reason, storage."""
-        errors = self.data.error_counts()
-        io = getattr(self.data, "io_counts", dict)()
-        negatives = {}
-        if self.cfg.data.train.negatives:  # the same on every rank
-            negatives = {"data/samples_without_negative": errors.get(NO_NEGATIVE, 0)}
-        return (
-            {f"data/errors_{r}": errors.get(r, 0) for r in SAMPLE_ERRORS}
-            | {f"data/storage_{n}": io.get(n, 0) for n in IO_COUNTERS}
-            | negatives
-        )
-
-    def _system_scalars(self, window: Window) -> dict[str, float]:
-        t = self.cfg.train
-        seconds = window.seconds()  # evaluation and checkpoint time left out
-        per_rank = window.steps * t.micro_batch_size * t.grad_accum / seconds
-        out = {
-            "throughput/samples_per_s": per_rank * self.world_size,
-            "throughput/samples_per_s_per_rank": per_rank,
-            "time/data_wait_fraction": window.data_wait_s / seconds,
-            "memory/rss_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        }
-        if window.host_syncs:
-            out["debug/host_syncs_per_step"] = sum(window.host_syncs) / len(window.host_syncs)
-        if self.device.type == "cuda":
-            out["memory/allocated_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            out["memory/reserved_peak_gib"] = torch.cuda.max_memory_reserved() / 2**30
-            peak = gpu_peak_flops(torch.cuda.get_device_name(self.device))
-            if peak:
-                out["throughput/mfu"] = per_rank * self.flops_per_sample(window) / peak
-        return out
-
-    def flops_per_sample(self, window: Window) -> float:
-        """Model FLOPs of one training sample at the text length actually fed in the window
-        (batches are padded to their longest caption, not to max_text_len)."""
-        t, o = self.cfg.train, self.cfg.objectives
-        shape = StepShape(
-            t.micro_batch_size,
-            max(1, round(window.text_len / max(window.steps, 1))),
-            self.world_size,
-            itm=o.itm_weight > 0,
-            data_negatives=o.itm_weight > 0 and bool(self.cfg.data.train.negatives),
-            mlm=o.mlm_weight > 0,
-        )
-        return train_step_flops(self.cfg.model, shape) / t.micro_batch_size
-
+    # --- around the steps ----------------------------------------------------------------------
     def evaluate(self) -> dict:
         """Retrieval on data.eval with the same code as `umt eval`; every rank takes part."""
-        from data_pipeline.transforms import load_tokenizer
-        from umt.evaluate import (
-            EvalData,
-            evaluate_retrieval,
-            format_report,
-            report_scalars,
-            set_name,
-            write_eval_record,
+        from umt.evaluate import evaluate_run_step  # the evaluation's imports: only when it runs
+
+        return evaluate_run_step(
+            self.engine.module, self.cfg, self.state.step, self.state.samples, self.writer
         )
 
-        cfg = self.cfg
-        if getattr(self, "_eval_tokenizer", None) is None:
-            self._eval_tokenizer = load_tokenizer(tokenizer_name(cfg))
-        data = EvalData(
-            cfg.data.eval.shards,
-            self._eval_tokenizer,
-            cfg.model.image.image_size,
-            cfg.data.eval.max_text_len,
-            cfg.train.micro_batch_size,
-            cache_dir=cfg.data.cache_dir,
-        )
-        report = evaluate_retrieval(
-            self.engine.module, data, cfg.eval.itm_rerank_k, device=self.device
-        )
-        self.writer.scalars(report_scalars(report, set_name(cfg.data.eval.shards)), self.state.step)
-        log.info("evaluation at step %d:\n%s", self.state.step, format_report(report))
-        if self.rank == 0:  # read by `umt export` for the model card
-            write_eval_record(
-                self.out, self.state.step, self.state.samples, cfg.data.eval.shards, report
-            )
-        return report
-
-    # --- the loop ----------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
         """SIGUSR1 (Slurm's warning before the time limit), SIGTERM and a first SIGINT (Ctrl-C):
         checkpoint at the end of the step, then stop. A second SIGINT aborts without saving
@@ -746,6 +426,45 @@ class Trainer:
             bar.close()  # before any message: a bar left open would prefix it
             batches.close()
 
+    def _train(self, batches: DataWaiter, bar) -> dict[str, float]:
+        window, last = Window(), {}
+        saved_at = self.state.step if self.last_checkpoint else -1
+        while self.state.step < self.cfg.train.steps:
+            result = self.train_step(batches)
+            window.add(result)
+            bar.update(1)
+            step = self.state.step
+            if self.log_cadence.due(step):
+                last = self.scalars(result, window, self.state.nonfinite_total)
+                self.writer.scalars(last, step)
+                bar.set_postfix(
+                    loss=f"{last['loss/total']:.4f}",
+                    sps=f"{last['throughput/samples_per_s']:.1f}",
+                    refresh=False,
+                )
+                window = Window()
+            self.faults.kill_after(step)
+            paused = time.perf_counter()
+            if result.stop or self.save_cadence.due(step):
+                self.save_checkpoint()
+                saved_at = step
+            if result.stop:
+                if self.rank == 0:
+                    log.warning(
+                        "stopping at step %d after a signal; checkpoint %s",
+                        step,
+                        self.last_checkpoint,
+                    )
+                break
+            # After the checkpoint: an evaluation that fails must not cost the steps before it.
+            if self.eval_cadence.due(step):
+                self.evaluate()
+            window.excluded_s += time.perf_counter() - paused
+        if saved_at != self.state.step:
+            self.save_checkpoint()
+        self.writer.close()
+        return last
+
     def summary(self, first: int, seconds: float, last: dict[str, float]) -> str:
         """What this run did and what to do next, for the end of the log."""
         t = self.cfg.train
@@ -773,46 +492,3 @@ class Trainer:
             ranks = f" --nproc-per-node {self.world_size}" if self.world_size > 1 else ""
             lines.append(f"  go on:      umt train --resume {self.out}{ranks}")
         return "\n".join(lines)
-
-    def _train(self, batches: DataWaiter, bar) -> dict[str, float]:
-        cfg = self.cfg
-        window = Window()
-        last: dict[str, float] = {}
-        saved_at = self.state.step if self.last_checkpoint else -1
-        while self.state.step < cfg.train.steps:
-            result = self.train_step(batches)
-            window.add(result)
-            bar.update(1)
-            step = self.state.step
-            if step % cfg.log.every_steps == 0 or step == cfg.train.steps:
-                last = self.log_scalars(result, window)
-                self.writer.scalars(last, step)
-                bar.set_postfix(
-                    loss=f"{last['loss/total']:.4f}",
-                    sps=f"{last['throughput/samples_per_s']:.1f}",
-                    refresh=False,
-                )
-                window = Window()
-            if step == self.faults.kill_at_step:
-                os.kill(os.getpid(), signal.SIGKILL)
-            paused = time.perf_counter()
-            every = cfg.checkpoint.every_steps
-            if result.stop or (every and step % every == 0) or step == cfg.train.steps:
-                self.save_checkpoint()
-                saved_at = step
-            if result.stop:
-                if self.rank == 0:
-                    log.warning(
-                        "stopping at step %d after a signal; checkpoint %s",
-                        step,
-                        self.last_checkpoint,
-                    )
-                break
-            # After the checkpoint: an evaluation that fails must not cost the steps before it.
-            if cfg.eval.every_steps and step % cfg.eval.every_steps == 0:
-                self.evaluate()
-            window.excluded_s += time.perf_counter() - paused
-        if saved_at != self.state.step:
-            self.save_checkpoint()
-        self.writer.close()
-        return last

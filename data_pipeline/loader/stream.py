@@ -278,6 +278,25 @@ class StreamingLoader:
         retried), `downloads`, `cache_hits`, `evictions`, `requests`, `bytes`."""
         return dict(self._io)
 
+    def summary(self) -> dict[str, Any]:
+        """What a checkpoint records of its training data (the model card of an export says it):
+        the dataset digest (shard names and counts), samples per epoch and the sources."""
+        dataset = self.dataset
+        return {
+            "digest": dataset.digest(),
+            "samples": dataset.total_samples,
+            "shards": len(dataset.shards),
+            "sources": [
+                {
+                    "name": s.name,
+                    "samples": s.total_samples,
+                    "shards": len(s.shards),
+                    "weight": s.weight,
+                }
+                for s in dataset.sources
+            ],
+        }
+
     def state_dict(self) -> dict[str, Any]:
         """The stream position reached, plain JSON; the same on every rank."""
         return {

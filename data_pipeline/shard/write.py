@@ -5,14 +5,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data_pipeline import shard_output
+from data_pipeline import faults, shard_output
 from data_pipeline.loader.tar_index import TarIndex, index_location, write_index
 from data_pipeline.shard.download import fetch_in_order
 from data_pipeline.shard.images import StoredImage, prepare_image
@@ -30,7 +29,7 @@ from data_pipeline.sources import Row
 TAR_MTIME = 946684800  # 2000-01-01T00:00:00Z, fixed so that shards are byte-reproducible
 
 
-FAILPOINT_ENV = "UMT_SHARD_FAILPOINT"  # test hook: "{shard}:{samples}" or "{shard}:renamed"
+FAILPOINT_ENV = faults.SHARD_FAILPOINT  # test hook: "{shard}:{samples}" or "{shard}:renamed"
 
 
 _PROGRESS_EVERY = 16  # rows between progress messages from a worker
@@ -140,7 +139,7 @@ def write_shard(job: ShardJob, report: Callable[[int, int], None]) -> ShardRecor
     # Rows planned with no samples fail on their captions before anything is fetched.
     fetchable = [item for item in task.items if item.samples]
     loaded = fetch_in_order([job.rows[item.row].image for item in fetchable], options)
-    failpoint = os.environ.get(FAILPOINT_ENV, "")
+    failpoint = faults.shard_failpoint()
     pending_report = [0, 0]
     index_entries: list[list] = []  # [key, offset, length] of each sample, for random access
     try:
@@ -174,7 +173,7 @@ def write_shard(job: ShardJob, report: Callable[[int, int], None]) -> ShardRecor
                 record.written += 1
                 record.dropped_captions += len(row.captions) - len(captions)
                 pending_report = flush_report(report, pending_report, 1, 0)
-                trigger_failpoint(failpoint, f"{task.name}:{record.count}")
+                faults.trigger_failpoint(failpoint, f"{task.name}:{record.count}")
             loaded.close()
             tar.close()
             handle.flush()
@@ -187,7 +186,7 @@ def write_shard(job: ShardJob, report: Callable[[int, int], None]) -> ShardRecor
         temporary.unlink()  # a shard whose every row failed is not written
     else:
         os.replace(temporary, final)
-        trigger_failpoint(failpoint, f"{task.name}:renamed")
+        faults.trigger_failpoint(failpoint, f"{task.name}:renamed")
         record.bytes = final.stat().st_size
         record.sha256 = file_sha256(final)
         keys, offsets, lengths = zip(*index_entries)
@@ -197,7 +196,7 @@ def write_shard(job: ShardJob, report: Callable[[int, int], None]) -> ShardRecor
     if job.publish:  # tar, index, then the done-record: a record in the store means both are there
         if record.count:
             shard_output.publish(job.out, job.publish, task.name, keep_local=False)
-            trigger_failpoint(failpoint, f"{task.name}:published")
+            faults.trigger_failpoint(failpoint, f"{task.name}:published")
             index_name = Path(index_location(task.name)).name
             shard_output.publish(job.out, job.publish, index_name, keep_local=False)
         done = done_path(job.out, task.name).relative_to(job.out)
@@ -213,9 +212,3 @@ def flush_report(
         report(*pending)
         return [0, 0]
     return pending
-
-
-def trigger_failpoint(failpoint: str, here: str) -> None:
-    """Test hook: SIGKILL the whole process group (the run and its workers) at a set point."""
-    if failpoint and failpoint == here:
-        os.killpg(os.getpgrp(), signal.SIGKILL)

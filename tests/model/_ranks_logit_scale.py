@@ -15,7 +15,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from umt.model.training import DeepSpeedLogitScale  # noqa: E402
+from umt.engine import clamp_logit_scale, start_logit_scale  # noqa: E402
+from umt.model.unified import LogitScale  # noqa: E402
 
 STEPS, LR = 80, 0.05
 TARGETS = [200.0] * (STEPS // 2) + [30.0] * (STEPS // 2)
@@ -24,7 +25,7 @@ TARGETS = [200.0] * (STEPS // 2) + [30.0] * (STEPS // 2)
 class Toy(nn.Module):
     def __init__(self):
         super().__init__()
-        self.logit_scale = DeepSpeedLogitScale(math.log(1 / 0.07), math.log(100))
+        self.logit_scale = LogitScale(math.log(1 / 0.07), math.log(100))
         self.other = nn.Linear(4, 4)  # something else for ZeRO to partition
 
     def forward(self, target: torch.Tensor) -> torch.Tensor:
@@ -45,14 +46,14 @@ def through_deepspeed(stage: int, bf16: bool = False) -> list[float]:
     }
     optimizer = torch.optim.Adam(toy.parameters(), lr=LR)
     engine, *_ = deepspeed.initialize(model=toy, optimizer=optimizer, config=config)
-    engine.module.logit_scale.start_()  # as the trainer does after set-up
+    start_logit_scale(engine.module.logit_scale)  # as the trainer does after set-up
     with torch.no_grad():
         scales = [float(engine(torch.tensor(0.0)).sqrt() * 100)]  # before any step
     for target in TARGETS:
         loss = engine(torch.tensor(target))
         engine.backward(loss)
         engine.step()
-        engine.module.logit_scale.after_step()
+        clamp_logit_scale(engine.module.logit_scale)
         master = safe_get_full_fp32_param(engine.module.logit_scale.log_scale)
         if master is None:  # stage 0 without a DeepSpeed optimizer wrapper: the param is the master
             master = engine.module.logit_scale.log_scale

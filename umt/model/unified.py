@@ -2,8 +2,8 @@
 
 Like every module of `umt/model/` but `__init__` and `training`, this one imports only torch,
 transformers and its siblings (relative imports): an export carries it as remote code, which
-transformers loads where UMT is not installed. The training parts (the pretraining losses,
-DeepSpeed's master copy of the logit scale) are given to the model by `build_model`.
+transformers loads where UMT is not installed. The pretraining losses are given to the model by
+`build_model`; DeepSpeed's copies of the logit scale are kept by `umt.engine`.
 """
 
 from __future__ import annotations
@@ -36,16 +36,15 @@ class LogitScale(nn.Module):
     """Learnable temperature exp(log_scale), log_scale kept in [0, max_log] (CLIP's ln(100)), and
     with `bias_init` the learnable bias of the sigmoid loss (SigLIP: -10).
 
-    The parameter itself is clamped after each optimizer step (`DeepSpeedLogitScale.after_step`
-    in `umt.model.training`, on DeepSpeed's fp32 master copy too), as open_clip and FLAVA do. A
-    clamp inside `forward` would instead zero the gradient for good once Adam pushed the
-    parameter past the bound: the scale could never come back down. Evaluation still clamps,
-    for checkpoints written before this rule.
+    The parameter itself is clamped after each optimizer step, by the trainer, which also keeps
+    an optimizer's fp32 master copy in step (`umt.engine.clamp_logit_scale`, through `copies`),
+    as open_clip and FLAVA clamp. A clamp inside `forward` would instead zero the gradient for
+    good once Adam pushed the parameter past the bound: the scale could never come back down.
+    Evaluation still clamps, for checkpoints written before this rule.
 
-    Under bf16/fp16 DeepSpeed casts every parameter, and a bf16 log-scale moves in steps of
-    1.6-3% of the scale (init 14.25 instead of 14.29). So the forward then reads fp32 buffers
-    (DeepSpeed keeps buffers in fp32) holding the optimizer's fp32 master values, with the
-    gradient still flowing to the parameters.
+    Under bf16/fp16 the parameters are cast, and a bf16 log-scale moves in steps of 1.6-3% of
+    the scale (init 14.25 instead of 14.29). So the forward then reads fp32 buffers (kept in fp32)
+    holding the optimizer's fp32 master values, with the gradient still flowing to the parameters.
     """
 
     def __init__(self, init_log: float, max_log: float, bias_init: float | None = None):
@@ -59,7 +58,7 @@ class LogitScale(nn.Module):
             self.register_buffer(
                 "bias_master", torch.full((1,), float(bias_init)), persistent=False
             )
-        self.master_synced = False  # the buffers hold the optimizer's values (set by after_step)
+        self.master_synced = False  # the buffers hold the optimizer's fp32 values
         self.init_log, self.bias_init, self.max_log = float(init_log), bias_init, max_log
 
     def _fp32(self, param: nn.Parameter, master: torch.Tensor) -> torch.Tensor:
@@ -77,7 +76,7 @@ class LogitScale(nn.Module):
         return None if self.bias is None else self._fp32(self.bias, self.bias_master)[0]
 
     def copies(self):
-        """(parameter, its fp32 buffer, initial value, clamp bounds or None)."""
+        """(parameter, its fp32 buffer, initial value, clamp bounds or None) of each value."""
         yield self.log_scale, self.master, self.init_log, (0.0, self.max_log)
         if self.bias is not None:
             yield self.bias, self.bias_master, self.bias_init, None
@@ -110,7 +109,6 @@ class UnifiedMultimodalTransformer(nn.Module):
         text_tower: nn.Module,
         image_tower: nn.Module,
         fusion: FusionTransformer,
-        logit_scale: LogitScale | None = None,
         objective: Callable | None = None,
     ):
         super().__init__()
@@ -128,7 +126,7 @@ class UnifiedMultimodalTransformer(nn.Module):
             text_width = image_width = fused_width
         self.text_proj = nn.Linear(text_width, cfg.embed_dim)
         self.image_proj = nn.Linear(image_width, cfg.embed_dim)
-        self.logit_scale = logit_scale or LogitScale(
+        self.logit_scale = LogitScale(
             cfg.logit_scale_init, cfg.logit_scale_max, cfg.logit_bias_init
         )
         self.itm_head = nn.Linear(fused_width, 2)
@@ -142,10 +140,7 @@ class UnifiedMultimodalTransformer(nn.Module):
 
     @classmethod
     def from_config(
-        cls,
-        cfg: ModelConfig,
-        logit_scale: LogitScale | None = None,
-        objective: Callable | None = None,
+        cls, cfg: ModelConfig, objective: Callable | None = None
     ) -> UnifiedMultimodalTransformer:
         """Towers (from config, a recorded architecture or `from_pretrained`), fusion, heads."""
         _check_heads(cfg)
@@ -157,7 +152,7 @@ class UnifiedMultimodalTransformer(nn.Module):
             image_tower.config.hidden_size,
             modality_passes=cfg.itc_from == "fusion",
         )
-        return cls(cfg, text_tower, image_tower, fusion, logit_scale, objective)
+        return cls(cfg, text_tower, image_tower, fusion, objective)
 
     # --- the parts, used by the objectives, evaluation and users --------------------------
     def embed_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextFeatures:

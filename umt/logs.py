@@ -1,4 +1,5 @@
-"""Readable logs (rank-tagged, INFO on rank 0), TensorBoard scalars and a rank-0 progress bar."""
+"""Readable logs: rank-tagged lines (INFO on rank 0), a rank-0 progress bar, and the libraries'
+chatter kept out of them unless --debug (UMT_DEBUG=1) asks for it."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import io
 import logging
 import os
 import sys
-from pathlib import Path
 
 from tqdm import tqdm
 
@@ -58,31 +58,6 @@ def quiet_prints():
         return
     with contextlib.redirect_stdout(io.StringIO()):
         yield
-
-
-class MetricsWriter:
-    """TensorBoard scalars from rank 0 (other ranks write nothing)."""
-
-    def __init__(self, log_dir: Path | None):
-        self._writer = None
-        if log_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(str(log_dir))
-
-    def scalars(self, values: dict[str, float], step: int) -> None:
-        if self._writer is None:
-            return
-        for key, value in values.items():
-            self._writer.add_scalar(key, value, step)
-
-    def flush(self) -> None:
-        if self._writer is not None:
-            self._writer.flush()
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
 
 
 def progress(total: int, initial: int, rank: int, desc: str) -> tqdm:
