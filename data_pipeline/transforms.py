@@ -16,9 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_pipeline.shard.images import to_rgb
-
-Box = tuple[float, float, float, float]  # (left, top, right, bottom) in source pixels
+from umt.model.pixels import Box, eval_crop_box, normalize_pixels, stack_images, to_rgb
 
 
 @dataclass(frozen=True)
@@ -70,13 +68,6 @@ def train_crop_box(
     return (left, top, left + crop_w, top + crop_h)
 
 
-def eval_crop_box(width: int, height: int) -> Box:
-    """Central square of side min(width, height): resize-shorter-side then center-crop in one box."""
-    side = min(width, height)
-    left, top = (width - side) / 2, (height - side) / 2
-    return (left, top, left + side, top + side)
-
-
 def crop_box(width: int, height: int, cfg: ImageTransformConfig, rng: random.Random) -> Box:
     """The source region that becomes the output image."""
     if cfg.train:
@@ -121,28 +112,6 @@ def transform_image(data: bytes, cfg: ImageTransformConfig, rng: random.Random) 
     if cfg.train and cfg.hflip and rng.random() < 0.5:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return np.asarray(out, dtype=np.uint8)
-
-
-def stack_images(images: list[np.ndarray]) -> torch.Tensor:
-    """List of (H, W, 3) uint8 arrays -> (B, 3, H, W) uint8, contiguous: what batches carry (a
-    quarter of float32's bytes through worker queues and host-to-device copies)."""
-    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # (B, 3, H, W) view of NHWC
-    return pixels.contiguous()
-
-
-def normalize_pixels(
-    pixels: torch.Tensor,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """(B, 3, H, W) uint8 -> `dtype`, (x / 255 - mean) / std, on the pixels' own device (the GPU
-    in training). Computed in float32 whatever `dtype`, then cast once."""
-    batch = pixels.to(torch.float32)
-    std_t = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
-    # One fused multiply-add: x * (1 / 255 std) - mean / std.
-    return batch.mul_(1.0 / (255.0 * std_t)).sub_(mean_t / std_t).to(dtype)
 
 
 def normalize_images(

@@ -12,6 +12,7 @@ import argparse
 import glob
 import io
 import itertools
+import json
 import math
 import os
 import sys
@@ -35,6 +36,7 @@ from data_pipeline.loader.tar_index import (
     index_of_file,
     read_index,
     write_index,
+    write_json_whole,
 )
 from data_pipeline.shard.manifest import file_sha256
 from data_pipeline.shard_cache import ShardCache, default_cache_dir
@@ -58,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_storage_options(inspect)
 
     index = commands.add_parser(
-        "index", help="write the per-shard index (random access) beside shards that lack one"
+        "index",
+        help="write the per-shard index (random access) beside shards that lack one, and a "
+        "folder's sizes.json (sample counts) when it has no manifest.json",
     )
     index.add_argument("shards", help="a folder of .tar files, a brace pattern, or one .tar")
     index.add_argument("--check", action="store_true", help="check existing indexes, write none")
@@ -176,18 +180,23 @@ def describe_subset(location: str, args: argparse.Namespace, out: io.TextIOBase)
     return problems
 
 
-def find_tars(spec: str) -> list[str]:
-    """The .tar files a folder (local or s3://) holds (sorted), a brace pattern names, or one .tar."""
-    paths = []
+def find_tars(spec: str) -> list[tuple[str | None, list[str]]]:
+    """(folder, its .tar files sorted) for each folder (local or s3://) the spec names, (None,
+    the shards) for a brace pattern or one .tar."""
+    found = []
     for entry in parse_source_specs(spec):
         location = storage.normalize(entry.location)
         if storage.is_remote(location) and storage.is_dir(location):
             names = storage.list_names(location)
-            paths += [storage.join(location.rstrip("/"), n) for n in names if n.endswith(".tar")]
+            folder = location.rstrip("/")
+            found.append((folder, [storage.join(folder, n) for n in names if n.endswith(".tar")]))
         elif os.path.isdir(location):
-            paths += sorted(glob.glob(os.path.join(glob.escape(location), "*.tar")))
+            found.append(
+                (location, sorted(glob.glob(os.path.join(glob.escape(location), "*.tar"))))
+            )
         else:
-            paths += expand_braces(location)
+            found.append((None, expand_braces(location)))
+    paths = [p for _, tars in found for p in tars]
     missing = [p for p in paths if not storage.is_remote(p) and not os.path.isfile(p)]
     if missing:
         raise LoaderConfigError(
@@ -195,18 +204,21 @@ def find_tars(spec: str) -> list[str]:
         )
     if not paths:
         raise LoaderConfigError(f"no .tar files in {spec}")
-    return paths
+    return found
 
 
 def index_shards(args: argparse.Namespace, out: io.TextIOBase) -> int:
     """Write or check the index of every shard; one line per shard that fails, then a summary.
-    Remote shards are read through the node cache and their indexes published beside them."""
-    paths = find_tars(args.shards)
+    Remote shards are read through the node cache and their indexes published beside them.
+    A folder without `manifest.json` also gets `sizes.json` (see `update_sizes`), so that
+    training and `umt data inspect` take the folder as it is."""
+    found = find_tars(args.shards)
     cache = None
-    if any(storage.is_remote(p) for p in paths):
+    if any(storage.is_remote(p) for _, tars in found for p in tars):
         cache = ShardCache(args.cache_dir or default_cache_dir())
     tally: Counter = Counter()
-    for path in paths:
+    counts: dict[str, int] = {}  # shard -> samples, of every shard whose index is right
+    for path in (p for _, tars in found for p in tars):
         held = cache.acquire(path) if storage.is_remote(path) else None
         local = str(held.path) if held else None
         try:
@@ -215,12 +227,17 @@ def index_shards(args: argparse.Namespace, out: io.TextIOBase) -> int:
                 tally["right" if not problems else "wrong"] += 1
                 for problem in problems:
                     print(f"{path}: {problem}", file=out)
+                if not problems:
+                    counts[path] = len(read_index(path, local))
                 continue
-            if not args.force and read_index(path, local) is not None:
+            index = None if args.force else read_index(path, local)
+            if index is not None:
                 tally["already indexed"] += 1
-                continue
-            write_index(index_of_file(path, local), index_location(path))
-            tally["indexed"] += 1
+            else:
+                index = index_of_file(path, local)
+                write_index(index, index_location(path))
+                tally["indexed"] += 1
+            counts[path] = len(index)
         except TarIndexError as exc:
             tally["failed"] += 1
             print(exc, file=out)
@@ -229,10 +246,56 @@ def index_shards(args: argparse.Namespace, out: io.TextIOBase) -> int:
                 held.release()
     outcomes = ("indexed", "already indexed", "right", "wrong", "failed")
     print(
-        f"{len(paths)} shards: " + ", ".join(f"{tally[w]} {w}" for w in outcomes if tally[w]),
+        f"{sum(len(t) for _, t in found)} shards: "
+        + ", ".join(f"{tally[w]} {w}" for w in outcomes if tally[w]),
         file=out,
     )
-    return 1 if tally["failed"] or tally["wrong"] else 0
+    sizes_ok = all(
+        update_sizes(folder, tars, counts, args, out) for folder, tars in found if folder
+    )
+    return 1 if tally["failed"] or tally["wrong"] or not sizes_ok else 0
+
+
+def update_sizes(
+    folder: str, tars: list[str], counts: dict[str, int], args: argparse.Namespace, out
+) -> bool:
+    """Keep `folder/sizes.json` (open_clip's {shard: samples}, which the loader and open_clip
+    read) equal to the indexes of the folder's tars, unless the folder has a `manifest.json`
+    (`umt shard` wrote both). Entries are added for new tars; an entry that contradicts an
+    index, or names a tar that is gone, is left as it is (someone else's file, or stale) unless
+    --force. False when sizes.json is not right after this (or, with --check, is not right)."""
+    if storage.read_text_if_exists(storage.join(folder, "manifest.json")) is not None:
+        return True
+    where = storage.join(folder, "sizes.json")
+    indexed = {storage.basename(p): counts[p] for p in tars if p in counts}
+    if len(indexed) < len(tars):
+        what = "not checked" if args.check else "not written"
+        print(f"{where}: {what}, {len(tars) - len(indexed)} tars have no right index", file=out)
+        return False
+    text = storage.read_text_if_exists(where)
+    try:
+        listed = None if text is None else {k: int(v) for k, v in json.loads(text).items()}
+    except (ValueError, AttributeError, TypeError):
+        listed = {"(not a {name: count} map)": -1}
+    conflicts = [
+        f"{name}: {n} listed, " + (f"{indexed[name]} indexed" if name in indexed else "no such tar")
+        for name, n in (listed or {}).items()
+        if indexed.get(name) != n
+    ]
+    if listed == indexed:
+        print(f"{where}: right ({len(indexed)} shards, {sum(indexed.values())} samples)", file=out)
+        return True
+    if listed is None and args.check:
+        print(f"{where} does not exist: `umt data index {folder}` writes it", file=out)
+        return False
+    if args.check or (conflicts and not args.force):
+        problem = "; ".join(conflicts[:3]) or f"{len(indexed) - len(listed)} tars not listed"
+        fix = f"`umt data index {folder}` adds them" if not conflicts else "--force rewrites it"
+        print(f"{where} disagrees with the indexes ({problem}): {fix}", file=out)
+        return False
+    write_json_whole(indexed, where)
+    print(f"{where}: written ({len(indexed)} shards, {sum(indexed.values())} samples)", file=out)
+    return True
 
 
 def loader_config(args: argparse.Namespace) -> LoaderConfig:

@@ -24,6 +24,28 @@ def minilm_dir() -> str:
     return str(path)
 
 
+def write_tiny_towers(root: Path) -> tuple[Path, Path]:
+    """A BERT and a ViT folder (`save_pretrained`) the size of the `tiny` preset, on settings
+    that are not transformers' defaults (activations, norm epsilons, one token type, no QKV
+    bias): what a tower rebuilt from its sizes alone would get wrong."""
+    import torch
+    from transformers import BertConfig, BertModel, ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    sizes = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
+    text = BertConfig(
+        vocab_size=512, max_position_embeddings=64, type_vocab_size=1, hidden_act="relu",
+        layer_norm_eps=1e-5, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **sizes,
+    )  # fmt: skip
+    image = ViTConfig(
+        image_size=32, patch_size=8, hidden_act="gelu_new", layer_norm_eps=1e-6, qkv_bias=False,
+        **sizes,
+    )  # fmt: skip
+    BertModel(text, add_pooling_layer=False).save_pretrained(root / "bert")
+    ViTModel(image, add_pooling_layer=False).save_pretrained(root / "vit")
+    return root / "bert", root / "vit"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

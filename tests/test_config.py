@@ -90,6 +90,31 @@ def test_resolved_config_round_trips(tmp_path):
     assert again == cfg
 
 
+def test_a_recorded_tower_architecture_round_trips_and_must_be_a_mapping(tmp_path):
+    cfg = load_config(None, SYNTH)
+    cfg.model.text.architecture = {"model_type": "bert", "hidden_act": "relu", "id2label": {0: "A"}}
+    save_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml") == cfg
+    with pytest.raises(ConfigError, match="model.image.architecture must be dict"):
+        load_config(None, [*SYNTH, "model.image.architecture=relu"])
+
+
+def test_a_resume_does_not_compare_what_a_pretrained_tower_wrote_into_the_config():
+    """The saved config holds a pretrained tower's sizes and architecture, recorded when it was
+    built; the config given to resume does not yet: not a change of the run. Other keys are."""
+    from umt.config import to_dict
+    from umt.run_config import run_changes
+
+    given = load_config(None, [*SYNTH, "model.text.pretrained=/towers/bert"])
+    saved = to_dict(given)
+    saved["model"]["text"] |= {"hidden_size": 384, "architecture": {"hidden_act": "relu"}}
+    assert run_changes(saved, given) == []
+    saved["model"]["fusion"]["num_layers"] = 3
+    assert run_changes(saved, given) == ["model.fusion.num_layers (3 -> 6)"]
+    given.model.text.pretrained = None  # a tower from its fields: its sizes are the run's shape
+    assert "model.text.hidden_size (384 -> 768)" in run_changes(saved, given)
+
+
 def test_deepspeed_config_on_cpu_is_fp32_with_explicit_clipping():
     cfg = load_config(None, [*SYNTH, "zero.stage=3", "train.grad_clip=0.5"])
     ds = deepspeed_config(cfg, 2, torch.device("cpu"), load_universal=True)

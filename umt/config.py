@@ -30,7 +30,8 @@ class DataSplitConfig:
     """One data split (train or eval) for the streaming loader."""
 
     shards: str | list[str] | None = None
-    """A shard folder with its manifest.json, a brace pattern (`/d/data-{000000..000099}.tar`), or a list of them."""
+    """A shard folder with its manifest.json or sizes.json (`umt data index` writes one beside
+    other tools' tars), a brace pattern (`/d/data-{000000..000099}.tar`), or a list of them."""
     num_workers: int = 2
     """Loader worker processes per rank."""
     shuffle_window: int = 10_000
@@ -237,6 +238,9 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
                 pass
     elif tp is str:
         if isinstance(value, str):
+            return value
+    elif tp is dict:
+        if isinstance(value, dict):
             return value
     elif tp is Any:
         return value

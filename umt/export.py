@@ -1,10 +1,15 @@
 """Export: consolidate a ZeRO checkpoint into safetensors + config + tokenizer, and load it back
 without DeepSpeed (`umt.load(dir) -> (model, processor)`).
 
-An export folder is a Hugging Face `save_pretrained` folder of `umt.hf.UMTModel`:
-    config.json         `UMTConfig`: model type `umt`, the model config, image and text preprocessing
+An export folder is a Hugging Face `save_pretrained` folder of `umt.model.hf_model.UMTModel`:
+    config.json         `UMTConfig`: model type `umt`, the model config, image and text
+                        preprocessing, `auto_map` naming the code below
     model.safetensors   fp32 weights, keys `umt.<name in UnifiedMultimodalTransformer>` (tied
                         weights stored once)
+    *.py                the model and processor code, copied from `umt/model/` as it is: what
+                        `trust_remote_code=True` runs where UMT is not installed
+    preprocessor_config.json   `UMTImageProcessor`, for `AutoImageProcessor`
+    processor_config.json      `UMTProcessor` (images + text), for `AutoProcessor`
     tokenizer files     tokenizer.json, vocab.txt, ... (when the run's tokenizer could be loaded)
     umt_export.json     format version, model config, preprocessing, source checkpoint and step
     README.md           the model card: sizes, training data, steps and samples, last evaluation
@@ -24,6 +29,7 @@ from PIL import Image
 
 from umt import checkpoint
 from umt.model import UnifiedMultimodalTransformer, build_model, model_config_from_dict
+from umt.model.config import for_saved_weights
 
 log = logging.getLogger("umt.export")
 EXPORT_VERSION = 2
@@ -52,7 +58,8 @@ def export_checkpoint(ckpt: str | Path, out_dir: str | Path) -> Path:
     """Write an export folder from a checkpoint root (its `latest`) or one `step{N}` folder."""
     from safetensors.torch import save_file
 
-    from umt.hf_config import UMTConfig
+    from umt.model.hf_config import UMTConfig
+    from umt.model.hf_processing import UMTImageProcessor, UMTProcessor
     from umt.model_card import model_card
 
     ref = checkpoint.resolve(str(ckpt), Path(ckpt), flag="checkpoint")
@@ -82,7 +89,10 @@ def export_checkpoint(ckpt: str | Path, out_dir: str | Path) -> Path:
         umt_model=cfg["model"], image_processing=image, text_max_length=max_length
     )
     hf_config.architectures = ["UMTModel"]
-    hf_config.save_pretrained(str(out))
+    write_model_code(out, hf_config)
+    hf_config.save_pretrained(str(out))  # with `auto_map`, and the config's own code
+    image_processor = UMTImageProcessor(image["image_size"], image["mean"], image["std"])
+    image_processor.save_pretrained(str(out))
     manifest = {
         "format_version": EXPORT_VERSION,
         "source": {"checkpoint": str(ref.path), "step": ref.step},
@@ -90,8 +100,8 @@ def export_checkpoint(ckpt: str | Path, out_dir: str | Path) -> Path:
         "image": image,
         "text": {"max_length": max_length, "tokenizer": None},
     }
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))  # beside config.json: AutoTokenizer finds it
+    if tokenizer is not None:  # beside config.json: AutoTokenizer and AutoProcessor find it
+        UMTProcessor(image_processor, tokenizer, max_length).save_pretrained(str(out))
         manifest["text"]["tokenizer"] = "."
     else:
         log.warning("%s names no tokenizer (a synthetic-data run): the export has none", ref.path)
@@ -102,6 +112,23 @@ def export_checkpoint(ckpt: str | Path, out_dir: str | Path) -> Path:
     readable_by_all(out)
     log.info("exported %s (step %d) to %s", ref.path, ref.step, out)
     return out
+
+
+def write_model_code(out: Path, hf_config) -> None:
+    """`hf_model.py` and every module it imports (relative imports: the closure transformers
+    itself follows), copied from `umt/model/` as they are, and `auto_map` for `AutoModel`: the
+    Hub's convention for custom models. The config's and the processors' code is written by
+    their own `save_pretrained` (their `_auto_class`)."""
+    import shutil
+
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    from umt.model import hf_model
+
+    for source in [hf_model.__file__, *get_relative_import_files(hf_model.__file__)]:
+        shutil.copyfile(source, out / Path(source).name)
+    auto_map = getattr(hf_config, "auto_map", None) or {}
+    hf_config.auto_map = {**auto_map, "AutoModel": f"hf_model.{hf_model.UMTModel.__name__}"}
 
 
 def parameter_counts(state: dict[str, torch.Tensor]) -> dict[str, int]:
@@ -157,7 +184,8 @@ def readable_by_all(folder: Path) -> None:
 
 @dataclass
 class Processor:
-    """Turns PIL images and strings into model-ready tensors, as evaluation does."""
+    """Turns PIL images and strings into model-ready tensors, as evaluation does (through the
+    functions an export's `UMTProcessor` calls: the same tensors)."""
 
     tokenizer: object | None
     image_size: int
@@ -166,35 +194,16 @@ class Processor:
     max_length: int
 
     def images(self, images: list[Image.Image]) -> torch.Tensor:
-        import numpy as np
+        from umt.model.pixels import eval_pixels
 
-        from data_pipeline.shard.images import to_rgb
-        from data_pipeline.transforms import eval_crop_box, normalize_images
-
-        arrays = []
-        for image in images:
-            box = eval_crop_box(*image.size)
-            rgb = to_rgb(image)  # as the sharder converts: alpha over white, 16-bit scaled
-            size = (self.image_size, self.image_size)
-            out = rgb.resize(size, Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
-            arrays.append(np.asarray(out, dtype=np.uint8))
-        return normalize_images(arrays, self.mean, self.std)
+        return eval_pixels(images, self.image_size, self.mean, self.std)
 
     def text(self, text: list[str]) -> dict[str, torch.Tensor]:
+        from umt.model.hf_processing import tokenize
+
         if self.tokenizer is None:
             raise ExportError("this export has no tokenizer; pass input ids yourself")
-        enc = self.tokenizer(
-            text,
-            padding="longest",
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="pt",
-            return_token_type_ids=False,
-        )
-        return {
-            "input_ids": enc["input_ids"].long(),
-            "attention_mask": enc["attention_mask"].long(),
-        }
+        return tokenize(self.tokenizer, text, self.max_length)
 
     def __call__(
         self, images: list[Image.Image] | None = None, text: list[str] | None = None
@@ -227,10 +236,7 @@ def load(
         model_cfg = model_config_from_dict(manifest["model"])
     except (ValueError, KeyError, TypeError) as exc:
         raise ExportError(f"{manifest_path}: not a UMT export manifest ({exc})") from None
-    # The weights come from the export: build the towers from config, not from the Hub.
-    model_cfg.text.pretrained = None
-    model_cfg.image.pretrained = None
-    model = build_model(model_cfg, log_table=False)
+    model = build_model(for_saved_weights(model_cfg, str(path)), log_table=False)
     try:
         state = load_file(str(path / WEIGHTS))
     except FileNotFoundError:
@@ -277,8 +283,7 @@ def load_model(
     cfg = checkpoint.read_meta(ref).get("config") or {}
     if "model" not in cfg:
         raise ExportError(f"{ref.path}: the checkpoint carries no model config")
-    model_cfg = model_config_from_dict(cfg["model"])
-    model_cfg.text.pretrained = model_cfg.image.pretrained = None
+    model_cfg = for_saved_weights(model_config_from_dict(cfg["model"]), str(ref.path))
     model = build_model(model_cfg, log_table=False)
     model.load_state_dict(consolidate(ref), strict=True)
     model.to(device).eval().requires_grad_(False)  # for inference: outputs carry no graph

@@ -163,9 +163,13 @@ inputs = processor(images=[image], text=["a photo of a dog"])
 image_embeds = model.encode_image(inputs["pixel_values"])
 text_embeds = model.encode_text(inputs["input_ids"], inputs["attention_mask"])
 
-from transformers import AutoModel, AutoTokenizer
-hf_model = AutoModel.from_pretrained("{name}")  # umt.hf.UMTModel, a PreTrainedModel
-tokenizer = AutoTokenizer.from_pretrained("{name}")
+from transformers import AutoModel, AutoProcessor
+hf_model = AutoModel.from_pretrained("{name}")  # umt.model.hf_model.UMTModel, a PreTrainedModel
+hf_processor = AutoProcessor.from_pretrained("{name}")  # pixel_values, input_ids, attention_mask
 ```
+
+Without UMT installed (torch, transformers, safetensors, Pillow), the code this folder carries
+loads it: `AutoModel.from_pretrained("{name}", trust_remote_code=True)`, and the same for
+`AutoProcessor`.
 
 Evaluate it with `umt eval --model {name} --shards ...`."""

@@ -89,10 +89,16 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 def run_changes(saved: dict, cfg: Config) -> list[str]:
     """`key (old -> new)` for each fixed key that `cfg` changes from the saved run config."""
     old, new = flatten(saved), flatten(to_dict(cfg))
+    # A tower built from `pretrained` has the shape of that folder, written into the config when
+    # it is built (its sizes and `architecture`): a config given to resume does not hold it yet.
+    from_folder = tuple(
+        f"model.{tower}." for tower in ("text", "image")
+        if old.get(f"model.{tower}.pretrained") and new.get(f"model.{tower}.pretrained")
+    )  # fmt: skip
     changed = []
     for key in sorted(set(old) | set(new)):
         fixed = key.startswith(FIXED_PREFIXES) or key in FIXED_KEYS
-        if not fixed or key.endswith(NOT_FIXED):
+        if not fixed or key.endswith(NOT_FIXED) or key.startswith(from_folder):
             continue
         a, b = old.get(key), new.get(key)
         if isinstance(a, tuple | list) and isinstance(b, tuple | list):

@@ -239,8 +239,9 @@ def resolve_source(spec: SourceSpec, index: int) -> Source:
             return subset
         if counts is None:
             raise LoaderConfigError(
-                f"data.shards: {location} has no manifest.json or sizes.json; write one with "
-                f"`umt shard`, or name the shards with a pattern like "
+                f"data.shards: {location} has no manifest.json or sizes.json; for tars made by "
+                f"another tool, `umt data index {location}` writes sizes.json (and the indexes), "
+                f"or name the shards with a pattern like "
                 f"{storage.join(location, 'data-{000000..000009}.tar')}"
             )
         paths = [storage.join(location, name) for name in counts]

@@ -2,8 +2,15 @@
 (evaluation, `umt data inspect`). Never raises for bad data: a sample that cannot be read is
 None with its reason counted.
 
+A sample is the members of one key (WebDataset's `__key__`: a member's name up to the first
+dot of its file name): an image (`jpg`, `jpeg`, `png` or `webp`) and a caption (`txt` or
+`caption`, else the json's `caption` or first of `captions`). A `json` member is optional: what
+`umt shard` writes there (all captions of the image, its `image_key`) is used when present, so
+tars of `webdataset.ShardWriter`, open_clip or img2dataset read as they are. A `cls` member (a
+class, as text) is the json field `cls` unless the json has one.
+
 Reasons: `missing_shard` (the file is gone), `bad_index` (the index does not match the tar),
-`truncated_tar` (the file ends inside the sample), `missing_image`, `missing_json`, `bad_json`,
+`truncated_tar` (the file ends inside the sample), `missing_image`, `bad_json`,
 `missing_caption`.
 """
 
@@ -31,9 +38,10 @@ from data_pipeline.shard_cache import CachedShard, ShardCache, default_cache_dir
 from data_pipeline.storage import StorageError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+CAPTION_EXTENSIONS = ("txt", "caption")
 # Why a sample could not be used (decoding adds `corrupt_image`).
-SAMPLE_ERRORS = ("missing_shard", "bad_index", "truncated_tar", "missing_image", "missing_json",
-                 "bad_json", "missing_caption", "corrupt_image")  # fmt: skip
+SAMPLE_ERRORS = ("missing_shard", "bad_index", "truncated_tar", "missing_image", "bad_json",
+                 "missing_caption", "corrupt_image")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -52,21 +60,23 @@ def assemble_sample(key: str, members: dict[str, bytes], errors: Counter) -> Raw
     if image_ext is None:
         errors["missing_image"] += 1
         return None
-    if "json" not in members:
-        errors["missing_json"] += 1
-        return None
-    try:
-        meta = json.loads(members["json"])
-        if not isinstance(meta, dict):
-            raise ValueError("not an object")
-    except (ValueError, UnicodeDecodeError):
-        errors["bad_json"] += 1
-        return None
+    meta = {}
+    if "json" in members:
+        try:
+            meta = json.loads(members["json"])
+            if not isinstance(meta, dict):
+                raise ValueError("not an object")
+        except (ValueError, UnicodeDecodeError):
+            errors["bad_json"] += 1
+            return None
+    if "cls" in members and "cls" not in meta:
+        meta["cls"] = members["cls"].decode("utf-8", "replace").strip()
     captions = meta.get("captions") or []
     captions = (
         tuple(c for c in captions if isinstance(c, str)) if isinstance(captions, list) else ()
     )
-    text = members["txt"].decode("utf-8", "replace") if "txt" in members else None
+    caption_ext = next((e for e in CAPTION_EXTENSIONS if e in members), None)
+    text = members[caption_ext].decode("utf-8", "replace") if caption_ext else None
     text = text or meta.get("caption") or (captions[0] if captions else None)
     if not isinstance(text, str) or not text:
         errors["missing_caption"] += 1

@@ -174,17 +174,22 @@ def load_index(shard_location: str, local_copy: str | None = None) -> TarIndex:
 
 
 def write_index(index: TarIndex, location: str) -> None:
-    """Write an index file whole: a temporary name then a rename, or one object PUT."""
+    write_json_whole(index.to_json(), location)
+
+
+def write_json_whole(data, location: str) -> None:
+    """Write a JSON file whole (local or remote): a temporary name then a rename, or one object
+    PUT, so a reader never sees half of it."""
     remote = storage.is_remote(location)
     tmp = f"{location}.{os.getpid()}.tmp" if not remote else None
     if remote:
         import tempfile
 
-        handle, tmp = tempfile.mkstemp(suffix=".index.json")
+        handle, tmp = tempfile.mkstemp(suffix=".json")
         os.close(handle)
     try:
         with open(tmp, "w") as handle:
-            json.dump(index.to_json(), handle, separators=(",", ":"))
+            json.dump(data, handle, separators=(",", ":"))
             handle.flush()
             os.fsync(handle.fileno())
         if remote:

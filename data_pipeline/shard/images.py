@@ -7,10 +7,10 @@ import re
 import warnings
 from dataclasses import dataclass
 
-import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from data_pipeline.shard.options import IMAGE_FORMATS, RESAMPLE_FILTERS, SampleError, ShardOptions
+from umt.model.pixels import to_rgb
 
 # EXIF orientation -> the transpose that shows the image upright (as ImageOps.exif_transpose).
 _ORIENTATION_TRANSPOSE = {
@@ -147,47 +147,6 @@ def output_size(width: int, height: int, options: ShardOptions) -> tuple[int, in
     if options.resize in ("center_crop", "border"):
         return options.image_size, options.image_size
     return scaled_size(width, height, options)
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB pixels; transparent parts become white rather than whatever colour they hid, and
-    more than 8 bits per channel are scaled down, not clipped (`to_8bit`)."""
-    if image.mode == "RGB":
-        return image
-    image = to_8bit(image)
-    has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
-    if not has_alpha:
-        return image.convert("RGB")
-    rgba = image.convert("RGBA")
-    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(background, rgba).convert("RGB")
-
-
-def to_8bit(image: Image.Image) -> Image.Image:
-    """A greyscale image of 16 or 32 bits (I;16*, I) or of floats (F) as 8-bit "L".
-
-    PIL's own convert clips these (a mid-grey 16-bit PNG turns white, a float image in [0, 1]
-    black). Scaled instead: 16-bit values (and 32-bit ones within 0..65535) by 255/65535; floats
-    within [0, 1] by 255, within [0, 255] as they are; any other range maps its minimum to 0
-    and its maximum to 255. Other modes pass through.
-    """
-    if not (image.mode.startswith("I") or image.mode == "F"):
-        return image
-    values = np.asarray(image).astype(np.float64)
-    if values.size == 0:
-        return image.convert("L")
-    low, high = float(values.min()), float(values.max())
-    if not (np.isfinite(low) and np.isfinite(high)):
-        raise SampleError("corrupt_image", "pixel values are not finite (NaN or infinity)")
-    if image.mode != "F" and low >= 0 and high <= 65535:
-        scaled = values * (255 / 65535)
-    elif image.mode == "F" and low >= 0 and high <= 1:
-        scaled = values * 255
-    elif image.mode == "F" and low >= 0 and high <= 255:
-        scaled = values
-    else:
-        scaled = (values - low) * (255 / (high - low)) if high > low else values * 0
-    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
 
 
 def resize_image(image: Image.Image, options: ShardOptions) -> Image.Image:

@@ -66,9 +66,14 @@ def test_index_writes_what_the_loader_reads_and_check_finds_a_changed_tar(tmp_pa
     out = capsys.readouterr().out
     assert "broken.tar is not a readable tar" in out
     assert "3 shards: 2 indexed, 1 failed" in out
+    assert "sizes.json: not written, 1 tars have no right index" in out
     index = json.loads((tmp_path / "data-000001.index.json").read_text())
     assert [s[0] for s in index["samples"]] == [f"ds-001-{i:04d}" for i in range(4)]
     (tmp_path / "broken.tar").unlink()
+    assert umt(["data", "index", str(tmp_path), "--check"]) == 1
+    assert "sizes.json does not exist" in capsys.readouterr().out
+    assert umt(["data", "index", str(tmp_path)]) == 0
+    assert "2 shards: 2 already indexed" in capsys.readouterr().out
     assert umt(["data", "index", str(tmp_path), "--check"]) == 0
     assert "2 shards: 2 right" in capsys.readouterr().out
     with open(tmp_path / "data-000000.tar", "ab") as handle:

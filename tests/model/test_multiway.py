@@ -130,9 +130,9 @@ def test_a_multiway_model_round_trips_through_save_pretrained(tmp_path):
     from transformers import AutoModel
 
     import umt  # noqa: F401 - registers the umt model type
-    from umt.hf import UMTModel
-    from umt.hf_config import UMTConfig
     from umt.model import model_config_to_dict
+    from umt.model.hf_config import UMTConfig
+    from umt.model.hf_model import UMTModel
 
     cfg = preset_config("tiny")
     cfg.fusion.type, cfg.fusion.vl_expert_layers, cfg.itc_from = "multiway", 1, "fusion"

@@ -312,3 +312,20 @@ def test_the_logit_scale_is_clamped_to_0_ln100_in_evaluation_and_by_clamp():
         model.logit_scale.log_scale.fill_(-3.0)
     clamp_logit_scale(model.logit_scale)
     assert model.logit_scale.log_scale.item() == 0.0
+
+
+def test_a_pretrained_tower_recorded_without_its_architecture_is_rebuilt_with_a_warning(caplog):
+    """Checkpoints and exports made before whole tower configs were recorded: the tower can only
+    be rebuilt from its sizes, which is said, naming the artifact and the tower."""
+    import logging
+
+    from umt.model.config import for_saved_weights
+
+    cfg = preset_config("tiny")
+    cfg.text.pretrained = "/gone/bert"
+    cfg.image.pretrained, cfg.image.architecture = "/gone/vit", {"model_type": "vit"}
+    with caplog.at_level(logging.WARNING, logger="umt.model"):
+        for_saved_weights(cfg, "old-export")
+    assert cfg.text.pretrained is None and cfg.image.pretrained is None
+    assert "old-export: the text tower came from /gone/bert and only its sizes" in caplog.text
+    assert "image tower" not in caplog.text  # its architecture was recorded

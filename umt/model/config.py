@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import logging
 from dataclasses import dataclass, field
+
+log = logging.getLogger("umt.model")
 
 
 @dataclass
@@ -12,6 +16,9 @@ class TextTowerConfig:
 
     pretrained: str | None = None
     """HF name or local folder for `BertModel.from_pretrained` (and its tokenizer)."""
+    architecture: dict | None = None
+    """The whole HF config (`config.json`) of a `pretrained` tower, recorded when it is built:
+    exports and evaluation rebuild the tower from it (activation, norms, embeddings, ...)."""
     vocab_size: int = 30522
     """Vocabulary size; 30522 matches bert-base-uncased WordPiece tokenizers."""
     hidden_size: int = 768
@@ -31,6 +38,9 @@ class ImageTowerConfig:
 
     pretrained: str | None = None
     """HF name or local folder for `ViTModel.from_pretrained`."""
+    architecture: dict | None = None
+    """The whole HF config (`config.json`) of a `pretrained` tower, recorded when it is built:
+    exports and evaluation rebuild the tower from it (activation, norms, patching, ...)."""
     image_size: int = 224
     patch_size: int = 16
     hidden_size: int = 768
@@ -186,14 +196,33 @@ def model_config_to_dict(cfg: ModelConfig) -> dict:
 
 
 def model_config_from_dict(d: dict) -> ModelConfig:
-    """Inverse of `model_config_to_dict` (used by exports, which carry their config)."""
-    d = dict(d)
+    """Inverse of `model_config_to_dict` (used by exports, which carry their config); shares no
+    mutable part with `d`."""
+    d = copy.deepcopy(d)
     return ModelConfig(
         text=TextTowerConfig(**d.pop("text", {})),
         image=ImageTowerConfig(**d.pop("image", {})),
         fusion=FusionConfig(**d.pop("fusion", {})),
         **d,
     )
+
+
+def for_saved_weights(cfg: ModelConfig, source: str) -> ModelConfig:
+    """`cfg` to build a model whose weights come from `source` (an export or a checkpoint):
+    towers from their recorded architecture, never fetched again. A pretrained tower recorded
+    before whole architectures were (sizes only) is rebuilt with default settings otherwise:
+    that is said, since its outputs may differ from the trained model's."""
+    for name, tower in (("text", cfg.text), ("image", cfg.image)):
+        if tower.pretrained and not tower.architecture:
+            log.warning(
+                "%s: the %s tower came from %s and only its sizes were recorded; it is rebuilt "
+                "with default settings (activation, norms, ...), which may not be its own",
+                source,
+                name,
+                tower.pretrained,
+            )
+        tower.pretrained = None
+    return cfg
 
 
 def check_fusion(cfg: ModelConfig) -> None:

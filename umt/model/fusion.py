@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from umt.model.config import FusionConfig
+from .config import FusionConfig
 
 TEXT, IMAGE = 0, 1  # modality-type ids
 

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 from transformers import BertConfig, BertModel, ViTConfig, ViTModel
 
-from umt.model.config import ImageTowerConfig, TextTowerConfig
+from .config import ImageTowerConfig, TextTowerConfig
 
 
 def build_text_tower(cfg: TextTowerConfig) -> BertModel:
-    """`BertModel` from `cfg.pretrained` (HF name or folder) or from the architecture fields."""
+    """`BertModel` from `cfg.pretrained` (HF name or folder), else from the recorded
+    `cfg.architecture` of one, else from the architecture fields."""
     if cfg.pretrained:
         model = BertModel.from_pretrained(
             cfg.pretrained, add_pooling_layer=False, attn_implementation="sdpa"
         )
         _record_text_architecture(cfg, model.config)
         return model
+    if cfg.architecture:
+        config = BertConfig.from_dict(cfg.architecture, attn_implementation="sdpa")
+        return BertModel(config, add_pooling_layer=False)
     config = BertConfig(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
@@ -32,13 +38,17 @@ def build_text_tower(cfg: TextTowerConfig) -> BertModel:
 
 
 def build_image_tower(cfg: ImageTowerConfig) -> ViTModel:
-    """`ViTModel` from `cfg.pretrained` (HF name or folder) or from the architecture fields."""
+    """`ViTModel` from `cfg.pretrained` (HF name or folder), else from the recorded
+    `cfg.architecture` of one, else from the architecture fields."""
     if cfg.pretrained:
         model = ViTModel.from_pretrained(
             cfg.pretrained, add_pooling_layer=False, attn_implementation="sdpa"
         )
         _record_image_architecture(cfg, model.config)
         return model
+    if cfg.architecture:
+        config = ViTConfig.from_dict(cfg.architecture, attn_implementation="sdpa")
+        return ViTModel(config, add_pooling_layer=False)
     config = ViTConfig(
         image_size=cfg.image_size,
         patch_size=cfg.patch_size,
@@ -84,8 +94,17 @@ def sincos_2d(grid: int, width: int) -> torch.Tensor:
     return torch.cat([encode(rows), encode(cols)], dim=1).float()
 
 
+def recorded_architecture(hf: BertConfig | ViTConfig) -> dict:
+    """The whole config of a built tower as JSON values, less the folder it came from."""
+    recorded = json.loads(hf.to_json_string(use_diff=False))
+    recorded.pop("_name_or_path", None)
+    return recorded
+
+
 def _record_text_architecture(cfg: TextTowerConfig, hf: BertConfig) -> None:
-    """Write a pretrained tower's real sizes into the config, so checkpoints and exports rebuild it."""
+    """Write a pretrained tower's whole config (and its sizes, which the FLOP count and the
+    parameter table read) into the model config: checkpoints and exports rebuild it from that."""
+    cfg.architecture = recorded_architecture(hf)
     cfg.vocab_size, cfg.hidden_size = hf.vocab_size, hf.hidden_size
     cfg.num_layers, cfg.num_heads = hf.num_hidden_layers, hf.num_attention_heads
     cfg.intermediate_size = hf.intermediate_size
@@ -94,6 +113,7 @@ def _record_text_architecture(cfg: TextTowerConfig, hf: BertConfig) -> None:
 
 
 def _record_image_architecture(cfg: ImageTowerConfig, hf: ViTConfig) -> None:
+    cfg.architecture = recorded_architecture(hf)
     cfg.image_size, cfg.patch_size, cfg.hidden_size = hf.image_size, hf.patch_size, hf.hidden_size
     cfg.num_layers, cfg.num_heads = hf.num_hidden_layers, hf.num_attention_heads
     cfg.intermediate_size = hf.intermediate_size

@@ -1,18 +1,24 @@
-"""`UnifiedMultimodalTransformer`: text tower + image tower + fusion transformer + heads."""
+"""`UnifiedMultimodalTransformer`: text tower + image tower + fusion transformer + heads.
+
+Like every module of `umt/model/` but `__init__` and `training`, this one imports only torch,
+transformers and its siblings (relative imports): an export carries it as remote code, which
+transformers loads where UMT is not installed. The pretraining losses are given to the model by
+`build_model`; DeepSpeed's copies of the logit scale are kept by `umt.engine`.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from umt.model.config import ModelConfig, check_fusion
-from umt.model.fusion import FusionTransformer
-from umt.objectives.pretrain import ObjectiveConfig, PretrainOutput, pretraining_losses
-from umt.objectives.step import CachedMicroBatch, cached_micro_losses
+from .config import ModelConfig, check_fusion
+from .fusion import FusionTransformer
+from .towers import build_image_tower, build_text_tower
 
 
 class TextFeatures(NamedTuple):
@@ -24,15 +30,6 @@ class TextFeatures(NamedTuple):
 class ImageFeatures(NamedTuple):
     tokens: torch.Tensor  # (B, P, Dv) last hidden states of the image tower (CLS + patches)
     embeds: torch.Tensor  # (B, E) projected, L2-normalised CLS
-
-
-class ContrastiveEmbeddings(NamedTuple):
-    """What ITC needs of a micro-batch (pass 1 of one contrastive batch per step)."""
-
-    text: torch.Tensor  # (B, E)
-    image: torch.Tensor  # (B, E)
-    scale: torch.Tensor  # () the logit scale
-    bias: torch.Tensor | None  # () the sigmoid loss's bias
 
 
 class LogitScale(nn.Module):
@@ -102,7 +99,9 @@ class MLMHead(nn.Module):
 
 
 class UnifiedMultimodalTransformer(nn.Module):
-    """Composes built towers and fusion; `forward` computes the pretraining losses of one batch."""
+    """Composes built towers and fusion; `forward` computes the pretraining losses of one batch
+    through `objective` (`umt.objectives.pretraining_losses`, which `build_model` gives it;
+    None in a model built without UMT's training code, e.g. an export loaded as remote code)."""
 
     def __init__(
         self,
@@ -110,12 +109,14 @@ class UnifiedMultimodalTransformer(nn.Module):
         text_tower: nn.Module,
         image_tower: nn.Module,
         fusion: FusionTransformer,
+        objective: Callable | None = None,
     ):
         super().__init__()
         self.config = cfg
         self.text_tower = text_tower
         self.image_tower = image_tower
         self.fusion = fusion
+        self.objective = objective
         text_width = text_tower.config.hidden_size
         image_width = image_tower.config.hidden_size
         fused_width = fusion.ln_final.normalized_shape[0]
@@ -136,6 +137,22 @@ class UnifiedMultimodalTransformer(nn.Module):
         for head in (self.text_proj, self.image_proj, self.itm_head):
             nn.init.normal_(head.weight, std=0.02)
             nn.init.zeros_(head.bias)
+
+    @classmethod
+    def from_config(
+        cls, cfg: ModelConfig, objective: Callable | None = None
+    ) -> UnifiedMultimodalTransformer:
+        """Towers (from config, a recorded architecture or `from_pretrained`), fusion, heads."""
+        _check_heads(cfg)
+        text_tower = build_text_tower(cfg.text)
+        image_tower = build_image_tower(cfg.image)
+        fusion = FusionTransformer(
+            cfg.fusion,
+            text_tower.config.hidden_size,
+            image_tower.config.hidden_size,
+            modality_passes=cfg.itc_from == "fusion",
+        )
+        return cls(cfg, text_tower, image_tower, fusion, objective)
 
     # --- the parts, used by the objectives, evaluation and users --------------------------
     def embed_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextFeatures:
@@ -221,45 +238,32 @@ class UnifiedMultimodalTransformer(nn.Module):
         attention_mask: torch.Tensor,
         image_ids: torch.Tensor | None = None,
         seed: int = 0,
-        objectives: ObjectiveConfig | None = None,
+        objectives=None,  # umt.objectives.ObjectiveConfig; None: its defaults
         negative_texts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-        embeddings_only: bool = False,
-        cached: CachedMicroBatch | None = None,
-    ) -> PretrainOutput | ContrastiveEmbeddings:
-        """Pretraining losses of this rank's batch (collectives over the default process group).
+        **passes,
+    ):
+        """Pretraining losses of this rank's batch (collectives over the default process group),
+        a `umt.objectives.PretrainOutput`.
 
         One call so that DeepSpeed's engine (ZeRO-3 parameter gathering) wraps every pass.
-        `seed` makes hard-negative and MLM sampling reproducible (mix in the step). With one
-        contrastive batch per step (`umt.objectives.step`): `embeddings_only` is pass 1 (the ITC
-        embeddings), `cached` pass 3 of one micro-batch.
+        `seed` makes hard-negative and MLM sampling reproducible (mix in the step). `passes`:
+        with one contrastive batch per step, which pass this is (`umt.objectives.step`).
         """
-        if embeddings_only:
-            text = self.embed_text(input_ids, attention_mask)  # text first, as pass 3 does
-            image = self.embed_image(pixel_values)
-            return ContrastiveEmbeddings(text.embeds, image.embeds, self.scale(), self.logit_bias())
-        if cached is not None:
-            return cached_micro_losses(
-                self,
-                pixel_values,
-                input_ids,
-                attention_mask,
-                cached.micro,
-                cached.layout,
-                cached.cache,
-                cached.inputs,
-                objectives or ObjectiveConfig(),
-                seed,
-                negative_texts=negative_texts,
+        if self.objective is None:
+            raise RuntimeError(
+                "this model was built without its pretraining objective: build it with "
+                "umt.model.build_model (pip install umt) to train it"
             )
-        return pretraining_losses(
+        return self.objective(
             self,
             pixel_values,
             input_ids,
             attention_mask,
             image_ids,
-            objectives or ObjectiveConfig(),
+            objectives,
             seed,
             negative_texts=negative_texts,
+            **passes,
         )
 
     # --- bookkeeping -------------------------------------------------------------------------

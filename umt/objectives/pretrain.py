@@ -106,7 +106,7 @@ def pretraining_losses(
     input_ids: torch.Tensor,  # (b, T)
     attention_mask: torch.Tensor,  # (b, T)
     image_ids: torch.Tensor | None,  # (b,) int64 image keys (`key_ids`); None: all distinct
-    cfg: ObjectiveConfig,
+    cfg: ObjectiveConfig | None,  # None: the defaults
     seed: int,
     group: dist.ProcessGroup | None = None,
     negative_texts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
@@ -117,6 +117,7 @@ def pretraining_losses(
     caption per image from the data (NegCLIP-style), scored by ITM as a fourth group of pairs
     beside the mined ones.
     """
+    cfg = cfg or ObjectiveConfig()
     text = model.embed_text(input_ids, attention_mask)
     image = model.embed_image(pixel_values)
     # The negatives' noise is a hash of global positions: one seed for every rank.

@@ -44,6 +44,7 @@ from umt.objectives.pretrain import (
     masked_language_modelling,
     matching,
     mix_seed,
+    pretraining_losses,
 )
 from umt.objectives.ring import Mining
 
@@ -85,6 +86,27 @@ class StepInputs(NamedTuple):
     attention_mask: torch.Tensor  # (A * b, T)
     pixels: torch.Tensor  # (A * b, 3, H, W) uint8 (a quarter of float32's bytes)
     normalize: Callable[[torch.Tensor], torch.Tensor]  # uint8 pixels -> the model's input
+
+
+class ContrastiveEmbeddings(NamedTuple):
+    """What ITC needs of a micro-batch (pass 1)."""
+
+    text: torch.Tensor  # (B, E)
+    image: torch.Tensor  # (B, E)
+    scale: torch.Tensor  # () the logit scale
+    bias: torch.Tensor | None  # () the sigmoid loss's bias
+
+
+def contrastive_embeddings(
+    model: PretrainableModel,
+    pixel_values: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+) -> ContrastiveEmbeddings:
+    """Pass 1 (call it under no_grad): the texts first, as pass 3 embeds them (the same RNG)."""
+    text = model.embed_text(input_ids, attention_mask)
+    image = model.embed_image(pixel_values)
+    return ContrastiveEmbeddings(text.embeds, image.embeds, model.scale(), model.logit_bias())
 
 
 class StepCache(NamedTuple):
@@ -230,3 +252,32 @@ def reencoded_negatives(
     text = model.embed_text(ids, mask)
     image = model.embed_image(inputs.normalize(pixels))
     return Fetched(text.tokens, text.mask), image.tokens
+
+
+def pretraining_objective(
+    model: PretrainableModel,
+    pixel_values: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    image_ids: torch.Tensor | None,
+    cfg: ObjectiveConfig | None,
+    seed: int,
+    negative_texts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    embeddings_only: bool = False,
+    cached: CachedMicroBatch | None = None,
+) -> PretrainOutput | ContrastiveEmbeddings:
+    """The model's training forward (`umt.model.build_model` gives it to the model): the losses
+    of one micro-batch, or with one contrastive batch per step, pass 1 (`embeddings_only`) or
+    pass 3 (`cached`) of one of its micro-batches."""
+    if embeddings_only:
+        return contrastive_embeddings(model, pixel_values, input_ids, attention_mask)
+    cfg = cfg or ObjectiveConfig()
+    if cached is not None:
+        return cached_micro_losses(
+            model, pixel_values, input_ids, attention_mask, cached.micro, cached.layout,
+            cached.cache, cached.inputs, cfg, seed, negative_texts=negative_texts,
+        )  # fmt: skip
+    return pretraining_losses(
+        model, pixel_values, input_ids, attention_mask, image_ids, cfg, seed,
+        negative_texts=negative_texts,
+    )  # fmt: skip

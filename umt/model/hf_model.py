@@ -1,10 +1,13 @@
-"""The Hugging Face face of a UMT model: `UMTConfig` and `UMTModel` (a `PreTrainedModel`).
+"""The Hugging Face face of a UMT model: `UMTModel` (a `PreTrainedModel`) over `UMTConfig`.
 
-An export folder (`umt export`) is a `save_pretrained` folder: `config.json`, `model.safetensors`
-and the tokenizer files, so `UMTModel.from_pretrained(dir)`, `AutoModel.from_pretrained(dir)`
-(after `import umt`, which registers the `umt` model type), `AutoTokenizer.from_pretrained(dir)`,
+An export folder (`umt export`) is a `save_pretrained` folder: `config.json`, `model.safetensors`,
+the tokenizer and processor files, and this module with the modules it imports (relative
+imports only), named in config.json's `auto_map` as the Hub's custom models do. So
+`AutoModel.from_pretrained(dir, trust_remote_code=True)` loads it where UMT is not installed,
+and after `import umt` (which registers the `umt` model type) `AutoModel.from_pretrained(dir)`,
 `device_map=` loading through accelerate and `push_to_hub` work as for any model of the Hub.
-The network itself is `UnifiedMultimodalTransformer`, held as `UMTModel.umt`.
+The network itself is `UnifiedMultimodalTransformer`, held as `UMTModel.umt` (without the
+pretraining objective: train it through `umt.model.build_model`).
 """
 
 from __future__ import annotations
@@ -15,9 +18,8 @@ import torch
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from umt import hf_registration
-from umt.hf_config import UMTConfig
-from umt.model import UnifiedMultimodalTransformer, build_model
+from .hf_config import UMTConfig
+from .unified import UnifiedMultimodalTransformer
 
 
 @dataclass
@@ -39,10 +41,11 @@ class UMTModel(PreTrainedModel):
     # Blocks that `device_map="auto"` must keep whole on one device.
     _no_split_modules = ["BertLayer", "ViTLayer", "FusionBlock", "BertEmbeddings", "ViTEmbeddings"]
     _supports_sdpa = True
+    _auto_class = "AutoModel"  # `save_pretrained` writes this code beside the weights
 
     def __init__(self, config: UMTConfig):
         super().__init__(config)
-        self.umt: UnifiedMultimodalTransformer = build_model(config.model_config(), log_table=False)
+        self.umt = UnifiedMultimodalTransformer.from_config(config.model_config())
         self.post_init()
 
     def _init_weights(self, module: torch.nn.Module) -> None:
@@ -83,6 +86,3 @@ class UMTModel(PreTrainedModel):
             per_image = self.umt.scale() * image @ text.T
             per_text = per_image.T
         return UMTOutput(per_image, per_text, text, image)
-
-
-hf_registration.register_loaded()  # transformers' auto classes imported before this module

@@ -1,9 +1,11 @@
 """`UMTConfig`: the `config.json` of an export, a transformers `PretrainedConfig` of model type
-`umt` (kept apart from `umt.hf` so that `AutoConfig` does not import the model code)."""
+`umt` (apart from `hf_model.py`, so that `AutoConfig` does not import the model code)."""
 
 from __future__ import annotations
 
 from transformers.configuration_utils import PretrainedConfig
+
+from .config import ModelConfig, for_saved_weights, model_config_from_dict
 
 MODEL_TYPE = "umt"
 
@@ -13,6 +15,9 @@ class UMTConfig(PretrainedConfig):
     `image_processing` and `text_max_length`: how inputs were prepared in training."""
 
     model_type = MODEL_TYPE
+    # Saved with its code, as the Hub's custom models are: `save_pretrained` writes this file
+    # (and what it imports) beside config.json, and `auto_map` into it.
+    _auto_class = "AutoConfig"
 
     def __init__(
         self,
@@ -26,11 +31,7 @@ class UMTConfig(PretrainedConfig):
         self.text_max_length = text_max_length
         super().__init__(**kwargs)
 
-    def model_config(self):
+    def model_config(self) -> ModelConfig:
         """The typed `ModelConfig`; towers are built from it, never fetched from the Hub."""
-        from umt.model.config import model_config_from_dict  # the model package is heavy
-
         cfg = model_config_from_dict(self.umt_model)
-        cfg.text.pretrained = None
-        cfg.image.pretrained = None
-        return cfg
+        return for_saved_weights(cfg, self.name_or_path or "UMTConfig")
