@@ -205,8 +205,8 @@ def test_eval_flags_naming_nothing_usable(tmp_path, capsys, data) -> None:
     neither.mkdir()
     line = eval_error(capsys, "--model", str(neither), "--shards", shards, code=1)
     assert line == (
-        f"umt eval: --model {neither}: neither a UMT export (no umt_export.json) nor a "
-        "checkpoint (no latest, no umt_meta.json)"
+        f"umt eval: --model {neither}: the folder is empty: not an export, or a run, checkpoint "
+        "or step folder"
     )  # and not about --resume, which eval has not
 
 
