@@ -4,9 +4,17 @@ Each hook is an environment variable read when its component starts; unset, it d
 They exist so that tests place a crash or a stall exactly (never by timing):
 
 Training (read by the trainer, `TrainingFaults`):
-- UMT_FAULT_KILL_AT_STEP=N: every rank SIGKILLs itself right after step N (no checkpoint).
+- UMT_FAULT_KILL_AT_STEP=N[:RANK]: every rank (or only RANK) SIGKILLs itself right after step N
+  (no checkpoint): a crash, an OOM kill, a node that dies.
 - UMT_FAULT_NAN_AT_STEP=N: rank 0's loss is NaN on the first micro-batch tried for step N.
 - UMT_FAULT_DATA_STALL=N:S: rank 0's first batch of step N takes S more seconds to come.
+- UMT_FAULT_HANG_AT_STEP=N[:RANK]: every rank (or only RANK) blocks forever in the forward of
+  step N, as a rank stuck in a driver call or a deadlock does; the others then wait in the next
+  collective. Only in a job's first run: a Slurm job requeued after the hang
+  (SLURM_RESTART_COUNT > 0) goes on normally.
+- UMT_FAULT_SLOW_RANK=R:S: rank R sleeps S seconds in every step (a slow node).
+- UMT_FAULT_KILL_IN_CHECKPOINT_WRITE=N: with checkpoint.async_save, every rank SIGKILLs itself
+  in the middle of the background write of step N's checkpoint (after its first file).
 Storage (`data_pipeline.storage`):
 - UMT_FAULT_KILL_IN_DOWNLOAD=1: SIGKILL after a download's first chunk (part of it on disk).
 Sharding (`data_pipeline.shard.write`):
@@ -23,12 +31,18 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
+import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 KILL_AT_STEP = "UMT_FAULT_KILL_AT_STEP"
 NAN_AT_STEP = "UMT_FAULT_NAN_AT_STEP"
 DATA_STALL = "UMT_FAULT_DATA_STALL"
+HANG_AT_STEP = "UMT_FAULT_HANG_AT_STEP"
+SLOW_RANK = "UMT_FAULT_SLOW_RANK"
+KILL_IN_CHECKPOINT_WRITE = "UMT_FAULT_KILL_IN_CHECKPOINT_WRITE"
 KILL_IN_DOWNLOAD = "UMT_FAULT_KILL_IN_DOWNLOAD"
 SHARD_FAILPOINT = "UMT_SHARD_FAILPOINT"
 CURATE_FAILPOINT = "UMT_CURATE_FAILPOINT"
@@ -36,30 +50,74 @@ CURATE_FAILPOINT = "UMT_CURATE_FAILPOINT"
 
 @dataclass(frozen=True)
 class TrainingFaults:
-    """The training hooks, read from the environment once."""
+    """The training hooks of one rank, read from the environment once."""
 
     kill_at_step: int = -1
     nan_at_step: int = -1
     stall_at_step: int = -1
     stall_s: float = 0.0
+    hang_at_step: int = -1
+    slow_s: float = 0.0  # this rank's sleep in every step
+    kill_in_checkpoint_write: int = -1
 
     def nan_at(self, step: int, micro: int, skipped_run: int) -> bool:
         return step == self.nan_at_step and micro == 0 and skipped_run == 0
 
     def kill_after(self, step: int) -> None:
         if step == self.kill_at_step:
+            print(
+                f"fault: SIGKILL after step {step} (pid {os.getpid()})", file=sys.stderr, flush=True
+            )
+            kill_self()
+
+    def hang_in(self, step: int) -> None:
+        """Block forever when `step` is the hang step (in the forward of that step)."""
+        if step == self.hang_at_step:
+            print(f"fault: blocking forever in step {step}", file=sys.stderr, flush=True)
+            block_forever()
+
+    def slow_down(self) -> None:
+        if self.slow_s > 0:
+            time.sleep(self.slow_s)
+
+    def kill_in_write(self, step: int) -> None:
+        """In the background write of step `step`'s checkpoint, after its first file."""
+        if step == self.kill_in_checkpoint_write:
+            print(
+                f"fault: SIGKILL in the background write of step {step}",
+                file=sys.stderr,
+                flush=True,
+            )
             kill_self()
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> TrainingFaults:
+    def from_env(cls, env: Mapping[str, str] | None = None, rank: int = 0) -> TrainingFaults:
         env = os.environ if env is None else env
         stall_step, _, stall_s = env.get(DATA_STALL, "-1:0").partition(":")
+        slow_rank, _, slow_s = env.get(SLOW_RANK, "-1:0").partition(":")
+        first_run = env.get("SLURM_RESTART_COUNT", "0") in ("", "0")
         return cls(
-            int(env.get(KILL_AT_STEP, -1)),
+            _step_for(env.get(KILL_AT_STEP, ""), rank),
             int(env.get(NAN_AT_STEP, -1)),
             int(stall_step),
             float(stall_s or 0),
+            _step_for(env.get(HANG_AT_STEP, ""), rank) if first_run else -1,
+            float(slow_s or 0) if int(slow_rank) == rank else 0.0,
+            int(env.get(KILL_IN_CHECKPOINT_WRITE, -1)),
         )
+
+
+def _step_for(value: str, rank: int) -> int:
+    """`N` (every rank) or `N:RANK` (that rank only): the step for this rank, else -1."""
+    if not value:
+        return -1
+    step, _, only = value.partition(":")
+    return int(step) if not only or int(only) == rank else -1
+
+
+def block_forever() -> None:
+    """Wait on an event nobody sets: the thread sleeps in a lock, as a rank stuck in a call."""
+    threading.Event().wait()
 
 
 def kill_in_download() -> bool:

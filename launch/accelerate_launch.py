@@ -8,7 +8,9 @@ What `accelerate launch` does not do, done here before handing over to it:
   torchrun agent: they are passed on to the ranks, which finish their step, save a checkpoint
   together and exit 0 (`launch.torchrun`). Plain `accelerate launch` dies of them and exits 130
   after giving the ranks 30 s; srun, which signals every process of the step, would kill it
-  before its ranks could save.
+  before its ranks could save;
+- a rank that failed, hung or died ends it with one line and the exit code of `launch.torchrun`
+  (75 for a hang, 128+N for a rank killed by signal N), not a traceback.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import os
 import sys
 
-from launch.torchrun import TORCHRUN_HANDLES, forward_signals
+from launch.torchrun import TORCHRUN_HANDLES, forward_signals, report_failed_ranks
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,9 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["PET_SIGNALS_TO_HANDLE"] = TORCHRUN_HANDLES
     forward_signals()
     from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = launch_command_parser().parse_args(argv)
-    launch_command(args)
+    try:
+        launch_command(args)
+    except ChildFailedError as exc:  # its torchrun agent's: a rank failed, hung or died
+        return report_failed_ranks(exc)
     return 0
 
 

@@ -66,7 +66,7 @@ def env_setup_values(env_setup: str | None) -> dict[str, str]:
 # command in the job, nor end the #SBATCH block early).
 INTEGER_FIELDS = {
     "nodes", "tasks_per_node", "procs_per_node", "gpus_per_node", "cpus_per_task", "signal_s",
-    "parts", "last_index",
+    "parts", "last_index", "requeue_limit",
 }  # fmt: skip
 QUOTED_FIELDS = {
     "train_args",
@@ -75,6 +75,7 @@ QUOTED_FIELDS = {
     "eval_args",
     "curate_args",
     "out",
+    "run_dir",
     "python",
 }  # shlex-quoted here
 SHELL_FIELDS = {"activate"}  # --env-setup: the user's own shell commands, on purpose
@@ -422,6 +423,8 @@ def submit_train(argv: list[str]) -> int:
         "launcher": args.launcher,
         "train_args": quote_all(train_args),
         "accelerate_args": quote_all(accelerate_args),
+        "run_dir": shlex.quote(str(out)),
+        "requeue_limit": cfg.train.requeue_limit,
     }
     text = render("train.sbatch", values)
     problem = job_input_problem(cfg)

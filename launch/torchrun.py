@@ -7,7 +7,8 @@ ranks saved. Here the agent does not die of SIGINT, SIGTERM or SIGUSR1: it passe
 ranks, which finish their step, save a checkpoint together and exit 0, and torchrun then ends as
 they did. Ranks run in sessions of their own (torchrun starts them so), so a terminal's Ctrl-C
 reaches only this process. A second Ctrl-C is passed on too (the ranks stop without saving); a
-third kills them.
+third kills them. A rank that dies makes torchrun stop the others (SIGTERM, SIGKILL after
+--shutdown_timeout); the exit code then says how it ended (`launcher_exit_code`).
 """
 
 from __future__ import annotations
@@ -96,17 +97,35 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(get_args_parser().parse_args(argv))
     except ChildFailedError as exc:
-        # Each rank printed its own one-line error; say which ranks failed, not a traceback.
-        codes = sorted({f.exitcode for f in exc.failures.values()})
-        ranks = sorted(f.rank for f in exc.failures.values())
-        print(
-            f"umt: rank(s) {', '.join(map(str, ranks))} exited with "
-            f"{', '.join(map(str, codes))} (their own messages are above)",
-            file=sys.stderr,
-        )
-        code = codes[0] if len(codes) == 1 and codes[0] > 0 else 1
-        return code
+        return report_failed_ranks(exc)
     return 0
+
+
+def report_failed_ranks(exc) -> int:
+    """One line for torchrun's ChildFailedError (each rank printed its own error above) and the
+    exit code that tells the Slurm job what happened: 75 when the hang watchdog ended a rank,
+    128+N when a rank died of signal N (both requeue the job: `launch.requeue`), else the
+    ranks' own code."""
+    codes = sorted({f.exitcode for f in exc.failures.values()})
+    ranks = sorted(f.rank for f in exc.failures.values())
+    print(
+        f"umt: rank(s) {', '.join(map(str, ranks))} exited with "
+        f"{', '.join(map(str, codes))} (their own messages are above)",
+        file=sys.stderr,
+    )
+    return launcher_exit_code(codes)
+
+
+def launcher_exit_code(codes: list[int]) -> int:
+    """torchrun reports a rank killed by signal N as exit code -N."""
+    from umt.watchdog import HANG_EXIT_CODE
+
+    if HANG_EXIT_CODE in codes:
+        return HANG_EXIT_CODE
+    signals = [-c for c in codes if c < 0]
+    if signals:
+        return 128 + signals[0]
+    return codes[0] if len(codes) == 1 and codes[0] > 0 else 1
 
 
 if __name__ == "__main__":

@@ -27,13 +27,16 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import yaml
 
 from umt import distributed
+
+if TYPE_CHECKING:
+    from umt.async_checkpoint import AsyncCheckpointWriter
 
 log = logging.getLogger("umt.checkpoint")
 LATEST = "latest"
@@ -140,10 +143,10 @@ def set_rng_state(state: dict) -> None:
 
 def write_json_atomic(path: Path, value) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, json.dumps(value, indent=1))
+    write_text_atomic(path, json.dumps(value, indent=1))
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -162,13 +165,18 @@ def save(
     run_id: str,
     config: dict | None = None,
     meta: dict | None = None,
+    background: AsyncCheckpointWriter | None = None,
 ) -> Path:
     """Save on every rank; `latest` is written by rank 0 only after every rank's files are on disk.
 
     `run_id` names the run (kept across its resumes): a step folder of another run is never
-    written over, and pruning deletes only this run's checkpoints."""
+    written over, and pruning deletes only this run's checkpoints. With a `background` writer
+    (installed as `engine`'s checkpoint engine) the state is copied to host memory and this
+    returns; the writer moves `latest` once every rank's files are written."""
     rank, world = distributed.rank(), distributed.world_size()
     tag = tag_for(step)
+    if background is not None:
+        background.begin()  # the previous save is complete (or its failure raises here)
     root.mkdir(parents=True, exist_ok=True)
     owner = run_of(root / tag)
     if owner not in (None, run_id):  # every rank sees the same file: all refuse together
@@ -179,7 +187,8 @@ def save(
     client_state = {**client_state, "universal_checkpoint_info": {}}
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     path = root / tag
-    torch.save({**rank_state, "rng": rng_state()}, path / f"rank{rank}.pt")
+    files = {path / f"rank{rank}.pt": {**rank_state, "rng": rng_state()}}
+    texts = {}
     if rank == 0:
         meta = {
             "step": step,
@@ -190,14 +199,30 @@ def save(
             **(meta or {}),
         }
         if config:  # the config this step was trained with, for a person and for a resume
-            _atomic_write(path / RUN_CONFIG, yaml.safe_dump(config, sort_keys=False))
-        _atomic_write(path / META, json.dumps(meta))
+            texts[path / RUN_CONFIG] = yaml.safe_dump(config, sort_keys=False)
+        texts[path / META] = json.dumps(meta)  # last: a step folder with it is complete
+    if background is not None:
+        for file, state in files.items():
+            background.save(state, file)
+        for file, text in texts.items():
+            background.write_text(file, text)
+        background.finish(path, lambda: publish(root, tag, keep, run_id) if rank == 0 else None)
+        return path
+    for file, state in files.items():
+        torch.save(state, file)
+    for file, text in texts.items():
+        write_text_atomic(file, text)
     distributed.barrier()  # every rank's shards and state files are written
     if rank == 0:
-        _atomic_write(root / LATEST, tag)
-        prune(root, keep, run_id)
+        publish(root, tag, keep, run_id)
     distributed.barrier()
     return path
+
+
+def publish(root: Path, tag: str, keep: int, run_id: str) -> None:
+    """Rank 0, once every rank's files of `tag` are written: `latest` names it, older go."""
+    write_text_atomic(root / LATEST, tag)
+    prune(root, keep, run_id)
 
 
 def run_of(step_dir: Path) -> str | None:

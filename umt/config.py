@@ -108,6 +108,14 @@ class TrainConfig:
     offload; DeepSpeed builds its op on first use)."""
     collective_timeout_min: float = 30.0
     """A collective that waits longer than this fails the run instead of hanging it."""
+    hang_timeout_min: float | None = None
+    """No optimizer step completed for this long: every rank writes its stacks to
+    OUTPUT_DIR/hangs/ and the run exits (code 75; a Slurm job requeues). None: 100 median steps,
+    at least 10 min, at most 80% of collective_timeout_min (the first step and evaluation are
+    not timed)."""
+    requeue_limit: int = 3
+    """A Slurm job that a hang or a dead rank ended is requeued (and resumes) at most this many
+    times; preemptions do not count."""
     cpu_threads: int = 0
     """Threads of torch's CPU operations per rank; 0: the CPUs this rank may use (affinity,
     Slurm's CPUs per task) shared with the other ranks of its launcher, minus its loader workers."""
@@ -138,6 +146,10 @@ class CheckpointConfig:
     """Complete checkpoints kept (older ones deleted after a newer one is complete)."""
     dir: str | None = None
     """Default: OUTPUT_DIR/checkpoints."""
+    async_save: bool = False
+    """Copy the state to host memory and write the files in the background while training goes
+    on (`latest` moves once every rank's files are written; the next save waits for the previous
+    one). Costs one checkpoint's worth of host memory per rank."""
     conversion_timeout_min: float = 240.0
     """Resuming on another number of ranks: how long the other ranks wait while rank 0 converts
     the checkpoint to DeepSpeed's universal format (a gloo group of its own, so this does not
@@ -418,6 +430,14 @@ def validate(cfg: Config, source: str = "") -> None:
         t.collective_timeout_min > 0,
         f"train.collective_timeout_min must be > 0 (got {t.collective_timeout_min})",
         source,
+    )
+    _require(
+        t.hang_timeout_min is None or t.hang_timeout_min > 0,
+        f"train.hang_timeout_min must be > 0 or null (got {t.hang_timeout_min})",
+        source,
+    )
+    _require(
+        t.requeue_limit >= 0, f"train.requeue_limit must be >= 0 (got {t.requeue_limit})", source
     )
     z = cfg.zero
     _require(z.stage in (0, 1, 2, 3), f"zero.stage must be 0, 1, 2 or 3 (got {z.stage})", source)

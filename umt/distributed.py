@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 
+from umt import collective_tracker
+
 # torch 2.10+ flags the autograd collectives as deprecated in favour of private functional ones;
 # they remain the public, documented way to gather with gradients, so keep user logs clean.
 warnings.filterwarnings(
@@ -179,9 +181,10 @@ def all_reduce(
     """A reduced copy of `tensor` over the group, on `tensor`'s device (the input is untouched)."""
     if not is_distributed(group):
         return tensor.clone()
-    work = tensor.detach().to(group_device(group), copy=True)
-    dist.all_reduce(work, op=getattr(dist.ReduceOp, _OPS[op]), group=group)
-    return work.to(tensor.device)
+    with collective_tracker.waiting("all_reduce"):  # with the copy back (a host read on GPUs)
+        work = tensor.detach().to(group_device(group), copy=True)
+        dist.all_reduce(work, op=getattr(dist.ReduceOp, _OPS[op]), group=group)
+        return work.to(tensor.device)
 
 
 def any_rank(
@@ -197,7 +200,8 @@ def any_rank(
         [f.reshape(()).to(device, torch.int32) if isinstance(f, torch.Tensor)
          else torch.tensor(int(f), dtype=torch.int32, device=device) for f in flags]
     )  # fmt: skip
-    return [bool(v) for v in all_reduce(stacked, "max", group).tolist()]
+    with collective_tracker.waiting("all_reduce"):  # the read below waits for the reduction
+        return [bool(v) for v in all_reduce(stacked, "max", group).tolist()]
 
 
 def barrier(group: dist.ProcessGroup | None = None) -> None:
@@ -228,6 +232,15 @@ def broadcast_object(obj: T, src: int = 0, group: dist.ProcessGroup | None = Non
     return box[0]
 
 
+def new_gloo_group(timeout_s: float) -> dist.ProcessGroup | None:
+    """A gloo group of every rank with its own timeout (None without a process group). Every rank
+    creates it together. For collectives off the training thread (a background checkpoint
+    writer) or with a timeout other than the training group's."""
+    if not is_distributed():
+        return None
+    return dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+
+
 def run_on_rank0(fn: Callable[[], T], timeout_s: float) -> tuple[T | None, str | None]:
     """Run `fn` on rank 0 while the other ranks wait up to `timeout_s`; every rank gets rank 0's
     (result, error message). The wait is on a gloo group of its own with that timeout, so a long
@@ -238,7 +251,7 @@ def run_on_rank0(fn: Callable[[], T], timeout_s: float) -> tuple[T | None, str |
             return fn(), None
         except Exception as exc:  # noqa: BLE001 - handed to the caller as a message
             return None, f"{type(exc).__name__}: {exc}"
-    waiting = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+    waiting = new_gloo_group(timeout_s)
     outcome: tuple[Any, str | None] = (None, None)
     if dist.get_rank() == 0:
         try:

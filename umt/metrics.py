@@ -29,6 +29,7 @@ class StepResult:
     elapsed_s: float
     text_len: float  # mean padded text length fed (for MFU)
     host_syncs: int = -1  # with UMT_SYNC_DEBUG on a GPU: synchronising CUDA calls in the step
+    waited_s: float = 0.0  # inside collectives (waiting for the other ranks, mostly)
 
 
 @dataclass
@@ -39,12 +40,16 @@ class Window:
     steps: int = 0
     excluded_s: float = 0.0  # evaluation and checkpoint time inside the window
     data_wait_s: float = 0.0
+    step_s: float = 0.0  # the steps' own time (no evaluation, checkpoint or logging)
+    waited_s: float = 0.0  # of which inside collectives
     text_len: float = 0.0
     host_syncs: list[int] = field(default_factory=list)
 
     def add(self, result: StepResult) -> None:
         self.steps += 1
         self.data_wait_s += result.data_wait_s
+        self.step_s += result.elapsed_s
+        self.waited_s += result.waited_s
         self.text_len += result.text_len
         if result.host_syncs >= 0:
             self.host_syncs.append(result.host_syncs)

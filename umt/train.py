@@ -27,7 +27,9 @@ import torch
 from data_pipeline.faults import TrainingFaults
 from data_pipeline.loader.config import LoaderDataError
 from data_pipeline.transforms import normalize_pixels
-from umt import checkpoint, distributed, step_log, versions
+from umt import checkpoint, collective_tracker, distributed, hang_report, step_log, versions
+from umt import watchdog as phase
+from umt.async_checkpoint import AsyncCheckpointWriter
 from umt.cached_step import ContrastiveStep, MicroBatchInputs
 from umt.config import Config, save_config, to_dict
 from umt.data_wait import DataWaiter, DataWaitInterrupted
@@ -48,10 +50,13 @@ from umt.objectives import mix_seed
 from umt.objectives.step import StepLayout
 from umt.run_config import keep_global_batch, set_aside_run
 from umt.step_log import StepLog
+from umt.stragglers import StragglerMonitor
 from umt.threads import choose_threads
 from umt.train_data import TrainBatch, TrainData, build_train_data
+from umt.watchdog import HangWatchdog
 
 log = logging.getLogger("umt.train")
+FLIGHT_RECORDER_ENTRIES = 2000
 SAME_INTERRUPT_S = 1.0  # a SIGINT this soon after the first is the same Ctrl-C, delivered twice
 
 
@@ -127,6 +132,9 @@ class Trainer:
     """Owns the engine, the data stream, the writer and the `TrainState`; `train()` runs the loop."""
 
     def __init__(self, cfg: Config, resume: str | None = None, restart: bool = False):
+        collective_tracker.install()  # before DeepSpeed's communication backend starts
+        # torch's flight recorder: each rank's last collectives, for the hang reports
+        os.environ.setdefault("TORCH_FR_BUFFER_SIZE", str(FLIGHT_RECORDER_ENTRIES))
         self.world, self.device = init_distributed(cfg.train.collective_timeout_min * 60)
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         self.out = Path(cfg.output_dir)
@@ -194,7 +202,23 @@ class Trainer:
         self.save_cadence = Cadence(cfg.checkpoint.every_steps, cfg.train.steps)
         self.eval_cadence = Cadence(cfg.eval.every_steps)
         self.stop_signal: int | None = None
-        self.faults = TrainingFaults.from_env()
+        self.faults = TrainingFaults.from_env(rank=self.rank)
+        self.stragglers = StragglerMonitor(self.rank, self.world_size)
+        earlier = distributed.broadcast_object(hang_report.incidents(self.out))  # rank 0's list
+        self.watchdog = HangWatchdog(
+            self.out,
+            self.rank,
+            self.world_size,
+            cfg.train.hang_timeout_min,
+            cfg.train.collective_timeout_min,
+            set(earlier),
+        )
+        self.background: AsyncCheckpointWriter | None = None
+        if cfg.checkpoint.async_save:
+            self.background = AsyncCheckpointWriter(
+                cfg.train.collective_timeout_min * 60, self.faults, self.device.type == "cuda"
+            )
+            self.background.attach(self.engine)
         self.sync_debug = os.environ.get("UMT_SYNC_DEBUG") == "1" and self.device.type == "cuda"
         self.last_checkpoint: Path | None = ref.path if ref else None
 
@@ -250,6 +274,8 @@ class Trainer:
         )
 
     def save_checkpoint(self) -> Path:
+        self.watchdog.enter(phase.CHECKPOINT)
+        started = time.perf_counter()
         path = checkpoint.save(
             self.engine,
             self.ckpt_root,
@@ -260,13 +286,32 @@ class Trainer:
             run_id=self.state.run_id,
             config=to_dict(self.cfg),
             meta={"samples": self.state.samples, "data": self.data.summary()},
+            background=self.background,
         )
-        self.last_checkpoint = path
-        log.info("saved checkpoint %s", path)
+        blocked_s = time.perf_counter() - started
+        if self.background is None:
+            self.last_checkpoint = path
+            log.info("saved checkpoint %s (training blocked %.2f s)", path, blocked_s)
+        else:  # the previous save is complete by now (this one waited for it)
+            self.last_checkpoint = self.background.completed or self.last_checkpoint
+            log.info(
+                "checkpoint %s: state copied to host memory in %.2f s (training blocked %.2f s), "
+                "writing in the background",
+                path, self.background.copy_s, blocked_s,
+            )  # fmt: skip
         return path
+
+    def finish_checkpoints(self) -> None:
+        """Wait for a checkpoint still being written in the background."""
+        if self.background is not None:
+            self.watchdog.enter(phase.CHECKPOINT)
+            self.background.close()
+            self.last_checkpoint = self.background.completed or self.last_checkpoint
 
     # --- the step ----------------------------------------------------------------------------
     def forward(self, batch: TrainBatch, seed: int):
+        self.watchdog.enter(phase.FORWARD)
+        self.faults.hang_in(self.state.step + 1)
         # uint8 pixels travel (a quarter of float32's bytes) and are normalised on the device;
         # image keys were hashed to int64 ids in the loader workers.
         pixels = batch.normalized_pixels(self.device, self.model_dtype)
@@ -296,6 +341,8 @@ class Trainer:
         """
         t = self.cfg.train
         step = StepProgress()
+        waited_before = collective_tracker.STATE.waited_s
+        self.faults.slow_down()  # UMT_FAULT_SLOW_RANK (tests)
         with self._sync_counter() as syncs:
             self.accumulate(batches, step)  # grad_accum micro-batches: forward, backward, step
             clamp_logit_scale(self.engine.module.logit_scale)  # the optimizer moved it
@@ -304,18 +351,22 @@ class Trainer:
         self.step_log.record(self.state.step, step.keys, step.failures)
         elapsed = time.perf_counter() - step.start
         return StepResult(
-            step.logs, step.stop, step.data_wait_s, elapsed, step.text_len / t.grad_accum, syncs[0]
-        )
+            step.logs, step.stop, step.data_wait_s, elapsed, step.text_len / t.grad_accum, syncs[0],
+            waited_s=collective_tracker.STATE.waited_s - waited_before,
+        )  # fmt: skip
 
     def micro_batches(self, batches: DataWaiter, step: StepProgress) -> None:
         """`contrastive_batch: micro`: each micro-batch is its own contrastive batch."""
         t = self.cfg.train
         while step.micro < t.grad_accum:
+            self.watchdog.enter(phase.DATA_WAIT)
             batch = step.next_batch(batches, self.stop_requested)
             out = self.forward(batch, self.seed(step.micro, step.skipped_run))
             if self.skipped_as_nonfinite(out.loss, step):
                 continue
+            self.watchdog.enter(phase.BACKWARD)
             self.engine.backward(out.loss)
+            self.watchdog.enter(phase.OPTIMIZER)
             self.engine.step()
             step.add(batch, out.logs, t.grad_accum)
 
@@ -326,7 +377,9 @@ class Trainer:
         A step whose ITC is not finite on some rank is skipped whole (and another drawn)."""
         accum = self.cfg.train.grad_accum
         while True:
+            self.watchdog.enter(phase.DATA_WAIT)
             drawn = [step.next_batch(batches, self.stop_requested) for _ in range(accum)]
+            self.watchdog.enter(phase.FORWARD)
             first = drawn[0]
             normalize = functools.partial(
                 normalize_pixels, mean=first.pixel_mean, std=first.pixel_std, dtype=self.model_dtype
@@ -339,6 +392,7 @@ class Trainer:
                 break
         means: dict[str, torch.Tensor] = {}
         for micro, batch in enumerate(drawn):
+            self.watchdog.enter(phase.FORWARD)
             out = contrastive.micro_losses(micro, self.seed(micro, step.skipped_run))
             loss = out.loss
             nonfinite, stop = any_rank([~torch.isfinite(loss.detach()), self.stop_requested()])
@@ -351,7 +405,9 @@ class Trainer:
                 )  # fmt: skip
                 loss = out.itc_only
             # Not divided by grad_accum: the cached gradient is the step's already.
+            self.watchdog.enter(phase.BACKWARD)
             self.engine.backward(loss, scale_wrt_gas=False)
+            self.watchdog.enter(phase.OPTIMIZER)
             self.engine.step()
             step.add(batch, {}, accum)
             for k, v in out.logs.items():  # ITM's loss: shares that add up; the rest: means
@@ -367,6 +423,7 @@ class Trainer:
 
     def model_inputs(self, batch: TrainBatch, normalize) -> MicroBatchInputs:
         """A micro-batch on the device, as the model takes it (pixels travel as uint8)."""
+        self.faults.hang_in(self.state.step + 1)
         raw = batch.pixel_values.to(self.device, non_blocking=True)
         negative_texts = batch.negative_texts
         if negative_texts is not None:
@@ -428,9 +485,11 @@ class Trainer:
         """Retrieval on data.eval with the same code as `umt eval`; every rank takes part."""
         from umt.evaluate import evaluate_run_step  # the evaluation's imports: only when it runs
 
-        return evaluate_run_step(
-            self.engine.module, self.cfg, self.state.step, self.state.samples, self.writer
-        )
+        self.watchdog.enter(phase.EVAL)
+        with self.watchdog.paused():  # not timed: it can take long and is not an optimizer step
+            return evaluate_run_step(
+                self.engine.module, self.cfg, self.state.step, self.state.samples, self.writer
+            )
 
     def install_signal_handlers(self) -> None:
         """SIGUSR1 (Slurm's warning before the time limit), SIGTERM and a first SIGINT (Ctrl-C):
@@ -488,6 +547,7 @@ class Trainer:
             )
         batches = DataWaiter(self.data, before_fetch=self._stall)
         bar = progress(self.cfg.train.steps, self.state.step, self.rank, "train")
+        self.watchdog.start()
         try:
             last = self._train(batches, bar)
             bar.close()
@@ -508,6 +568,7 @@ class Trainer:
                 f"{self.last_checkpoint or 'none'}"
             ) from None
         finally:
+            self.watchdog.stop()  # one that is reporting a hang ends the process here
             bar.close()  # before any message: a bar left open would prefix it
             batches.close()
 
@@ -516,11 +577,14 @@ class Trainer:
         saved_at = self.state.step if self.last_checkpoint else -1
         while self.state.step < self.cfg.train.steps:
             result = self.train_step(batches)
+            self.watchdog.step_done(self.state.step, result.elapsed_s)
             window.add(result)
             bar.update(1)
             step = self.state.step
             if self.log_cadence.due(step):
+                self.watchdog.enter(phase.LOGGING)
                 last = self.scalars(result, window, self.state.nonfinite_total)
+                last |= self.stragglers(window)
                 self.writer.scalars(last, step)
                 bar.set_postfix(
                     loss=f"{last['loss/total']:.4f}",
@@ -547,6 +611,7 @@ class Trainer:
             window.excluded_s += time.perf_counter() - paused
         if saved_at != self.state.step:
             self.save_checkpoint()
+        self.finish_checkpoints()
         self.writer.close()
         return last
 
