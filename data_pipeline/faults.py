@@ -4,17 +4,19 @@ Each hook is an environment variable read when its component starts; unset, it d
 They exist so that tests place a crash or a stall exactly (never by timing):
 
 Training (read by the trainer, `TrainingFaults`):
-- UMT_FAULT_KILL_AT_STEP=N[:RANK]: every rank (or only RANK) SIGKILLs itself right after step N
-  (no checkpoint): a crash, an OOM kill, a node that dies.
+- UMT_FAULT_KILL_AT_STEP=N[:RANK][@RUN]: every rank (or only RANK) SIGKILLs itself right after
+  step N (no checkpoint): a crash, an OOM kill, a node that dies.
 - UMT_FAULT_NAN_AT_STEP=N: rank 0's loss is NaN on the first micro-batch tried for step N.
 - UMT_FAULT_DATA_STALL=N:S: rank 0's first batch of step N takes S more seconds to come.
-- UMT_FAULT_HANG_AT_STEP=N[:RANK]: every rank (or only RANK) blocks forever in the forward of
-  step N, as a rank stuck in a driver call or a deadlock does; the others then wait in the next
-  collective. Only in a job's first run: a Slurm job requeued after the hang
-  (SLURM_RESTART_COUNT > 0) goes on normally.
+- UMT_FAULT_HANG_AT_STEP=N[:RANK][@RUN]: every rank (or only RANK) blocks forever in the forward
+  of step N, in a native call where no Python signal handler runs, as a rank stuck in a driver or
+  NCCL call does; the others then wait in the next collective.
 - UMT_FAULT_SLOW_RANK=R:S: rank R sleeps S seconds in every step (a slow node).
-- UMT_FAULT_KILL_IN_CHECKPOINT_WRITE=N: with checkpoint.async_save, every rank SIGKILLs itself
-  in the middle of the background write of step N's checkpoint (after its first file).
+- UMT_FAULT_KILL_IN_CHECKPOINT_WRITE=N[:RANK][@RUN]: with checkpoint.async_save, every rank (or
+  only RANK) SIGKILLs itself in the middle of the background write of step N's checkpoint (after
+  its first file).
+`@RUN`: only in that run of a Slurm job (SLURM_RESTART_COUNT; default 0, the first), so that a
+job requeued after the fault goes on; outside Slurm every start is run 0.
 Storage (`data_pipeline.storage`):
 - UMT_FAULT_KILL_IN_DOWNLOAD=1: SIGKILL after a download's first chunk (part of it on disk).
 Sharding (`data_pipeline.shard.write`):
@@ -29,6 +31,7 @@ This module sits on the lowest floor (the data side) so that every component can
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import sys
@@ -93,30 +96,41 @@ class TrainingFaults:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, rank: int = 0) -> TrainingFaults:
         env = os.environ if env is None else env
+        run = int(env.get("SLURM_RESTART_COUNT") or 0)
         stall_step, _, stall_s = env.get(DATA_STALL, "-1:0").partition(":")
         slow_rank, _, slow_s = env.get(SLOW_RANK, "-1:0").partition(":")
-        first_run = env.get("SLURM_RESTART_COUNT", "0") in ("", "0")
         return cls(
-            _step_for(env.get(KILL_AT_STEP, ""), rank),
+            _step_for(env.get(KILL_AT_STEP, ""), rank, run),
             int(env.get(NAN_AT_STEP, -1)),
             int(stall_step),
             float(stall_s or 0),
-            _step_for(env.get(HANG_AT_STEP, ""), rank) if first_run else -1,
+            _step_for(env.get(HANG_AT_STEP, ""), rank, run),
             float(slow_s or 0) if int(slow_rank) == rank else 0.0,
-            int(env.get(KILL_IN_CHECKPOINT_WRITE, -1)),
+            _step_for(env.get(KILL_IN_CHECKPOINT_WRITE, ""), rank, run),
         )
 
 
-def _step_for(value: str, rank: int) -> int:
-    """`N` (every rank) or `N:RANK` (that rank only): the step for this rank, else -1."""
+def _step_for(value: str, rank: int, run: int) -> int:
+    """`N[:RANK][@RUN]`: the step N when the hook is for this rank and this run, else -1."""
     if not value:
         return -1
-    step, _, only = value.partition(":")
-    return int(step) if not only or int(only) == rank else -1
+    value, _, only_run = value.partition("@")
+    step, _, only_rank = value.partition(":")
+    if only_rank and int(only_rank) != rank:
+        return -1
+    return int(step) if int(only_run or 0) == run else -1
 
 
 def block_forever() -> None:
-    """Wait on an event nobody sets: the thread sleeps in a lock, as a rank stuck in a call."""
+    """Block in a native call that signals do not interrupt (a mutex locked twice), as a rank
+    stuck in a driver or NCCL call is: its Python signal handlers never run."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        mutex = ctypes.create_string_buffer(64)  # a zeroed pthread_mutex_t: a default mutex
+        libc.pthread_mutex_lock(mutex)
+        libc.pthread_mutex_lock(mutex)  # never returns (ctypes released the GIL)
+    except (OSError, AttributeError):  # no glibc: a lock, whose wait does run signal handlers
+        pass
     threading.Event().wait()
 
 

@@ -107,7 +107,7 @@ def report_failed_ranks(exc) -> int:
     128+N when a rank died of signal N (both requeue the job: `launch.requeue`), else the
     ranks' own code."""
     codes = sorted({f.exitcode for f in exc.failures.values()})
-    ranks = sorted(f.rank for f in exc.failures.values())
+    ranks = sorted(exc.failures)  # keyed by global rank
     print(
         f"umt: rank(s) {', '.join(map(str, ranks))} exited with "
         f"{', '.join(map(str, codes))} (their own messages are above)",

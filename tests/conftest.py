@@ -6,6 +6,9 @@ import os
 import socket
 import subprocess
 import sys
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -84,3 +87,58 @@ def run_torchrun(
             f"\n--- stderr\n{proc.stderr[-8000:]}"
         )
     return proc
+
+
+@dataclass
+class TimedRun:
+    """A finished command: its exit code and output lines, each with the moment it came."""
+
+    returncode: int
+    lines: list[tuple[float, str]]  # (time.monotonic(), line)
+    ended: float  # when the last process holding its output had exited
+
+    @property
+    def output(self) -> str:
+        return "".join(line for _, line in self.lines)
+
+    def seconds_after(self, text: str) -> float:
+        """From the first line holding `text` to the end of every process."""
+        at = next((t for t, line in self.lines if text in line), None)
+        assert at is not None, f"no line with {text!r} in:\n{self.output[-6000:]}"
+        return self.ended - at
+
+
+def run_timed(cmd: list[str], env: dict | None = None, timeout_s: int = 600) -> TimedRun:
+    """Run `cmd` (stdout and stderr together), noting when each line comes and when the output
+    closes: after the command and every process that inherited its output have exited."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    lines: list[tuple[float, str]] = []
+    ended = [0.0]
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append((time.monotonic(), line))
+        ended[0] = time.monotonic()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        proc.wait(timeout=timeout_s)
+        reader.join(timeout=timeout_s)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not reader.is_alive(), "a process that inherited the output is still running"
+    return TimedRun(proc.returncode, lines, ended[0])
+
+
+def umt_train_ranks(out: Path, *args: str, nproc: int = 2) -> list[str]:
+    """`umt train --nproc-per-node N ARGS` as it runs: launch.torchrun (UMT's torchrun wrapper).
+    Options (--resume) go first in `args`, then overrides."""
+    return [
+        sys.executable, "-m", "launch.torchrun", "--standalone", f"--nproc_per_node={nproc}",
+        "-m", "launch.train", *args, f"output_dir={out}",
+    ]  # fmt: skip

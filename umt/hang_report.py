@@ -30,7 +30,7 @@ from pathlib import Path
 HANGS = "hangs"
 SUMMARY = "summary.txt"
 SUMMARY_WAIT_S = 20.0  # rank 0 waits this long for the other ranks' reports
-CLAIM_AFTER_S = 10.0  # then the others wait this much more before writing the summary themselves
+CLAIM_AFTER_S = 5.0  # the others wait this much longer, then write the summary themselves
 PY_SPY_TIMEOUT_S = 30.0
 FLIGHT_RECORDS = 20
 PR_SET_PTRACER, PR_SET_PTRACER_ANY = 0x59616D61, ctypes.c_ulong(-1).value
@@ -144,15 +144,16 @@ def read_header(path: Path) -> dict[str, str]:
     return header
 
 
-def summarize(folder: Path, world: int, timeout_s: float, writer: int) -> str:
+def summarize(folder: Path, world: int, writer: int) -> str:
     """The one-screen account of an incident: where each rank is, and where to look first."""
     present = [r for r in range(world) if (folder / f"rank{r}.txt").is_file()]
     headers = {r: read_header(folder / f"rank{r}.txt") for r in present}
     missing = [r for r in range(world) if r not in headers]
     step = next((h["step"] for h in headers.values() if "step" in h), "?")
+    reason = next((h["reason"] for r, h in sorted(headers.items()) if "reason" in h), "?")
     lines = [
-        f"hang in step {step}: no optimizer step completed for {timeout_s:.0f} s "
-        f"(train.hang_timeout_min); summary by rank {writer} on {socket.gethostname()}",
+        f"step {step}: {reason}",
+        f"(summary by rank {writer} on {socket.gethostname()})",
         "",
         f"{'rank':>5}  {'host':<16} {'phase':<12} collective",
     ]
@@ -170,17 +171,14 @@ def summarize(folder: Path, world: int, timeout_s: float, writer: int) -> str:
 
 def verdict(headers: dict[int, dict[str, str]], missing: list[int]) -> str:
     """Which ranks to look at first."""
+    if missing:
+        return f"look first at rank(s) {', '.join(map(str, missing))}: no report (dead?)"
     inside = {r for r, h in headers.items() if h.get("in_collective") == "yes"}
     outside = sorted(set(headers) - inside)
     if outside and inside:
         return (
             f"look first at rank(s) {', '.join(map(str, outside))}: not in a collective while "
             f"rank(s) {', '.join(map(str, sorted(inside)))} wait in one for them"
-        )
-    if missing and inside:
-        return (
-            f"look first at rank(s) {', '.join(map(str, missing))}: no report, while the others "
-            "wait in a collective"
         )
     seqs = {r: int(h.get("collective_seq", 0)) for r, h in headers.items()}
     if inside and len(set(seqs.values())) > 1:
@@ -204,22 +202,22 @@ def wait_for(predicate, timeout_s: float, poll_s: float = 0.5) -> bool:
     return True
 
 
-def settle_summary(folder: Path, rank: int, world: int, timeout_s: float) -> str | None:
-    """Rank 0: once every report is there (or after SUMMARY_WAIT_S) write the summary. Others:
+def settle_summary(folder: Path, rank: int, world: int, wait_s: float | None = None) -> str | None:
+    """Rank 0: once every report is there (or after `wait_s`) write the summary. Others:
     wait for it; if none comes, claim it and write it. Returns the summary if this rank wrote it.
     A rank leaves only once the summary exists (or it gave up): an srun step or launcher that
     kills the others when the first rank exits must not cut rank 0's summary short."""
     summary = folder / SUMMARY
+    wait_s = SUMMARY_WAIT_S if wait_s is None else wait_s
     if rank == 0:
-        wait_for(lambda: all((folder / f"rank{r}.txt").is_file() for r in range(world)),
-                 SUMMARY_WAIT_S)  # fmt: skip
-    elif wait_for(summary.is_file, SUMMARY_WAIT_S + CLAIM_AFTER_S):
+        wait_for(lambda: all((folder / f"rank{r}.txt").is_file() for r in range(world)), wait_s)
+    elif wait_for(summary.is_file, wait_s + CLAIM_AFTER_S):
         return None
     try:  # the first to create the claim writes the summary (O_EXCL works on shared file systems)
         os.close(os.open(folder / f".{SUMMARY}.claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
     except FileExistsError:
         wait_for(summary.is_file, CLAIM_AFTER_S)
         return None
-    text = summarize(folder, world, timeout_s, rank)
+    text = summarize(folder, world, rank)
     write_atomic(summary, text)
     return text

@@ -212,6 +212,7 @@ class Trainer:
             cfg.train.hang_timeout_min,
             cfg.train.collective_timeout_min,
             set(earlier),
+            before_exit=self.writer.flush,  # the scalars of the steps before a hang
         )
         self.background: AsyncCheckpointWriter | None = None
         if cfg.checkpoint.async_save:
@@ -502,6 +503,7 @@ class Trainer:
         def request(signum, _frame):
             if os.getpid() != owner:  # a forked loader worker before its own set-up: not ours
                 return
+            self.watchdog.signal_handled()  # this rank's main thread is not stuck
             if signum == signal.SIGINT:
                 # One Ctrl-C can arrive twice: from the terminal or `scancel --signal=INT` (every
                 # process of a Slurm step), and again from a launcher that passes it on.
@@ -520,6 +522,7 @@ class Trainer:
         signal.signal(signal.SIGUSR1, request)
         signal.signal(signal.SIGTERM, request)
         signal.signal(signal.SIGINT, request)
+        self.watchdog.watch_signals()  # and a rank too stuck to run `request` exits
 
     def _stall(self) -> None:
         """UMT_FAULT_DATA_STALL: rank 0's first batch of the step takes longer (tests)."""

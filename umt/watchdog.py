@@ -18,11 +18,14 @@ import collections
 import contextlib
 import logging
 import os
+import select
+import signal
 import socket
 import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from umt import hang_report
@@ -35,6 +38,13 @@ AUTO_STEPS = 100  # the default timeout: this many median steps...
 AUTO_FLOOR_S = 600.0  # ...at least this long...
 AUTO_COLLECTIVE_SHARE = 0.8  # ...and at most this share of train.collective_timeout_min
 STEP_TIMES_KEPT = 200
+# A launcher that lost a rank SIGTERMs the others (torchrun, srun --kill-on-bad-exit, the
+# deepspeed launcher). A rank blocked in a collective with the dead one cannot run its Python
+# handler: if it has not within this long, it reports and exits instead of waiting for the
+# launcher's SIGKILL (30 s later, and the deepspeed launcher waits for each rank in turn).
+STOP_GRACE_S = 10.0
+SUMMARY_WAIT_AFTER_SIGNAL_S = 5.0
+HUNG, STOPPED_WHILE_STUCK = "hung", "stopped while stuck"
 
 # What a rank is doing, as its report says.
 DATA_WAIT = "data wait"
@@ -44,6 +54,7 @@ OPTIMIZER = "optimizer"
 CHECKPOINT = "checkpoint"
 EVAL = "eval"
 LOGGING = "logging"  # the log step's reductions of metrics and step times
+STEP_PHASES = (DATA_WAIT, FORWARD, BACKWARD, OPTIMIZER, LOGGING)
 
 
 def hang_timeout_s(
@@ -59,7 +70,9 @@ def hang_timeout_s(
 
 class HangWatchdog:
     """`enter(phase)` as the step moves on, `step_done(step, seconds)` after each optimizer step,
-    `paused()` around evaluation; `start()` once, `stop()` at the end."""
+    `paused()` around evaluation; `start()` once, `stop()` at the end. `watch_signals()` (main
+    thread) and `signal_handled()` (from the Python handlers) catch a rank that a launcher asks
+    to stop while it is stuck: see `STOP_GRACE_S`."""
 
     def __init__(
         self,
@@ -69,16 +82,20 @@ class HangWatchdog:
         timeout_min: float | None,
         collective_timeout_min: float,
         earlier_incidents: set[str],
+        before_exit: Callable[[], None] = lambda: None,
     ):
         self.out, self.rank, self.world_size = out, rank, world_size
         self.timeout_min, self.collective_timeout_min = timeout_min, collective_timeout_min
-        self.earlier = earlier_incidents
+        self.earlier, self.before_exit = earlier_incidents, before_exit
         self.phase, self.phase_since = "start-up", time.monotonic()
         self.step = 0  # the last completed step
         self.step_times: collections.deque[float] = collections.deque(maxlen=STEP_TIMES_KEPT)
         self.armed = False  # after the first step of this start
         self.paused_at: float | None = None
         self.last_progress = time.monotonic()
+        self.signal_at: float | None = None  # a signal reached the process (its C handler)...
+        self.handled_at: float | None = None  # ...and its Python handler ran
+        self._signal_pipe: int | None = None
         self.firing = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="umt-watchdog", daemon=True)
@@ -103,6 +120,19 @@ class HangWatchdog:
             self.last_progress += time.monotonic() - self.paused_at
             self.paused_at = None
 
+    def watch_signals(self) -> None:
+        """Main thread, once the signal handlers are installed: Python's C-level handler writes
+        each signal to this pipe even while the main thread is stuck in a native call, where the
+        Python handler cannot run."""
+        read, write = os.pipe()
+        os.set_blocking(read, False)
+        os.set_blocking(write, False)
+        signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        self._signal_pipe = read
+
+    def signal_handled(self) -> None:
+        self.handled_at = time.monotonic()
+
     def timeout_s(self) -> float:
         return hang_timeout_s(self.timeout_min, list(self.step_times), self.collective_timeout_min)
 
@@ -117,24 +147,58 @@ class HangWatchdog:
 
     # --- the thread -------------------------------------------------------------------------------
     def _watch(self) -> None:
-        while not self._stop.wait(min(5.0, max(0.5, self.timeout_s() / 10))):
+        while not self._stop.is_set():
+            self._wait(min(5.0, max(0.5, self.timeout_s() / 10)))
+            now = time.monotonic()
+            if self._stuck_after_signal(now):
+                self.firing.set()
+                self._report_and_exit(now - self.last_progress, STOPPED_WHILE_STUCK)
             if not self.armed or self.paused_at is not None:
                 continue
-            silent_s = time.monotonic() - self.last_progress
+            silent_s = now - self.last_progress
             if silent_s >= self.timeout_s():
                 self.firing.set()
-                self._report_and_exit(silent_s)
+                self._report_and_exit(silent_s, HUNG)
 
-    def _report_and_exit(self, silent_s: float) -> None:
+    def _wait(self, seconds: float) -> None:
+        """Sleep `seconds`, noting when a signal arrives."""
+        if self._signal_pipe is None:
+            self._stop.wait(seconds)
+            return
+        ready, _, _ = select.select([self._signal_pipe], [], [], seconds)
+        if ready and os.read(self._signal_pipe, 64) and self.signal_at is None:
+            self.signal_at = time.monotonic()
+
+    def _stuck_after_signal(self, now: float) -> bool:
+        """A stop signal came STOP_GRACE_S ago, the main thread never ran its Python handler
+        and it is inside a step (not saving or evaluating, which may run long native code)."""
+        if self.signal_at is None or now - self.signal_at < STOP_GRACE_S:
+            return False
+        if self.handled_at is not None and self.handled_at >= self.signal_at:
+            return False
+        return self.phase in STEP_PHASES
+
+    def _report_and_exit(self, silent_s: float, reason: str) -> None:
         timeout_s = self.timeout_s()
         step = self.step + 1  # the step in progress
         folder = hang_report.incident_folder(self.out, step, self.earlier)
         now = time.monotonic()
+        if reason == STOPPED_WHILE_STUCK:
+            why = (
+                f"a stop signal came {now - (self.signal_at or now):.0f} s ago and this rank, "
+                "blocked in a native call, never handled it (a rank it waits for is gone?)"
+            )
+        else:
+            why = (
+                f"no optimizer step completed for {silent_s:.0f} s "
+                f"(train.hang_timeout_min: {timeout_s:.0f} s)"
+            )
         header = {
             "rank": self.rank,
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "step": step,
+            "reason": why,
             "phase": self.phase,
             "phase_for_s": f"{now - self.phase_since:.0f}",
             "collective": COLLECTIVES.describe(now),
@@ -145,15 +209,17 @@ class HangWatchdog:
         }
         path = folder / f"rank{self.rank}.txt"
         try:
+            self.before_exit()  # e.g. TensorBoard's buffered scalars
             hang_report.write_atomic(path, hang_report.rank_report(header))
             log.error(
-                "no optimizer step completed for %.0f s (train.hang_timeout_min: %.0f s) in "
-                "step %d, phase %s, %s: stacks in %s; exiting with code %d",
-                silent_s, timeout_s, step, self.phase, header["collective"], path, HANG_EXIT_CODE,
+                "%s in step %d, phase %s, %s: stacks in %s; exiting with code %d",
+                why, step, self.phase, header["collective"], path, HANG_EXIT_CODE,
             )  # fmt: skip
-            summary = hang_report.settle_summary(folder, self.rank, self.world_size, timeout_s)
+            # After a stop signal the launcher kills this process soon: a shorter wait.
+            wait_s = SUMMARY_WAIT_AFTER_SIGNAL_S if reason == STOPPED_WHILE_STUCK else None
+            summary = hang_report.settle_summary(folder, self.rank, self.world_size, wait_s)
             if summary is not None:
-                log.error("hang summary (%s):\n%s", folder / hang_report.SUMMARY, summary)
+                log.error("summary (%s):\n%s", folder / hang_report.SUMMARY, summary)
         except Exception as exc:  # noqa: BLE001 - the exit below must happen whatever failed
             log.error("could not write the hang report to %s: %s", folder, exc)
         finally:
