@@ -13,8 +13,8 @@ Training (read by the trainer, `TrainingFaults`):
   NCCL call does; the others then wait in the next collective.
 - UMT_FAULT_SLOW_RANK=R:S: rank R sleeps S seconds in every step (a slow node).
 - UMT_FAULT_KILL_IN_CHECKPOINT_WRITE=N[:RANK][@RUN]: with checkpoint.async_save, every rank (or
-  only RANK) SIGKILLs itself in the middle of the background write of step N's checkpoint (after
-  its first file).
+  only RANK) SIGKILLs itself in the middle of the background write of step N's checkpoint: after
+  its first file, once training has gone on past the save.
 `@RUN`: only in that run of a Slurm job (SLURM_RESTART_COUNT; default 0, the first), so that a
 job requeued after the fault goes on; outside Slurm every start is run 0.
 Storage (`data_pipeline.storage`):

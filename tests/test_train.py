@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, free_port, run_torchrun
+from tests.conftest import REPO, TimedRun, free_port, run_timed, run_torchrun, umt_train_ranks
 
 pytestmark = pytest.mark.slow
 TRAIN = REPO / "launch" / "train.py"
@@ -123,10 +123,13 @@ def assert_export_round_trip(run_dir: Path) -> None:
         assert model.encode_image(pixels).shape == (1, 32)
 
 
+SAVED_EVERY_2 = ("zero.stage=2", "train.steps=8", "checkpoint.every_steps=2", "checkpoint.keep=10")
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("uninterrupted")
-    train(out, "zero.stage=2", "train.steps=8", "checkpoint.every_steps=2", "checkpoint.keep=10")
+    train(out, *SAVED_EVERY_2)
     return out
 
 
@@ -172,7 +175,7 @@ def test_kill_9_with_real_shards_and_loader_workers_resumes_bit_identical(tmp_pa
 def test_kill_9_at_a_random_step_then_resume_auto_is_bit_identical(tmp_path, uninterrupted):
     kill_step = random.Random(0).choice([3, 5, 7])  # between checkpoints, so work is lost
     out = tmp_path / "killed"
-    common = ("zero.stage=2", "train.steps=8", "checkpoint.every_steps=2", "checkpoint.keep=10")
+    common = SAVED_EVERY_2
     killed = train(out, *common, env={"UMT_FAULT_KILL_AT_STEP": str(kill_step)}, check=False)
     assert killed.returncode != 0
     assert (out / "checkpoints" / "latest").read_text() == f"step{kill_step - 1}"
@@ -181,6 +184,47 @@ def test_kill_9_at_a_random_step_then_resume_auto_is_bit_identical(tmp_path, uni
     assert_same_weights(consolidated(out, "step8"), consolidated(uninterrupted, "step8"))
     want, got = scalars(uninterrupted, "loss/total"), scalars(out, "loss/total")
     assert got == want  # every step's logged loss, before and after the kill, bit for bit
+
+
+ASYNC = (*SAVED_EVERY_2, "checkpoint.async_save=true")
+
+
+@pytest.fixture(scope="module")
+def killed_in_background_write(tmp_path_factory) -> tuple[Path, TimedRun]:
+    """checkpoint.async_save: rank 1 is SIGKILLed in the middle of its background write of step
+    4; rank 0 goes on into step 5 and blocks there in a native call that no collective error
+    wakes (as a rank waiting in NCCL for a dead peer would)."""
+    out = tmp_path_factory.mktemp("async") / "killed"
+    cmd = umt_train_ranks(out, "--resume", "none", *TINY, *ASYNC, "train.collective_timeout_min=10")
+    env = {"UMT_FAULT_KILL_IN_CHECKPOINT_WRITE": "4:1", "UMT_FAULT_HANG_AT_STEP": "5:0"}
+    return out, run_timed(cmd, env=env)
+
+
+def test_a_dead_rank_ends_every_rank_within_a_minute_with_the_survivors_report(
+    killed_in_background_write,
+):
+    out, run = killed_in_background_write
+    assert run.seconds_after("fault: SIGKILL in the background write of step 4") < 60
+    # torchrun SIGTERMs rank 0, whose handler cannot run: its watchdog reports and exits
+    assert run.returncode == 75, run.output[-6000:]
+    report = (out / "hangs" / "step5" / "rank0.txt").read_text()
+    assert "reason: a stop signal came" in report and "in block_forever" in report
+    summary = (out / "hangs" / "step5" / "summary.txt").read_text()
+    assert "look first at rank(s) 1: no report (dead?)" in summary
+
+
+def test_a_kill_in_a_background_write_leaves_latest_on_the_previous_checkpoint(
+    killed_in_background_write, uninterrupted
+):
+    out, _ = killed_in_background_write
+    ckpt = out / "checkpoints"
+    assert (ckpt / "latest").read_text() == "step2"  # rank 0 wrote all of step 4, rank 1 not
+    assert (ckpt / "step4" / "rank0.pt").is_file() and not (ckpt / "step4" / "rank1.pt").exists()
+    resumed = train(out, *ASYNC, resume="auto")
+    assert f"resumed from {ckpt / 'step2'}" in resumed.stderr
+    # asynchronous saves resume to the synchronous run's weights and losses, bit for bit
+    assert_same_weights(consolidated(out, "step8"), consolidated(uninterrupted, "step8"))
+    assert scalars(out, "loss/total") == scalars(uninterrupted, "loss/total")
 
 
 def test_tensorboard_has_the_documented_scalars(uninterrupted):
@@ -203,6 +247,9 @@ def test_tensorboard_has_the_documented_scalars(uninterrupted):
         "throughput/samples_per_s_per_rank",
         "time/data_wait_fraction",
         "memory/rss_peak_gib",
+        "stragglers/max_over_median",
+        "stragglers/slowest_rank",
+        "stragglers/median_step_s",
     }
     assert expected <= tags, expected - tags
 

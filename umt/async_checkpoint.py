@@ -115,6 +115,7 @@ class AsyncCheckpointWriter:
         self.jobs: queue.Queue = queue.Queue()
         self.done = threading.Event()
         self.done.set()
+        self.handed_over = threading.Event()  # the training thread queued the whole checkpoint
         self.error: str | None = None
         self.completed: Path | None = None  # the newest checkpoint this writer completed
         self.files_written = 0
@@ -132,6 +133,7 @@ class AsyncCheckpointWriter:
         self.wait()
         self.copies.recycle()
         self.done.clear()
+        self.handed_over.clear()
         self.files_written, self.copy_s = 0, 0.0
 
     def save(self, obj: Any, path: Path, zipfile: bool = True) -> None:
@@ -151,6 +153,7 @@ class AsyncCheckpointWriter:
         """Every file of checkpoint `path` is queued; `publish` (rank 0's: move `latest`, prune)
         runs once every rank has written all of its files."""
         self.jobs.put(("finish", Path(path), publish))
+        self.handed_over.set()
 
     def wait(self) -> None:
         self.done.wait()
@@ -196,7 +199,8 @@ class AsyncCheckpointWriter:
                 ready.synchronize()
             torch.save(snapshot, path, _use_new_zipfile_serialization=zipfile)
         self.files_written += 1
-        if self.files_written == 1:
+        if self.files_written == 1 and self.faults.kill_in_checkpoint_write == step_of(path.parent):
+            self.handed_over.wait()  # training has gone on: the kill lands mid-write, mid-step
             self.faults.kill_in_write(step_of(path.parent))
 
     def _finish(self, path: Path, publish, failure: str | None, write_s: float) -> None:
