@@ -76,11 +76,12 @@ def jobs():
         subprocess.run(["scancel", *ids], capture_output=True)
 
 
-def umt_submit(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def umt_submit(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`umt submit ARGS`; the job gets this environment (sbatch exports it), plus `env`."""
     proc = subprocess.run(
         [sys.executable, "-m", "launch.cli", "submit", *args],
         cwd=cwd,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
         capture_output=True,
         text=True,
     )
@@ -124,7 +125,14 @@ def wait_for_job(job_id: str, log_folder: Path, timeout_s: float = JOB_TIMEOUT_S
     return wait_until(finished, f"job {job_id} to finish", log_folder, timeout_s)
 
 
-def submit_training(out: Path, partition: str, jobs: list[str], *options: str) -> str:
+def submit_training(
+    out: Path,
+    partition: str,
+    jobs: list[str],
+    *options: str,
+    overrides: tuple[str, ...] = (),
+    env: dict | None = None,
+) -> str:
     proc = umt_submit(
         "train",
         "--config",
@@ -138,7 +146,9 @@ def submit_training(out: Path, partition: str, jobs: list[str], *options: str) -
         "--",
         f"output_dir={out}",
         *TRAIN,
+        *overrides,
         cwd=out.parent,
+        env=env,
     )
     [job_id] = submitted_ids(proc.stdout)
     jobs.append(job_id)
@@ -447,6 +457,45 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_weights(
     # No step lost: the requeued run starts from the signal's checkpoint.
     assert f"resumed from {out / 'checkpoints' / f'step{step}'} at step {step}" in log
     assert "restart 1" in log  # the same log file, appended to
+    assert_same_weights(
+        consolidated(out, f"step{STEPS}"), consolidated(uninterrupted, f"step{STEPS}")
+    )
+    assert scalars(out, "loss/total") == scalars(uninterrupted, "loss/total")
+
+
+def test_a_hang_then_a_dead_rank_each_end_the_step_and_requeue_to_the_same_weights(
+    tmp_path, partition, jobs, uninterrupted
+):
+    """Run 0: rank 1 blocks in step 30; the watchdog (train.hang_timeout_min 0.5) ends every rank
+    with stacks and a summary, and the job requeues. Run 1 (from the step-20 checkpoint): rank 1
+    is SIGKILLed after step 50; srun --kill-on-bad-exit ends every rank within a minute, and the
+    job requeues. Run 2 (from step 40) finishes with the uninterrupted job's weights. Checkpoints
+    are written in the background throughout."""
+    out = tmp_path / "faulty"
+    overrides = ("train.hang_timeout_min=0.5", "train.collective_timeout_min=10",
+                 "checkpoint.async_save=true")  # fmt: skip
+    env = {"UMT_FAULT_HANG_AT_STEP": "30:1", "UMT_FAULT_KILL_AT_STEP": "50:1@1"}
+    job_id = submit_training(out, partition, jobs, overrides=overrides, env=env)
+    wait_until(lambda: "fault: SIGKILL after step 50" in logs(out), "rank 1's kill in run 1", out)
+    wait_until(
+        lambda: logs(out).count("training exited with") == 2,
+        "every rank of run 1 to be gone after the kill",
+        out,
+        timeout_s=60,
+    )
+    info = wait_for_job(job_id, out)
+    log = logs(out)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-6000:]
+    assert info["Restarts"] == "2", log[-6000:]
+    summary = (out / "hangs" / "step30" / "summary.txt").read_text()
+    assert "look first at rank(s) 1: not in a collective" in summary
+    decisions = [json.loads(line) for line in (out / "slurm" / "requeues.jsonl").open()]
+    assert [d["requeued"] for d in decisions] == [True, True], decisions
+    assert decisions[0]["reason"].startswith("hang (exit ")
+    assert decisions[1]["reason"].startswith("a rank died of signal"), decisions  # 9 or srun's 15
+    ckpt = out / "checkpoints"
+    assert f"resumed from {ckpt / 'step20'} at step 20" in log
+    assert f"resumed from {ckpt / 'step40'} at step 40" in log
     assert_same_weights(
         consolidated(out, f"step{STEPS}"), consolidated(uninterrupted, f"step{STEPS}")
     )
