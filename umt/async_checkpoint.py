@@ -36,6 +36,7 @@ from data_pipeline.faults import TrainingFaults
 from umt import distributed
 
 log = logging.getLogger("umt.checkpoint")
+IMMUTABLE = (bool, int, float, complex, str, bytes, torch.dtype, torch.device)
 
 
 class HostCopies:
@@ -76,7 +77,9 @@ class HostCopies:
         if isinstance(obj, tuple):
             items = [self._copy(v, memo) for v in obj]
             return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
-        return copy.deepcopy(obj)  # numbers, strings, small objects (a loss scaler's state)
+        if obj is None or isinstance(obj, IMMUTABLE):
+            return obj
+        return copy.deepcopy(obj)  # small objects (a loss scaler, an enum)
 
     def _tensor(self, tensor: torch.Tensor, memo: dict) -> torch.Tensor:
         tensor = tensor.detach()
@@ -146,7 +149,8 @@ class AsyncCheckpointWriter:
         self.copy_s += time.perf_counter() - started
         self.jobs.put(("file", Path(path), (snapshot, ready, zipfile)))
 
-    def write_text(self, path: Path, text: str) -> None:
+    def write_text(self, path: Path, text: Callable[[], str]) -> None:
+        """`text()` (a YAML or JSON dump of state handed over) runs in the writer thread."""
         self.jobs.put(("text", Path(path), text))
 
     def finish(self, path: Path, publish: Callable[[], None]) -> None:
@@ -192,7 +196,7 @@ class AsyncCheckpointWriter:
         from umt.checkpoint import write_text_atomic
 
         if kind == "text":
-            write_text_atomic(path, payload)
+            write_text_atomic(path, payload())
         else:
             snapshot, ready, zipfile = payload
             if ready is not None:
