@@ -69,11 +69,13 @@ def main() -> None:
         started = time.perf_counter()
         path = trainer.save_checkpoint()
         blocked = time.perf_counter() - started
+        waited_before = writer.copy_wait_s
         step_s = trainer.train_step(batches).elapsed_s  # training goes on (during the write)
+        copy_wait = writer.copy_wait_s - waited_before if mode == "async" else 0.0
         started = time.perf_counter()
         if mode == "async":
             writer.wait()
-        return {"blocked_s": blocked, "next_step_s": step_s,
+        return {"blocked_s": blocked + copy_wait, "copy_wait_s": copy_wait, "next_step_s": step_s,
                 "then_waited_s": time.perf_counter() - started, "mib": folder_mib(path, rank)}  # fmt: skip
 
     results: dict[str, list[dict]] = {"sync": [], "async": []}

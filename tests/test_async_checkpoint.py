@@ -31,9 +31,15 @@ def state() -> dict:
     }
 
 
+def snapshot(copies: HostCopies, live: dict) -> dict:
+    copy = copies.snapshot(live)  # the structure now...
+    copies.fill()  # ...the bytes later (in the writer thread, before the next optimizer step)
+    return copy
+
+
 def test_a_copy_saves_to_the_same_bytes_and_keeps_views_of_one_storage():
     live = state()
-    copy = HostCopies(pinned=False).snapshot(live)
+    copy = snapshot(HostCopies(pinned=False), live)
     assert saved_bytes(copy) == saved_bytes(live)
     weight, bias = copy["module"]["weight"], copy["module"]["bias"]
     assert weight.untyped_storage().data_ptr() == bias.untyped_storage().data_ptr()
@@ -43,7 +49,7 @@ def test_a_copy_saves_to_the_same_bytes_and_keeps_views_of_one_storage():
 def test_training_on_after_the_copy_does_not_reach_it():
     live = state()
     before = saved_bytes(live)
-    copy = HostCopies(pinned=False).snapshot(live)
+    copy = snapshot(HostCopies(pinned=False), live)
     live["module"]["weight"].add_(1.0)  # the next optimizer step, in place
     live["optimizer"]["exp_avg"][0].mul_(3.0)
     assert saved_bytes(copy) == before
@@ -51,10 +57,10 @@ def test_training_on_after_the_copy_does_not_reach_it():
 
 def test_the_next_save_reuses_the_buffers_of_the_last():
     copies = HostCopies(pinned=False)
-    first = copies.snapshot(state())
+    first = snapshot(copies, state())
     held = copies.bytes_held
     pointers = {first["module"]["weight"].untyped_storage().data_ptr()}
     copies.recycle()  # the previous save is written
-    second = copies.snapshot(state())
+    second = snapshot(copies, state())
     assert copies.bytes_held == held  # one checkpoint's worth, not two
     assert second["module"]["weight"].untyped_storage().data_ptr() in pointers

@@ -172,12 +172,12 @@ def save(
 
     `run_id` names the run (kept across its resumes): a step folder of another run is never
     written over, and pruning deletes only this run's checkpoints. With a `background` writer
-    (installed as `engine`'s checkpoint engine) the state is copied to host memory and this
-    returns; the writer moves `latest` once every rank's files are written."""
+    (installed as `engine`'s checkpoint engine) the state is handed over and this returns; the
+    writer moves `latest` once every rank's files are written."""
     rank, world = distributed.rank(), distributed.world_size()
     tag = tag_for(step)
     if background is not None:
-        background.begin()  # the previous save is complete (or its failure raises here)
+        background.begin(root / tag)  # the previous save is complete (or its failure raises)
     root.mkdir(parents=True, exist_ok=True)
     owner = run_of(root / tag)
     if owner not in (None, run_id):  # every rank sees the same file: all refuse together
@@ -208,7 +208,7 @@ def save(
             background.save(state, file)
         for file, text in texts.items():
             background.write_text(file, text)
-        background.finish(path, lambda: publish(root, tag, keep, run_id) if rank == 0 else None)
+        background.finish(lambda: publish(root, tag, keep, run_id) if rank == 0 else None)
         return path
     for file, state in files.items():
         torch.save(state, file)

@@ -217,7 +217,7 @@ class Trainer:
         self.background: AsyncCheckpointWriter | None = None
         if cfg.checkpoint.async_save:
             self.background = AsyncCheckpointWriter(
-                cfg.train.collective_timeout_min * 60, self.faults, self.device.type == "cuda"
+                cfg.train.collective_timeout_min * 60, self.faults, self.device
             )
             self.background.attach(self.engine)
         self.sync_debug = os.environ.get("UMT_SYNC_DEBUG") == "1" and self.device.type == "cuda"
@@ -296,9 +296,9 @@ class Trainer:
         else:  # the previous save is complete by now (this one waited for it)
             self.last_checkpoint = self.background.completed or self.last_checkpoint
             log.info(
-                "checkpoint %s: state copied to host memory in %.2f s (training blocked %.2f s), "
-                "writing in the background",
-                path, self.background.copy_s, blocked_s,
+                "checkpoint %s handed over (training blocked %.2f s); copied and written in the "
+                "background",
+                path, blocked_s,
             )  # fmt: skip
         return path
 
@@ -367,8 +367,7 @@ class Trainer:
                 continue
             self.watchdog.enter(phase.BACKWARD)
             self.engine.backward(out.loss)
-            self.watchdog.enter(phase.OPTIMIZER)
-            self.engine.step()
+            self.optimizer_step()
             step.add(batch, out.logs, t.grad_accum)
 
     def one_contrastive_batch(self, batches: DataWaiter, step: StepProgress) -> None:
@@ -408,8 +407,7 @@ class Trainer:
             # Not divided by grad_accum: the cached gradient is the step's already.
             self.watchdog.enter(phase.BACKWARD)
             self.engine.backward(loss, scale_wrt_gas=False)
-            self.watchdog.enter(phase.OPTIMIZER)
-            self.engine.step()
+            self.optimizer_step()
             step.add(batch, {}, accum)
             for k, v in out.logs.items():  # ITM's loss: shares that add up; the rest: means
                 share = 1 if k == "loss/itm" else 1 / accum
@@ -421,6 +419,13 @@ class Trainer:
             if key in step.logs:
                 total = total + weight * step.logs[key]
         step.logs["loss/total"] = total.detach().float()
+
+    def optimizer_step(self) -> None:
+        """`engine.step()`, once a checkpoint handed over before it is copied to host memory."""
+        self.watchdog.enter(phase.OPTIMIZER)
+        if self.background is not None:
+            self.background.wait_copied()
+        self.engine.step()
 
     def model_inputs(self, batch: TrainBatch, normalize) -> MicroBatchInputs:
         """A micro-batch on the device, as the model takes it (pixels travel as uint8)."""
