@@ -266,6 +266,15 @@ class AsyncCheckpointWriter:
             self.done.set()
 
 
+def background_writer(cfg, engine, faults: TrainingFaults, device: torch.device):
+    """With checkpoint.async_save, every rank's writer, attached to `engine` (a collective)."""
+    if not cfg.checkpoint.async_save:
+        return None
+    writer = AsyncCheckpointWriter(cfg.train.collective_timeout_min * 60, faults, device)
+    writer.attach(engine)
+    return writer
+
+
 def step_of(folder: Path) -> int:
     name = folder.name
     return int(name[4:]) if name.startswith("step") and name[4:].isdigit() else -1

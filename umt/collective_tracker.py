@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -33,6 +34,9 @@ WRAPPED = (
     "reduce", "reduce_scatter", "reduce_scatter_tensor", "gather", "scatter", "send", "recv",
     "all_reduce_coalesced",
 )  # fmt: skip
+
+
+FLIGHT_RECORDER_ENTRIES = 2000
 
 
 @dataclass
@@ -109,7 +113,10 @@ def _tracked(name: str, fn):
 
 
 def install() -> None:
-    """Wrap torch.distributed's collectives (once per process; before DeepSpeed's init)."""
+    """Wrap torch.distributed's collectives (once per process; before DeepSpeed's init), and turn
+    on torch's flight recorder (each process group's last collectives, for the hang reports;
+    TORCH_FR_BUFFER_SIZE=0 turns it off) before the process group starts."""
+    os.environ.setdefault("TORCH_FR_BUFFER_SIZE", str(FLIGHT_RECORDER_ENTRIES))
     for name in WRAPPED:
         fn = getattr(dist, name, None)
         if fn is not None and not getattr(fn, "__umt_tracked__", False):

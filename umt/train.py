@@ -27,9 +27,9 @@ import torch
 from data_pipeline.faults import TrainingFaults
 from data_pipeline.loader.config import LoaderDataError
 from data_pipeline.transforms import normalize_pixels
-from umt import checkpoint, collective_tracker, distributed, hang_report, step_log, versions
+from umt import checkpoint, collective_tracker, distributed, step_log, versions
 from umt import watchdog as phase
-from umt.async_checkpoint import AsyncCheckpointWriter
+from umt.async_checkpoint import background_writer
 from umt.cached_step import ContrastiveStep, MicroBatchInputs
 from umt.config import Config, save_config, to_dict
 from umt.data_wait import DataWaiter, DataWaitInterrupted
@@ -56,7 +56,6 @@ from umt.train_data import TrainBatch, TrainData, build_train_data
 from umt.watchdog import HangWatchdog
 
 log = logging.getLogger("umt.train")
-FLIGHT_RECORDER_ENTRIES = 2000
 SAME_INTERRUPT_S = 1.0  # a SIGINT this soon after the first is the same Ctrl-C, delivered twice
 
 
@@ -132,9 +131,7 @@ class Trainer:
     """Owns the engine, the data stream, the writer and the `TrainState`; `train()` runs the loop."""
 
     def __init__(self, cfg: Config, resume: str | None = None, restart: bool = False):
-        collective_tracker.install()  # before DeepSpeed's communication backend starts
-        # torch's flight recorder: each rank's last collectives, for the hang reports
-        os.environ.setdefault("TORCH_FR_BUFFER_SIZE", str(FLIGHT_RECORDER_ENTRIES))
+        collective_tracker.install()  # before the process group and DeepSpeed's backend start
         self.world, self.device = init_distributed(cfg.train.collective_timeout_min * 60)
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         self.out = Path(cfg.output_dir)
@@ -204,22 +201,9 @@ class Trainer:
         self.stop_signal: int | None = None
         self.faults = TrainingFaults.from_env(rank=self.rank)
         self.stragglers = StragglerMonitor(self.rank, self.world_size)
-        earlier = distributed.broadcast_object(hang_report.incidents(self.out))  # rank 0's list
-        self.watchdog = HangWatchdog(
-            self.out,
-            self.rank,
-            self.world_size,
-            cfg.train.hang_timeout_min,
-            cfg.train.collective_timeout_min,
-            set(earlier),
-            before_exit=self.writer.flush,  # the scalars of the steps before a hang
-        )
-        self.background: AsyncCheckpointWriter | None = None
-        if cfg.checkpoint.async_save:
-            self.background = AsyncCheckpointWriter(
-                cfg.train.collective_timeout_min * 60, self.faults, self.device
-            )
-            self.background.attach(self.engine)
+        # before_exit: TensorBoard's buffered scalars of the steps before a hang
+        self.watchdog = HangWatchdog.for_run(cfg, self.rank, self.world_size, self.writer.flush)
+        self.background = background_writer(cfg, self.engine, self.faults, self.device)
         self.sync_debug = os.environ.get("UMT_SYNC_DEBUG") == "1" and self.device.type == "cuda"
         self.last_checkpoint: Path | None = ref.path if ref else None
 
@@ -295,11 +279,7 @@ class Trainer:
             log.info("saved checkpoint %s (training blocked %.2f s)", path, blocked_s)
         else:  # the previous save is complete by now (this one waited for it)
             self.last_checkpoint = self.background.completed or self.last_checkpoint
-            log.info(
-                "checkpoint %s handed over (training blocked %.2f s); copied and written in the "
-                "background",
-                path, blocked_s,
-            )  # fmt: skip
+            log.info("checkpoint %s to the background (training blocked %.2f s)", path, blocked_s)
         return path
 
     def finish_checkpoints(self) -> None:

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from umt import hang_report
+from umt import distributed, hang_report
 from umt.collective_tracker import STATE as COLLECTIVES
 
 log = logging.getLogger("umt.watchdog")
@@ -99,6 +99,15 @@ class HangWatchdog:
         self.firing = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="umt-watchdog", daemon=True)
+
+    @classmethod
+    def for_run(cls, cfg, rank: int, world_size: int, before_exit: Callable[[], None]):
+        """Every rank's watchdog of a run (a collective: rank 0's list of earlier hangs)."""
+        out = Path(cfg.output_dir)
+        earlier = distributed.broadcast_object(hang_report.incidents(out))
+        t = cfg.train
+        return cls(out, rank, world_size, t.hang_timeout_min, t.collective_timeout_min,
+                   set(earlier), before_exit)  # fmt: skip
 
     # --- called by the trainer ------------------------------------------------------------------
     def enter(self, phase: str) -> None:
