@@ -137,6 +137,8 @@ class HangWatchdog:
         os.set_blocking(read, False)
         os.set_blocking(write, False)
         signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        # A forked loader worker would write its own signals here: not this process's.
+        os.register_at_fork(after_in_child=_forget_wakeup_fd)
         self._signal_pipe = read
 
     def signal_handled(self) -> None:
@@ -236,3 +238,10 @@ class HangWatchdog:
                 handler.flush()
             sys.stderr.flush()
             os._exit(HANG_EXIT_CODE)
+
+
+def _forget_wakeup_fd() -> None:
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:  # not the main thread of the child: nothing was inherited to forget
+        pass
