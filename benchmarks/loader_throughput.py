@@ -56,7 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from data_pipeline.loader import LoaderConfig, build_loader  # noqa: E402
-from data_pipeline.loader.tar_index import index_location, index_of_file, write_index  # noqa: E402
+from data_pipeline.tar_index import index_location, index_of_file, write_index  # noqa: E402
 from data_pipeline.transforms import (  # noqa: E402
     ImageTransformConfig,
     load_tokenizer,

@@ -29,7 +29,11 @@ from data_pipeline.loader import (
     resolve_dataset,
 )
 from data_pipeline.loader.dataset import expand_braces, parse_source_specs
-from data_pipeline.loader.tar_index import (
+from data_pipeline.shard.manifest import file_sha256
+from data_pipeline.shard_cache import ShardCache, default_cache_dir
+from data_pipeline.storage import StorageError
+from data_pipeline.subset import counts_by_source, read_subset_if_any, verify_sources
+from data_pipeline.tar_index import (
     TarIndexError,
     check_index,
     index_location,
@@ -38,10 +42,6 @@ from data_pipeline.loader.tar_index import (
     write_index,
     write_json_whole,
 )
-from data_pipeline.shard.manifest import file_sha256
-from data_pipeline.shard_cache import ShardCache, default_cache_dir
-from data_pipeline.storage import StorageError
-from data_pipeline.subset import counts_by_source, read_subset_if_any, verify_sources
 from launch import curate as curate_cli
 
 

@@ -7,8 +7,8 @@ The stages, one module each, in the order data flows:
     order       (seed, epoch) -> a permutation of every sample: shards permuted, samples shuffled
                 within windows of a few shards; the epochs' concatenation is one stream, and
                 global step t takes the next G (global batch) positions of it
-    tar_index   per-shard indexes of where each sample's members lie in its tar
-    storage     the one place that opens manifests, indexes and shards
+    (the shard format's tar indexes, `data_pipeline.tar_index`, and pixel conversion,
+    `data_pipeline.pixels`, are shared with the sharder; storage is `data_pipeline.storage`)
     reader      (shard, index) -> raw sample by random access; tars in stored order for evaluation
     batch       decode (crop, resize, caption, negative; seeded by stream position) -> `Batch`
                 of uint8 pixels and tokens; undecodable samples counted, recorded and replaced
@@ -34,8 +34,8 @@ Contracts (tested under torchrun with 2 ranks x 2 workers, and across topologies
 
 import importlib
 
-# Exported names and the stage module each comes from. Imported on first use, so that the
-# sharder's `from data_pipeline.loader.tar_index import ...` does not load torch.
+# Exported names and the stage module each comes from. Imported on first use, so that a
+# command that needs one stage (`umt data inspect`) does not load torch.
 _EXPORTS = {
     "Batch": "batch",
     "LoaderConfig": "config",

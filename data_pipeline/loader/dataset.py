@@ -21,8 +21,8 @@ import numpy as np
 
 from data_pipeline import storage
 from data_pipeline.loader.config import LoaderConfigError
-from data_pipeline.loader.tar_index import TarIndexError, load_index
 from data_pipeline.subset import SubsetError, check_sources, read_subset_if_any
+from data_pipeline.tar_index import TarIndexError, load_index
 
 MANIFEST_FORMAT_VERSION = 1
 

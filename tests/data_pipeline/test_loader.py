@@ -31,7 +31,7 @@ from data_pipeline.loader.batch import fill_slots
 from data_pipeline.loader.dataset import expand_braces, parse_source_specs
 from data_pipeline.loader.order import GlobalOrder, plan_epoch
 from data_pipeline.loader.reader import ShardReader, read_tar_samples
-from data_pipeline.loader.tar_index import (
+from data_pipeline.tar_index import (
     TarIndexError,
     _split_with_tarfile,
     check_index,
