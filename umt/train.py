@@ -333,7 +333,7 @@ class Trainer:
             )
             contrastive = ContrastiveStep(self.engine, self.layout, self.cfg.objectives, normalize)
             for batch in drawn:
-                contrastive.embed(self.model_inputs(batch, normalize))
+                contrastive.embed(self.model_inputs(batch))
             cache = contrastive.contrast(self.seed(0, step.skipped_run))
             if not self.skipped_as_nonfinite(cache.loss, step):
                 break
@@ -365,15 +365,13 @@ class Trainer:
                 total = total + weight * step.logs[key]
         step.logs["loss/total"] = total.detach().float()
 
-    def model_inputs(self, batch: TrainBatch, normalize) -> MicroBatchInputs:
-        """A micro-batch on the device, as the model takes it (pixels travel as uint8)."""
-        raw = batch.pixel_values.to(self.device, non_blocking=True)
+    def model_inputs(self, batch: TrainBatch) -> MicroBatchInputs:
+        """A micro-batch on the device (pixels as uint8, normalised by each pass)."""
         negative_texts = batch.negative_texts
         if negative_texts is not None:
             negative_texts = tuple(t.to(self.device, non_blocking=True) for t in negative_texts)
         return MicroBatchInputs(
-            normalize(raw),
-            raw,
+            batch.pixel_values.to(self.device, non_blocking=True),
             batch.input_ids.to(self.device, non_blocking=True),
             batch.attention_mask.to(self.device, non_blocking=True),
             batch.image_ids.to(self.device, non_blocking=True),
