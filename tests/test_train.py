@@ -207,17 +207,17 @@ def test_tensorboard_has_the_documented_scalars(uninterrupted):
     assert expected <= tags, expected - tags
 
 
-def test_resume_auto_without_checkpoint_starts_fresh_and_says_so(tmp_path):
-    out = tmp_path / "fresh"
-    proc = train(out, "train.steps=1", nproc=1, resume="auto")
+def test_a_one_process_cpu_run_starts_fresh_with_torch_adamw_and_builds_no_deepspeed_op(tmp_path):
+    """One run, three checks: `--resume auto` without a checkpoint starts fresh and says so;
+    train.optimizer=auto is torch's AdamW on a CPU-only run; DeepSpeed's inference-only
+    shared-memory all-reduce is not JIT-built (~50 s) on CPU."""
+    out, extensions = tmp_path / "fresh", tmp_path / "torch_extensions"
+    proc = train(
+        out, "train.steps=1", nproc=1, resume="auto", env={"TORCH_EXTENSIONS_DIR": str(extensions)}
+    )
     assert "no complete checkpoint" in proc.stderr
     assert (out / "checkpoints" / "latest").read_text() == "step1"
-
-
-def test_cpu_training_compiles_no_deepspeed_op(tmp_path):
-    # DeepSpeed's inference-only shared-memory all-reduce would be JIT-built here (~50 s).
-    extensions = tmp_path / "torch_extensions"
-    train(tmp_path / "run", "train.steps=1", nproc=1, env={"TORCH_EXTENSIONS_DIR": str(extensions)})
+    assert "optimizer AdamW (train.optimizer=auto)" in proc.stderr
     assert not extensions.exists() or not any(extensions.iterdir())
 
 
@@ -364,11 +364,6 @@ def test_offloaded_optimizer_states_get_deepspeeds_cpu_adam(tmp_path):
     assert "optimizer DeepSpeedCPUAdam (train.optimizer=auto)" in proc.stderr
     loss = scalars(tmp_path / "offload", "loss/total")
     assert sorted(loss) == [1, 2]
-
-
-def test_torch_adamw_on_a_cpu_only_run(tmp_path):
-    proc = train(tmp_path / "cpu", "train.steps=1", nproc=1)
-    assert "optimizer AdamW (train.optimizer=auto)" in proc.stderr
 
 
 def test_a_failing_evaluation_comes_after_that_steps_checkpoint(tmp_path):
