@@ -172,8 +172,11 @@ def resume_plan(
             if ref.root.resolve() != (run / "checkpoints").resolve():
                 overrides.append(f"checkpoint.dir={ref.root.resolve()}")
         # The base config: the one the step was trained with, else its run's.
+        # A checkpoint folder copied without its run's config.yaml: each step carries its own.
         step_config = ref.path / SAVED
-        base = step_config if step_folder and step_config.is_file() else (run and run / SAVED)
+        ordered = [step_config] if step_folder else []
+        ordered += ([run / SAVED] if run is not None else []) + [step_config]
+        base = next((c for c in ordered if c.is_file()), None)
         # Within its run: the newest checkpoint. Branching off into another output_dir: exactly
         # this checkpoint.
         resume = "auto" if branch is None else str(ref.path.resolve())
