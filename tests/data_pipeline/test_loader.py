@@ -534,7 +534,7 @@ def test_bad_samples_are_counted_and_replaced_across_ranks(ranks):
 @pytest.mark.slow
 def test_mixing_weights_hold_within_tolerance(ranks):
     keys = [k for result in ranks["mixed"] for b in result["batches"] for k in b["keys"]]
-    share_b = sum(k.startswith("b-") for k in keys) / len(keys)
+    share_b = sum(k.startswith("b/b-") for k in keys) / len(keys)  # keys are source/key
     # weight 3 of 4, per sample, though b's shards are 4x smaller: 3200 samples, shard-sized
     # blocks, so the share varies more than per-sample draws would
     assert abs(share_b - 0.75) < 0.06
