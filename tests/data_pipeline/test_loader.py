@@ -20,7 +20,6 @@ import torch
 
 from data_pipeline.loader import (
     Batch,
-    LoaderConfig,
     LoaderConfigError,
     LoaderDataError,
     LoaderStateError,
@@ -44,6 +43,8 @@ from data_pipeline.loader.tar_index import (
 from tests.conftest import REPO, run_torchrun
 from tests.data_pipeline.loader_fixtures import (
     add_member,
+    keys_by_position,
+    keys_only,
     sample_members,
     truncate_inside,
     write_dataset,
@@ -52,28 +53,6 @@ from tests.data_pipeline.loader_fixtures import (
 )
 
 CLEAN_COUNTS = [7, 5, 6, 4, 3, 7, 2, 6]  # 40 samples, unequal shards
-
-
-def keys_only(shards: str, **overrides) -> LoaderConfig:
-    base = dict(
-        shards=shards,
-        batch_size=3,
-        num_workers=0,
-        seed=7,
-        shuffle_window=12,
-        tokenizer=None,
-        decode_images=False,
-    )
-    return LoaderConfig(**{**base, **overrides})
-
-
-def keys_by_position(cfg: LoaderConfig, world: int, rounds: int) -> dict[int, str]:
-    """Stream position -> sample key, from every rank's loader in this process."""
-    out = {}
-    for rank in range(world):
-        for batch in islice(iter(build_loader(cfg, rank, world)), rounds):
-            out |= {batch.position + j: key for j, key in enumerate(batch.keys)}
-    return out
 
 
 # ------------------------------------------------------------------ shard specs and counts
