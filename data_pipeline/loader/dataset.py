@@ -237,6 +237,30 @@ def default_name(location: str) -> str:
     return storage.basename(storage.parent(expand_braces(location)[0]))
 
 
+def describe_change(old: str | list, new: str | list) -> str:
+    """What a new shards spec changes of an old one, by source: `source c added; source b: x0.5
+    -> x1` (sources named as `resolve_dataset` names them; nothing is read but folder listings)."""
+
+    def named(shards) -> dict[str, SourceSpec]:
+        return {s.name or default_name(s.location): s for s in parse_source_specs(shards)}
+
+    def mix(spec: SourceSpec) -> str:
+        m = spec.mixture
+        if "proportion" in m:
+            return f"proportion {m['proportion']:g}"
+        return f"weight {m['weight']:g}" if "weight" in m else f"x{m.get('repeat', 1):g}"
+
+    before, after = named(old), named(new)
+    parts = [f"source {n} added" for n in after if n not in before]
+    parts += [f"source {n} removed" for n in before if n not in after]
+    for name in (n for n in after if n in before):
+        a, b = before[name], after[name]
+        what = [f"{x} -> {y}" for x, y in ((a.location, b.location), (mix(a), mix(b))) if x != y]
+        if what:
+            parts.append(f"source {name}: {', '.join(what)}")
+    return "; ".join(parts) or "the same sources, written differently"
+
+
 def resolve_source(spec: SourceSpec) -> Source:
     """One spec -> its shards with sample counts. A folder needs a manifest; a pattern uses one
     if beside it, else each shard's index (or its tar headers: a read per shard, fine for
