@@ -19,8 +19,8 @@ is dealt to its own halves the same way, down to single sources. Every position'
 few integer operations, computed alone, without the epoch. Each rounding is off by at most 1/2, so
 source l's count among the first p positions is off from p c_l / N by at most d/2, d its depth in
 the tree, <= ceil(log2 k); any G consecutive positions then hold G c_l / N +- less than d of its
-samples (`INTERLEAVE_BOUND`): the floor or ceiling of its share exactly for two sources, within
-2 samples for three or four, 3 for up to eight.
+samples (`interleave_bound`): the floor or ceiling of its share for two sources, less than 2
+samples off it for three or four, less than 3 for up to eight.
 """
 
 from __future__ import annotations
