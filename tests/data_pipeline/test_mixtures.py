@@ -325,3 +325,27 @@ def test_order_counts_and_inspect_report_samples_per_source(three, capsys):
     out = capsys.readouterr().out
     assert "source b: 3 shards, 300 samples (x0.5: 150 per epoch; 150 in epoch 3)" in out
     assert "total: 1090 samples; epoch 3: 1120" in out and "  a/a-0" in out
+
+
+def test_a_subset_is_a_source_of_a_mixture_over_its_kept_samples(tmp_path):
+    from data_pipeline.curate.options import CurateOptions
+    from data_pipeline.curate.run import curate
+    from tests.data_pipeline.loader_fixtures import sample_members, write_manifest, write_tar
+
+    folder = tmp_path / "dups"
+    folder.mkdir()
+    for shard in range(2):  # 12 samples a shard, images 0-7 then 0-3 again: 4 exact copies
+        members = [m for i in range(12) for m in sample_members(
+            f"d-{shard}-{i:02d}", shard * 100 + i % 8, f"d-{shard}-{i:02d}", [f"a photo {i}"])]  # fmt: skip
+        write_tar(folder / f"data-{shard:06d}.tar", members)
+    write_manifest(folder, {"data-000000.tar": 12, "data-000001.tar": 12})
+    curate(CurateOptions([str(folder)], str(tmp_path / "sub"), dedup=("exact",)))
+    write_dataset(tmp_path / "other", [5], name="o")
+    spec = f"{tmp_path / 'sub'}:x2,{tmp_path / 'other'}"
+    order = GlobalOrder(resolve_dataset(spec, False), keys_only(spec, shuffle_window=4))
+    for epoch in range(2):
+        ids, _ = order.samples(order.epoch_start(epoch), order.epoch_length(epoch))
+        shards, indices = order.dataset.locate(ids)
+        kept = Counter((int(s), int(i)) for s, i in zip(shards, indices) if s < 2)
+        assert len(kept) == 16 and set(kept.values()) == {2}  # x2 of the 16 kept, none removed
+        assert all(i < 8 for _, i in kept)  # the copies (positions 8-11) are not among them
