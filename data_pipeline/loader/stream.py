@@ -238,11 +238,14 @@ class StreamingLoader:
         wants_tokens = cfg.decode_images and cfg.tokenizer
         self.tokenizer = load_tokenizer(cfg.tokenizer) if wants_tokens else None
 
-    def start_phase(self, origin: tuple[int, int], earlier: list[dict], seen: dict) -> None:
+    def start_phase(
+        self, origin: tuple[int, int], earlier: list[dict], seen: dict, record: dict | None = None
+    ) -> None:
         """This loader's mixture as the stream from `origin` (position, epoch) on, after the
-        `earlier` phases that gave `seen` samples per source."""
+        `earlier` phases that gave `seen` samples per source (`record`: this phase's, as saved)."""
         self.order = GlobalOrder(self.dataset, self.cfg, self.global_batch, origin)
-        self.phases = [*earlier, phase_record(self.dataset, self.cfg, origin, self.global_batch)]
+        record = record or phase_record(self.dataset, self.cfg, origin, self.global_batch)
+        self.phases = [*earlier, record]
         self._seen_before = Counter(seen)
         self._counted = (origin[0], np.zeros(len(self.dataset.sources), dtype=np.int64))
 
@@ -403,7 +406,7 @@ class StreamingLoader:
         elif version == STATE_FORMAT_VERSION:
             current = state["phases"][-1]
             origin = (int(current["start"]), int(current["epoch"]))
-            self.start_phase(origin, state["phases"][:-1], state["seen_before"])
+            self.start_phase(origin, state["phases"][:-1], state["seen_before"], current)
         self.position = position
 
 
