@@ -349,3 +349,23 @@ def test_a_subset_is_a_source_of_a_mixture_over_its_kept_samples(tmp_path):
         kept = Counter((int(s), int(i)) for s, i in zip(shards, indices) if s < 2)
         assert len(kept) == 16 and set(kept.values()) == {2}  # x2 of the 16 kept, none removed
         assert all(i < 8 for _, i in kept)  # the copies (positions 8-11) are not among them
+
+
+def test_the_model_card_lists_each_sources_mixture_counts_and_the_phases(three):
+    from umt.model_card import _data_section
+
+    root, spec, _ = three
+    cfg = keys_only(spec, shuffle_window=64, batch_size=16)
+    loader = build_loader(cfg, 0, 1)
+    list(islice(iter(loader), 7))  # 112 samples
+    changed = build_loader(replace(cfg, shards=f"{root / 'a'}:x0.1,{root / 'c'}:x3"), 0, 1)
+    changed.load_state_dict(loader.state_dict(), new_mixture=True)
+    list(islice(iter(changed), 2))  # what a checkpoint at step 9 records
+    seen = changed.sample_counts()
+    text = _data_section(changed.summary(), {"data": {"train": {"shards": changed.cfg.shards}}})
+    assert "| source | samples | shards | mixture | per epoch | seen |" in text
+    assert f"| a | 700 | 7 | x0.1 | 70 | {seen['a']:,} |" in text
+    assert f"| c | 90 | 2 | x3 | 270 | {seen['c']:,} |" in text
+    assert "- from sample 0 (step 0): a x1, b x0.5, c x3" in text
+    assert "- from sample 112 (step 7): a x0.1, c x3" in text
+    assert f"Seen from sources no longer in the mixture: b {seen['b']:,}" in text
