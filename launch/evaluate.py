@@ -167,7 +167,7 @@ def check_paths(args) -> str | None:
     if args.templates is not None and any("{}" not in t for t in args.templates.split("|")):
         return f"--templates {args.templates!r}: each template needs {{}} for the class name"
     try:
-        resolve_dataset(args.shards, True)
+        resolve_dataset(args.shards)  # read in stored order: mixing fields are ignored
     except (LoaderConfigError, TarIndexError, StorageError) as exc:
         message = str(exc).removeprefix("data.shards").lstrip(": ")
         return f"--shards {args.shards}: {message}"

@@ -44,9 +44,12 @@ def check(ok: bool, message: str) -> None:
 class DataSplitConfig:
     """One data split (train or eval) for the streaming loader."""
 
-    shards: str | list[str] | None = None
+    shards: str | list[str | dict] | None = None
     """A shard folder with its manifest.json or sizes.json (`umt data index` writes one beside
-    other tools' tars), a brace pattern (`/d/data-{000000..000099}.tar`), or a list of them."""
+    other tools' tars), a subset folder, a brace pattern (`/d/data-{000000..000099}.tar`), or a
+    mixture: a list (or comma-separated string) of sources, each a location or a mapping
+    `{path, name, repeat}` / `{path, proportion}` / `{path, weight}` (resampled mode), short form
+    `name=PATH:x2`, `PATH:30%`, `PATH:4`. Exact counts per epoch; keys are `name/key`."""
     num_workers: int = 2
     """Loader worker processes per rank."""
     shuffle_window: int = 10_000
@@ -56,7 +59,8 @@ class DataSplitConfig:
     """An epoch's samples after its last full global batch: `carry` (the next epoch completes that
     batch: nothing lost, the order independent of batch size and ranks) or `drop`."""
     resampled: bool = False
-    """Draw shards with replacement (mixing weights allowed) instead of epochs."""
+    """Draw shards with replacement, sources by weight, instead of epochs (exact per-source counts
+    come from repeat or proportion in epoch mode)."""
     max_text_len: int = 64
     """Captions are truncated to this many tokens."""
     caption: Literal["txt", "random"] = "txt"

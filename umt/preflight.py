@@ -40,13 +40,13 @@ def check_training_inputs(cfg: Config) -> None:
     check_tokenizer(cfg)
     splits = [("data.train.shards", d.shards, d.resampled)]
     if cfg.data.eval.shards is not None and cfg.eval.every_steps > 0:
-        splits.append(("data.eval.shards", cfg.data.eval.shards, True))
+        splits.append(("data.eval.shards", cfg.data.eval.shards, None))  # mixing ignored
     datasets = {key: check_shards(key, shards, resampled) for key, shards, resampled in splits}
     if d.negatives:
         check_negatives_field(d.negatives, datasets["data.train.shards"], cfg.data.cache_dir)
 
 
-def check_shards(key: str, shards, resampled: bool):
+def check_shards(key: str, shards, resampled: bool | None):
     """The dataset `shards` names (manifests read, local tars checked), errors under `key`."""
     try:
         return resolve_dataset(shards, resampled)

@@ -126,7 +126,10 @@ class StepProgress:
 class Trainer:
     """Owns the engine, the data stream, the writer and the `TrainState`; `train()` runs the loop."""
 
-    def __init__(self, cfg: Config, resume: str | None = None, restart: bool = False):
+    def __init__(
+        self, cfg: Config, resume: str | None = None, restart: bool = False, new_mixture=False
+    ):
+        self.new_mixture = new_mixture  # a checkpoint of another data mixture starts a new phase
         self.world, self.device = init_distributed(cfg.train.collective_timeout_min * 60)
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         self.out = Path(cfg.output_dir)
@@ -236,7 +239,7 @@ class Trainer:
         # is one stream position, the same on every rank, so it resumes any topology exactly.
         rank_file = ref.root / tag / f"rank{self.rank if not elastic else 0}.pt"
         rank_state = checkpoint.load_file(rank_file)
-        self.data.load_state_dict(rank_state["data"])
+        self.data.load_state_dict(rank_state["data"], new_mixture=self.new_mixture)
         if elastic:  # other ranks: the saved RNG streams do not map to them
             seed_everything(self.cfg.train.seed + 1000 * (self.rank + 1) + self.state.step)
         else:
