@@ -26,7 +26,7 @@ from umt.objectives import ObjectiveConfig, PretrainOutput, mix_seed
 from umt.objectives.contrastive import contrastive_outputs
 from umt.objectives.hard_negatives import sample_hard_negatives
 from umt.objectives.itm import itm_loss
-from umt.objectives.mlm import IGNORE, mask_tokens, mlm_loss
+from umt.objectives.pretrain import masked_language_modelling
 
 
 class AblationAttention(nn.Module):
@@ -102,7 +102,6 @@ def reference_losses(
     itc = contrastive_outputs(image.embeds, text.embeds, model.scale(), image_ids, group)
     loss = cfg.itc_weight * itc.loss
     logs = {"loss/itc": itc.loss.detach()}
-    generator = torch.Generator(pixel_values.device).manual_seed(mix_seed(seed, rank(group)))
     if cfg.itm_weight > 0:
         b = input_ids.shape[0]
         positions = torch.arange(b, device=pixel_values.device) + rank(group) * b
@@ -134,19 +133,10 @@ def reference_losses(
         itm = itm_loss(logits, negatives.text_valid, negatives.image_valid)
         loss = loss + cfg.itm_weight * itm.loss
         logs["loss/itm"] = itm.loss.detach()
-    if cfg.mlm_weight > 0:
-        masked_ids, labels = mask_tokens(
-            input_ids,
-            attention_mask,
-            model.mask_token_id,
-            model.vocab_size,
-            generator,
-            cfg.mlm_probability,
+    if cfg.mlm_weight > 0:  # as UMT does it: the ablations are about ITM
+        mlm = masked_language_modelling(
+            model, input_ids, attention_mask, image.tokens, cfg, mix_seed(seed, rank(group))
         )
-        masked = model.embed_text(masked_ids, attention_mask)
-        positions = labels != IGNORE
-        logits = model.mlm_logits(masked.tokens, masked.mask, image.tokens, positions)
-        mlm = mlm_loss(logits, labels[positions])
         loss = loss + cfg.mlm_weight * mlm
         logs["loss/mlm"] = mlm.detach()
     logs["loss/total"] = loss.detach()

@@ -78,7 +78,7 @@ def one_step(model, optimizer, args, layout: StepLayout, step: int, objectives) 
         cached = ContrastiveStep(model, layout, objectives, normalize)
         for m in range(layout.micro_batches):
             raw, ids, mask, keys = micro_batch(step, layout.positions(m))
-            cached.embed(MicroBatchInputs(normalize(raw), raw, ids, mask, keys))
+            cached.embed(MicroBatchInputs(raw, ids, mask, keys))
         cached.contrast(mix_seed(0, step))
         for m in range(layout.micro_batches):
             cached.micro_losses(m, mix_seed(0, step, m)).loss.backward()
@@ -99,6 +99,8 @@ def main() -> None:
     )
     parser.add_argument("--micro", type=int, default=128, help="step mode: micro-batch per rank")
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--itc-impl", choices=["gather", "ring"], default="gather")
+    parser.add_argument("--tile", type=int, default=4096, help="ring: columns scored at a time")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     dist.init_process_group("gloo")
@@ -107,7 +109,10 @@ def main() -> None:
     accum = args.contrastive // (world * args.micro) if args.mode == "step" else 1
     micro = args.micro if args.mode == "step" else args.contrastive // world
     layout = StepLayout(world, rank, accum, micro)
-    objectives = ObjectiveConfig(itm_weight=1.0, mlm_weight=0.0, contrastive_batch=args.mode)
+    objectives = ObjectiveConfig(
+        itm_weight=1.0, mlm_weight=0.0, contrastive_batch=args.mode, itc_impl=args.itc_impl,
+        itc_tile=args.tile,
+    )  # fmt: skip
     torch.manual_seed(0)
     model = build_model(model_config(), log_table=False).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)

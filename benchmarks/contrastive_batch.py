@@ -7,8 +7,10 @@ peak RSS above its RSS before the measured steps, and the median time per optimi
 - step: `contrastive_batch: step` with micro-batches of 128 and grad_accum C / 256;
 - step_again: a copy of step, the noise floor.
 Each contender runs in fresh processes (its own peak), the contenders interleaved round by round
-with the order rotated. Then step mode alone at contrastive batches of 1k, 4k and 16k with the
-micro-batch fixed: its memory should stay flat.
+with the order rotated; ITC all-gathered (open_clip's ClipLoss) in both. Then step mode alone at
+contrastive batches of 1k, 4k and 16k with the micro-batch fixed and ITC by the ring in tiles of
+1024 columns (the all-gathered logits of A * b rows against C columns grow with C squared): its
+memory should stay flat.
 
     python benchmarks/contrastive_batch.py [--quick] [--contrastive 4096] [--rounds 2]
 
@@ -38,13 +40,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def measure(mode: str, contrastive: int, micro: int, steps: int, out: Path) -> dict:
+def measure(
+    mode: str, contrastive: int, micro: int, steps: int, out: Path, impl: str = "gather"
+) -> dict:
     """(max over ranks of the peak above baseline MiB, max of the median step seconds)."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}",
         "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(RANKS),
         "--mode", mode, "--contrastive", str(contrastive), "--micro", str(micro),
-        "--steps", str(steps), "--out", str(out),
+        "--steps", str(steps), "--out", str(out), "--itc-impl", impl, "--tile", "1024",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
@@ -64,6 +68,7 @@ def main() -> None:
     parser.add_argument("--micro", type=int, help="step mode's micro-batch per rank (default 128)")
     parser.add_argument("--rounds", type=int, help="rounds of the three contenders (default 2)")
     parser.add_argument("--steps", type=int, default=2, help="measured steps per run")
+    parser.add_argument("--scan-only", action="store_true", help="only the memory scan")
     args = parser.parse_args()
     contrastive = args.contrastive or (512 if args.quick else 4096)
     micro = args.micro or (32 if args.quick else 128)
@@ -75,7 +80,7 @@ def main() -> None:
     results: dict[str, list[dict]] = {name: [] for name in contenders}
     with tempfile.TemporaryDirectory(prefix="umt-contrastive-") as tmp:
         names = list(contenders)
-        for r in range(rounds):
+        for r in range(0 if args.scan_only else rounds):
             for name in names[r % 3 :] + names[: r % 3]:
                 got = measure(
                     contenders[name], contrastive, micro, args.steps, Path(tmp) / "r.json"
@@ -85,7 +90,7 @@ def main() -> None:
                     f"round {r + 1}/{rounds} {name:<11} {got['mib']:9.1f} MiB {got['s']:8.2f} s",
                     flush=True,
                 )
-        flat = {c: measure("step", c, micro, 1, Path(tmp) / "r.json") for c in scan}
+        flat = {c: measure("step", c, micro, 1, Path(tmp) / "r.json", "ring") for c in scan}
         for c, got in flat.items():
             print(
                 f"step mode, contrastive batch {c:>6}: {got['mib']:9.1f} MiB {got['s']:8.2f} s",
@@ -93,7 +98,7 @@ def main() -> None:
             )
 
     def med(name: str, key: str) -> float:
-        return statistics.median(x[key] for x in results[name])
+        return statistics.median(x[key] for x in results[name]) if results[name] else float("nan")
 
     print(f"\ncontrastive batch {contrastive} on {WORLD} ranks (ITC + ITM, tiny, 64 px, 32 tokens)")
     print(f"{'contender':<12} {'micro-batch':>11} {'grad_accum':>10} {'peak MiB':>9} {'s/step':>8}")
@@ -101,7 +106,7 @@ def main() -> None:
         b = contrastive // WORLD if name == "plain" else micro
         accum = 1 if name == "plain" else contrastive // (WORLD * micro)
         print(f"{name:<12} {b:>11} {accum:>10} {med(name, 'mib'):>9.1f} {med(name, 's'):>8.2f}")
-    print(f"\nstep mode, micro-batch {micro}: peak MiB by contrastive batch")
+    print(f"\nstep mode, micro-batch {micro}, ring ITC: peak MiB by contrastive batch")
     for c, got in flat.items():
         print(f"{c:>8} {got['mib']:>9.1f}")
     mem = med("step", "mib") / med("plain", "mib")

@@ -11,7 +11,11 @@ tokenize + batch), plus the time from creating it to its first batch and the rat
 - `open_clip`: what open_clip's `get_wds_dataset` does, without torchvision (full-size decode,
   per-sample crop, ToTensor + Normalize, per-sample tokenisation);
 - `ours`: the StreamingLoader (global order, random access through the tar index, JPEG draft
-  decode, uint8 batches, one tokenizer call per batch).
+  decode, uint8 batches, one tokenizer call per batch);
+- `ours_mix3`: the same loader on a mixture of three sources of the same samples (shards 1/2,
+  1/4 and 1/4 of them at x1, x0.5 and x1.5: an epoch of the same size, each source read from its
+  own windows and interleaved), against `ours` on one source: what mixing costs
+  (`mix3_vs_single`).
 Rounds alternate between contenders so load from other processes hits all alike; the median is
 reported. mosaicml-streaming is a contender, not a dependency: it is imported from
 `--mosaic-site` (default `~/.cache/umt-bench/mosaic`), installed there with pip when missing
@@ -56,7 +60,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from data_pipeline.loader import LoaderConfig, build_loader  # noqa: E402
-from data_pipeline.loader.tar_index import index_location, index_of_file, write_index  # noqa: E402
+from data_pipeline.tar_index import index_location, index_of_file, write_index  # noqa: E402
 from data_pipeline.transforms import (  # noqa: E402
     ImageTransformConfig,
     load_tokenizer,
@@ -116,6 +120,16 @@ def write_shards(folder: Path, num_samples: int, num_shards: int, size: tuple[in
 
 
 # ---------------------------------------------------------------- the contenders
+
+
+def mixture_spec(base: str, num_shards: int) -> str:
+    """The same shards as three sources at x1, x0.5 and x1.5: an epoch as large as one source's."""
+    half, quarter = num_shards // 2, num_shards // 4
+    parts = [(0, half, "x1"), (half, half + quarter, "x0.5"), (half + quarter, num_shards, "x1.5")]
+    return ",".join(
+        f"{name}={base}/data-{{{lo:06d}..{hi - 1:06d}}}.tar:{mix}"
+        for name, (lo, hi, mix) in zip("abc", parts)
+    )
 
 
 def our_transform(cfg: LoaderConfig):
@@ -370,6 +384,11 @@ def main(argv: list[str] | None = None) -> int:
         help="where mosaicml-streaming is imported from (installed there when missing)",
     )
     parser.add_argument("--no-mosaic", action="store_true", help="leave mosaic streaming out")
+    parser.add_argument(
+        "--contenders",
+        default=None,
+        help="comma-separated subset to run (default all), e.g. ours,ours_mix3; ours always runs",
+    )
     args = parser.parse_args(argv)
     num_samples = args.samples or (512 if args.quick else 4096)
     rounds = args.rounds or (2 if args.quick else 3)
@@ -411,9 +430,12 @@ def main(argv: list[str] | None = None) -> int:
             remote = serve(kind, folder, stack, Path(tmp)) if kind != "local" else None
             urls = remote["urls"] if remote else [str(t) for t in tars]
             cfg = replace(base_cfg, shards=remote["ours"]) if remote else base_cfg
+            base = remote["ours"].rstrip("/") if remote else str(folder)
+            mixed = replace(cfg, shards=mixture_spec(base, num_shards))
             contenders = {
                 "webdataset": lambda u=urls, c=cfg: iter(webdataset_loader(u, c, tokenizer, buffer)),
                 "ours": lambda c=cfg: build_loader(replace(c, cache_dir=fresh("ours")), 0, 1).batches(per_epoch),
+                "ours_mix3": lambda c=mixed: build_loader(replace(c, cache_dir=fresh("mix")), 0, 1).batches(per_epoch),
             }  # fmt: skip
             if kind == "local":
                 contenders["open_clip"] = lambda u=urls, c=cfg: iter(
@@ -424,6 +446,9 @@ def main(argv: list[str] | None = None) -> int:
                 contenders["mosaic"] = lambda m=mds, c=cfg: iter(
                     mosaic_loader(streaming_base, m, c, tokenizer, fresh("mosaic"))
                 )
+            if args.contenders:
+                wanted = {"ours", *args.contenders.split(",")}
+                contenders = {n: make for n, make in contenders.items() if n in wanted}
             results: dict[str, list[PassResult]] = {name: [] for name in contenders}
             for _ in range(rounds):
                 for name, make in contenders.items():
@@ -460,8 +485,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{tag}ours_samples_per_s={wall['ours']:.1f}",
             f"{tag}ours_first_batch_s={first['ours']:.2f}",
         ]
+        if "ours_mix3" in results:
+            summary += [
+                f"{tag}mix3_vs_single={wall['ours_mix3'] / wall['ours']:.3f}",
+                f"{tag}mix3_steady_vs_single={steady['ours_mix3'] / steady['ours']:.3f}",
+                f"{tag}mix3_cpu_vs_single={cpu['ours_mix3'] / cpu['ours']:.3f}",
+            ]
         for name in results:
-            if name != "ours":
+            if name not in ("ours", "ours_mix3"):
                 summary += [
                     f"{tag}vs_{name}={wall['ours'] / wall[name]:.2f}",
                     f"{tag}steady_vs_{name}={steady['ours'] / steady[name]:.2f}",

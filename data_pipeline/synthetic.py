@@ -105,6 +105,9 @@ class SyntheticBatches:
     def io_counts(self) -> dict[str, int]:
         return {}  # nothing is read
 
+    def sample_counts(self) -> dict[str, int]:
+        return {}  # no sources
+
     def summary(self) -> dict:
         return {"synthetic": True}
 
@@ -115,7 +118,7 @@ class SyntheticBatches:
             "samples_consumed": self.next_index * self.batch_size * self.world_size,
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, new_mixture: bool = False) -> None:
         global_batch = self.batch_size * self.world_size
         if state["samples_consumed"] % global_batch:
             raise ValueError(

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from umt.model.pixels import Box, eval_crop_box, normalize_pixels, stack_images, to_rgb
+from data_pipeline.pixels import Box, eval_crop_box, normalize_pixels, stack_images, to_rgb
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Callable
 
-# command -> (module, one-line help). A module that does not exist yet is reported plainly.
+# command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("launch.train", "train a model on WebDataset shards with DeepSpeed ZeRO"),
     "shard": ("launch.shard", "turn image-text pairs into WebDataset shards + manifest"),
@@ -55,14 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"umt: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module_name = COMMANDS[name][0]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name != module_name:
-            raise
-        print(f"umt {name}: not built yet (see the project's open issues)", file=sys.stderr)
-        return 2
+    module = importlib.import_module(COMMANDS[name][0])
     return run_guarded(f"umt {name}", module.main, rest)
 
 

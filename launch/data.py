@@ -2,8 +2,9 @@
 
 `umt data order` runs the training loader itself (same global order, dealing rule and workers)
 with image decoding switched off, so it prints what a rank trains on, fast; `--global` prints
-each global step's samples whatever the topology. Pass `--decode` when the shards may hold
-corrupt images: training replaces those, which only decoding can reproduce.
+each global step's samples whatever the topology, `--global --counts` each step's samples per
+source. Pass `--decode` when the shards may hold corrupt images: training replaces those, which
+only decoding can reproduce. `umt data inspect` gives each source's samples in an epoch.
 """
 
 from __future__ import annotations
@@ -28,8 +29,14 @@ from data_pipeline.loader import (
     iter_raw_samples,
     resolve_dataset,
 )
-from data_pipeline.loader.dataset import expand_braces, parse_source_specs
-from data_pipeline.loader.tar_index import (
+from data_pipeline.loader.dataset import expand_braces
+from data_pipeline.loader.order import GlobalOrder
+from data_pipeline.loader.specs import parse_source_specs
+from data_pipeline.shard.manifest import file_sha256
+from data_pipeline.shard_cache import ShardCache, default_cache_dir
+from data_pipeline.storage import StorageError
+from data_pipeline.subset import counts_by_source, read_subset_if_any, verify_sources
+from data_pipeline.tar_index import (
     TarIndexError,
     check_index,
     index_location,
@@ -38,10 +45,6 @@ from data_pipeline.loader.tar_index import (
     write_index,
     write_json_whole,
 )
-from data_pipeline.shard.manifest import file_sha256
-from data_pipeline.shard_cache import ShardCache, default_cache_dir
-from data_pipeline.storage import StorageError
-from data_pipeline.subset import counts_by_source, read_subset_if_any, verify_sources
 from launch import curate as curate_cli
 
 
@@ -52,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="print sample counts and show a few samples")
     inspect.add_argument("shards", help="shard folder, brace pattern, or comma-separated specs")
     inspect.add_argument("--samples", type=int, default=3, help="samples to show (default 3)")
+    inspect.add_argument(
+        "--epoch", type=int, default=0, help="give each source's samples in this epoch (default 0)"
+    )
+    inspect.add_argument(
+        "--seed", type=int, default=0, help="the run's data seed (resampled draws; default 0)"
+    )
     inspect.add_argument(
         "--verify",
         action="store_true",
@@ -92,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="one line per step: the sample keys of the whole global batch, in stream order",
     )  # fmt: skip
     order.add_argument(
+        "--counts", action="store_true",
+        help="with --global: each step's samples per source (`step<TAB>name=n ...`), then the total",
+    )  # fmt: skip
+    order.add_argument(
         "--sample-keys", action="store_true", help="print sample keys instead of image keys"
     )
     order.add_argument(
@@ -113,20 +126,33 @@ def add_storage_options(parser: argparse.ArgumentParser) -> None:
 
 
 def inspect_shards(args: argparse.Namespace, out: io.TextIOBase) -> int:
-    """Counts per source (from the manifests) and the first few samples in stored order."""
+    """Counts per source (from the manifests), their samples in epoch --epoch, and the first few
+    samples in stored order."""
     from PIL import Image  # only inspect looks at image headers
 
-    dataset = resolve_dataset(args.shards, resampled=True)
+    resampled = any(s.weight is not None for s in parse_source_specs(args.shards))
+    dataset = resolve_dataset(args.shards, resampled)
+    cfg = LoaderConfig(shards=args.shards, seed=args.seed, resampled=resampled)
+    order = GlobalOrder(dataset, cfg)
+    epoch = order.source_counts(order.epoch_start(args.epoch), order.epoch_start(args.epoch + 1))
     problems = []
-    for source in dataset.sources:
+    for source, share, count in zip(dataset.sources, order.shares, epoch):
+        if resampled:
+            mix = f"weight {source.weight:g}"
+        elif source.proportion is not None:
+            mix = f"proportion {source.proportion:g}: {float(share):g} per epoch"
+        else:
+            mix = f"x{source.repeat or 1:g}: {float(share):g} per epoch"
         print(
             f"source {source.name}: {len(source.shards)} shards, {source.total_samples} samples "
-            f"(weight {source.weight:g})",
+            f"({mix}; {count} in epoch {args.epoch})",
             file=out,
         )
         if source.subset is not None:
             problems += describe_subset(source.subset["subset"], args, out)
-    print(f"total: {dataset.total_samples} samples", file=out)
+    print(
+        f"total: {dataset.total_samples} samples; epoch {args.epoch}: {int(epoch.sum())}", file=out
+    )
     errors: Counter = Counter()
     for sample in itertools.islice(
         iter_raw_samples(args.shards, errors, args.cache_dir), args.samples
@@ -318,14 +344,16 @@ def loader_config(args: argparse.Namespace) -> LoaderConfig:
 
 def print_order(args: argparse.Namespace, out: io.TextIOBase) -> int:
     """Per rank: `step<TAB>micro<TAB>keys` per micro-batch it yields, from its real loader. With
-    --global: `step<TAB>keys` of each whole global batch."""
+    --global: `step<TAB>keys` of each whole global batch (--counts: samples per source)."""
     cfg = loader_config(args)
     loader = build_loader(cfg, args.rank, args.world_size, epoch=args.epoch)
     g = loader.global_batch
     steps = args.steps
     if steps is None:
-        steps = max(0, math.ceil(loader.order.epoch_length / g) - args.start_step)
+        steps = max(0, math.ceil(loader.order.epoch_length(args.epoch) / g) - args.start_step)
     loader.position += args.start_step * g
+    if args.global_ and args.counts:
+        return print_source_counts(loader, args, steps, out)
     if args.global_:
         return print_global_order(loader, args, steps, out)
     micro = cfg.grad_accum
@@ -348,23 +376,44 @@ def print_global_order(loader, args: argparse.Namespace, steps: int, out: io.Tex
     errors: Counter = Counter()
     for step in range(steps):
         start = loader.position + step * loader.global_batch
+        ids, _ = maker.order.samples(start, loader.global_batch)
+        shards, indices = loader.dataset.locate(ids)
         keys = []
-        for position in range(start, start + loader.global_batch):
-            (sample_id,), _ = maker.order.samples(position, 1)
-            (shard,), (index,) = loader.dataset.locate([sample_id])
+        for j, (shard, index) in enumerate(zip(shards.tolist(), indices.tolist())):
             if args.decode:
                 failures: list = []
-                if maker.sample_at(position, errors, failures) is None:
+                if maker.sample_at(start + j, errors, failures, ids[j]) is None:
                     keys.append(f"!{failures[0]['reason']}")
                     continue
-            keys.append(maker.reader.key(int(shard), int(index)) or "!truncated_tar")
+            key = loader.dataset.qualify(shard, maker.reader.key(shard, index))
+            keys.append(key or "!truncated_tar")
         print(f"{args.start_step + step}\t{' '.join(keys)}", file=out)
     out.flush()
     return 0
 
 
+def print_source_counts(loader, args: argparse.Namespace, steps: int, out: io.TextIOBase) -> int:
+    """`step<TAB>name=n ...`: each global step's samples per source (from the order alone, no
+    shard read), then `total<TAB>...` over the steps."""
+    names, total = loader.dataset.names, None
+    for step in range(steps):
+        start = loader.position + step * loader.global_batch
+        counts = loader.order.source_counts(start, start + loader.global_batch)
+        total = counts if total is None else total + counts
+        cells = " ".join(f"{n}={c}" for n, c in zip(names, counts.tolist()))
+        print(f"{args.start_step + step}\t{cells}", file=out)
+    if total is not None:
+        cells = " ".join(f"{n}={c}" for n, c in zip(names, total.tolist()))
+        print(f"total\t{cells}", file=out)
+    out.flush()
+    return 0
+
+
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "order" and args.counts and not args.global_:
+        parser.error("--counts goes with --global (the samples per source of whole steps)")
     if args.command == "curate":
         return curate_cli.run(args)
     try:

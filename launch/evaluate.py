@@ -147,8 +147,8 @@ def main(argv: list[str]) -> int:
 def check_paths(args) -> str | None:
     """The first of --model, --shards, --classes, --templates that cannot be used, in one line."""
     from data_pipeline.loader import LoaderConfigError, resolve_dataset
-    from data_pipeline.loader.tar_index import TarIndexError
     from data_pipeline.storage import StorageError
+    from data_pipeline.tar_index import TarIndexError
 
     if not Path(args.model).exists():
         return f"--model {args.model}: no such file or folder"
@@ -167,7 +167,7 @@ def check_paths(args) -> str | None:
     if args.templates is not None and any("{}" not in t for t in args.templates.split("|")):
         return f"--templates {args.templates!r}: each template needs {{}} for the class name"
     try:
-        resolve_dataset(args.shards, True)
+        resolve_dataset(args.shards)  # read in stored order: mixing fields are ignored
     except (LoaderConfigError, TarIndexError, StorageError) as exc:
         message = str(exc).removeprefix("data.shards").lstrip(": ")
         return f"--shards {args.shards}: {message}"

@@ -19,7 +19,7 @@ from data_pipeline.shard import (
     merge_parts,
     shard_dataset,
 )
-from data_pipeline.sources import FORMATS, SPLITS, SourceError
+from data_pipeline.shard.sources import FORMATS, SPLITS, SourceError
 from data_pipeline.storage import StorageError
 
 EXAMPLES = """examples:

@@ -1,12 +1,12 @@
 """`umt submit curate`: `umt data curate` as a Slurm job (slurm/curate.sbatch), rendered and
-queued as launch/submit.py does the others; the options after `--` are checked before sbatch."""
+queued as the others are (launch/slurm_job.py); the options after `--` are checked before sbatch."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from launch.submit import (
+from launch.slurm_job import (
     SubmitError,
     add_job_options,
     fit_request,

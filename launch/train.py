@@ -35,6 +35,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "OUTPUT_DIR/replaced-<time>/ (nothing is deleted)",
     )
     parser.add_argument(
+        "--new-mixture",
+        action="store_true",
+        help="resume with another data.train.shards mixture (sources added or left out, repeat, "
+        "proportion or weight changed): a new phase of the sample stream starts at the "
+        "checkpoint's position, with a whole epoch of the new mixture; recorded in the run",
+    )
+    parser.add_argument(
         "--nproc-per-node",
         type=int,
         metavar="N",
@@ -47,6 +54,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.restart and args.resume not in ("auto", "none"):
         parser.error("--restart starts over: it goes without --resume")
+    if args.new_mixture and (args.restart or args.resume == "none"):
+        parser.error("--new-mixture changes the data of a run that goes on: it goes with a resume")
     if args.nproc_per_node is not None and args.nproc_per_node < 1:
         parser.error(f"--nproc-per-node must be >= 1 (got {args.nproc_per_node})")
     return args
@@ -58,14 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     from umt.checkpoint import CheckpointError
     from umt.config import ConfigError, load_config
     from umt.distributed import discover_world
-    from umt.run_config import absolute_paths, check_resume, resume_plan
+    from umt.run_config import absolute_paths, check_resume, record_config_change, resume_plan
 
     try:
         # --restart: the run's saved config (unless --config), started over
         config, overrides, resume, run = resume_plan(args.resume, args.config, args.overrides)
         resume = "none" if args.restart else resume
         cfg = absolute_paths(load_config(config, overrides))  # a run remembers where things are
-        check_resume(cfg, resume, args.restart)  # a run folder is resumed or refused
+        check_resume(cfg, resume, args.restart, args.new_mixture)  # resumed or refused
         import torch
 
         from umt.preflight import check_accelerate_settings, check_training_inputs
@@ -84,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.nproc_per_node is not None and discover_world().launcher == "single":
         return launch_ranks(args.nproc_per_node, argv)
     args.resume = resume
+    if discover_world().rank == 0 and not args.restart:
+        record_config_change(cfg, resume, args.new_mixture)  # before config.yaml is rewritten
 
     from data_pipeline.loader import LoaderConfigError, LoaderStateError
     from data_pipeline.storage import StorageError
@@ -99,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         what = "starting over in" if args.restart else "resuming"
         log.info("%s %s with its saved config %s; overrides on top: %s", what, run, config, given)
     try:
-        trainer = Trainer(cfg, resume=args.resume, restart=args.restart)
+        trainer = Trainer(cfg, args.resume, args.restart, args.new_mixture)
         trainer.install_signal_handlers()
         trainer.train()
     except (

@@ -18,6 +18,7 @@ def umt(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_top_level_help_lists_every_command():
     proc = umt("--help")
     assert proc.returncode == 0
@@ -25,6 +26,7 @@ def test_top_level_help_lists_every_command():
         assert f"  {name} " in proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_every_command_has_help(name):
     importlib.import_module(COMMANDS[name][0])  # every listed command is built
@@ -33,16 +35,19 @@ def test_every_command_has_help(name):
     assert f"umt {name}" in proc.stdout
 
 
+@pytest.mark.slow
 def test_unknown_command_is_a_clear_error():
     proc = umt("trian")
     assert proc.returncode == 2 and "unknown command 'trian'" in proc.stderr
 
 
+@pytest.mark.slow
 def test_model_command_prints_parameter_counts():
     proc = umt("model", "tiny")
     assert proc.returncode == 0 and "total" in proc.stdout and "fusion" in proc.stdout
 
 
+@pytest.mark.slow
 def test_train_config_error_is_one_line_naming_the_key():
     proc = umt("train", "data.train.synthetic=true", "train.stepz=3")
     assert proc.returncode == 2
@@ -53,6 +58,7 @@ def test_train_config_error_is_one_line_naming_the_key():
     )
 
 
+@pytest.mark.slow
 def test_version_is_the_installed_packages():
     from importlib import metadata
 

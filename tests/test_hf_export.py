@@ -332,6 +332,11 @@ def test_the_model_card_tells_the_runs_sizes_data_steps_and_last_evaluation(run,
     assert f"- samples seen: {meta['samples']:,}" in card and meta["samples"] == 4 * 4
     assert f"`{dataset.digest()}`" in card
     assert f"samples per epoch: {dataset.total_samples:,} in {len(dataset.shards)} shards" in card
+    (source,) = dataset.sources  # its samples, shards, mixture, per epoch and samples seen
+    assert (
+        f"| {source.name} | {source.total_samples:,} | {len(source.shards)} | x1 | "
+        f"{source.total_samples:,} | {meta['samples']:,} |"
+    ) in card
     from umt import load
 
     model, _ = load(export)

@@ -99,7 +99,8 @@ def test_a_wheel_installed_in_a_fresh_venv_works_from_an_empty_folder(tmp_path):
                "data.train.shards=/x", "data.tokenizer=/t")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "#SBATCH --signal=" in proc.stdout and "--config" in proc.stdout
-    proc = run("demo", "--out", "demo", "--ranks", "1", "--train-size", "64", "--test-size", "20",
-               "--steps", "4", "train.micro_batch_size=8")  # fmt: skip
+    # The demo's whole loop from the wheel, at its smallest (test_demo runs it at size).
+    proc = run("demo", "--out", "demo", "--ranks", "1", "--train-size", "32", "--test-size", "8",
+               "--steps", "2", "train.micro_batch_size=8")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (empty / "demo" / "results.json").is_file()

@@ -44,9 +44,10 @@ def test_demo_figures_are_those_of_the_recorded_demo_run():
     )
 
 
-def test_quick_start_test_command_is_what_ci_runs():
+def test_quick_start_test_commands_are_what_ci_runs():
     ci = (REPO / ".ci" / "run").read_text()
-    assert "python -m pytest -q tests" in README and "python -m pytest -q tests" in ci
+    for command in ('python -m pytest -q -m "not slow" tests', "python -m pytest -q -m slow tests"):
+        assert command in README and command in ci, command
 
 
 def _shown_commands() -> list[tuple[str, str]]:
@@ -67,6 +68,7 @@ def test_every_command_shown_exists():
     assert all(c in COMMANDS for c, _ in shown)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["shard", "train", "eval", "export", "submit", "data", "demo"])
 def test_every_flag_shown_is_accepted(command):
     flags = {

@@ -19,6 +19,7 @@ from umt.run_config import (
     absolute_paths,
     check_resume,
     keep_global_batch,
+    record_config_change,
     resume_plan,
     set_aside_run,
 )
@@ -144,6 +145,55 @@ def test_a_folder_with_a_run_is_not_started_over_without_restart(tmp_path):
     changed = absolute_paths(load_config(None, [f"output_dir={run}", *SYNTHETIC, "train.seed=3"]))
     with pytest.raises(ConfigError, match=r"train.seed \(0 -> 3\).*--restart to start over"):
         check_resume(changed, "auto")
+
+
+def test_shard_paths_are_made_absolute_through_the_shards_parser(tmp_path, monkeypatch):
+    """Named sources, mix suffixes, mappings and brace lists keep their meaning (each comma-split
+    part was made absolute before: `i2d=/abs/dir` became `CWD/i2d=/abs/dir`)."""
+    monkeypatch.chdir(tmp_path)
+    given = "i2d=/abs/i2d,wds=rel/wds-{a,b}.tar:x2,s3://bucket/cc:30%"
+    cfg = absolute_paths(load_config(None, [*SYNTHETIC, f"data.train.shards={given}"]))
+    assert (
+        cfg.data.train.shards
+        == f"i2d=/abs/i2d,wds={tmp_path}/rel/wds-{{a,b}}.tar:x2,s3://bucket/cc:30%"
+    )
+    listed = "[{path: rel/a, name: a, repeat: 2}, 'b=rel/b:4']"
+    cfg = absolute_paths(load_config(None, [*SYNTHETIC, f"data.eval.shards={listed}"]))
+    assert cfg.data.eval.shards == [
+        {"path": f"{tmp_path}/rel/a", "name": "a", "repeat": 2},
+        f"b={tmp_path}/rel/b:4",
+    ]
+
+
+def test_a_changed_mixture_is_refused_naming_its_sources_unless_new_mixture(tmp_path):
+    from tests.data_pipeline.loader_fixtures import write_dataset
+
+    for name in ("a", "b"):
+        write_dataset(tmp_path / name, [3], name=name)
+    run = tmp_path / "run"
+    first = [f"output_dir={run}", *SYNTHETIC, f"data.train.shards={tmp_path / 'a'}"]
+    cfg = absolute_paths(load_config(None, first))
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_step(run / "checkpoints", 4, "run-a", 2, to_dict(cfg))
+    mixture = f"data.train.shards={tmp_path / 'a'}:x2,{tmp_path / 'b'}"
+    changed = absolute_paths(load_config(None, [*first, mixture]))
+    with pytest.raises(ConfigError) as refused:
+        check_resume(changed, "auto")
+    message = str(refused.value)
+    assert "data.train.shards: source b added; source a: x1 -> x2 (" in message
+    assert f"umt train --resume {run} --new-mixture" in message and "\n" not in message
+    check_resume(changed, "auto", new_mixture=True)  # asked for: a new phase of the stream
+    seed = absolute_paths(load_config(None, [*first, mixture, "train.seed=3"]))
+    with pytest.raises(ConfigError, match=r"train.seed \(0 -> 3\)"):
+        check_resume(seed, "auto", new_mixture=True)  # the rest of the order stays fixed
+    record_config_change(changed, "auto", new_mixture=True)
+    (line,) = (run / "config_history.jsonl").read_text().splitlines()
+    record = json.loads(line)
+    assert record["step"] == 4 and record["new_mixture"] is True
+    assert record["changed"] == {
+        "data.train.shards": [str(tmp_path / "a"), changed.data.train.shards]
+    }
 
 
 def test_restart_moves_the_run_aside_and_deletes_nothing(tmp_path):

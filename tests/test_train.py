@@ -29,11 +29,14 @@ TINY = [
 ]
 
 
-def train(out: Path, *overrides: str, nproc: int = 2, resume: str = "none", env=None, check=True):
+def train(
+    out: Path, *overrides: str, nproc: int = 2, resume: str = "none", env=None, check=True, flags=()
+):
     return run_torchrun(
         TRAIN,
         "--resume",
         resume,
+        *flags,
         f"output_dir={out}",
         *TINY,
         *overrides,
@@ -254,17 +257,17 @@ def test_tensorboard_has_the_documented_scalars(uninterrupted):
     assert expected <= tags, expected - tags
 
 
-def test_resume_auto_without_checkpoint_starts_fresh_and_says_so(tmp_path):
-    out = tmp_path / "fresh"
-    proc = train(out, "train.steps=1", nproc=1, resume="auto")
+def test_a_one_process_cpu_run_starts_fresh_with_torch_adamw_and_builds_no_deepspeed_op(tmp_path):
+    """One run, three checks: `--resume auto` without a checkpoint starts fresh and says so;
+    train.optimizer=auto is torch's AdamW on a CPU-only run; DeepSpeed's inference-only
+    shared-memory all-reduce is not JIT-built (~50 s) on CPU."""
+    out, extensions = tmp_path / "fresh", tmp_path / "torch_extensions"
+    proc = train(
+        out, "train.steps=1", nproc=1, resume="auto", env={"TORCH_EXTENSIONS_DIR": str(extensions)}
+    )
     assert "no complete checkpoint" in proc.stderr
     assert (out / "checkpoints" / "latest").read_text() == "step1"
-
-
-def test_cpu_training_compiles_no_deepspeed_op(tmp_path):
-    # DeepSpeed's inference-only shared-memory all-reduce would be JIT-built here (~50 s).
-    extensions = tmp_path / "torch_extensions"
-    train(tmp_path / "run", "train.steps=1", nproc=1, env={"TORCH_EXTENSIONS_DIR": str(extensions)})
+    assert "optimizer AdamW (train.optimizer=auto)" in proc.stderr
     assert not extensions.exists() or not any(extensions.iterdir())
 
 
@@ -413,11 +416,6 @@ def test_offloaded_optimizer_states_get_deepspeeds_cpu_adam(tmp_path):
     assert sorted(loss) == [1, 2]
 
 
-def test_torch_adamw_on_a_cpu_only_run(tmp_path):
-    proc = train(tmp_path / "cpu", "train.steps=1", nproc=1)
-    assert "optimizer AdamW (train.optimizer=auto)" in proc.stderr
-
-
 def test_a_failing_evaluation_comes_after_that_steps_checkpoint(tmp_path):
     """Evaluation runs after the checkpoint of its step: when it fails, the steps before it are
     saved (it ran first, so a run whose evaluation fails resumed from the previous checkpoint and
@@ -442,41 +440,72 @@ def sample_log(run_dir: Path) -> dict[int, list[str]]:
 
 
 def test_resume_on_another_topology_continues_the_same_global_steps(tmp_path, demo_shards):
-    """2 ranks x 2 workers stopped mid-epoch, resumed on 1 rank x 3 workers with grad_accum 2
-    (the same global batch of 8): every step trains on the samples of the uninterrupted run's
-    step. Resumed on 3 ranks with a global batch of 6 instead: epoch 0 is still every sample once."""
+    """A mixture of three sources (x1, x0.5, x1.5: 48 + 12 + 36 = 96 samples an epoch, keys
+    `source/key`): 2 ranks x 2 workers stopped mid-epoch, resumed on 1 rank x 3 workers with
+    grad_accum 2 (the same global batch of 8): every step trains on the samples of the
+    uninterrupted run's step. Resumed on 3 ranks with a global batch of 6 instead: epoch 0 still
+    gives each sample its count. Then a new mixture, refused naming its sources without
+    --new-mixture: with it, steps <= 14 stay as they were and the next epoch has the new counts."""
     shards, tokenizer = demo_shards
+    part = str(shards / "data-{{{}..{}}}.tar")
+    mixture = (
+        f"a={part.format('000000', '000003')},b={part.format('000004', '000005')}:x0.5,"
+        f"c={part.format('000006', '000007')}:x1.5"
+    )
     common = (
-        f"data.train.shards={shards}", f"data.tokenizer={tokenizer}", "data.train.synthetic=false",
+        f"data.tokenizer={tokenizer}", "data.train.synthetic=false",
         "data.log_sample_keys=true", "data.train.shuffle_window=24", "model.text.vocab_size=25",
         "model.image.image_size=32", "zero.stage=2", "checkpoint.every_steps=4",
         "checkpoint.keep=5",
     )  # fmt: skip
+    common_m1 = (*common, f"data.train.shards={mixture}")
     two_ranks = ("data.train.num_workers=2", "train.micro_batch_size=4")
     reference = tmp_path / "reference"
-    train(reference, *common, *two_ranks, "train.steps=14")  # 96 samples: 12 steps an epoch
+    train(reference, *common_m1, *two_ranks, "train.steps=14")  # 12 steps an epoch
     want = sample_log(reference)
     assert sorted(want) == list(range(1, 15)) and all(len(k) == 8 for k in want.values())
-    epoch0 = [k for step in range(1, 13) for k in want[step]]
-    assert sorted(epoch0) == sorted(set(epoch0)) and len(epoch0) == 96
+    epoch0 = Counter(k for step in range(1, 13) for k in want[step])
+    assert Counter(k.split("/")[0] for k in epoch0.elements()) == {"a": 48, "b": 12, "c": 36}
+    assert Counter(n for k, n in epoch0.items() if k.startswith("c/")) == {1: 12, 2: 12}
+    assert max(n for k, n in epoch0.items() if not k.startswith("c/")) == 1
 
     run = tmp_path / "run"
-    killed = train(run, *common, *two_ranks, "train.steps=14", env={"UMT_FAULT_KILL_AT_STEP": "6"}, check=False)  # fmt: skip
+    killed = train(run, *common_m1, *two_ranks, "train.steps=14", env={"UMT_FAULT_KILL_AT_STEP": "6"}, check=False)  # fmt: skip
     assert killed.returncode != 0 and (run / "checkpoints" / "latest").read_text() == "step4"
     one_rank = ("data.train.num_workers=3", "train.micro_batch_size=4", "train.grad_accum=2")
-    resumed = train(run, *common, *one_rank, "train.steps=14", nproc=1, resume="auto")
+    resumed = train(run, *common_m1, *one_rank, "train.steps=14", nproc=1, resume="auto")
     assert "converted from 2 to 1 ranks" in resumed.stderr
     assert sample_log(run) == want  # steps 5 and 6 of the killed run were dropped and redone
 
     three = tmp_path / "three_ranks"
     resume = str(run / "checkpoints" / "step4")
-    train(three, *common, "train.micro_batch_size=2", "train.steps=15", nproc=3, resume=resume)
+    train(three, *common_m1, "train.micro_batch_size=2", "train.steps=15", nproc=3, resume=resume)
     later = sample_log(three)
     assert sorted(later) == list(range(5, 16))  # (96 - 32) / 6: 11 steps to finish epoch 0
     seen = Counter([k for step in range(1, 5) for k in want[step]])
     seen.update(k for keys in later.values() for k in keys)
-    assert set(seen) == set(epoch0) and sum(seen.values()) == 32 + 11 * 6
-    assert sorted(seen.values()).count(2) == 2  # positions 96, 97: epoch 1 opens the last step
+    assert not epoch0 - seen and seen.total() == 32 + 11 * 6  # epoch 1 opens the last step
+
+    new = f"a={part.format('000000', '000003')}:x0.5,c={part.format('000006', '000007')}"
+    changed = (*common, f"data.train.shards={new}", *one_rank, "train.steps=20")
+    refused = train(run, *changed, nproc=1, resume="auto", check=False)
+    assert refused.returncode != 0, refused.stderr[-2000:]
+    assert "source b removed; source a: x1 -> x0.5; source c: x1.5 -> x1" in refused.stderr
+    assert "--new-mixture" in refused.stderr
+    train(run, *changed, nproc=1, resume="auto", flags=("--new-mixture",))
+    steps = sample_log(run)
+    assert {s: steps[s] for s in range(1, 15)} == want  # the steps before the change are kept
+    phase = Counter(k.split("/")[0] for s in range(15, 21) for k in steps[s])
+    assert phase == {"a": 24, "c": 24}  # 6 steps of 8: one whole epoch of the new mixture
+    assert len({k for s in range(15, 21) for k in steps[s]}) == 48  # x0.5 and x1: none twice
+    history = [json.loads(line) for line in (run / "config_history.jsonl").read_text().splitlines()]
+    assert history[-1]["new_mixture"] is True and history[-1]["step"] == 14
+    meta = json.loads((run / "checkpoints" / "step20" / "umt_meta.json").read_text())
+    assert [p["start"] for p in meta["data"]["phases"]] == [0, 112]
+    b_seen = sum(k.startswith("b/") for s in range(1, 15) for k in want[s])
+    assert meta["data"]["seen"]["b"] == b_seen and sum(meta["data"]["seen"].values()) == 160
+    samples = {n: scalars(run, f"data/samples/{n}")[20] for n in ("a", "b", "c")}
+    assert samples == meta["data"]["seen"]  # TensorBoard's data/samples/<source>
 
 
 def test_one_contrastive_batch_per_step_trains_as_one_micro_batch_and_resumes(

@@ -30,8 +30,8 @@ from umt.objectives.step import (
 class MicroBatchInputs:
     """One micro-batch as the model takes it, on the device."""
 
-    pixels: torch.Tensor  # (b, 3, H, W) normalised, the model's dtype
-    raw_pixels: torch.Tensor  # (b, 3, H, W) uint8 (negatives are re-encoded from these)
+    pixels: torch.Tensor  # (b, 3, H, W) uint8: normalised when a pass needs them (a quarter of
+    # float32's bytes held per sample of the step; negatives are re-encoded from these too)
     input_ids: torch.Tensor  # (b, T)
     attention_mask: torch.Tensor  # (b, T)
     image_ids: torch.Tensor  # (b,) int64 image keys
@@ -78,7 +78,7 @@ class ContrastiveStep:
         self.rng.append(_rng_state(device))
         with torch.no_grad():
             out = self.model(
-                pixel_values=batch.pixels,
+                pixel_values=self.normalize(batch.pixels),
                 input_ids=batch.input_ids,
                 attention_mask=batch.attention_mask,
                 embeddings_only=True,
@@ -108,7 +108,7 @@ class ContrastiveStep:
         self.inputs = StepInputs(
             torch.cat([_pad_columns(b.input_ids, length) for b in batches]),
             torch.cat([_pad_columns(b.attention_mask, length) for b in batches]),
-            torch.cat([b.raw_pixels for b in batches]),
+            torch.cat([b.pixels for b in batches]),
             self.normalize,
         )
         return self.cache
@@ -118,7 +118,7 @@ class ContrastiveStep:
         batch = self.micro_batches[micro]
         _set_rng_state(self.rng[micro], batch.pixels.device)
         return self.model(
-            pixel_values=batch.pixels,
+            pixel_values=self.normalize(batch.pixels),
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
             seed=seed,

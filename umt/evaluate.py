@@ -12,12 +12,24 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import random
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from data_pipeline.loader import iter_raw_samples
+from data_pipeline.transforms import (
+    ImageTransformConfig,
+    load_tokenizer,
+    normalize_images,
+    transform_image,
+)
+from umt.checkpoint import write_json_atomic
+from umt.config import tokenizer_name
 from umt.distributed import all_gather_object, all_reduce, lockstep, rank, world_size
 
 log = logging.getLogger("umt.evaluate")
@@ -181,13 +193,6 @@ def embed_eval_shards(
     same number of forward passes (a rank out of samples embeds a throw-away one), since under
     ZeRO-3 each forward is a collective.
     """
-    import random as _random
-    from collections import Counter
-
-    import numpy as np
-
-    from data_pipeline.loader import iter_raw_samples
-    from data_pipeline.transforms import ImageTransformConfig, normalize_images, transform_image
 
     transform = ImageTransformConfig(image_size=data.image_size, train=False)
     errors: Counter = Counter()
@@ -213,7 +218,7 @@ def embed_eval_shards(
             if i % w != me:
                 continue
             try:
-                array = transform_image(sample.image, transform, _random.Random(0))
+                array = transform_image(sample.image, transform, random.Random(0))
             except Exception:  # noqa: BLE001 - PIL raises many types for corrupt data
                 errors["corrupt_image"] += 1
                 continue
@@ -342,7 +347,6 @@ def report_scalars(report: dict, set_name: str) -> dict[str, float]:
 
 def set_name(shards: str | list[str]) -> str:
     """A short name for an evaluation set: the shard folder's name."""
-    from pathlib import Path
 
     first = shards[0] if isinstance(shards, list) else shards.split(",")[0]
     path = Path(first.split("{")[0].rstrip("/"))
@@ -431,12 +435,6 @@ def zero_shot_classification(
     the value of that json field (`umt shard --save-additional-columns label`); others are
     counted as unlabelled. No labelled sample at all is an error (EvalDataError).
     """
-    import random as _random
-
-    import numpy as np
-
-    from data_pipeline.loader import iter_raw_samples
-    from data_pipeline.transforms import ImageTransformConfig, normalize_images, transform_image
 
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -470,7 +468,7 @@ def zero_shot_classification(
             if label is None:
                 unlabelled += 1
                 continue
-            arrays.append(transform_image(sample.image, transform, _random.Random(0)))
+            arrays.append(transform_image(sample.image, transform, random.Random(0)))
             labels.append(label)
             if len(arrays) == data.batch_size:
                 yield arrays, labels
@@ -522,7 +520,6 @@ def zero_shot_classification(
 def write_eval_record(run_dir: Path, step: int, samples: int, shards, report: dict) -> Path:
     """`RUN_DIR/eval/step{N}.json`: an evaluation of the run's step-N checkpoint, which `umt export`
     puts on the model card (the trainer's periodic evaluation and the demo's write these)."""
-    from umt.checkpoint import write_json_atomic
 
     path = Path(run_dir) / "eval" / f"step{step}.json"
     write_json_atomic(path, {"step": step, "samples": samples, "shards": shards, "report": report})
@@ -533,7 +530,6 @@ def evaluate_run_step(model, cfg, step: int, samples: int, writer) -> dict:
     """The periodic evaluation of a training run (`eval.every_steps`): retrieval on data.eval
     with the same code as `umt eval`, its scalars to TensorBoard, its report to the log and to
     `OUTPUT_DIR/eval/step{N}.json` (for the model card). Every rank takes part."""
-    from umt.config import tokenizer_name
 
     data = EvalData(
         cfg.data.eval.shards,
@@ -555,6 +551,5 @@ def evaluate_run_step(model, cfg, step: int, samples: int, writer) -> dict:
 @functools.cache
 def _tokenizer(name: str):
     """The evaluation's tokenizer, loaded once per process."""
-    from data_pipeline.transforms import load_tokenizer
 
     return load_tokenizer(name)

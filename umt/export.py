@@ -194,7 +194,7 @@ class Processor:
     max_length: int
 
     def images(self, images: list[Image.Image]) -> torch.Tensor:
-        from umt.model.pixels import eval_pixels
+        from data_pipeline.pixels import eval_pixels
 
         return eval_pixels(images, self.image_size, self.mean, self.std)
 

@@ -92,15 +92,20 @@ class StepScalars:
 
     def data_counters(self) -> dict[str, int]:
         """This rank's counts since its loader started, under names every rank has (a key only
-        some ranks had would break the all-reduce): skipped samples by reason, storage."""
+        some ranks had would break the all-reduce): skipped samples by reason, storage; and the
+        samples each source gave the run (`data/samples/<source>`, over every mixture phase)."""
         errors, io = self.data.error_counts(), self.data.io_counts()
         negatives = {}
         if self.cfg.data.train.negatives:  # the same on every rank
             negatives = {"data/samples_without_negative": errors.get(NO_NEGATIVE, 0)}
+        # The stream's counts, the same on every rank: rank 0's alone, so that the sum is them.
+        mine = distributed.rank() == 0
+        sources = {f"data/samples/{n}": c * mine for n, c in self.data.sample_counts().items()}
         return (
             {f"data/errors_{r}": errors.get(r, 0) for r in SAMPLE_ERRORS}
             | {f"data/storage_{n}": io.get(n, 0) for n in IO_COUNTERS}
             | negatives
+            | sources
         )
 
     def system(self, window: Window) -> dict[str, float]:

@@ -98,20 +98,60 @@ def _data_section(data: dict | None, cfg: dict) -> str:
         f"Shards: `{shards}`",
         "",
         f"- dataset digest (shard names and sample counts): `{data['digest']}`",
-        f"- samples per epoch: {data['samples']:,} in {data['shards']:,} shards",
+        f"- samples per epoch: {_per_epoch(data):,} in {data['shards']:,} shards",
         "",
-        "| source | samples | shards | weight |",
-        "| --- | ---: | ---: | ---: |",
+        "| source | samples | shards | mixture | per epoch | seen |",
+        "| --- | ---: | ---: | --- | ---: | ---: |",
     ]
     for source in data.get("sources", []):
-        weight = "by size" if source.get("weight") is None else f"{source['weight']:g}"
-        lines.append(
-            f"| {source['name']} | {source['samples']:,} | {source['shards']:,} | {weight} |"
+        share = source.get("per_epoch")
+        per_epoch = (
+            "" if share is None else f"{share:,.0f}" if share == int(share) else f"{share:,.2f}"
         )
+        seen = f"{source['seen']:,}" if "seen" in source else ""
+        lines.append(
+            f"| {source['name']} | {source['samples']:,} | {source['shards']:,} | "
+            f"{_mixture(source, data.get('mode'))} | {per_epoch} | {seen} |"
+        )
+    phases = data.get("phases") or []
+    if len(phases) > 1:
+        lines += ["", "The mixture changed during training (`umt train --new-mixture`):", ""]
+        lines += [_phase_line(phase) for phase in phases]
+        gone = {n: c for n, c in (data.get("seen") or {}).items()
+                if n not in {s["name"] for s in data.get("sources", [])}}  # fmt: skip
+        if gone:
+            lines += ["", "Seen from sources no longer in the mixture: "
+                      + ", ".join(f"{n} {c:,}" for n, c in gone.items())]  # fmt: skip
     for source in data.get("sources", []):
         if source.get("subset"):
             lines += ["", _subset_lines(source["name"], source["subset"])]
     return "\n".join(lines)
+
+
+def _per_epoch(data: dict) -> int:
+    """Samples an epoch takes (with repeats or proportions, on average): the data's own without."""
+    shares = [s["per_epoch"] for s in data.get("sources", []) if "per_epoch" in s]
+    return round(sum(shares)) if shares else data["samples"]
+
+
+def _mixture(source: dict, mode: str | None) -> str:
+    """How a source was mixed: `x2`, `proportion 0.3`, `weight 4` (resampled)."""
+    if "proportion" in source:
+        return f"proportion {source['proportion']:g}"
+    if mode == "resampled" or (mode is None and source.get("weight") not in (None, 1.0)):
+        return f"weight {source['weight']:g}" if source.get("weight") is not None else "by size"
+    return f"x{source.get('repeat', 1):g}"
+
+
+def _phase_line(phase: dict) -> str:
+    """`- from sample 112 (step 14): a x0.1, c x3`."""
+    start, batch = phase.get("start", 0), phase.get("global_batch")
+    step = f" (step {start // batch:,})" if batch and start % batch == 0 else ""
+    sources = ", ".join(
+        f"{s['name']} {_mixture(s, 'resampled' if 'weight' in s else 'epoch')}"
+        for s in phase.get("sources", [])
+    )
+    return f"- from sample {start:,}{step}: {sources or phase.get('digest', '')}"
 
 
 def _subset_lines(name: str, subset: dict) -> str:

@@ -5,9 +5,19 @@ after the model is built (or, for the negatives field, never: it would train wit
 
 from __future__ import annotations
 
+import urllib.request
+from collections import Counter
 from itertools import islice
 from pathlib import Path
 
+from huggingface_hub import constants, try_to_load_from_cache
+from huggingface_hub.errors import HFValidationError
+
+from data_pipeline.loader import LoaderConfigError, resolve_dataset
+from data_pipeline.loader.stream import iter_raw_samples
+from data_pipeline.storage import StorageError
+from data_pipeline.tar_index import TarIndexError
+from data_pipeline.transforms import load_tokenizer
 from umt.config import Config, ConfigError, tokenizer_name
 
 # Files of which a tokenizer folder has at least one (fast tokenizers, WordPiece, BPE, SentencePiece).
@@ -30,18 +40,14 @@ def check_training_inputs(cfg: Config) -> None:
     check_tokenizer(cfg)
     splits = [("data.train.shards", d.shards, d.resampled)]
     if cfg.data.eval.shards is not None and cfg.eval.every_steps > 0:
-        splits.append(("data.eval.shards", cfg.data.eval.shards, True))
+        splits.append(("data.eval.shards", cfg.data.eval.shards, None))  # mixing ignored
     datasets = {key: check_shards(key, shards, resampled) for key, shards, resampled in splits}
     if d.negatives:
         check_negatives_field(d.negatives, datasets["data.train.shards"], cfg.data.cache_dir)
 
 
-def check_shards(key: str, shards, resampled: bool):
+def check_shards(key: str, shards, resampled: bool | None):
     """The dataset `shards` names (manifests read, local tars checked), errors under `key`."""
-    from data_pipeline.loader import LoaderConfigError, resolve_dataset
-    from data_pipeline.loader.tar_index import TarIndexError
-    from data_pipeline.storage import StorageError
-
     try:
         return resolve_dataset(shards, resampled)
     except (LoaderConfigError, TarIndexError, StorageError) as exc:
@@ -71,8 +77,6 @@ def check_tokenizer(cfg: Config) -> None:
         raise ConfigError(
             f"{key}: {name} holds no tokenizer ({', '.join(TOKENIZER_FILES)}: none there)"
         )
-    from data_pipeline.transforms import load_tokenizer
-
     try:
         tokenizer = load_tokenizer(str(Path(name).expanduser()) if looks_like_path(name) else name)
     except (OSError, ValueError) as exc:
@@ -96,9 +100,6 @@ def check_hub_name(key: str, name: str) -> None:
         )
     if name.count("/") > 1:  # a Hub name is `name` or `org/name`
         raise ConfigError(f"{key}: folder {name} does not exist")
-    from huggingface_hub import constants, try_to_load_from_cache
-    from huggingface_hub.errors import HFValidationError
-
     try:
         if isinstance(try_to_load_from_cache(name, "tokenizer_config.json"), str):
             return  # in the local Hub cache: loads without the network
@@ -109,8 +110,6 @@ def check_hub_name(key: str, name: str) -> None:
             f"{key}: {name} is not a folder here, and the Hugging Face Hub is offline "
             "(HF_HUB_OFFLINE) with no copy of it in the cache"
         )
-    import urllib.request
-
     endpoint = constants.ENDPOINT
     try:
         urllib.request.urlopen(endpoint, timeout=HUB_PROBE_TIMEOUT_S).close()
@@ -147,10 +146,6 @@ def check_tokenizer_fits(cfg: Config, tokenizer, key: str, name: str) -> None:
 def check_negatives_field(field_name: str, dataset, cache_dir: str | None) -> None:
     """Some of the first shard's first samples carry `field_name` in their json, else the run
     would train ITM without hard negatives and say nothing."""
-    from collections import Counter
-
-    from data_pipeline.loader.stream import iter_raw_samples
-
     first = dataset.shards[0].path
     fields: set[str] = set()
     samples = list(islice(iter_raw_samples([first], Counter(), cache_dir), NEGATIVES_PROBE))

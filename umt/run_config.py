@@ -1,13 +1,18 @@
 """A run remembers its config: paths made absolute when it starts (so `umt export`, `umt eval`
 and a resume work from any working folder), and `umt train --resume RUN_DIR` (or `--resume auto`
 with the run's output_dir) continues with the config saved in the run, overrides on top, refusing
-changes that would make it another run (model shape, sample order)."""
+changes that would make it another run (model shape, sample order). A changed data mixture is the
+one such change a resume takes when asked (`--new-mixture`: a new phase of the stream from the
+checkpoint on); every resume that changes the config adds a line to OUTPUT_DIR/config_history.jsonl
+(config.yaml is the latest config only)."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +22,8 @@ from umt.config import Config, ConfigError, from_dict, parse_override, to_dict
 
 log = logging.getLogger("umt.train")
 SAVED = "config.yaml"  # in the run folder, written by rank 0 at every start
+HISTORY = "config_history.jsonl"  # in the run folder: what each resume changed
+SHARDS = "data.train.shards"
 # Keys a resumed run may not change: the model's shape, and what fixes the sample order.
 FIXED_PREFIXES = ("model.",)
 FIXED_KEYS = (
@@ -38,11 +45,11 @@ def _absolute(location: str) -> str:
 
 
 def _absolute_shards(shards: Any) -> Any:
-    if isinstance(shards, list):
-        return [_absolute_shards(s) for s in shards]
-    if isinstance(shards, str):  # a folder, a brace pattern or `path:weight`; comma lists too
-        return ",".join(_absolute(part) for part in shards.split(",")) if shards else shards
-    return shards
+    """Each location of a shards spec made absolute, read with the loader's own parser: names
+    (`i2d=dir`), mix suffixes (`:x2`, `:30%`), mappings and brace patterns (`{a,b}`) stay."""
+    from data_pipeline.loader.specs import map_locations  # the data side, only when needed
+
+    return map_locations(shards, _absolute)
 
 
 def _absolute_if_local(name: str | None) -> str | None:
@@ -172,8 +179,11 @@ def resume_plan(
             if ref.root.resolve() != (run / "checkpoints").resolve():
                 overrides.append(f"checkpoint.dir={ref.root.resolve()}")
         # The base config: the one the step was trained with, else its run's.
+        # A checkpoint folder copied without its run's config.yaml: each step carries its own.
         step_config = ref.path / SAVED
-        base = step_config if step_folder and step_config.is_file() else (run and run / SAVED)
+        ordered = [step_config] if step_folder else []
+        ordered += ([run / SAVED] if run is not None else []) + [step_config]
+        base = next((c for c in ordered if c.is_file()), None)
         # Within its run: the newest checkpoint. Branching off into another output_dir: exactly
         # this checkpoint.
         resume = "auto" if branch is None else str(ref.path.resolve())
@@ -196,10 +206,14 @@ def run_folder_of(path: Path, ref) -> Path | None:
     return next((c for c in candidates if checkpoint.is_run_folder(c)), None)
 
 
-def check_resume(cfg: Config, resume: str | None, restart: bool = False) -> None:
+def check_resume(
+    cfg: Config, resume: str | None, restart: bool = False, new_mixture: bool = False
+) -> None:
     """A run folder is resumed or refused, never silently started over: `--resume none` on a
     folder holding a checkpoint is refused, and so is a config that changes the run's model or
-    its sample order (that is another run), naming the keys. `--restart` is the way to start over."""
+    its sample order (that is another run), naming the keys; a changed data mixture is taken with
+    `new_mixture` (the loader starts a new phase at the checkpoint's position). `--restart` is the
+    way to start over."""
     if restart:
         return
     from umt import checkpoint
@@ -225,11 +239,60 @@ def check_resume(cfg: Config, resume: str | None, restart: bool = False) -> None
     # absolute held relative ones).
     saved = to_dict(absolute_paths(from_dict(Config, saved)))
     changes = run_changes(saved, cfg)
+    mixture = [c for c in changes if c.startswith(SHARDS + " ")]
+    if mixture:
+        changes.remove(mixture[0])
+        if not new_mixture:
+            old, new = flatten(saved).get(SHARDS), cfg.data.train.shards
+            changes.append(
+                f"{SHARDS}: {mixture_change(old, new)} (`umt train --resume {run} --new-mixture` "
+                "goes on with the new mixture from the checkpoint, as a new phase of the stream)"
+            )
     if changes:
         raise ConfigError(
             f"this config would change the run in {run}: {'; '.join(changes)}; that makes "
             f"another run: {again}"
         )
+
+
+def mixture_change(old: Any, new: Any) -> str:
+    """What a new data.train.shards changes, by source (sources named as the loader names them)."""
+    from data_pipeline.loader.config import LoaderConfigError
+    from data_pipeline.loader.dataset import describe_change
+
+    try:
+        return describe_change(old, new)
+    except LoaderConfigError as exc:
+        return f"{old!r} -> {new!r} ({exc})"
+
+
+def record_config_change(cfg: Config, resume: str | None, new_mixture: bool) -> None:
+    """On a resume, append to OUTPUT_DIR/config_history.jsonl one line of what the config changes
+    from the run's saved one (every key, old and new), the checkpoint it goes on from and the
+    time; rank 0, before the run's config.yaml is written over."""
+    from umt import checkpoint
+
+    run = Path(cfg.output_dir)
+    saved = saved_config(run) if resume not in (None, "", "none") else None
+    ref = checkpoint.resolve(resume, Path(cfg.checkpoint.dir or run / "checkpoints"))
+    if saved is None or ref is None:
+        return
+    old = flatten(to_dict(absolute_paths(from_dict(Config, saved))))
+    new = flatten(to_dict(cfg))
+    changed = {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new))
+               if old.get(k) != new.get(k)}  # fmt: skip
+    if not changed:
+        return
+    line = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "resumed_from": str(ref.path),
+        "step": ref.step,
+        "changed": changed,
+    }
+    if SHARDS in changed:
+        line["new_mixture"] = new_mixture
+    with open(run / HISTORY, "a") as handle:
+        handle.write(json.dumps(line) + "\n")
 
 
 def set_aside_run(out: Path, ckpt_root: Path) -> Path:

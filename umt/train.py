@@ -130,8 +130,11 @@ class StepProgress:
 class Trainer:
     """Owns the engine, the data stream, the writer and the `TrainState`; `train()` runs the loop."""
 
-    def __init__(self, cfg: Config, resume: str | None = None, restart: bool = False):
+    def __init__(
+        self, cfg: Config, resume: str | None = None, restart: bool = False, new_mixture=False
+    ):
         collective_tracker.install()  # before the process group and DeepSpeed's backend start
+        self.new_mixture = new_mixture  # a checkpoint of another data mixture starts a new phase
         self.world, self.device = init_distributed(cfg.train.collective_timeout_min * 60)
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         self.out = Path(cfg.output_dir)
@@ -245,7 +248,7 @@ class Trainer:
         # is one stream position, the same on every rank, so it resumes any topology exactly.
         rank_file = ref.root / tag / f"rank{self.rank if not elastic else 0}.pt"
         rank_state = checkpoint.load_file(rank_file)
-        self.data.load_state_dict(rank_state["data"])
+        self.data.load_state_dict(rank_state["data"], new_mixture=self.new_mixture)
         if elastic:  # other ranks: the saved RNG streams do not map to them
             seed_everything(self.cfg.train.seed + 1000 * (self.rank + 1) + self.state.step)
         else:
@@ -366,7 +369,7 @@ class Trainer:
             )
             contrastive = ContrastiveStep(self.engine, self.layout, self.cfg.objectives, normalize)
             for batch in drawn:
-                contrastive.embed(self.model_inputs(batch, normalize))
+                contrastive.embed(self.model_inputs(batch))
             cache = contrastive.contrast(self.seed(0, step.skipped_run))
             if not self.skipped_as_nonfinite(cache.loss, step):
                 break
@@ -407,16 +410,14 @@ class Trainer:
             self.background.wait_copied()
         self.engine.step()
 
-    def model_inputs(self, batch: TrainBatch, normalize) -> MicroBatchInputs:
-        """A micro-batch on the device, as the model takes it (pixels travel as uint8)."""
+    def model_inputs(self, batch: TrainBatch) -> MicroBatchInputs:
+        """A micro-batch on the device (pixels as uint8, normalised by each pass)."""
         self.faults.hang_in(self.state.step + 1)
-        raw = batch.pixel_values.to(self.device, non_blocking=True)
         negative_texts = batch.negative_texts
         if negative_texts is not None:
             negative_texts = tuple(t.to(self.device, non_blocking=True) for t in negative_texts)
         return MicroBatchInputs(
-            normalize(raw),
-            raw,
+            batch.pixel_values.to(self.device, non_blocking=True),
             batch.input_ids.to(self.device, non_blocking=True),
             batch.attention_mask.to(self.device, non_blocking=True),
             batch.image_ids.to(self.device, non_blocking=True),

@@ -15,17 +15,17 @@ from pathlib import Path
 
 from data_pipeline import storage
 from data_pipeline.curate.options import CurateError
-from data_pipeline.loader.tar_index import (
+from data_pipeline.shard.manifest import file_sha256, write_json_atomic
+from data_pipeline.shard.write import TarMembers
+from data_pipeline.shard_cache import ShardCache, default_cache_dir
+from data_pipeline.subset import Subset
+from data_pipeline.tar_index import (
     TarIndex,
     index_location,
     load_index,
     split_members,
     write_index,
 )
-from data_pipeline.shard.manifest import file_sha256, write_json_atomic
-from data_pipeline.shard.write import TarMembers
-from data_pipeline.shard_cache import ShardCache, default_cache_dir
-from data_pipeline.subset import Subset
 
 MARKER = ".umt-materialized.json"  # which subset (its sha256) this folder holds
 CREATED_BY = "umt data curate --materialize"

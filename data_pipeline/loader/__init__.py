@@ -2,24 +2,30 @@
 
 The stages, one module each, in the order data flows:
 
-    dataset     shard specs -> sources, shards and sample counts (manifest.json / sizes.json /
+    specs       data.shards, the spec language: `[name=]PATH[:x2|:30%|:W]` entries or mappings
+                {path, name, repeat | proportion | weight}, parsed in this one place
+    dataset     specs -> named sources, shards and sample counts (manifest.json / sizes.json /
                 indexes); nothing is read to start but the manifests
-    order       (seed, epoch) -> a permutation of every sample: shards permuted, samples shuffled
-                within windows of a few shards; the epochs' concatenation is one stream, and
+    mixture     each source's exact count per epoch (repeat, proportion), its rotating part, and
+                the fixed pattern that interleaves sources within an epoch
+    order       (seed, epoch) -> each source's stream of shards permuted, samples shuffled within
+                windows of a few shards, interleaved; the epochs' concatenation is one stream, and
                 global step t takes the next G (global batch) positions of it
-    tar_index   per-shard indexes of where each sample's members lie in its tar
-    storage     the one place that opens manifests, indexes and shards
+    (the shard format's tar indexes, `data_pipeline.tar_index`, and pixel conversion,
+    `data_pipeline.pixels`, are shared with the sharder; storage is `data_pipeline.storage`)
     reader      (shard, index) -> raw sample by random access; tars in stored order for evaluation
     batch       decode (crop, resize, caption, negative; seeded by stream position) -> `Batch`
                 of uint8 pixels and tokens; undecodable samples counted, recorded and replaced
     stream      workers make their rank's micro-batches of each round; `StreamingLoader` is the
                 infinite iterator whose state is a position in the stream
+    state       the mixture phases a state records (a mixture changed on resume starts one)
 
 Contracts (tested under torchrun with 2 ranks x 2 workers, and across topologies):
 
-* Exactly once: every sample is consumed exactly once per epoch. With `epoch_tail: carry` the
-  last partial global batch of an epoch is completed by the next epoch's first samples; with
-  `drop` it is not seen that epoch.
+* Exactly once: every sample is consumed exactly once per epoch (with a repeat or proportion,
+  exactly its source's count: whole passes, then a rotating part without replacement). With
+  `epoch_tail: carry` the last partial global batch of an epoch is completed by the next
+  epoch's first samples; with `drop` it is not seen that epoch.
 * The same stream on any topology: rank r's micro-batch of round k is the stream positions
   [P0 + k W b + r b, ... + b); so global step t holds positions [P0 + tG, P0 + (t+1)G) for any
   split of G into ranks W, micro-batch b and accumulation A, and every rank yields the same
@@ -34,8 +40,8 @@ Contracts (tested under torchrun with 2 ranks x 2 workers, and across topologies
 
 import importlib
 
-# Exported names and the stage module each comes from. Imported on first use, so that the
-# sharder's `from data_pipeline.loader.tar_index import ...` does not load torch.
+# Exported names and the stage module each comes from. Imported on first use, so that a
+# command that needs one stage (`umt data inspect`) does not load torch.
 _EXPORTS = {
     "Batch": "batch",
     "LoaderConfig": "config",

@@ -1,4 +1,5 @@
-"""Shard specs -> the dataset: sources (weighted in resampled mode), their shards and sample counts.
+"""Shard specs -> the dataset: sources (with their repeat, proportion or weight), their shards
+and sample counts.
 
 Counts come from `manifest.json` (what `umt shard` writes) or open_clip's `sizes.json`; for
 shards named by a pattern with neither beside them, from their index files, else by reading
@@ -7,6 +8,10 @@ their tar headers. Only counts are needed to plan the order: no shard is opened 
 A subset folder (`subset.json`, written by `umt data curate`) is a source too: its shards are the
 source shards that keep samples, each counting only those; `Dataset.locate` maps a sample to its
 position in the tar, so the order, dealing and resume work over the kept samples alone.
+
+Sources are named (`specs`: by the spec, else after their folder); two sources may not share a
+name, since with several sources every key a user sees is `name/key` (`Dataset.qualify`): keys
+of datasets sharded apart collide (each starts at 000000000).
 """
 
 from __future__ import annotations
@@ -14,17 +19,25 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
 
 from data_pipeline import storage
 from data_pipeline.loader.config import LoaderConfigError
-from data_pipeline.loader.tar_index import TarIndexError, load_index
+from data_pipeline.loader.specs import (
+    SourceSpec,
+    check_mixture,
+    parse_source_specs,
+    split_top_level_commas,
+)
 from data_pipeline.subset import SubsetError, check_sources, read_subset_if_any
+from data_pipeline.tar_index import TarIndexError, load_index
 
 MANIFEST_FORMAT_VERSION = 1
+__all__ = ["Dataset", "Shard", "Source", "SourceSpec", "parse_source_specs", "resolve_dataset",
+           "split_top_level_commas"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -40,19 +53,27 @@ class Shard:
 class Source:
     name: str
     shards: tuple[Shard, ...]
-    weight: float
+    weight: float  # resampled mode's share of the draws (1 unless given)
     subset: dict | None = field(default=None, compare=False)  # a subset's summary (its rules)
+    repeat: float | None = None  # epoch mode: samples per epoch = repeat x total_samples
+    proportion: float | None = None  # epoch mode: this share of every epoch's samples
 
     @property
     def total_samples(self) -> int:
         return sum(s.count for s in self.shards)
 
+    @property
+    def mixture(self) -> dict[str, float]:
+        """What the spec gave of repeat / proportion (empty: once per epoch)."""
+        given = {"repeat": self.repeat, "proportion": self.proportion}
+        return {k: v for k, v in given.items() if v is not None}
 
-@dataclass(frozen=True)
-class SourceSpec:
-    name: str | None
-    location: str
-    weight: float | None
+    def digest(self) -> str:
+        """Short hash of its name, shard names, counts (kept positions) and mixing fields."""
+        listing = [self.name, self.weight, [_shard_listing(sh) for sh in self.shards]]
+        if self.mixture:  # (absent from the digests of sources before mixtures: those resume)
+            listing.append(self.mixture)
+        return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -78,9 +99,24 @@ class Dataset:
     def source_of_shard(self) -> np.ndarray:
         return np.repeat(np.arange(len(self.sources)), [len(s.shards) for s in self.sources])
 
+    @cached_property
+    def first_shard(self) -> np.ndarray:
+        """(sources + 1,) index of each source's first shard, then the number of shards."""
+        return np.concatenate([[0], np.cumsum([len(s.shards) for s in self.sources])])
+
     @property
     def total_samples(self) -> int:
         return int(self.counts.sum())
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.sources]
+
+    def qualify(self, shard: int, key: str | None) -> str | None:
+        """The key a user sees: `source/key` with several sources, else the key as it is."""
+        if key is None or len(self.sources) == 1:
+            return key
+        return f"{self.sources[int(self.source_of_shard[shard])].name}/{key}"
 
     def locate(self, sample_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Global sample ids -> (shard indices, sample indices in the tar)."""
@@ -98,16 +134,18 @@ class Dataset:
         return any(sh.kept is not None for sh in self.shards)
 
     def digest(self) -> str:
-        """Short hash of shard names, counts and weights (and a subset's kept positions): a
-        resumed state must see the same data."""
+        """Short hash of shard names, counts and weights (a subset's kept positions, a source's
+        repeat or proportion): a resumed state must see the same data."""
         listing = [
-            (s.name, s.weight, [_shard_listing(sh) for sh in s.shards]) for s in self.sources
+            (s.name, s.weight, [_shard_listing(sh) for sh in s.shards])
+            + ((s.mixture,) if s.mixture else ())
+            for s in self.sources
         ]
         return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
 
     def summary(self) -> dict:
         """What a checkpoint records of its training data (the model card of an export says it):
-        the digest, samples per epoch, shards, and each source (with a subset's rules)."""
+        the digest, samples, shards, and each source (its mixing fields, a subset's rules)."""
         return {
             "digest": self.digest(),
             "samples": self.total_samples,
@@ -118,6 +156,7 @@ class Dataset:
                     "samples": s.total_samples,
                     "shards": len(s.shards),
                     "weight": s.weight,
+                    **s.mixture,
                     **({"subset": s.subset} if s.subset else {}),  # `umt data curate`'s rules
                 }
                 for s in self.sources
@@ -132,47 +171,8 @@ def _shard_listing(shard: Shard) -> tuple:
     return (*entry, hashlib.sha256(shard.kept.astype("<i8").tobytes()).hexdigest()[:16])
 
 
-_NAME = re.compile(r"^([A-Za-z_][\w.-]*)=(.+)$")
-_WEIGHT = re.compile(r"^(.+):(\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)$")
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(\d+)\.\.(\d+)$")
-
-
-def split_top_level_commas(text: str) -> list[str]:
-    """Split on commas outside braces: `a-{0,1}.tar,b` -> [`a-{0,1}.tar`, `b`]."""
-    parts, depth, start = [], 0, 0
-    for i, ch in enumerate(text):
-        depth += ch == "{"
-        depth -= ch == "}"
-        if ch == "," and depth == 0:
-            parts.append(text[start:i])
-            start = i + 1
-    parts.append(text[start:])
-    return [p.strip() for p in parts if p.strip()]
-
-
-def parse_source_specs(shards: str | list[str]) -> list[SourceSpec]:
-    """`[name=]LOCATION[:WEIGHT]` entries, from a comma-separated string or a list of them."""
-    entries = split_top_level_commas(shards) if isinstance(shards, str) else list(shards)
-    specs = []
-    for entry in entries:
-        name, rest = None, entry.strip()
-        if m := _NAME.match(rest):
-            name, rest = m.group(1), m.group(2)
-        weight = None
-        if (m := _WEIGHT.match(rest)) and _weight_suffix(rest, m.group(1)):
-            rest, weight = m.group(1), float(m.group(2))
-            if weight <= 0:
-                raise LoaderConfigError(f"data.shards: weight must be > 0 in {entry!r}")
-        specs.append(SourceSpec(name, rest, weight))
-    return specs
-
-
-def _weight_suffix(text: str, location: str) -> bool:
-    """Whether `:N` ends `text` as a mixing weight (not a port, nor part of a local name)."""
-    if storage.is_remote(text):
-        return "/" in location.split("://", 1)[1]  # s3://b/x:2 yes; http://host:8080 no
-    return not storage.is_file(text) and not storage.is_dir(text)
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -228,14 +228,48 @@ def count_samples(path: str) -> int:
         raise LoaderConfigError(f"data.shards: {exc}") from None
 
 
-def resolve_source(spec: SourceSpec, index: int) -> Source:
+def default_name(location: str) -> str:
+    """A source's name when its spec gives none: its folder's name (of a pattern or a .tar, the
+    folder it is in)."""
+    location = storage.normalize(location)
+    if storage.is_dir(location):
+        return storage.basename(location)
+    return storage.basename(storage.parent(expand_braces(location)[0]))
+
+
+def describe_change(old: str | list, new: str | list) -> str:
+    """What a new shards spec changes of an old one, by source: `source c added; source b: x0.5
+    -> x1` (sources named as `resolve_dataset` names them; nothing is read but folder listings)."""
+
+    def named(shards) -> dict[str, SourceSpec]:
+        return {s.name or default_name(s.location): s for s in parse_source_specs(shards)}
+
+    def mix(spec: SourceSpec) -> str:
+        m = spec.mixture
+        if "proportion" in m:
+            return f"proportion {m['proportion']:g}"
+        return f"weight {m['weight']:g}" if "weight" in m else f"x{m.get('repeat', 1):g}"
+
+    before, after = named(old), named(new)
+    parts = [f"source {n} added" for n in after if n not in before]
+    parts += [f"source {n} removed" for n in before if n not in after]
+    for name in (n for n in after if n in before):
+        a, b = before[name], after[name]
+        what = [f"{x} -> {y}" for x, y in ((a.location, b.location), (mix(a), mix(b))) if x != y]
+        if what:
+            parts.append(f"source {name}: {', '.join(what)}")
+    return "; ".join(parts) or "the same sources, written differently"
+
+
+def resolve_source(spec: SourceSpec) -> Source:
     """One spec -> its shards with sample counts. A folder needs a manifest; a pattern uses one
     if beside it, else each shard's index (or its tar headers: a read per shard, fine for
     hundreds of local shards; write indexes with `umt data index` for more)."""
     location = storage.normalize(spec.location)
+    name = spec.name or default_name(location)
     if storage.is_dir(location):
         counts = read_shard_counts(location)
-        if counts is None and (subset := read_subset_source(location, spec)) is not None:
+        if counts is None and (subset := read_subset_source(location, spec, name)) is not None:
             return subset
         if counts is None:
             raise LoaderConfigError(
@@ -245,10 +279,8 @@ def resolve_source(spec: SourceSpec, index: int) -> Source:
                 f"{storage.join(location, 'data-{000000..000009}.tar')}"
             )
         paths = [storage.join(location, name) for name in counts]
-        default_name = storage.basename(location)
     else:
         paths = expand_braces(location)
-        default_name = storage.basename(storage.parent(paths[0])) or f"source{index}"
     # Remote shards are not checked one by one here (a request each): a missing one is named
     # when the loader first needs it.
     missing = [p for p in paths if not storage.is_remote(p) and not storage.is_file(p)]
@@ -264,13 +296,19 @@ def resolve_source(spec: SourceSpec, index: int) -> Source:
         if folder not in folder_counts:
             folder_counts[folder] = read_shard_counts(folder)
         known = folder_counts[folder] or {}
-        name = storage.basename(p)
-        count, size = known[name] if name in known else (count_samples(p), None)
+        shard_name = storage.basename(p)
+        count, size = known[shard_name] if shard_name in known else (count_samples(p), None)
         shards.append(Shard(p, count, size))
-    return Source(spec.name or default_name, tuple(shards), spec.weight or 1.0)
+    return source_from(spec, name, tuple(shards))
 
 
-def read_subset_source(location: str, spec: SourceSpec) -> Source | None:
+def source_from(spec: SourceSpec, name: str, shards: tuple[Shard, ...], subset=None) -> Source:
+    return Source(
+        name, shards, spec.weight or 1.0, subset, repeat=spec.repeat, proportion=spec.proportion
+    )
+
+
+def read_subset_source(location: str, spec: SourceSpec, name: str) -> Source | None:
     """A subset folder as a source: the source shards keeping samples, their kept positions;
     None when `location` holds no subset. Refused when a source shard changed since."""
     try:
@@ -283,28 +321,29 @@ def read_subset_source(location: str, spec: SourceSpec) -> Source | None:
     shards = tuple(
         Shard(s.path, len(s.kept), s.bytes, s.kept) for s in subset.shards if len(s.kept)
     )
-    name = spec.name or storage.basename(location)
-    return Source(name, shards, spec.weight or 1.0, subset.summary())
+    return source_from(spec, name, shards, subset.summary())
 
 
-def resolve_dataset(shards: str | list[str], resampled: bool) -> Dataset:
-    """All specs -> the dataset; weights only mean something in resampled mode."""
+def resolve_dataset(shards: str | list, resampled: bool | None = None) -> Dataset:
+    """All specs -> the dataset. `resampled` True refuses repeat and proportion, False refuses
+    weights (`specs.check_mixture`); None takes either (reading in stored order ignores them)."""
     specs = parse_source_specs(shards)
     if not specs:
         raise LoaderConfigError("data.shards is empty: give a shard folder or pattern")
-    if not resampled and (weighted := [s for s in specs if s.weight is not None]):
-        raise LoaderConfigError(
-            f"data.shards: a weight (':{weighted[0].weight:g}' on {weighted[0].location!r}) only "
-            "applies with resampled=True (--resampled); epoch mode reads every shard once"
-        )
-    sources = [resolve_source(spec, i) for i, spec in enumerate(specs)]
-    names = [s.name for s in sources]
-    if len(set(names)) != len(names):  # two folders named `train`: keep them apart
-        sources = [replace(s, name=f"{s.name}{i}") for i, s in enumerate(sources)]
-    dataset = Dataset(tuple(sources))
-    if dataset.total_samples == 0:
-        raise LoaderConfigError(f"data.shards: {shards!r} holds no samples")
-    empty = [s.name for s in sources if s.total_samples == 0]
-    if resampled and empty:
-        raise LoaderConfigError(f"data.shards: source {empty[0]!r} holds no samples")
-    return dataset
+    check_mixture(specs, resampled)
+    sources = [resolve_source(spec) for spec in specs]
+    seen: dict[str, int] = {}
+    for i, source in enumerate(sources):
+        if source.name in seen:
+            first = specs[seen[source.name]].location
+            raise LoaderConfigError(
+                f"data.shards: sources {first} and {specs[i].location} would both be named "
+                f"{source.name!r} (keys are name/key): name them, e.g. "
+                f"{source.name}_a={first},{source.name}_b={specs[i].location}"
+            )
+        seen[source.name] = i
+    for spec, source in zip(specs, sources):
+        if source.total_samples == 0:
+            label = spec.label if spec.name else f"source {source.name!r} ({spec.location})"
+            raise LoaderConfigError(f"data.shards: {label} holds no samples")
+    return Dataset(tuple(sources))

@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 
 from data_pipeline import storage
 from data_pipeline.loader.dataset import Shard
-from data_pipeline.loader.tar_index import (
+from data_pipeline.shard_cache import CachedShard, ShardCache, default_cache_dir
+from data_pipeline.storage import StorageError
+from data_pipeline.tar_index import (
     TarIndex,
     TarIndexError,
     index_of_file,
@@ -34,8 +36,6 @@ from data_pipeline.loader.tar_index import (
     read_index,
     split_members,
 )
-from data_pipeline.shard_cache import CachedShard, ShardCache, default_cache_dir
-from data_pipeline.storage import StorageError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTENSIONS = ("txt", "caption")

@@ -3,8 +3,10 @@ and the state that resumes it anywhere.
 
 `StreamingLoader` is an infinite iterator of `Batch`. Its state is one number, the stream
 position after the last micro-batch round it yielded (plus what identifies the stream: seed,
-data, window, tail rule), the same on every rank: `state_dict()` saved by any rank resumes any
-other topology at exactly that sample.
+data, window, tail rule, and the mixture phases), the same on every rank: `state_dict()` saved
+by any rank resumes any other topology at exactly that sample. A state of another mixture is
+refused, naming the sources that differ, unless `load_state_dict(new_mixture=True)`: the new
+mixture then starts a phase at the state's position (see `order`), recorded in the state.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import signal
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -40,12 +42,19 @@ from data_pipeline.loader.config import (
 from data_pipeline.loader.dataset import Dataset, resolve_dataset
 from data_pipeline.loader.order import GlobalOrder, micro_batch_positions
 from data_pipeline.loader.reader import RawSample, ShardReader, read_tar_samples
+from data_pipeline.loader.state import (
+    data_change,
+    describe_phase,
+    earlier_phases,
+    next_phase_epoch,
+    phase_record,
+)
 from data_pipeline.shard_cache import ShardCache, default_cache_dir
 from data_pipeline.storage import StorageError
 from data_pipeline.transforms import load_tokenizer
 
 log = logging.getLogger("umt.data")
-STATE_FORMAT_VERSION = 2
+STATE_FORMAT_VERSION = 3
 
 
 @dataclass
@@ -66,10 +75,12 @@ class MicroBatchMaker:
         world_size: int,
         start: int,
         tokenizer: Any,
+        origin: tuple[int, int] = (0, 0),
     ):
         self.dataset, self.cfg, self.rank, self.world_size = dataset, cfg, rank, world_size
         self.start, self.tokenizer = start, tokenizer
-        self.order = GlobalOrder(dataset, cfg, cfg.batch_size * cfg.grad_accum * world_size)
+        global_batch = cfg.batch_size * cfg.grad_accum * world_size
+        self.order = GlobalOrder(dataset, cfg, global_batch, origin)
         self.cache = shard_cache(cfg, dataset)
         # With the node cache, hold few copies open: a copy held cannot be evicted.
         self.reader = ShardReader(dataset.shards, self.cache, keep_open=4 if self.cache else 32)
@@ -108,13 +119,19 @@ class MicroBatchMaker:
         return delta
 
     def sample_at(
-        self, position: int, errors: Counter, failures: list | None
+        self, position: int, errors: Counter, failures: list | None, sample_id: int | None = None
     ) -> DecodedSample | None:
-        """Read and decode the sample at a stream position; a failure is counted (and recorded)."""
-        (sample_id,), _ = self.order.samples(position, 1)
+        """Read and decode the sample at a stream position (its id, when known); a failure is
+        counted (and recorded). Keys come qualified by their source (`Dataset.qualify`)."""
+        if sample_id is None:
+            (sample_id,), _ = self.order.samples(position, 1)
         (shard,), (index,) = self.dataset.locate(np.array([sample_id]))
+        shard, index = int(shard), int(index)
         mine: Counter = Counter()
-        raw: RawSample | None = self.reader.read(int(shard), int(index), mine)
+        raw: RawSample | None = self.reader.read(shard, index, mine)
+        if raw is not None and len(self.dataset.sources) > 1:
+            qualify = self.dataset.qualify
+            raw = replace(raw, key=qualify(shard, raw.key), image_key=qualify(shard, raw.image_key))
         decoded = decode_sample(raw, self.cfg, position, mine) if raw is not None else None
         if decoded is None:
             errors.update(mine)
@@ -122,9 +139,9 @@ class MicroBatchMaker:
                 failures.append(
                     {
                         "position": position,
-                        "shard": self.dataset.shards[int(shard)].path,
-                        "index": int(index),
-                        "key": self.reader.key(int(shard), int(index)),
+                        "shard": self.dataset.shards[shard].path,
+                        "index": index,
+                        "key": self.dataset.qualify(shard, self.reader.key(shard, index)),
                         "reason": next(iter(mine), "unknown"),
                     }
                 )
@@ -135,14 +152,14 @@ class MicroBatchMaker:
         first = micro_batch_positions(self.start, round_index, self.rank, self.world_size, b)
         errors: Counter = Counter()
         failures: list[dict] = []
-        shards, indices = self.dataset.locate(self.order.samples(first, b)[0])
+        ids, epochs = self.order.samples(first, b)
+        shards, indices = self.dataset.locate(ids)
         self.reader.preload(list(zip(shards.tolist(), indices.tolist())))
-        decoded = [self.sample_at(first + j, errors, failures) for j in range(b)]
+        decoded = [self.sample_at(first + j, errors, failures, ids[j]) for j in range(b)]
         filled = fill_slots(decoded)
         if filled is None:
             filled = self._fill_from_round(round_index, first, failures)
         batch = collate_batch(filled, cfg, self.tokenizer)
-        _, epochs = self.order.samples(first, 1)
         batch.round, batch.position, batch.epoch = round_index, first, int(epochs[0])
         batch.errors, batch.failures = dict(errors), failures
         batch.io = self.io_since_last()
@@ -212,18 +229,31 @@ class StreamingLoader:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.dataset = resolve_dataset(cfg.shards, cfg.resampled)
         self.global_batch = cfg.batch_size * cfg.grad_accum * world_size
-        self.order = GlobalOrder(self.dataset, cfg, self.global_batch)  # checks the tail rule
         self.round_size = world_size * cfg.batch_size
-        self.position = epoch * self.order.epoch_length
         self._errors: Counter = Counter()
         self._io: Counter = Counter()
+        self.start_phase((0, 0), [], {})  # checks the tail rule
+        self.position = self.order.epoch_start(epoch)
         # Loaded once here, not per worker: importing transformers takes seconds.
         wants_tokens = cfg.decode_images and cfg.tokenizer
         self.tokenizer = load_tokenizer(cfg.tokenizer) if wants_tokens else None
 
+    def start_phase(
+        self, origin: tuple[int, int], earlier: list[dict], seen: dict, record: dict | None = None
+    ) -> None:
+        """This loader's mixture as the stream from `origin` (position, epoch) on, after the
+        `earlier` phases that gave `seen` samples per source (`record`: this phase's, as saved)."""
+        self.order = GlobalOrder(self.dataset, self.cfg, self.global_batch, origin)
+        record = record or phase_record(self.dataset, self.cfg, origin, self.global_batch)
+        self.phases = [*earlier, record]
+        self._seen_before = Counter(seen)
+        self._counted = (origin[0], np.zeros(len(self.dataset.sources), dtype=np.int64))
+
     @property
     def samples_per_epoch(self) -> int:
-        return self.order.samples_per_epoch
+        """The current epoch's samples (an epoch's count varies by a sample or so with fractional
+        repeats or proportions)."""
+        return self.order.epoch_length(self.epoch)
 
     @property
     def epoch(self) -> int:
@@ -237,8 +267,9 @@ class StreamingLoader:
     def maker(self) -> MicroBatchMaker:
         """Micro-batches from the current position, made in this process (no workers)."""
         return MicroBatchMaker(
-            self.dataset, self.cfg, self.rank, self.world_size, self.position, self.tokenizer
-        )
+            self.dataset, self.cfg, self.rank, self.world_size, self.position, self.tokenizer,
+            self.order.origin,
+        )  # fmt: skip
 
     def __iter__(self) -> Iterator[Batch]:
         return self.batches()
@@ -278,43 +309,70 @@ class StreamingLoader:
         retried), `downloads`, `cache_hits`, `evictions`, `requests`, `bytes`."""
         return dict(self._io)
 
+    def sample_counts(self) -> dict[str, int]:
+        """Samples each source gave the stream before this loader's position, over every phase:
+        the whole global stream's (the same on every rank), not this rank's share."""
+        counted, counts = self._counted
+        if self.position < counted:
+            counted, counts = self.order.origin[0], counts * 0
+        counts = counts + self.order.source_counts(counted, self.position)
+        self._counted = (self.position, counts)
+        total = Counter(self._seen_before)
+        total.update(dict(zip(self.dataset.names, counts.tolist())))
+        return {name: total[name] for name in [*self._seen_before, *self.dataset.names]}
+
     def summary(self) -> dict[str, Any]:
-        """What a checkpoint records of its training data (`Dataset.summary`)."""
-        return self.dataset.summary()
+        """What a checkpoint records of its training data: `Dataset.summary`, each source's
+        samples per epoch and samples seen, and the mixture phases."""
+        out = self.dataset.summary()
+        seen = self.sample_counts()
+        for source, share in zip(out["sources"], self.order.shares):
+            if not self.cfg.resampled:
+                source["per_epoch"] = float(share)
+            source["seen"] = seen[source["name"]]
+        return out | {"mode": mode_of(self.cfg), "seen": seen, "phases": self.phases}
 
     def state_dict(self) -> dict[str, Any]:
         """The stream position reached, plain JSON; the same on every rank."""
+        epoch = self.epoch
         return {
             "format_version": STATE_FORMAT_VERSION,
-            "mode": "resampled" if self.cfg.resampled else "epoch",
+            "mode": mode_of(self.cfg),
             "seed": self.cfg.seed,
             "position": self.position,
-            "epoch": self.epoch,
-            "samples_per_epoch": self.samples_per_epoch,
+            "epoch": epoch,
+            "epoch_start": self.order.epoch_start(epoch),
+            "samples_per_epoch": self.order.epoch_length(epoch),
             "shuffle_window": self.cfg.shuffle_window,
             "epoch_tail": self.cfg.epoch_tail,
             "global_batch": self.global_batch,
             "data_digest": self.dataset.digest(),
+            "sources": {s.name: s.digest() for s in self.dataset.sources},
+            "phases": self.phases,  # the current one last
+            "seen_before": dict(self._seen_before),  # samples per source of earlier phases
+            "samples_by_source": self.sample_counts(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], new_mixture: bool = False) -> None:
         """Continue at the saved position, on any topology. Refused (LoaderStateError) when what
-        defines the stream differs: seed, mode, data, shuffle window or tail rule."""
+        defines the stream differs: seed, mode, shuffle window, tail rule, or the data (naming
+        the sources that differ) unless `new_mixture`: this loader's mixture then starts a phase
+        at the saved position, with a whole epoch."""
         version = state.get("format_version")
         if version == 1:  # the per-rank shard split of UMT before the global order
-            self.position = (int(state["epoch"]) + 1) * self.order.epoch_length
+            self.position = self.order.epoch_start(int(state["epoch"]) + 1)
             log.warning(
                 "loader state from an older UMT (per-rank shard split): continuing at the start of "
                 "epoch %d; the rest of epoch %d is not seen",
                 state["epoch"] + 1, state["epoch"],
             )  # fmt: skip
             return
-        if version != STATE_FORMAT_VERSION:
+        if version not in (2, STATE_FORMAT_VERSION):
             raise LoaderStateError(
                 f"loader state format_version {version!r} is not {STATE_FORMAT_VERSION}"
             )
         mine = self.state_dict()
-        for key in ("mode", "seed", "data_digest", "shuffle_window", "epoch_tail"):
+        for key in ("mode", "seed", "shuffle_window", "epoch_tail"):
             if state[key] != mine[key]:
                 raise LoaderStateError(
                     f"loader state has {key}={state[key]!r} but this loader has {mine[key]!r}; "
@@ -326,7 +384,34 @@ class StreamingLoader:
                 "places, so up to one global batch per epoch is seen twice or not at all",
                 self.global_batch, state["global_batch"],
             )  # fmt: skip
-        self.position = int(state["position"])
+        position = int(state["position"])
+        if state["data_digest"] != mine["data_digest"]:
+            if not new_mixture:
+                raise LoaderStateError(data_change(state, self.dataset))
+            origin = (position, next_phase_epoch(state))
+            self.start_phase(origin, earlier_phases(state), state.get("samples_by_source", {}))
+            log.warning(
+                "a new mixture from stream position %d on (epoch %d of it): %s",
+                position, origin[1], describe_phase(self.phases[-1]),
+            )  # fmt: skip
+        elif version == 2 and len(self.dataset.sources) > 1:
+            # Sources were one pool before mixtures; each is its own stream now.
+            self.position = self.order.epoch_start(int(state["epoch"]) + 1)
+            log.warning(
+                "loader state of several sources from before mixtures: the order of their samples "
+                "within an epoch has changed, so epoch %d is continued at the start of epoch %d",
+                state["epoch"], state["epoch"] + 1,
+            )  # fmt: skip
+            return
+        elif version == STATE_FORMAT_VERSION:
+            current = state["phases"][-1]
+            origin = (int(current["start"]), int(current["epoch"]))
+            self.start_phase(origin, state["phases"][:-1], state["seen_before"], current)
+        self.position = position
+
+
+def mode_of(cfg: LoaderConfig) -> str:
+    return "resampled" if cfg.resampled else "epoch"
 
 
 def build_loader(cfg: LoaderConfig, rank: int, world_size: int, epoch: int = 0) -> StreamingLoader:
@@ -350,23 +435,36 @@ def _prefetch_one(cache: ShardCache, shard) -> None:
 
 
 def iter_raw_samples(
-    shards: str | list[str], errors: Counter | None = None, cache_dir: str | None = None
+    shards: str | list, errors: Counter | None = None, cache_dir: str | None = None
 ) -> Iterator[RawSample]:
     """Every sample of the given shards in stored order, no shuffling (evaluation, inspection);
-    remote shards through the node cache. Of a subset's shard, its kept samples only."""
+    remote shards through the node cache. Of a subset's shard, its kept samples only. Mixing
+    fields (repeat, proportion, weight) are ignored; with several sources, keys come as
+    `source/key` (image keys too: two datasets' images are never taken for one)."""
     errors = Counter() if errors is None else errors
-    dataset = resolve_dataset(shards, resampled=True)  # True: accept `:weight` specs too
+    dataset = resolve_dataset(shards)
     cache = None
     if any(storage.is_remote(s.path) for s in dataset.shards):
         cache = ShardCache(cache_dir or default_cache_dir())
-    for shard in dataset.shards:
-        if shard.kept is None:
-            yield from read_tar_samples(shard, errors, cache)
-            continue
-        reader = ShardReader((shard,), cache, keep_open=1)
-        try:
-            for position in shard.kept.tolist():
-                if (sample := reader.read(0, position, errors)) is not None:
-                    yield sample
-        finally:
-            reader.close()
+    for i, shard in enumerate(dataset.shards):
+        for sample in _shard_samples(shard, errors, cache):
+            if len(dataset.sources) > 1:
+                key, image_key = (
+                    dataset.qualify(i, sample.key),
+                    dataset.qualify(i, sample.image_key),
+                )
+                sample = replace(sample, key=key, image_key=image_key)
+            yield sample
+
+
+def _shard_samples(shard, errors: Counter, cache: ShardCache | None) -> Iterator[RawSample]:
+    if shard.kept is None:
+        yield from read_tar_samples(shard, errors, cache)
+        return
+    reader = ShardReader((shard,), cache, keep_open=1)
+    try:
+        for position in shard.kept.tolist():
+            if (sample := reader.read(0, position, errors)) is not None:
+                yield sample
+    finally:
+        reader.close()

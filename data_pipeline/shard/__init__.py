@@ -1,5 +1,5 @@
 """The sharder (`umt shard`): plans, writes and resumes WebDataset shards, their manifest and
-error report. Reading rows is `data_pipeline.sources`; each stage below is a module of its own:
+error report. Reading rows is `data_pipeline.shard.sources`; each stage below is a module of its own:
 `options`, `plan`, `download`, `images`, `write` (one shard), `pool` (worker processes),
 `manifest` (done-records, identity, manifest, merges) and `run` (`shard_dataset`).
 

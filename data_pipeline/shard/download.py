@@ -13,7 +13,7 @@ from http.client import HTTPException
 from pathlib import Path
 
 from data_pipeline.shard.options import SampleError, ShardOptions
-from data_pipeline.sources import is_url
+from data_pipeline.shard.sources import is_url
 
 RETRY_HTTP_CODES = (408, 425, 429, 500, 502, 503, 504)
 

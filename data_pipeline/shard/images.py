@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
+from data_pipeline.pixels import to_rgb
 from data_pipeline.shard.options import IMAGE_FORMATS, RESAMPLE_FILTERS, SampleError, ShardOptions
-from umt.model.pixels import to_rgb
 
 # EXIF orientation -> the transpose that shows the image upright (as ImageOps.exif_transpose).
 _ORIENTATION_TRANSPOSE = {

@@ -13,11 +13,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_pipeline import shard_output, storage
-from data_pipeline.loader.tar_index import INDEX_SUFFIX, index_location
+from data_pipeline import storage
+from data_pipeline.shard import output as shard_output
 from data_pipeline.shard.options import RUN_ONLY_FIELDS, OtherRunError, ShardError, ShardOptions
 from data_pipeline.shard.plan import WorkItem
-from data_pipeline.sources import Row
+from data_pipeline.shard.sources import Row
+from data_pipeline.tar_index import INDEX_SUFFIX, index_location
 
 
 @dataclass

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from data_pipeline.shard.options import ShardOptions
-from data_pipeline.sources import Row
+from data_pipeline.shard.sources import Row
 
 
 class WorkItem(NamedTuple):

@@ -15,8 +15,8 @@ from tqdm import tqdm
 from data_pipeline.shard.manifest import ShardRecord, load_done_record
 from data_pipeline.shard.options import ShardOptions
 from data_pipeline.shard.plan import KeyLayout, ShardTask
+from data_pipeline.shard.sources import Row
 from data_pipeline.shard.write import ShardJob, write_shard
-from data_pipeline.sources import Row
 
 _progress_queue: Any = None  # set in each worker process by _init_worker
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from data_pipeline import shard_output, storage
+from data_pipeline import storage
+from data_pipeline.shard import output as shard_output
 from data_pipeline.shard.manifest import (
     ShardRecord,
     ShardSummary,
@@ -28,7 +29,7 @@ from data_pipeline.shard.plan import (
     shard_name,
 )
 from data_pipeline.shard.pool import Progress, run_tasks
-from data_pipeline.sources import Row, SourceSpec, read_source
+from data_pipeline.shard.sources import Row, SourceSpec, read_source
 
 
 def check_output_folder(out: Path, flag: str) -> None:

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data_pipeline import faults, shard_output
-from data_pipeline.loader.tar_index import TarIndex, index_location, write_index
+from data_pipeline import faults
+from data_pipeline.shard import output as shard_output
 from data_pipeline.shard.download import fetch_in_order
 from data_pipeline.shard.images import StoredImage, prepare_image
 from data_pipeline.shard.manifest import (
@@ -24,7 +24,8 @@ from data_pipeline.shard.manifest import (
 )
 from data_pipeline.shard.options import SampleError, ShardOptions
 from data_pipeline.shard.plan import KeyLayout, ShardTask, WorkItem, clean_captions
-from data_pipeline.sources import Row
+from data_pipeline.shard.sources import Row
+from data_pipeline.tar_index import TarIndex, index_location, write_index
 
 TAR_MTIME = 946684800  # 2000-01-01T00:00:00Z, fixed so that shards are byte-reproducible
 

@@ -97,6 +97,7 @@ def small_disk(tmp_path: Path):
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.mark.slow
 def test_shard_on_a_full_disk_fails_in_one_line_then_resumes(tmp_path, small_disk, capsys):
     table = good_dataset(tmp_path / "in", n=40)
     args = [str(table), "--image-size", "64", "--maxcount", "4", "--no-progress"]
@@ -124,6 +125,7 @@ def train_error(tmp_path: Path, capsys, *overrides: str, config: str | None = No
     return only_line(capsys.readouterr().err)
 
 
+@pytest.mark.slow
 def test_train_shards_that_are_not_tars_or_not_there(tmp_path, capsys, data) -> None:
     common = (f"data.tokenizer={data['tokenizer']}",)
     line = train_error(tmp_path, capsys, *common, f"data.train.shards={data['table']}")

@@ -18,7 +18,7 @@ from data_pipeline.loader import LoaderConfig, LoaderDataError, build_loader
 from data_pipeline.loader.reader import SAMPLE_ERRORS
 from data_pipeline.loader.stream import iter_raw_samples
 from data_pipeline.shard import ShardError, ShardOptions, shard_dataset
-from data_pipeline.sources import SourceError
+from data_pipeline.shard.sources import SourceError
 from tests.data_pipeline.test_shard import good_dataset
 
 CASES = 40  # per input kind; each is a few tens of milliseconds

@@ -55,6 +55,7 @@ def test_a_line_break_in_a_shared_yamls_output_dir_is_refused(capsys, tmp_path):
     "option, value",
     [("--job-name", "x;touch M"), ("--partition", "$(touch M)"), ("--time", "`touch M`")],
 )
+@pytest.mark.slow
 def test_sbatch_lines_take_only_plain_values(capsys, option, value):
     code, _, err = submit(
         capsys, "train", "--config", CONFIG, "--gpus-per-node=0", f"{option}={value}", "--dry-run"
@@ -72,6 +73,7 @@ def fake_slurm_tools(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_hostile_values_that_pass_run_no_command_in_the_job(capsys, tmp_path):
     marker = tmp_path / "PWNED"
     hostile = f"eth0;touch {marker};$(touch {marker})"

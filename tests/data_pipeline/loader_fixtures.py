@@ -6,9 +6,12 @@ import hashlib
 import io
 import json
 import tarfile
+from itertools import islice
 from pathlib import Path
 
 from PIL import Image
+
+from data_pipeline.loader import LoaderConfig, build_loader
 
 
 def encode_image(index: int, size: tuple[int, int] = (16, 12), fmt: str = "JPEG") -> bytes:
@@ -138,3 +141,25 @@ def write_dirty_dataset(folder: Path, counts: list[int]) -> tuple[list[str], dic
     rewrite(2, lambda n, d: None if n == "dirty-002-0001.jpg" else (n, d))
     truncate_inside(folder / "data-000003.tar", "dirty-003-0003.jpg")
     return [k for k in keys if k not in bad], bad
+
+
+def keys_only(shards: str, **overrides) -> LoaderConfig:
+    base = dict(
+        shards=shards,
+        batch_size=3,
+        num_workers=0,
+        seed=7,
+        shuffle_window=12,
+        tokenizer=None,
+        decode_images=False,
+    )
+    return LoaderConfig(**{**base, **overrides})
+
+
+def keys_by_position(cfg: LoaderConfig, world: int, rounds: int) -> dict[int, str]:
+    """Stream position -> sample key, from every rank's loader in this process."""
+    out = {}
+    for rank in range(world):
+        for batch in islice(iter(build_loader(cfg, rank, world)), rounds):
+            out |= {batch.position + j: key for j, key in enumerate(batch.keys)}
+    return out

@@ -171,5 +171,7 @@ def test_img2dataset_output_indexes_inspects_and_trains_as_it_is(tmp_path):
     )  # fmt: skip
     trained = [k for line in (run / "sample_keys" / "rank0.txt").read_text().splitlines()
                for k in line.split()[1:]]  # fmt: skip
-    assert sorted(trained) == sorted(img2dataset_keys(i2d) + list(plain))
+    # Two sources: keys come as source/key (each tool numbers its samples from 0).
+    want = [f"i2d/{k}" for k in img2dataset_keys(i2d)] + [f"wds/{k}" for k in plain]
+    assert sorted(trained) == sorted(want)
     assert not (run / "data_errors").exists()

@@ -232,7 +232,7 @@ def test_shards_read_back_with_tarfile_and_webdataset(tmp_path: Path) -> None:
         assert min(image.size) == 32  # keep_ratio: the short side becomes --image-size
     # Each shard has its index beside it (random access for the loader), exact for its tar.
     from data_pipeline.loader.reader import ShardReader
-    from data_pipeline.loader.tar_index import check_index, index_location
+    from data_pipeline.tar_index import check_index, index_location
 
     for shard in shards:
         assert Path(index_location(str(shard))).is_file() and check_index(str(shard)) == []
@@ -469,6 +469,7 @@ def test_maxsize_rolls_rows_over_into_overflow_shards(tmp_path: Path) -> None:
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
 
 
+@pytest.mark.slow
 def test_url_inputs_over_loopback_http(tmp_path: Path, image_server: ImageServer) -> None:
     image_server.images = {"cat.jpg": jpeg_bytes(60, 40, seed=7), "dog.jpg": jpeg_bytes(40, 60, 8)}
     base = image_server.base
@@ -494,6 +495,7 @@ def test_url_inputs_over_loopback_http(tmp_path: Path, image_server: ImageServer
     assert shard_dataset(table, tmp_path / "limited", limited).failures == {"too_large": 1}
 
 
+@pytest.mark.slow
 def test_a_trickling_download_is_cut_at_its_deadline(
     tmp_path: Path, image_server: ImageServer
 ) -> None:
@@ -508,6 +510,7 @@ def test_a_trickling_download_is_cut_at_its_deadline(
     assert "not complete within --download-deadline 1 s" in error["message"]
 
 
+@pytest.mark.slow
 def test_redirects_are_followed_to_http_only(tmp_path: Path, image_server: ImageServer) -> None:
     secret = tmp_path / "secret.jpg"  # a local file a redirect must not read into a shard
     secret.write_bytes(jpeg_bytes(40, 40, seed=9))
@@ -657,6 +660,7 @@ def test_parts_merged_equal_a_single_run(tmp_path: Path) -> None:
         assert (parts / tar.name).read_bytes() == tar.read_bytes()
 
 
+@pytest.mark.slow
 def test_parts_published_to_s3_merge_there_into_a_single_runs_output(tmp_path: Path) -> None:
     """A job array writing to s3://: each part publishes its shards, the merge job joins them
     in the store; the result equals a single local run's."""

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_pipeline.sources import Problem, SourceError, SourceSpec, detect_format, read_source
+from data_pipeline.shard.sources import Problem, SourceError, SourceSpec, detect_format, read_source
 
 
 def read(path: Path, **kwargs) -> list:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from data_pipeline import storage
-from data_pipeline.loader.tar_index import index_location, index_of_file, write_index
 from data_pipeline.shard_cache import ShardCache
+from data_pipeline.tar_index import index_location, index_of_file, write_index
 from launch.cli import main as umt
 from tests.conftest import REPO
 from tests.data_pipeline.loader_fixtures import write_dataset
@@ -54,6 +54,7 @@ def order(capsys, shards: str, *extra: str) -> tuple[int, list[str], str]:
     return code, captured.out.splitlines(), captured.err
 
 
+@pytest.mark.slow
 def test_order_from_s3_equals_the_local_order(local, s3, tmp_path, capsys):
     server, url = s3
     code, want, _ = order(capsys, str(local))
@@ -67,6 +68,7 @@ def test_order_from_s3_equals_the_local_order(local, s3, tmp_path, capsys):
     assert not (tmp_path / "range-cache").exists()
 
 
+@pytest.mark.slow
 def test_order_over_http_with_a_cache_smaller_than_two_shards(local, tmp_path, capsys):
     code, want, _ = order(capsys, str(local), "--workers", "1")
     shard_bytes = min(p.stat().st_size for p in local.glob("*.tar"))
@@ -84,6 +86,7 @@ def test_order_over_http_with_a_cache_smaller_than_two_shards(local, tmp_path, c
     assert int(counts["evictions"]) > 0
 
 
+@pytest.mark.slow
 def test_a_server_that_keeps_failing_is_retried_then_named_in_one_line(
     local, http, tmp_path, capsys, monkeypatch
 ):
@@ -98,6 +101,7 @@ def test_a_server_that_keeps_failing_is_retried_then_named_in_one_line(
     assert set(tries) == {500} and len(tries) % 6 == 0 and 6 <= len(tries) <= 6 * 6
 
 
+@pytest.mark.slow
 def test_a_shard_missing_from_the_store_is_named_in_one_line(local, s3, tmp_path, capsys):
     server, url = s3
     server.client.delete_object(Bucket=BUCKET, Key="data/shards/data-000005.tar")
@@ -108,6 +112,7 @@ def test_a_shard_missing_from_the_store_is_named_in_one_line(local, s3, tmp_path
     assert "not found" in line
 
 
+@pytest.mark.slow
 def test_missing_credentials_are_one_line(local, s3, monkeypatch, capsys):
     _, url = s3
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
@@ -124,6 +129,7 @@ def test_missing_credentials_are_one_line(local, s3, monkeypatch, capsys):
     )
 
 
+@pytest.mark.slow
 def test_a_download_killed_midway_leaves_nothing_that_is_taken_for_the_shard(local, s3, tmp_path):
     _, url = s3
     shard = f"{url}/data-000001.tar"
@@ -144,6 +150,7 @@ def test_a_download_killed_midway_leaves_nothing_that_is_taken_for_the_shard(loc
     held.release()
 
 
+@pytest.mark.slow
 def test_index_shards_in_the_store_then_read_them_by_range(tmp_path, capsys):
     """Shards made by another tool, in S3 without indexes: `umt data index` publishes them
     beside the shards, `--check` agrees, and range reads (which need them) give the local order."""

@@ -29,13 +29,11 @@ SEED = 17
 
 def run_step(model, objectives, layout: StepLayout, record: dict | None = None) -> dict:
     """One optimizer step in step mode on this rank's micro-batches; gradients land in .grad."""
-    pixels, raw, ids, mask, image_ids = global_step_batch()
+    _, raw, ids, mask, image_ids = global_step_batch()
     step = ContrastiveStep(model, layout, objectives, lambda p: p.double() / 255 * 2 - 1)
     for micro in range(layout.micro_batches):
         rows = layout.positions(micro)
-        step.embed(
-            MicroBatchInputs(pixels[rows], raw[rows], ids[rows], mask[rows], image_ids[rows])
-        )
+        step.embed(MicroBatchInputs(raw[rows], ids[rows], mask[rows], image_ids[rows]))
     cache = step.contrast(SEED)
     total = objectives.itc_weight * cache.loss
     for micro in range(layout.micro_batches):

@@ -88,7 +88,8 @@ def contrastive_outputs(
     image_embeds, text_embeds = image_embeds.to(dtype), text_embeds.to(dtype)
     b = image_embeds.shape[0]
     device = image_embeds.device
-    if positions is None:
+    default_positions = positions is None
+    if default_positions:
         positions = torch.arange(b, device=device) + rank(group) * b
     if image_keys is None:  # every sample its own image: its position is its key
         local_ids = positions
@@ -110,7 +111,14 @@ def contrastive_outputs(
         raise ValueError(f"objectives.itc_impl must be gather or ring (got {impl!r})")
     all_images = gather_with_grad(image_embeds, group)  # (W*b, D)
     all_texts = gather_with_grad(text_embeds, group)
-    global_ids, cols = gather_no_grad(local_ids, group), gather_no_grad(positions, group)
+    global_ids = gather_no_grad(local_ids, group)
+    # Default positions are the global row numbers: known here, not sent.
+    n_cols = all_texts.shape[0]
+    cols = (
+        torch.arange(n_cols, device=device)
+        if default_positions
+        else gather_no_grad(positions, group)
+    )
     positives = positive_mask(local_ids, global_ids, positions, cols)
 
     scale = torch.as_tensor(logit_scale, device=device).to(dtype)

@@ -7,6 +7,7 @@ nothing of DeepSpeed, files or launchers.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple, Protocol
 
@@ -41,14 +42,14 @@ class ObjectiveConfig:
     itm_mining_sharpness: float = 1.0
     """Hard negatives are drawn with weights exp(sharpness * ITC logit): 1 is BLIP/ALBEF's softmax;
     smaller values draw easier negatives (useful when training small models from scratch)."""
-    itc_impl: str = "gather"
+    itc_impl: Literal["gather", "ring"] = "gather"
     """`gather`: all-gather the embeddings and hold this rank's (b, W*b) logits (open_clip's
     ClipLoss). `ring`: pass embedding blocks around the ranks with an online log-sum-exp (Inf-CL):
     the same loss, gradients and ITM negatives in O(b * itc_tile) memory; for global batches
     whose logits no longer fit."""
     itc_tile: int = 4096
     """Columns scored at a time by `ring` (and by the negatives' draw): memory is O(b * tile)."""
-    itc_loss: str = "softmax"
+    itc_loss: Literal["softmax", "sigmoid"] = "softmax"
     """`softmax`: InfoNCE over the global batch (CLIP). `sigmoid`: SigLIP's pairwise loss, every
     same-key pair a positive, computed by neighbour exchange (needs model.logit_bias_init)."""
     contrastive_batch: Literal["micro", "step"] = "micro"
@@ -57,6 +58,30 @@ class ObjectiveConfig:
     of one micro-batch: embeddings first without a graph, ITC and ITM's negatives over all of
     them, then each micro-batch again with its cached gradient (GradCache); MLM stays per
     micro-batch."""
+
+    def validate(self) -> None:
+        """ValueError naming the key (the config's loader makes it a ConfigError)."""
+        for name in ("itc_weight", "itm_weight", "mlm_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"objectives.{name} must be >= 0")
+        if not (self.itc_weight > 0 or self.itm_weight > 0 or self.mlm_weight > 0):
+            raise ValueError("objectives: every weight is 0")
+        sharpness = self.itm_mining_sharpness
+        if not (math.isfinite(sharpness) and sharpness > 0):
+            raise ValueError(
+                f"objectives.itm_mining_sharpness must be finite and > 0 (got {sharpness})"
+            )
+        if self.itc_tile <= 0:
+            raise ValueError(f"objectives.itc_tile must be > 0 (got {self.itc_tile})")
+        if self.contrastive_batch == "step" and self.itc_weight == self.itm_weight == 0:
+            raise ValueError(
+                "objectives.contrastive_batch: step makes one batch of ITC and ITM over the "
+                "step, and objectives.itc_weight and objectives.itm_weight are both 0"
+            )
+        if not 0 < self.mlm_probability < 1:
+            raise ValueError(
+                f"objectives.mlm_probability must be in (0, 1) (got {self.mlm_probability})"
+            )
 
 
 @dataclass
