@@ -171,3 +171,34 @@ def test_a_hang_or_a_dead_rank_requeues_up_to_the_limit_and_errors_never(tmp_pat
     assert decide(0, tmp_path, limit=2, env=env) == ""
     record = [json.loads(line) for line in (tmp_path / "slurm" / "requeues.jsonl").open()]
     assert [r["requeued"] for r in record] == [True, True, False, False]
+
+
+@pytest.mark.parametrize("handler_first", [True, False])
+def test_a_handled_stop_signal_is_not_taken_for_a_stuck_rank_whichever_is_seen_first(
+    tmp_path, handler_first
+):
+    """The Python handler may run before the watchdog reads the signal from its pipe (a loaded
+    node): counted, the signal is handled either way. An unhandled one fires after the grace."""
+    import os
+    import signal
+    import time
+
+    from umt.watchdog import STOP_GRACE_S, HangWatchdog
+
+    dog = HangWatchdog(tmp_path, 0, 1, None, 30.0, set())
+    read, write = os.pipe()
+    dog._signal_pipe = read
+    dog.enter("forward")
+    if handler_first:
+        dog.signal_handled()
+    os.write(write, bytes([signal.SIGTERM]))
+    dog._wait(0)
+    if not handler_first:
+        dog.signal_handled()
+    later = time.monotonic() + 2 * STOP_GRACE_S
+    assert not dog._stuck_after_signal(time.monotonic()) and not dog._stuck_after_signal(later)
+    os.write(write, bytes([signal.SIGTERM]))  # one the handler never ran for
+    dog._wait(0)
+    assert not dog._stuck_after_signal(time.monotonic())  # the grace starts now
+    assert dog._stuck_after_signal(time.monotonic() + 2 * STOP_GRACE_S)
+    os.close(read), os.close(write)

@@ -45,6 +45,7 @@ STEP_TIMES_KEPT = 200
 STOP_GRACE_S = 10.0
 SUMMARY_WAIT_AFTER_SIGNAL_S = 5.0
 HUNG, STOPPED_WHILE_STUCK = "hung", "stopped while stuck"
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1}  # the trainer's handlers
 
 # What a rank is doing, as its report says.
 DATA_WAIT = "data wait"
@@ -93,8 +94,12 @@ class HangWatchdog:
         self.armed = False  # after the first step of this start
         self.paused_at: float | None = None
         self.last_progress = time.monotonic()
-        self.signal_at: float | None = None  # a signal reached the process (its C handler)...
-        self.handled_at: float | None = None  # ...and its Python handler ran
+        # Stop signals that reached the process (its C handler wrote them to the pipe) and that
+        # its Python handler ran for. Counted, not timed: the handler may run before this thread
+        # reads the pipe. `signal_at`: when this thread first saw more received than handled.
+        self.signals_received = 0
+        self.signals_handled = 0
+        self.signal_at: float | None = None
         self._signal_pipe: int | None = None
         self.firing = threading.Event()
         self._stop = threading.Event()
@@ -142,7 +147,7 @@ class HangWatchdog:
         self._signal_pipe = read
 
     def signal_handled(self) -> None:
-        self.handled_at = time.monotonic()
+        self.signals_handled += 1
 
     def timeout_s(self) -> float:
         return hang_timeout_s(self.timeout_min, list(self.step_times), self.collective_timeout_min)
@@ -177,15 +182,19 @@ class HangWatchdog:
             self._stop.wait(seconds)
             return
         ready, _, _ = select.select([self._signal_pipe], [], [], seconds)
-        if ready and os.read(self._signal_pipe, 64) and self.signal_at is None:
-            self.signal_at = time.monotonic()
+        if ready:
+            received = os.read(self._signal_pipe, 64)
+            self.signals_received += sum(1 for number in received if number in STOP_SIGNALS)
 
     def _stuck_after_signal(self, now: float) -> bool:
         """A stop signal came STOP_GRACE_S ago, the main thread never ran its Python handler
         and it is inside a step (not saving or evaluating, which may run long native code)."""
-        if self.signal_at is None or now - self.signal_at < STOP_GRACE_S:
+        if self.signals_received <= self.signals_handled:
+            self.signal_at = None
             return False
-        if self.handled_at is not None and self.handled_at >= self.signal_at:
+        if self.signal_at is None:
+            self.signal_at = now
+        if now - self.signal_at < STOP_GRACE_S:
             return False
         return self.phase in STEP_PHASES
 
