@@ -15,7 +15,11 @@ from pathlib import Path
 
 from data_pipeline import storage
 from data_pipeline.curate.options import CurateError
-from data_pipeline.shard.manifest import file_sha256, write_json_atomic
+from data_pipeline.shard.manifest import (
+    file_sha256,
+    remove_dead_writers_temporaries,
+    write_json_atomic,
+)
 from data_pipeline.shard.write import TarMembers
 from data_pipeline.shard_cache import ShardCache, default_cache_dir
 from data_pipeline.subset import Subset
@@ -61,6 +65,7 @@ def check_destination(dest: Path, subset_sha: str | None, overwrite: bool) -> No
 def materialize(subset: Subset, subset_sha: str, dest: Path, cache_dir: str | None) -> dict:
     """Write the shards, their indexes, manifest.json and sizes.json; returns the manifest."""
     dest.mkdir(parents=True, exist_ok=True)
+    remove_dead_writers_temporaries(dest)  # of a run killed mid-write
     write_json_atomic(dest / MARKER, {"subset": subset.location, "subset_sha256": subset_sha})
     cache = None
     entries = []

@@ -40,7 +40,7 @@ from data_pipeline.curate.rules import Samples, decide, load_samples
 from data_pipeline.curate.scan import ShardTask, failpoint, load_done, scan_shard
 from data_pipeline.loader.config import LoaderConfigError
 from data_pipeline.loader.dataset import Dataset, resolve_dataset
-from data_pipeline.shard.manifest import write_json_atomic
+from data_pipeline.shard.manifest import remove_dead_writers_temporaries, write_json_atomic
 from data_pipeline.shard.pool import stop_workers
 from data_pipeline.shard.run import check_output_folder
 from data_pipeline.subset import REMOVED_FILE, SUBSET_FILE, read_subset_if_any, source_shas
@@ -88,6 +88,7 @@ def plan_tasks(
 ) -> list[ShardTask]:
     """One scan per shard: the training shards (scored with --model), then each eval set's."""
     table_dir = str(Path(o.table) if o.table else out / "table")
+    remove_dead_writers_temporaries(Path(table_dir))  # of a run killed mid-write
     state_dir = str(out / STATE_DIR)
     shas: dict[str, dict[str, str]] = {}
 

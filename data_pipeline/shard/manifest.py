@@ -115,6 +115,29 @@ def write_json_atomic(path: Path, data: Any, lines: bool = False) -> None:
         raise
 
 
+def remove_dead_writers_temporaries(folder: Path) -> list[Path]:
+    """Delete `.NAME.PID.tmp` files (what the atomic writes leave) of writers no longer running:
+    a run killed mid-write leaves one; a live process's (a concurrent run) is kept."""
+    removed = []
+    for path in folder.glob(".*.tmp") if folder.is_dir() else ():
+        pid = path.name.rsplit(".", 2)[-2]
+        if not pid.isdigit() or process_alive(int(pid)):
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def run_identity(
     rows: list[Row], source_format: str, input_path: Path, options: ShardOptions
 ) -> dict:

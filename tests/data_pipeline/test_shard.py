@@ -825,3 +825,18 @@ def test_sharding_to_s3_killed_then_rerun_equals_an_uninterrupted_run(tmp_path, 
         got = {k.removeprefix("resumed/"): v for k, v in s3.objects("resumed/").items()}
         assert got.keys() == want.keys() and got == want
         assert {f"{shard}", shard.replace(".tar", ".index.json"), "manifest.json"} <= got.keys()
+
+
+def test_a_dead_writers_temporary_is_removed_and_a_live_ones_kept(tmp_path):
+    """A run killed mid-write leaves `.NAME.PID.tmp`; its rerun removes it (found by the curation
+    kill -9 test), never a concurrent writer's."""
+    from data_pipeline.shard.manifest import remove_dead_writers_temporaries
+
+    no_such_pid = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1
+    dead = tmp_path / f".table.parquet.{no_such_pid}.tmp"
+    live = tmp_path / f".other.parquet.{os.getpid()}.tmp"
+    mine = tmp_path / "table.parquet"
+    for path in (dead, live, mine):
+        path.write_bytes(b"x")
+    assert remove_dead_writers_temporaries(tmp_path) == [dead]
+    assert live.exists() and mine.exists() and not dead.exists()
