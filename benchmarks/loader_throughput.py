@@ -335,11 +335,20 @@ def time_pass(make_batches, max_batches: int) -> PassResult:
     return PassResult(samples, wall, cpu, first, first_size)
 
 
+def usable_storages(wanted: list[str]) -> tuple[list[str], dict[str, str]]:
+    """(storages whose loopback server can start here, {left out: why}): a benchmark on a
+    machine without nginx or moto still measures the rest."""
+    from tests.storage_servers import server_missing
+
+    missing = {kind: server_missing(kind) for kind in wanted if kind != "local"}
+    left_out = {kind: why for kind, why in missing.items() if why}
+    return [kind for kind in wanted if kind not in left_out], left_out
+
+
 def serve(kind: str, folder: Path, stack: contextlib.ExitStack, work: Path) -> dict | None:
     """Shards of `folder` from a loopback server: {ours: spec, urls: [webdataset URLs],
     mosaic: remote} (None for local disk). S3: moto's endpoint (webdataset gets presigned
     URLs, read with curl as usual); HTTP: nginx."""
-    sys.path.insert(0, str(REPO))
     from tests.storage_servers import BUCKET, moto_s3, nginx
 
     if kind == "s3":
@@ -393,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     num_samples = args.samples or (512 if args.quick else 4096)
     rounds = args.rounds or (2 if args.quick else 3)
     source_size = tuple(int(x) for x in args.source_size.split("x"))
-    storages = [s for s in args.storage.split(",") if s]
+    storages, left_out = usable_storages([s for s in args.storage.split(",") if s])
     torch.set_num_threads(1)
     streaming_base, mosaic_note = (
         (None, "--no-mosaic") if args.no_mosaic else import_mosaic(args.mosaic_site)
@@ -459,10 +468,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{num_samples} samples of {args.source_size} JPEG "
         f"({image_bytes / num_samples / 1e3:.0f} KB avg), {num_shards} shards -> "
         f"{args.image_size}px, batch {args.batch_size}, {args.workers} workers, "
-        f"{rounds} rounds (median); remote passes start from an empty cache"
+        f"{rounds} rounds (median); remote passes start from an empty cache; "
+        f"load average {os.getloadavg()}"
     )
     if streaming_base is None:
         print(f"mosaic streaming left out: {mosaic_note}")
+    for kind, reason in left_out.items():
+        print(f"from {kind} left out: {reason}")
     summary = []
     for kind, results in tables.items():
         wall = {n: statistics.median(r.per_s for r in rs) for n, rs in results.items()}

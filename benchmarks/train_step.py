@@ -9,9 +9,11 @@ seeds, so their first losses agree to float rounding (printed as a check):
   negatives by all-gather; in one process the gather moves nothing, see objective_scaling.py);
 - ablations (on `small`): each of our choices undone alone, plus activation checkpointing,
   bf16 autocast and (with --compile) `torch.compile` of the fusion blocks.
-Steps run in rounds that interleave the contenders (order rotated each round), so load from
-other processes hits all alike; the median step is reported, and `ours_again` (a second copy of
-ours) shows the noise floor. Memory: the step's peak RSS above the resident RSS before it
+Every contender first runs `--warmup` untimed rounds; then steps run in rounds that interleave
+the contenders (order rotated each round, reversed every other), so load from other processes
+hits all alike. The median step and its min-max are reported (SUMMARY: `*_spread`, (max - min)
+/ median), and `ours_again` (a second copy of ours) shows the noise floor: its ratio to ours
+should sit within a few percent of 1. Memory: the step's peak RSS above the resident RSS before it
 (VmHWM reset through /proc/self/clear_refs; glibc's mmap threshold is pinned at 64 KiB so freed
 tensors leave the RSS), plus the bytes autograd saves for backward (deterministic). MFU: the
 analytic FLOPs of `umt.flops` over the step time, divided by the fp32 matmul peak of this machine
@@ -320,6 +322,19 @@ def profile_step(contender: Contender, seed: int) -> list[tuple[str, float]]:
 # --- the run -------------------------------------------------------------------------------------
 
 
+def spread(times: list[float]) -> float:
+    """(max - min) / median of a contender's timed steps."""
+    return (max(times) - min(times)) / statistics.median(times)
+
+
+def round_order(contenders: list[Contender], r: int) -> list[Contender]:
+    """Round r's order: rotated by r, reversed on odd rounds, so no contender always runs first,
+    last, or right after the same other one."""
+    k = r % len(contenders)
+    order = contenders[k:] + contenders[:k]
+    return order[::-1] if r % 2 else order
+
+
 def run_preset(preset: str, args, ablations: bool, peaks: list[float]) -> dict:
     contenders, cfg, batch = contenders_for(
         preset, args.batch, args.text_len, ablations, args.compile, bf16=not args.quick
@@ -328,12 +343,17 @@ def run_preset(preset: str, args, ablations: bool, peaks: list[float]) -> dict:
     mlm_tokens = None  # expected count; the real one varies by a few tokens per seed
     shape = StepShape(args.batch, text_len, itm=True, mlm=True, mlm_tokens=mlm_tokens)
     flops = train_step_flops(cfg, shape)
-    for c in contenders:
-        c.warmup(seed=0)
+    # Warm-up rounds, interleaved as the timed ones: the first step allocates the optimizer
+    # state and counts saved bytes; the next ones run in the steady state the timed ones see.
+    for w in range(args.warmup):
+        for c in round_order(contenders, w):
+            if w == 0:
+                c.warmup(seed=0)
+            elif c.max_rounds > 1:
+                c.step(seed=0, record=False)
     for r in range(args.rounds):
         peaks.append(matmul_peak_flops())
-        # Rotate the order each round: no contender always runs first or after another.
-        for c in contenders[r % len(contenders) :] + contenders[: r % len(contenders)]:
+        for c in round_order(contenders, r):
             if len(c.times) < c.max_rounds:
                 c.step(seed=r + 1)
     peak = statistics.median(peaks)
@@ -343,13 +363,15 @@ def run_preset(preset: str, args, ablations: bool, peaks: list[float]) -> dict:
         f" image {cfg.image.image_size}px, {args.rounds} rounds, median step"
     )
     print(
-        f"{'contender':<20}{'samples/s':>10}{'step s':>8}{'fwd/bwd/opt s':>17}{'x ours':>8}"
+        f"{'contender':<20}{'samples/s':>10}{'step s':>8}{'min-max s':>12}{'fwd/bwd/opt s':>17}"
+        f"{'x ours':>8}"
         f"{'peak MiB':>10}{'saved MiB':>10}{'MFU %':>7}{'|dloss|':>9}  what"
     )
     for c in contenders:
         fwd, bwd, opt = (statistics.median(p[i] for p in c.phases) for i in range(3))
         print(
             f"{c.name:<20}{args.batch / c.median_s:>10.1f}{c.median_s:>8.3f}"
+            f"{min(c.times):>6.2f}-{max(c.times):.2f}"
             f"{fwd:>7.2f}/{bwd:.2f}/{opt:.2f}{c.median_s / ours.median_s:>8.2f}"
             f"{c.peak / 2**20:>10.0f}{c.saved_bytes / 2**20:>10.1f}"
             f"{100 * flops / c.median_s / peak:>7.1f}{abs(c.first_loss - ours.first_loss):>9.1e}"
@@ -406,13 +428,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="2 rounds, batch 16, no bf16 (12x slower on CPUs without bf16 matmuls): < 2 min",
+        help="3 rounds, batch 16, no bf16 (12x slower on CPUs without bf16 matmuls): ~2 min",
     )
     parser.add_argument("--presets", default="tiny,small")
     parser.add_argument("--ablate", default="small", help="preset for the ablations ('' none)")
     parser.add_argument("--batch", type=int, default=None, help="default 32 (16 with --quick)")
     parser.add_argument("--text-len", type=int, default=32, help="max_text_len (padded)")
-    parser.add_argument("--rounds", type=int, default=None, help="default 2 quick, 5 full")
+    parser.add_argument("--rounds", type=int, default=None, help="default 3 quick, 5 full")
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="untimed rounds before the timed ones (>= 1)"
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -423,7 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="also torch.compile the fusion")
     parser.add_argument("--no-profile", dest="profile", action="store_false")
     args = parser.parse_args(argv)
-    args.rounds = args.rounds or (2 if args.quick else 5)
+    args.rounds = args.rounds or (3 if args.quick else 5)
+    if args.warmup < 1:
+        parser.error(f"--warmup must be >= 1 (got {args.warmup})")
     args.batch = args.batch or (16 if args.quick else 32)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -442,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{p}_ours_sps={args.batch / ours.median_s:.1f}",
             f"{p}_baseline_sps={args.batch / base.median_s:.1f}",
             f"{p}_speedup={base.median_s / ours.median_s:.2f}",
+            f"{p}_ours_spread={spread(ours.times):.3f}",
+            f"{p}_baseline_spread={spread(base.times):.3f}",
             f"{p}_peak_mem_ratio={base.peak / max(ours.peak, 1):.2f}",
             f"{p}_saved_mem_ratio={base.saved_bytes / max(ours.saved_bytes, 1):.2f}",
             f"{p}_mfu={r['flops'] / ours.median_s / r['peak']:.3f}",
