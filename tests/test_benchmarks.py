@@ -91,7 +91,8 @@ def test_train_step_quick_prints_summary():
         "--ablate", "tiny", "--batch", "4", "--rounds", "1", "--warmup", "1", "--no-profile",
     )  # fmt: skip
     values = summary(out)
-    assert float(values["tiny_ours_spread"]) >= 0 and "tiny_ours_again_time_ratio" in values
+    assert float(values["tiny_ours_spread"]) >= 0 and float(values["tiny_cpu_speedup"]) > 0
+    assert "tiny_ours_again_time_ratio" in values and "tiny_ours_again_cpu_ratio" in values
     assert float(values["tiny_speedup"]) > 0 and float(values["tiny_mfu"]) > 0
     assert "tiny_three_fusion_passes_time_ratio" in values
     losses = re.findall(r"^(\w+)\s.*\s(\d\.\de[+-]\d\d)\s", out, re.M)
