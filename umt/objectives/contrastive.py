@@ -88,7 +88,7 @@ def _soft_target_ce(
 
     Cross-entropy against the own column is lse - own logit; adding own logit - mean positive
     logit = scaled_row . (own column - positive mean) gives the soft-target loss. That term is
-    exactly zero (and sends no gradient) for a row whose key no other column shares."""
+    exactly zero for a row whose key no other column shares (its gradients cancel to rounding)."""
     correction = (scaled_rows * (own_columns - positive_mean)).sum(dim=1)
     return F.cross_entropy(logits, own) + correction.mean()
 
