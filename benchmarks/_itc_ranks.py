@@ -2,7 +2,7 @@
 backward, for each contender and local batch, on random L2-normalised embeddings (b, D).
 
 Per contender it records the seconds of forward + backward (median of `--repeats`, after a
-warm-up) and the peak RSS above the RSS before the call (glibc's mmap threshold pinned low so
+warm-up; the repeats interleave the contenders) and the peak RSS above the RSS before the call (glibc's mmap threshold pinned low so
 freed tensors leave the RSS; /proc/self/clear_refs resets the peak). Contenders:
 - gather: UMT's all-gathered ITC (`objectives.itc_impl: gather`);
 - ring: UMT's ring ITC (`itc_impl: ring`, `itc_tile`);
@@ -96,11 +96,15 @@ def main() -> None:
         g = torch.Generator().manual_seed(rank)
         images = F.normalize(torch.randn(b, args.dim, generator=g), dim=-1)
         texts = F.normalize(torch.randn(b, args.dim, generator=g), dim=-1)
-        for name in only:
-            if b > args.gather_up_to and name in ("gather", "open_clip"):
-                continue  # their logits would not fit in this machine's memory
-            times, peaks, loss = [], [], None
-            for repeat in range(args.repeats + 1):
+        names = [n for n in only if b <= args.gather_up_to or n not in ("gather", "open_clip")]
+        times = {n: [] for n in names}  # (larger batches: their logits would not fit in memory)
+        peaks = {n: [] for n in names}
+        losses = {}
+        # Repeats interleave the contenders (order rotated, reversed every other repeat), so
+        # load from other processes hits all alike; repeat 0 warms each up.
+        for repeat in range(args.repeats + 1):
+            order = names[repeat % len(names) :] + names[: repeat % len(names)]
+            for name in order[::-1] if repeat % 2 else order:
                 img = images.clone().requires_grad_(True)
                 txt = texts.clone().requires_grad_(True)
                 scale = torch.tensor(10.0, requires_grad=True)
@@ -111,19 +115,20 @@ def main() -> None:
                 out = found[name](img, txt, scale, bias)
                 out.backward()
                 dist.barrier()
-                if repeat:  # the first call warms up
-                    times.append(time.perf_counter() - start)
-                    peaks.append(status_bytes("VmHWM") - before)
-                loss = float(out)
+                if repeat:
+                    times[name].append(time.perf_counter() - start)
+                    peaks[name].append(status_bytes("VmHWM") - before)
+                losses[name] = float(out)
                 del out, img, txt
+        for name in names:
             records.append(
                 {
                     "rank": rank,
                     "contender": name,
                     "local": b,
-                    "seconds": statistics.median(times),
-                    "peak_bytes": max(peaks),
-                    "loss": loss,
+                    "seconds": statistics.median(times[name]),
+                    "peak_bytes": max(peaks[name]),
+                    "loss": losses[name],
                 }
             )
     gathered = [None] * dist.get_world_size()

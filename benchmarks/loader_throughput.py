@@ -12,6 +12,8 @@ tokenize + batch), plus the time from creating it to its first batch and the rat
   per-sample crop, ToTensor + Normalize, per-sample tokenisation);
 - `ours`: the StreamingLoader (global order, random access through the tar index, JPEG draft
   decode, uint8 batches, one tokenizer call per batch);
+- `ours_full_decode` (only when named in `--contenders`): ours with `jpeg_draft` off, every
+  JPEG decoded at full size (`draft_vs_full_decode`);
 - `ours_mix3`: the same loader on a mixture of three sources of the same samples (shards 1/2,
   1/4 and 1/4 of them at x1, x0.5 and x1.5: an epoch of the same size, each source read from its
   own windows and interleaved), against `ours` on one source: what mixing costs
@@ -335,11 +337,20 @@ def time_pass(make_batches, max_batches: int) -> PassResult:
     return PassResult(samples, wall, cpu, first, first_size)
 
 
+def usable_storages(wanted: list[str]) -> tuple[list[str], dict[str, str]]:
+    """(storages whose loopback server can start here, {left out: why}): a benchmark on a
+    machine without nginx or moto still measures the rest."""
+    from tests.storage_servers import server_missing
+
+    missing = {kind: server_missing(kind) for kind in wanted if kind != "local"}
+    left_out = {kind: why for kind, why in missing.items() if why}
+    return [kind for kind in wanted if kind not in left_out], left_out
+
+
 def serve(kind: str, folder: Path, stack: contextlib.ExitStack, work: Path) -> dict | None:
     """Shards of `folder` from a loopback server: {ours: spec, urls: [webdataset URLs],
     mosaic: remote} (None for local disk). S3: moto's endpoint (webdataset gets presigned
     URLs, read with curl as usual); HTTP: nginx."""
-    sys.path.insert(0, str(REPO))
     from tests.storage_servers import BUCKET, moto_s3, nginx
 
     if kind == "s3":
@@ -387,13 +398,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--contenders",
         default=None,
-        help="comma-separated subset to run (default all), e.g. ours,ours_mix3; ours always runs",
+        help="comma-separated subset to run (default all but ours_full_decode: ours with "
+        "data.jpeg_draft off), e.g. ours,ours_mix3; ours always runs",
     )
     args = parser.parse_args(argv)
     num_samples = args.samples or (512 if args.quick else 4096)
     rounds = args.rounds or (2 if args.quick else 3)
     source_size = tuple(int(x) for x in args.source_size.split("x"))
-    storages = [s for s in args.storage.split(",") if s]
+    storages, left_out = usable_storages([s for s in args.storage.split(",") if s])
     torch.set_num_threads(1)
     streaming_base, mosaic_note = (
         (None, "--no-mosaic") if args.no_mosaic else import_mosaic(args.mosaic_site)
@@ -446,6 +458,11 @@ def main(argv: list[str] | None = None) -> int:
                 contenders["mosaic"] = lambda m=mds, c=cfg: iter(
                     mosaic_loader(streaming_base, m, c, tokenizer, fresh("mosaic"))
                 )
+            if args.contenders and "ours_full_decode" in args.contenders.split(","):
+                full = replace(cfg, jpeg_draft=False)
+                contenders["ours_full_decode"] = lambda c=full: build_loader(
+                    replace(c, cache_dir=fresh("full")), 0, 1
+                ).batches(per_epoch)
             if args.contenders:
                 wanted = {"ours", *args.contenders.split(",")}
                 contenders = {n: make for n, make in contenders.items() if n in wanted}
@@ -459,10 +476,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{num_samples} samples of {args.source_size} JPEG "
         f"({image_bytes / num_samples / 1e3:.0f} KB avg), {num_shards} shards -> "
         f"{args.image_size}px, batch {args.batch_size}, {args.workers} workers, "
-        f"{rounds} rounds (median); remote passes start from an empty cache"
+        f"{rounds} rounds (median); remote passes start from an empty cache; "
+        f"load average {os.getloadavg()}"
     )
     if streaming_base is None:
         print(f"mosaic streaming left out: {mosaic_note}")
+    for kind, reason in left_out.items():
+        print(f"from {kind} left out: {reason}")
     summary = []
     for kind, results in tables.items():
         wall = {n: statistics.median(r.per_s for r in rs) for n, rs in results.items()}
@@ -471,12 +491,12 @@ def main(argv: list[str] | None = None) -> int:
         steady = {n: statistics.median(r.steady_per_s for r in rs) for n, rs in results.items()}
         print(f"\nfrom {kind}:")
         print(
-            f"{'loader':<12}{'samples/s':>11}{'ours is':>9}{'samples/cpu-s':>15}{'ours is':>9}"
+            f"{'loader':<18}{'samples/s':>11}{'ours is':>9}{'samples/cpu-s':>15}{'ours is':>9}"
             f"{'first batch s':>15}{'after it /s':>13}{'ours is':>9}"
         )
         for name in results:
             print(
-                f"{name:<12}{wall[name]:>11.1f}{wall['ours'] / wall[name]:>8.2f}x"
+                f"{name:<18}{wall[name]:>11.1f}{wall['ours'] / wall[name]:>8.2f}x"
                 f"{cpu[name]:>15.1f}{cpu['ours'] / cpu[name]:>8.2f}x{first[name]:>15.2f}"
                 f"{steady[name]:>13.1f}{steady['ours'] / steady[name]:>8.2f}x"
             )
@@ -491,8 +511,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"{tag}mix3_steady_vs_single={steady['ours_mix3'] / steady['ours']:.3f}",
                 f"{tag}mix3_cpu_vs_single={cpu['ours_mix3'] / cpu['ours']:.3f}",
             ]
+        if "ours_full_decode" in results:
+            summary.append(
+                f"{tag}draft_vs_full_decode={wall['ours'] / wall['ours_full_decode']:.2f}"
+            )
         for name in results:
-            if name not in ("ours", "ours_mix3"):
+            if name not in ("ours", "ours_mix3", "ours_full_decode"):
                 summary += [
                     f"{tag}vs_{name}={wall['ours'] / wall[name]:.2f}",
                     f"{tag}steady_vs_{name}={steady['ours'] / steady[name]:.2f}",

@@ -246,10 +246,16 @@ def itc_main(args) -> int:
         f"ring_mem_vs_{base}={ratio(peak(hi, 'ring'), peak(hi, base)):.3f}",
         f"ring_time_vs_{base}={ratio(secs(hi, 'ring'), secs(hi, base)):.2f}",
         f"sigmoid_time_vs_{base}={ratio(secs(hi, 'sigmoid'), secs(hi, base)):.2f}",
+        f"gather_time_vs_{base}={ratio(secs(hi, 'gather'), secs(hi, base)):.2f}",
         f"ring_mem_growth_{lo}_to_{top}={ratio(peak(top, 'ring'), peak(lo, 'ring')):.2f}",
         f"{base}_mem_growth_{lo}_to_{hi}={ratio(peak(hi, base), peak(lo, base)):.2f}",
     ]
-    print(f"{time.perf_counter() - start:.0f} s")
+    if (hi, "open_clip_siglip") in table:
+        summary.append(
+            "sigmoid_time_vs_open_clip_siglip="
+            f"{ratio(secs(hi, 'sigmoid'), secs(hi, 'open_clip_siglip')):.2f}"
+        )
+    print(f"{time.perf_counter() - start:.0f} s, load average {os.getloadavg()}")
     print("SUMMARY " + " ".join(summary))
     return 0
 

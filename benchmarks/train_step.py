@@ -9,13 +9,16 @@ seeds, so their first losses agree to float rounding (printed as a check):
   negatives by all-gather; in one process the gather moves nothing, see objective_scaling.py);
 - ablations (on `small`): each of our choices undone alone, plus activation checkpointing,
   bf16 autocast and (with --compile) `torch.compile` of the fusion blocks.
-Steps run in rounds that interleave the contenders (order rotated each round), so load from
-other processes hits all alike; the median step is reported, and `ours_again` (a second copy of
-ours) shows the noise floor. Memory: the step's peak RSS above the resident RSS before it
+Every contender first runs `--warmup` untimed rounds; then steps run in rounds that interleave
+the contenders (order rotated each round), so load from other processes hits all alike. The median step and its min-max are reported (SUMMARY: `*_spread`, (max - min)
+/ median), and `ours_again` (a second copy of ours) shows the noise floor: its ratio to ours
+should sit within a few percent of 1. Each step's CPU seconds of this process (`cpu s`, `cpu x`,
+SUMMARY `*_cpu_*`) are reported beside the wall time: on a machine shared with other work the
+wall time includes time spent waiting for a core, the CPU time much less so. Memory: the step's peak RSS above the resident RSS before it
 (VmHWM reset through /proc/self/clear_refs; glibc's mmap threshold is pinned at 64 KiB so freed
 tensors leave the RSS), plus the bytes autograd saves for backward (deterministic). MFU: the
 analytic FLOPs of `umt.flops` over the step time, divided by the fp32 matmul peak of this machine
-measured in the same process between the rounds.
+measured in the same process before and after each preset's rounds.
 
     python benchmarks/train_step.py [--quick] [--presets tiny,small] [--compile]
 
@@ -153,6 +156,7 @@ class Contender:
     max_rounds: int = 1 << 30  # bf16 on a CPU without bf16 matmuls: one timed step is plenty
     optimizer: torch.optim.Optimizer | None = None
     times: list[float] = field(default_factory=list)
+    cpu_times: list[float] = field(default_factory=list)  # this process's CPU seconds per step
     phases: list[tuple[float, float, float]] = field(default_factory=list)
     peaks: list[int] = field(default_factory=list)
     saved_bytes: int = 0
@@ -166,6 +170,7 @@ class Contender:
     def step(self, seed: int, record: bool = True) -> float:
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16)
         rss = reset_peak_rss()
+        cpu0 = time.process_time()
         t0 = time.perf_counter()
         with autocast:
             out = self.loss_fn(self.model, self.batch, seed)
@@ -178,6 +183,7 @@ class Contender:
         t3 = time.perf_counter()
         if record:
             self.times.append(t3 - t0)
+            self.cpu_times.append(time.process_time() - cpu0)
             self.phases.append((t1 - t0, t2 - t1, t3 - t2))
             self.peaks.append(_status_bytes("VmHWM") - rss)
         return float(out.loss)
@@ -197,6 +203,10 @@ class Contender:
     @property
     def median_s(self) -> float:
         return statistics.median(self.times)
+
+    @property
+    def median_cpu_s(self) -> float:
+        return statistics.median(self.cpu_times)
 
     @property
     def peak(self) -> int:
@@ -320,6 +330,17 @@ def profile_step(contender: Contender, seed: int) -> list[tuple[str, float]]:
 # --- the run -------------------------------------------------------------------------------------
 
 
+def spread(times: list[float]) -> float:
+    """(max - min) / median of a contender's timed steps."""
+    return (max(times) - min(times)) / statistics.median(times)
+
+
+def round_order(contenders: list[Contender], r: int) -> list[Contender]:
+    """Round r's order, rotated by r: each contender runs first once every len(contenders) rounds."""
+    k = r % len(contenders)
+    return contenders[k:] + contenders[:k]
+
+
 def run_preset(preset: str, args, ablations: bool, peaks: list[float]) -> dict:
     contenders, cfg, batch = contenders_for(
         preset, args.batch, args.text_len, ablations, args.compile, bf16=not args.quick
@@ -328,14 +349,22 @@ def run_preset(preset: str, args, ablations: bool, peaks: list[float]) -> dict:
     mlm_tokens = None  # expected count; the real one varies by a few tokens per seed
     shape = StepShape(args.batch, text_len, itm=True, mlm=True, mlm_tokens=mlm_tokens)
     flops = train_step_flops(cfg, shape)
-    for c in contenders:
-        c.warmup(seed=0)
+    # Warm-up rounds, interleaved as the timed ones: the first step allocates the optimizer
+    # state and counts saved bytes; the next ones run in the steady state the timed ones see.
+    for w in range(args.warmup):
+        for c in round_order(contenders, w):
+            if w == 0:
+                c.warmup(seed=0)
+            elif c.max_rounds > 1:
+                c.step(seed=0, record=False)
+    # The machine's peak is measured before and after the rounds, not between them: the step
+    # right after a large matmul ran slower (in CPU time too), and whoever came first paid it.
+    peaks.append(matmul_peak_flops())
     for r in range(args.rounds):
-        peaks.append(matmul_peak_flops())
-        # Rotate the order each round: no contender always runs first or after another.
-        for c in contenders[r % len(contenders) :] + contenders[: r % len(contenders)]:
+        for c in round_order(contenders, r):
             if len(c.times) < c.max_rounds:
                 c.step(seed=r + 1)
+    peaks.append(matmul_peak_flops())
     peak = statistics.median(peaks)
     ours, base = contenders[0], contenders[1]
     print(
@@ -343,14 +372,17 @@ def run_preset(preset: str, args, ablations: bool, peaks: list[float]) -> dict:
         f" image {cfg.image.image_size}px, {args.rounds} rounds, median step"
     )
     print(
-        f"{'contender':<20}{'samples/s':>10}{'step s':>8}{'fwd/bwd/opt s':>17}{'x ours':>8}"
+        f"{'contender':<20}{'samples/s':>10}{'step s':>8}{'min-max s':>12}{'cpu s':>7}"
+        f"{'fwd/bwd/opt s':>17}{'x ours':>8}{'cpu x':>7}"
         f"{'peak MiB':>10}{'saved MiB':>10}{'MFU %':>7}{'|dloss|':>9}  what"
     )
     for c in contenders:
         fwd, bwd, opt = (statistics.median(p[i] for p in c.phases) for i in range(3))
         print(
             f"{c.name:<20}{args.batch / c.median_s:>10.1f}{c.median_s:>8.3f}"
+            f"{min(c.times):>6.2f}-{max(c.times):.2f}{c.median_cpu_s:>7.3f}"
             f"{fwd:>7.2f}/{bwd:.2f}/{opt:.2f}{c.median_s / ours.median_s:>8.2f}"
+            f"{c.median_cpu_s / ours.median_cpu_s:>7.2f}"
             f"{c.peak / 2**20:>10.0f}{c.saved_bytes / 2**20:>10.1f}"
             f"{100 * flops / c.median_s / peak:>7.1f}{abs(c.first_loss - ours.first_loss):>9.1e}"
             f"  {c.what}"
@@ -406,13 +438,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="2 rounds, batch 16, no bf16 (12x slower on CPUs without bf16 matmuls): < 2 min",
+        help="5 rounds, batch 16, no bf16 (12x slower on CPUs without bf16 matmuls): ~3 min",
     )
     parser.add_argument("--presets", default="tiny,small")
     parser.add_argument("--ablate", default="small", help="preset for the ablations ('' none)")
     parser.add_argument("--batch", type=int, default=None, help="default 32 (16 with --quick)")
     parser.add_argument("--text-len", type=int, default=32, help="max_text_len (padded)")
-    parser.add_argument("--rounds", type=int, default=None, help="default 2 quick, 5 full")
+    parser.add_argument("--rounds", type=int, default=None, help="default 5 quick, 7 full")
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="untimed rounds before the timed ones (>= 1)"
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -423,7 +458,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="also torch.compile the fusion")
     parser.add_argument("--no-profile", dest="profile", action="store_false")
     args = parser.parse_args(argv)
-    args.rounds = args.rounds or (2 if args.quick else 5)
+    args.rounds = args.rounds or (5 if args.quick else 7)
+    if args.warmup < 1:
+        parser.error(f"--warmup must be >= 1 (got {args.warmup})")
     args.batch = args.batch or (16 if args.quick else 32)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -442,6 +479,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{p}_ours_sps={args.batch / ours.median_s:.1f}",
             f"{p}_baseline_sps={args.batch / base.median_s:.1f}",
             f"{p}_speedup={base.median_s / ours.median_s:.2f}",
+            f"{p}_cpu_speedup={base.median_cpu_s / ours.median_cpu_s:.2f}",
+            f"{p}_ours_spread={spread(ours.times):.3f}",
+            f"{p}_baseline_spread={spread(base.times):.3f}",
             f"{p}_peak_mem_ratio={base.peak / max(ours.peak, 1):.2f}",
             f"{p}_saved_mem_ratio={base.saved_bytes / max(ours.saved_bytes, 1):.2f}",
             f"{p}_mfu={r['flops'] / ours.median_s / r['peak']:.3f}",
@@ -452,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
             summary.append(f"{p}_matmul_kernel_efficiency={r['matmul_efficiency']:.2f}")
         for c in r["contenders"][2:]:
             summary.append(f"{p}_{c.name}_time_ratio={c.median_s / ours.median_s:.2f}")
+            summary.append(f"{p}_{c.name}_cpu_ratio={c.median_cpu_s / ours.median_cpu_s:.2f}")
         for c in r["contenders"]:
             if c.name == "act_checkpointing":
                 summary.append(

@@ -6,6 +6,7 @@ web server); each test gets its own, started and stopped by a fixture (see conft
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shutil
@@ -101,15 +102,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def nginx_binary() -> str:
+    """The nginx to start: $UMT_NGINX when set, else the one on PATH, else Debian's."""
+    return os.environ.get("UMT_NGINX") or shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+def server_missing(kind: str) -> str:
+    """Why the loopback server for `kind` (s3: moto, http: nginx) cannot start here; "" if it can.
+
+    Tests skip with this reason; benchmarks leave that storage out and print it."""
+    if kind == "s3":
+        absent = [m for m in ("boto3", "moto") if importlib.util.find_spec(m) is None]
+        return f"{' and '.join(absent)} not installed (pip install -e '.[test]')" if absent else ""
+    if kind == "http" and not os.path.exists(nginx_binary()):
+        return f"nginx is not installed at {nginx_binary()} (apt-get install nginx; .ci/run does)"
+    return ""
+
+
 @contextmanager
 def nginx(root: Path, work: Path, fail_with_500: tuple[str, ...] = ()):
     """nginx serving `root` at http://127.0.0.1:PORT/ (Range requests included); each path of
     `fail_with_500` always answers 500. Needs Debian's nginx and root (as CI runs)."""
-    binary = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not os.path.exists(binary):
+    missing = server_missing("http")
+    if missing:
         import pytest
 
-        pytest.skip("nginx is not installed (apt-get install nginx; .ci/run does)")
+        pytest.skip(missing)
+    binary = nginx_binary()
     port = free_port()
     work.mkdir(parents=True, exist_ok=True)
     failing = "".join(f"    location = {p} {{ return 500; }}\n" for p in fail_with_500)

@@ -368,7 +368,8 @@ def test_the_deepspeed_launcher_runs_the_same_entry_point(tmp_path):
 
 
 def test_train_augmentation_options_reach_the_loader(demo_shards):
-    """`data.train.crop_scale` / `hflip` configure the loader; a bad range fails with its key."""
+    """`data.train.crop_scale` / `hflip` and `data.jpeg_draft` configure the loader; a bad value
+    fails with its key."""
     from umt.config import load_config
     from umt.train_data import build_train_data
 
@@ -378,11 +379,18 @@ def test_train_augmentation_options_reach_the_loader(demo_shards):
         f"data.tokenizer={tokenizer}",
         "data.train.num_workers=0",
     ]
-    cfg = load_config(None, [*base, "data.train.crop_scale=[1.0,1.0]", "data.train.hflip=true"])
+    options = ["data.train.crop_scale=[1.0,1.0]", "data.train.hflip=true", "data.jpeg_draft=false"]
+    cfg = load_config(None, [*base, *options])
     loader = build_train_data(cfg, rank=0, world_size=1)
-    assert (loader.cfg.crop_scale, loader.cfg.hflip) == ((1.0, 1.0), True)
+    assert (loader.cfg.crop_scale, loader.cfg.hflip, loader.cfg.jpeg_draft) == (
+        (1.0, 1.0),
+        True,
+        False,
+    )
     with pytest.raises(ValueError, match="data.train.crop_scale"):  # at config time now
         load_config(None, [*base, "data.train.crop_scale=[0.9,0.5]"])
+    with pytest.raises(ValueError, match="data.jpeg_draft"):
+        load_config(None, [*base, "data.jpeg_draft=sometimes"])
 
 
 def test_a_step_reads_device_values_back_twice_at_most(tmp_path):

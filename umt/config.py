@@ -108,6 +108,10 @@ class DataConfig:
     remote_read: Literal["cache", "range"] = "cache"
     """Remote shards: `cache` (whole-shard copies, fetched ahead) or `range` (a range request per
     sample, nothing on disk; needs the shards' index files)."""
+    jpeg_draft: bool = True
+    """Decode a JPEG at 1/2, 1/4 or 1/8 scale (DCT scaling) when its crop stays at least
+    image_size there: a faster decode that differs from a full decode by a few grey levels on
+    average (under 4.5/255 on sklearn's photos; docs/scaling.md). false: always decode in full."""
     log_sample_keys: bool = False
     """Write, per rank and step, the keys of the samples trained on to OUTPUT_DIR/sample_keys/
     rank{R}.txt (`step key key ...`; kept exact across resumes: lines after the checkpoint resumed

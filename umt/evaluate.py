@@ -180,6 +180,7 @@ class EvalData:
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     cache_dir: str | None = None  # node cache for remote shards (default: data_pipeline's)
+    jpeg_draft: bool = True  # data.jpeg_draft
 
 
 @torch.no_grad()
@@ -194,7 +195,7 @@ def embed_eval_shards(
     ZeRO-3 each forward is a collective.
     """
 
-    transform = ImageTransformConfig(image_size=data.image_size, train=False)
+    transform = ImageTransformConfig(data.image_size, train=False, draft=data.jpeg_draft)
     errors: Counter = Counter()
     me, w = rank(), world_size()
     dtype = next(model.parameters()).dtype
@@ -453,7 +454,7 @@ def zero_shot_classification(
     )
 
     lookup = {c.strip().lower(): i for i, c in enumerate(classes)}
-    transform = ImageTransformConfig(image_size=data.image_size, train=False)
+    transform = ImageTransformConfig(data.image_size, train=False, draft=data.jpeg_draft)
     correct1 = correct5 = counted = unlabelled = 0
     fields: set[str] = set()  # the json fields the samples have (for an error about label_field)
 
@@ -538,6 +539,7 @@ def evaluate_run_step(model, cfg, step: int, samples: int, writer) -> dict:
         cfg.data.eval.max_text_len,
         cfg.train.micro_batch_size,
         cache_dir=cfg.data.cache_dir,
+        jpeg_draft=cfg.data.jpeg_draft,
     )
     device = next(model.parameters()).device
     report = evaluate_retrieval(model, data, cfg.eval.itm_rerank_k, device=device)

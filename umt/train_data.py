@@ -87,6 +87,7 @@ def build_train_data(
         cache_dir=cfg.data.cache_dir,
         cache_limit_gb=cfg.data.cache_limit_gb,
         remote_read=cfg.data.remote_read,
+        jpeg_draft=cfg.data.jpeg_draft,
         pin_memory=on_gpu,
     )
     return build_loader(loader_cfg, rank=rank, world_size=world_size, epoch=epoch)

@@ -94,3 +94,45 @@ def test_accuracy_counts_top1_positives():
     txt = torch.eye(3, dtype=torch.float64)[[0, 2, 1]]  # rows 1 and 2 swapped
     out = contrastive_outputs(img, txt, 10.0)
     assert abs(out.accuracy_i2t.item() - 1 / 3) < 1e-6
+
+
+def _loss_and_grads(loss_fn, img, txt, scale):
+    img, txt = img.clone().requires_grad_(), txt.clone().requires_grad_()
+    scale = torch.tensor(scale, dtype=img.dtype, requires_grad=True)
+    loss = loss_fn(img, txt, scale)
+    loss.backward()
+    return [loss.detach(), img.grad, txt.grad, scale.grad]
+
+
+def test_cross_entropy_with_a_key_correction_equals_dense_soft_targets_with_and_without_shared_keys():
+    """The loss is CE against each row's own column plus a per-key correction: with every key
+    distinct it is plain CE with index targets (correction exactly zero); with shared keys, the
+    dense soft-target formula. Loss and every gradient, float64, to 1e-12."""
+    img, txt = embeds(12, d=16, seed=3)
+    own = torch.arange(12)
+
+    def clip(i, t, s):
+        logits = s * i @ t.T
+        return (F.cross_entropy(logits, own) + F.cross_entropy(logits.T, own)) / 2
+
+    def dense_soft_targets(keys):
+        same = torch.tensor([[a == b for b in keys] for a in keys], dtype=torch.float64)
+        targets = same / same.sum(1, keepdim=True)
+
+        def loss(i, t, s):
+            logits = s * i @ t.T
+            i2t = -(targets * logits.log_softmax(1)).sum(1).mean()
+            t2i = -(targets * logits.T.log_softmax(1)).sum(1).mean()
+            return (i2t + t2i) / 2
+
+        return loss
+
+    distinct = [f"k{i}" for i in range(12)]
+    shared = ["a", "b", "a", "c", "d", "b", "a", "e", "f", "g", "c", "h"]
+    for keys, reference in ((distinct, clip), (shared, dense_soft_targets(shared))):
+        ours = _loss_and_grads(lambda i, t, s, k=keys: contrastive_loss(i, t, s, k), img, txt, 7.0)
+        theirs = _loss_and_grads(reference, img, txt, 7.0)
+        for a, b in zip(ours, theirs, strict=True):
+            assert torch.allclose(a, b, rtol=0, atol=1e-12), (keys[:3], (a - b).abs().max())
+    # distinct keys: the same loss as no keys at all, bit for bit (the correction is exactly 0)
+    assert torch.equal(contrastive_loss(img, txt, 7.0, distinct), contrastive_loss(img, txt, 7.0))

@@ -3,6 +3,12 @@
 Each rank scores its own rows against the columns of the whole global batch ("local loss").
 Samples that share an image key (COCO's five captions of one image) are positives of each other:
 the target of a row is spread uniformly over its positives (ALBEF/BLIP), never a negative.
+
+A row's soft-target loss, log-sum-exp minus the mean of its positive logits, is computed as
+cross-entropy against the row's own column (what CLIP computes) plus a correction from per-key
+means of the embeddings (O(W*b*D) work, not (b, W*b)). The correction is exactly zero when every
+key in the global batch is distinct, and finding out whether keys are shared reads nothing back
+to the host (no device sync).
 """
 
 from __future__ import annotations
@@ -48,14 +54,50 @@ def positive_mask(
     return (local_ids[:, None] == global_ids[None, :]) | (rows[:, None] == cols[None, :])
 
 
-def _soft_target_ce(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
-    targets = positives.to(logits.dtype)
-    targets = targets / targets.sum(dim=1, keepdim=True)
-    return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+class _KeyGroups(NamedTuple):
+    """The global batch's columns grouped by image key, without reading anything to the host."""
+
+    column_group: torch.Tensor  # (n,) a group number per column (its key's first sorted slot)
+    row_group: torch.Tensor  # (b,) the group of each local row
+    row_count: torch.Tensor  # (b, 1) how many columns share the row's key (>= 1: its own)
+
+    @classmethod
+    def of(cls, local_ids: torch.Tensor, global_ids: torch.Tensor, dtype) -> _KeyGroups:
+        sorted_ids = global_ids.sort().values
+        column_group = torch.searchsorted(sorted_ids, global_ids)
+        row_group = torch.searchsorted(sorted_ids, local_ids)
+        ones = torch.ones(global_ids.shape[0], dtype=dtype, device=global_ids.device)
+        counts = torch.zeros_like(ones).index_add_(0, column_group, ones)
+        return cls(column_group, row_group, counts[row_group][:, None])
+
+    def positive_mean(self, columns: torch.Tensor) -> torch.Tensor:
+        """(b, D): the mean of the columns (n, D) sharing each row's key; exactly the row's own
+        column when no other column has its key."""
+        sums = torch.zeros_like(columns).index_add(0, self.column_group, columns)
+        return sums[self.row_group] / self.row_count
 
 
-def _top1_is_positive(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
-    return positives.gather(1, logits.argmax(dim=1, keepdim=True)).float().mean()
+def _soft_target_ce(
+    logits: torch.Tensor,  # (b, n) scale * local rows @ columns.T
+    own: torch.Tensor,  # (b,) each row's own column
+    scaled_rows: torch.Tensor,  # (b, D) scale * local rows
+    own_columns: torch.Tensor,  # (b, D) the columns at `own`
+    positive_mean: torch.Tensor,  # (b, D) `_KeyGroups.positive_mean` of the columns
+) -> torch.Tensor:
+    """Mean over rows of lse(row) - mean(row's positive logits): uniform soft targets.
+
+    Cross-entropy against the own column is lse - own logit; adding own logit - mean positive
+    logit = scaled_row . (own column - positive mean) gives the soft-target loss. That term is
+    exactly zero for a row whose key no other column shares (its gradients cancel to rounding)."""
+    correction = (scaled_rows * (own_columns - positive_mean)).sum(dim=1)
+    return F.cross_entropy(logits, own) + correction.mean()
+
+
+@torch.no_grad()
+def _top1_is_positive(
+    logits: torch.Tensor, local_ids: torch.Tensor, global_ids: torch.Tensor
+) -> torch.Tensor:
+    return (global_ids[logits.argmax(dim=1)] == local_ids).float().mean()
 
 
 def contrastive_outputs(
@@ -85,7 +127,9 @@ def contrastive_outputs(
     computed by neighbour exchange (the ring), never with an all-gather.
     """
     dtype = _loss_dtype(image_embeds.dtype)
-    image_embeds, text_embeds = image_embeds.to(dtype), text_embeds.to(dtype)
+    # Contiguous: a matmul's rounding depends on the operands' strides, the loss must not.
+    image_embeds = image_embeds.to(dtype).contiguous()
+    text_embeds = text_embeds.to(dtype).contiguous()
     b = image_embeds.shape[0]
     device = image_embeds.device
     default_positions = positions is None
@@ -119,15 +163,25 @@ def contrastive_outputs(
         if default_positions
         else gather_no_grad(positions, group)
     )
-    positives = positive_mask(local_ids, global_ids, positions, cols)
+    # The columns are gathered from the local rows, so a row's own column always has its key:
+    # sharing a key is the whole positive relation here.
+    positives = local_ids[:, None] == global_ids[None, :]
+    own = torch.arange(b, device=device) + rank(group) * b  # the rows' columns, gather order
+    groups = _KeyGroups.of(local_ids, global_ids, dtype)
 
     scale = torch.as_tensor(logit_scale, device=device).to(dtype)
-    logits_i2t = scale * image_embeds @ all_texts.T
-    logits_t2i = scale * text_embeds @ all_images.T
-    loss = (_soft_target_ce(logits_i2t, positives) + _soft_target_ce(logits_t2i, positives)) / 2
-    with torch.no_grad():
-        acc_i2t = _top1_is_positive(logits_i2t, positives)
-        acc_t2i = _top1_is_positive(logits_t2i, positives)
+    scaled_images, scaled_texts = scale * image_embeds, scale * text_embeds
+    logits_i2t = scaled_images @ all_texts.T
+    logits_t2i = scaled_texts @ all_images.T
+    loss_i2t = _soft_target_ce(
+        logits_i2t, own, scaled_images, text_embeds, groups.positive_mean(all_texts)
+    )
+    loss_t2i = _soft_target_ce(
+        logits_t2i, own, scaled_texts, image_embeds, groups.positive_mean(all_images)
+    )
+    loss = (loss_i2t + loss_t2i) / 2
+    acc_i2t = _top1_is_positive(logits_i2t, local_ids, global_ids)
+    acc_t2i = _top1_is_positive(logits_t2i, local_ids, global_ids)
     negatives = None
     if mining is not None:
         negatives = sample_hard_negatives(

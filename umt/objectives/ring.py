@@ -71,26 +71,31 @@ class _Ring:
 
 
 class _RowStats:
-    """Running statistics of each local row over the columns seen so far."""
+    """Running statistics of each local row over the columns seen so far: its top-1 and, with
+    `softmax`, the online log-sum-exp and its positives' logit sum and count (the sigmoid loss
+    needs none of these)."""
 
-    def __init__(self, b: int, dtype: torch.dtype, device: torch.device):
-        self.max = torch.full((b,), float("-inf"), dtype=dtype, device=device)
-        self.sum = torch.zeros(b, dtype=dtype, device=device)  # of exp(logit - max)
-        self.positive_sum = torch.zeros(b, dtype=dtype, device=device)
-        self.positive_count = torch.zeros(b, dtype=dtype, device=device)
+    def __init__(self, b: int, dtype: torch.dtype, device: torch.device, softmax: bool = True):
+        self.softmax = softmax
+        if softmax:
+            self.max = torch.full((b,), float("-inf"), dtype=dtype, device=device)
+            self.sum = torch.zeros(b, dtype=dtype, device=device)  # of exp(logit - max)
+            self.positive_sum = torch.zeros(b, dtype=dtype, device=device)
+            self.positive_count = torch.zeros(b, dtype=dtype, device=device)
         self.top = torch.full((b,), float("-inf"), dtype=dtype, device=device)
         self.top_col = torch.full((b,), -1, dtype=torch.long, device=device)
         self.top_positive = torch.zeros(b, dtype=torch.bool, device=device)
 
     def update(self, logits: torch.Tensor, positives: torch.Tensor, cols: torch.Tensor) -> None:
-        new_max = torch.maximum(self.max, logits.max(dim=1).values)
-        self.sum = self.sum * torch.exp(self.max - new_max) + torch.exp(
-            logits - new_max[:, None]
-        ).sum(dim=1)
-        self.max = new_max
-        self.positive_sum += (logits * positives).sum(dim=1)
-        self.positive_count += positives.sum(dim=1)
         value, at = logits.max(dim=1)
+        if self.softmax:
+            new_max = torch.maximum(self.max, value)
+            self.sum = self.sum * torch.exp(self.max - new_max) + torch.exp(
+                logits - new_max[:, None]
+            ).sum(dim=1)
+            self.max = new_max
+            self.positive_sum += (logits * positives).sum(dim=1)
+            self.positive_count += positives.sum(dim=1)
         col = cols[at]
         better = (value > self.top) | ((value == self.top) & (col < self.top_col))
         self.top = torch.where(better, value, self.top)
@@ -125,8 +130,9 @@ class _RingContrastive(torch.autograd.Function):
     def forward(ctx, images, texts, scale, bias, ids, rows, group, tile, mining, kind):
         ring = _Ring(group)
         b = images.shape[0]
-        i2t = _RowStats(b, images.dtype, images.device)
-        t2i = _RowStats(b, images.dtype, images.device)
+        softmax = kind == "softmax"
+        i2t = _RowStats(b, images.dtype, images.device, softmax)
+        t2i = _RowStats(b, images.dtype, images.device, softmax)
         pairwise = torch.zeros((), dtype=images.dtype, device=images.device)
         if mining is not None:
             draw_texts = GumbelMax(rows, mining.seed, TEXTS)
@@ -151,16 +157,17 @@ class _RingContrastive(torch.autograd.Function):
                     draw_images.update(logits_t2i * mining.sharpness, positives, cols)
             if pending is not None:
                 block = ring.finish_hop(pending)
-        lse_i2t, lse_t2i = i2t.lse(), t2i.lse()
-        if kind == "sigmoid":
-            loss = pairwise / b
-        else:
+        if softmax:
+            lse_i2t, lse_t2i = i2t.lse(), t2i.lse()
             per_row = (lse_i2t - i2t.positive_sum / i2t.positive_count) + (
                 lse_t2i - t2i.positive_sum / t2i.positive_count
             )
             loss = per_row.mean() / 2
-        ctx.save_for_backward(images, texts, scale, bias, ids, rows, lse_i2t, lse_t2i)
-        ctx.counts = (i2t.positive_count, t2i.positive_count)
+            ctx.save_for_backward(images, texts, scale, bias, ids, rows, lse_i2t, lse_t2i)
+            ctx.counts = (i2t.positive_count, t2i.positive_count)
+        else:
+            loss = pairwise / b
+            ctx.save_for_backward(images, texts, scale, bias, ids, rows)
         ctx.group, ctx.tile, ctx.kind = group, tile, kind
         accuracy_i2t = i2t.top_positive.float().mean()
         accuracy_t2i = t2i.top_positive.float().mean()
@@ -173,50 +180,51 @@ class _RingContrastive(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
-        images, texts, scale, bias, ids, rows, lse_i2t, lse_t2i = ctx.saved_tensors
-        count_i2t, count_t2i = ctx.counts
+        images, texts, scale, bias, ids, rows, *lse = ctx.saved_tensors
+        softmax = ctx.kind == "softmax"
         ring = _Ring(ctx.group)
         b = images.shape[0]
-        grad_images, grad_texts = torch.zeros_like(images), torch.zeros_like(texts)
+        grad_images = torch.zeros_like(images)
+        grad_texts = torch.zeros_like(texts) if softmax else None  # sigmoid: all of it comes home
         grad_scale, grad_bias = torch.zeros_like(scale), torch.zeros_like(bias)
-        block = [texts, images, ids, rows, torch.zeros_like(texts), torch.zeros_like(images)]
+        # What travels: the columns each direction scores against, and their gradients. The
+        # sigmoid loss scores image rows against text columns only: no image block and no image
+        # gradient buffer travel.
+        columns = [texts, images] if softmax else [texts]
+        block = [ids, rows, *columns, *(torch.zeros_like(c) for c in columns)]
+        n = len(columns)
         for k in range(ring.world):
-            (
-                block_texts,
-                block_images,
-                block_ids,
-                block_rows,
-                block_grad_texts,
-                block_grad_images,
-            ) = block
+            block_ids, block_rows = block[:2]
+            block_columns, block_grads = block[2 : 2 + n], block[2 + n :]
+            directions = [(images, block_columns[0], grad_images, block_grads[0])]
+            if softmax:
+                directions.append((texts, block_columns[1], grad_texts, block_grads[1]))
             for start, end in _tiles(b, ctx.tile):
                 cols = block_rows[start:end]
                 positives = _positives(ids, rows, block_ids[start:end], cols)
-                directions = [
-                    (images, block_texts, lse_i2t, count_i2t, grad_images, block_grad_texts)
-                ]
-                if ctx.kind == "softmax":
-                    directions.append(
-                        (texts, block_images, lse_t2i, count_t2i, grad_texts, block_grad_images)
-                    )
-                for local, other, lse, count, grad_local, grad_other in directions:
+                for d, (local, other, grad_local, grad_other) in enumerate(directions):
                     raw = local @ other[start:end].T  # (b, c) similarities
-                    if ctx.kind == "sigmoid":
+                    if softmax:
+                        probs = torch.exp(scale * raw - lse[d][:, None])
+                        count = ctx.counts[d]
+                        g = (probs - positives / count[:, None]) * (grad_loss / (2 * b))
+                    else:
                         signs = positives.to(raw.dtype) * 2 - 1
                         g = -signs * torch.sigmoid(-signs * (scale * raw + bias)) * (grad_loss / b)
                         grad_bias += g.sum()
-                    else:
-                        probs = torch.exp(scale * raw - lse[:, None])
-                        g = (probs - positives / count[:, None]) * (grad_loss / (2 * b))
                     grad_local += scale * (g @ other[start:end])
                     grad_other[start:end] += scale * (g.T @ local)
                     grad_scale += (g * raw).sum()
             if ring.world > 1:  # the block moves on; its gradient with it (home after a last hop)
-                hop = block if k < ring.world - 1 else block[4:]
+                hop = block if k < ring.world - 1 else block[2 + n :]
                 received = ring.finish_hop(ring.start_hop(hop))
-                block = received if k < ring.world - 1 else block[:4] + received
-        grad_texts += block[4]
-        grad_images += block[5]
+                block = received if k < ring.world - 1 else block[: 2 + n] + received
+        home = block[2 + n :]  # the gradients of this rank's own columns
+        if softmax:
+            grad_texts += home[0]
+            grad_images += home[1]
+        else:
+            grad_texts = home[0]
         return grad_images, grad_texts, grad_scale, grad_bias, None, None, None, None, None, None
 
 
