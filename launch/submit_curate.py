@@ -6,19 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from launch.slurm_job import (
-    SubmitError,
-    add_job_options,
-    fit_request,
-    follow_hint,
-    job_values,
-    quote_all,
-    refuse_line_breaks,
-    render,
-    sbatch,
-    split_passthrough,
-    write_script,
-)
+from launch import slurm_job
 
 
 def curate_parser() -> argparse.ArgumentParser:
@@ -35,36 +23,38 @@ def curate_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--gpus-per-node", type=int, default=0, help="GPUs per node for the scorer (0: CPU)"
     )
-    add_job_options(parser)
+    slurm_job.add_job_options(parser)
     return parser
 
 
 def submit_curate(argv: list[str]) -> int:
-    own, curate_options = split_passthrough(argv)
+    own, curate_options = slurm_job.split_passthrough(argv)
     args = curate_parser().parse_args(own)
-    refuse_line_breaks(args, curate_options)
+    slurm_job.refuse_line_breaks(args, curate_options)
     if args.nodes < 1 or args.tasks_per_node < 1 or args.gpus_per_node < 0:
-        raise SubmitError("--nodes and --tasks-per-node must be >= 1, --gpus-per-node >= 0")
+        raise slurm_job.SubmitError(
+            "--nodes and --tasks-per-node must be >= 1, --gpus-per-node >= 0"
+        )
     check_curate_options(args.shards, args.out, curate_options)
     out = Path(args.out).resolve()
     folder = out / "slurm"
-    cpus = fit_request(args, 4, args.nodes, args.tasks_per_node, args.gpus_per_node)
-    values = job_values(args, f"umt-curate-{out.name}", folder / "logs", cpus)
+    cpus = slurm_job.fit_request(args, 4, args.nodes, args.tasks_per_node, args.gpus_per_node)
+    values = slurm_job.job_values(args, f"umt-curate-{out.name}", folder / "logs", cpus)
     shards = args.shards if "://" in args.shards else str(Path(args.shards).resolve())
     values |= {
         "nodes": args.nodes,
         "tasks_per_node": args.tasks_per_node,
         "gpus_per_node": args.gpus_per_node or None,
-        "curate_args": quote_all([shards, "--out", str(out), *curate_options]),
+        "curate_args": slurm_job.quote_all([shards, "--out", str(out), *curate_options]),
     }
-    text = render("curate.sbatch", values)
+    text = slurm_job.render("curate.sbatch", values)
     if args.dry_run:
         print(text, end="")
         return 0
-    script = write_script(folder, "curate.sbatch", text)
-    job = sbatch(script, args.sbatch_arg)
+    script = slurm_job.write_script(folder, "curate.sbatch", text)
+    job = slurm_job.sbatch(script, args.sbatch_arg)
     print(f"submitted curation job {job} ({script})")
-    print(follow_hint(folder / "logs", values["job_name"], job))
+    print(slurm_job.follow_hint(folder / "logs", values["job_name"], job))
     return 0
 
 
@@ -78,8 +68,10 @@ def check_curate_options(shards: str, out: str, options: list[str]) -> None:
     try:
         args = build_parser().parse_args(["curate", shards, "--out", out, *options])
     except SystemExit:  # argparse has printed which option, as `umt data curate` would
-        raise SubmitError("the options after -- are not those of `umt data curate`") from None
+        raise slurm_job.SubmitError(
+            "the options after -- are not those of `umt data curate`"
+        ) from None
     try:
         validate_options(options_from_args(args))
     except CurateError as exc:
-        raise SubmitError(f"options after --: {exc}") from None
+        raise slurm_job.SubmitError(f"options after --: {exc}") from None

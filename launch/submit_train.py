@@ -9,19 +9,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from launch.slurm_job import (
-    SubmitError,
-    add_job_options,
-    fit_request,
-    follow_hint,
-    job_values,
-    quote_all,
-    refuse_line_breaks,
-    render,
-    sbatch,
-    split_passthrough,
-    write_script,
-)
+from launch import slurm_job
 
 # --- train --------------------------------------------------------------------------------------
 
@@ -70,36 +58,38 @@ def train_parser() -> argparse.ArgumentParser:
         "--chain", type=int, default=1, help="queue K jobs, each starting after the previous ends"
     )
     parser.add_argument("--nccl-socket-ifname", help="NCCL/Gloo network interface, e.g. ib0")
-    add_job_options(parser)
+    slurm_job.add_job_options(parser)
     parser.add_argument("overrides", nargs="*", help="config overrides key.path=value (after --)")
     return parser
 
 
 def submit_train(argv: list[str]) -> int:
-    own, passthrough = split_passthrough(argv)
+    own, passthrough = slurm_job.split_passthrough(argv)
     args = train_parser().parse_args(own)
     args.overrides += passthrough
-    refuse_line_breaks(args)
+    slurm_job.refuse_line_breaks(args)
     from umt.config import ConfigError, load_config
 
     try:  # validate now: a config error should not wait in the queue
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
-        raise SubmitError(str(exc)) from None
+        raise slurm_job.SubmitError(str(exc)) from None
     if args.nodes < 1 or args.gpus_per_node < 0 or args.chain < 1:
-        raise SubmitError("--nodes and --chain must be >= 1 and --gpus-per-node >= 0")
+        raise slurm_job.SubmitError("--nodes and --chain must be >= 1 and --gpus-per-node >= 0")
     procs = args.tasks_per_node or args.gpus_per_node or 1
     accelerate_args = accelerate_launch_args(args, cfg)
     torchrun = args.launcher in ("torchrun", "accelerate")  # a launcher task per node
     # Each rank feeds its GPU from data.train.num_workers loader processes, plus its own; with
     # torchrun one task holds every rank of the node.
     wanted = (cfg.data.train.num_workers + 2) * (procs if torchrun else 1)
-    cpus = fit_request(args, wanted, args.nodes, 1 if torchrun else procs, args.gpus_per_node)
+    cpus = slurm_job.fit_request(
+        args, wanted, args.nodes, 1 if torchrun else procs, args.gpus_per_node
+    )
     out = Path(cfg.output_dir).resolve()
     folder = out / "slurm"
     train_args = ["--config", job_config(args.config)] if args.config else []
     train_args += list(args.overrides)
-    values = job_values(args, f"umt-train-{out.name}", folder / "logs", cpus)
+    values = slurm_job.job_values(args, f"umt-train-{out.name}", folder / "logs", cpus)
     values |= {
         "nodes": args.nodes,
         "tasks_per_node": 1 if torchrun else procs,
@@ -108,12 +98,12 @@ def submit_train(argv: list[str]) -> int:
         "signal_s": args.signal_s,
         "socket_ifname": args.nccl_socket_ifname,
         "launcher": args.launcher,
-        "train_args": quote_all(train_args),
-        "accelerate_args": quote_all(accelerate_args),
+        "train_args": slurm_job.quote_all(train_args),
+        "accelerate_args": slurm_job.quote_all(accelerate_args),
         "run_dir": shlex.quote(str(out)),
         "requeue_limit": cfg.train.requeue_limit,
     }
-    text = render("train.sbatch", values)
+    text = slurm_job.render("train.sbatch", values)
     problem = job_input_problem(cfg)
     if args.dry_run:
         if problem:
@@ -123,14 +113,14 @@ def submit_train(argv: list[str]) -> int:
         print(text, end="")
         return 0
     if problem:
-        raise SubmitError(f"the job would stop at its start: {problem}")
-    script = write_script(folder, "train.sbatch", text)
+        raise slurm_job.SubmitError(f"the job would stop at its start: {problem}")
+    script = slurm_job.write_script(folder, "train.sbatch", text)
     previous: str | None = None
     for _ in range(args.chain):
         dependency = f"afterany:{previous}" if previous else None
-        previous = sbatch(script, args.sbatch_arg, dependency)
+        previous = slurm_job.sbatch(script, args.sbatch_arg, dependency)
         print(f"submitted training job {previous} ({script})")
-    print(follow_hint(folder / "logs", values["job_name"], previous))
+    print(slurm_job.follow_hint(folder / "logs", values["job_name"], previous))
     return 0
 
 
@@ -162,7 +152,7 @@ def accelerate_launch_args(args: argparse.Namespace, cfg) -> list[str]:
     if args.accelerate_config is None:
         return []
     if args.launcher != "accelerate":
-        raise SubmitError("--accelerate-config goes with --launcher accelerate")
+        raise slurm_job.SubmitError("--accelerate-config goes with --launcher accelerate")
     import yaml
 
     from umt.config import ConfigError
@@ -172,12 +162,14 @@ def accelerate_launch_args(args: argparse.Namespace, cfg) -> list[str]:
     try:
         settings = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
-        raise SubmitError(f"--accelerate-config {path}: cannot read it ({exc})") from None
+        raise slurm_job.SubmitError(f"--accelerate-config {path}: cannot read it ({exc})") from None
     if not isinstance(settings, dict):
-        raise SubmitError(f"--accelerate-config {path}: not an accelerate config (a mapping)")
+        raise slurm_job.SubmitError(
+            f"--accelerate-config {path}: not an accelerate config (a mapping)"
+        )
     kind = str(settings.get("distributed_type", "MULTI_GPU"))
     if kind not in ("MULTI_GPU", "NO", "MULTI_CPU"):
-        raise SubmitError(
+        raise slurm_job.SubmitError(
             f"--accelerate-config {path}: distributed_type {kind}: UMT runs its own DeepSpeed "
             "ZeRO (zero.stage); use distributed_type: MULTI_GPU"
         )
@@ -186,5 +178,5 @@ def accelerate_launch_args(args: argparse.Namespace, cfg) -> list[str]:
     try:
         check_accelerate_settings(cfg, env, cuda=args.gpus_per_node > 0)
     except ConfigError as exc:
-        raise SubmitError(f"--accelerate-config {path}: {exc}") from None
+        raise slurm_job.SubmitError(f"--accelerate-config {path}: {exc}") from None
     return ["--config_file", str(path)]

@@ -125,6 +125,26 @@ def _pad_to(x: torch.Tensor, length: int) -> torch.Tensor:
     return F.pad(x, pad)
 
 
+def configured_contrastive(
+    cfg: ObjectiveConfig,
+    image: torch.Tensor,
+    text: torch.Tensor,
+    scale: torch.Tensor,
+    image_ids: torch.Tensor | None,
+    group: dist.ProcessGroup | None,
+    seed: int,
+    bias: torch.Tensor | None,
+    positions: torch.Tensor | None = None,
+):
+    """`contrastive_outputs` as objectives.* set it up, mining ITM's negatives when ITM is on.
+    The negatives' noise is a hash of global positions: one seed for every rank."""
+    mining = Mining(mix_seed(seed, 0x1F), cfg.itm_mining_sharpness) if cfg.itm_weight > 0 else None
+    return contrastive_outputs(
+        image, text, scale, image_ids, group, impl=cfg.itc_impl, tile=cfg.itc_tile,
+        mining=mining, loss=cfg.itc_loss, logit_bias=bias, positions=positions,
+    )  # fmt: skip
+
+
 def pretraining_losses(
     model: PretrainableModel,
     pixel_values: torch.Tensor,  # (b, 3, H, W)
@@ -145,19 +165,8 @@ def pretraining_losses(
     cfg = cfg or ObjectiveConfig()
     text = model.embed_text(input_ids, attention_mask)
     image = model.embed_image(pixel_values)
-    # The negatives' noise is a hash of global positions: one seed for every rank.
-    mining = Mining(mix_seed(seed, 0x1F), cfg.itm_mining_sharpness) if cfg.itm_weight > 0 else None
-    itc = contrastive_outputs(
-        image.embeds,
-        text.embeds,
-        model.scale(),
-        image_ids,
-        group,
-        impl=cfg.itc_impl,
-        tile=cfg.itc_tile,
-        mining=mining,
-        loss=cfg.itc_loss,
-        logit_bias=model.logit_bias(),
+    itc = configured_contrastive(
+        cfg, image.embeds, text.embeds, model.scale(), image_ids, group, seed, model.logit_bias()
     )
     loss = cfg.itc_weight * itc.loss
     logs = itc_logs(itc.loss, itc.accuracy_i2t, itc.accuracy_t2i, model.scale(), model.logit_bias())

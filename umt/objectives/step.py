@@ -31,7 +31,6 @@ import torch
 import torch.distributed as dist
 
 from umt.distributed import fetch, plan_fetches
-from umt.objectives.contrastive import contrastive_outputs
 from umt.objectives.hard_negatives import HardNegatives
 from umt.objectives.itm import ItmCounts
 from umt.objectives.pretrain import (
@@ -40,13 +39,13 @@ from umt.objectives.pretrain import (
     PretrainableModel,
     PretrainOutput,
     _pad_to,
+    configured_contrastive,
     itc_logs,
     masked_language_modelling,
     matching,
     mix_seed,
     pretraining_losses,
 )
-from umt.objectives.ring import Mining
 
 
 @dataclass(frozen=True)
@@ -139,20 +138,8 @@ def step_contrastive(
     image = image_embeds.detach().requires_grad_(True)
     scale = scale.detach().requires_grad_(True)
     bias = bias.detach().requires_grad_(True) if bias is not None else None
-    mining = Mining(mix_seed(seed, 0x1F), cfg.itm_mining_sharpness) if cfg.itm_weight > 0 else None
-    itc = contrastive_outputs(
-        image,
-        text,
-        scale,
-        image_ids,
-        group,
-        impl=cfg.itc_impl,
-        tile=cfg.itc_tile,
-        mining=mining,
-        loss=cfg.itc_loss,
-        logit_bias=bias,
-        positions=layout.all_positions(text.device),
-    )
+    positions = layout.all_positions(text.device)
+    itc = configured_contrastive(cfg, image, text, scale, image_ids, group, seed, bias, positions)
     leaves = [text, image, scale] + ([bias] if bias is not None else [])
     # Every rank runs this backward: the gather's (or the ring's) collectives are in it.
     grads = torch.autograd.grad(itc.loss, leaves)
