@@ -88,7 +88,8 @@ def plan_tasks(
 ) -> list[ShardTask]:
     """One scan per shard: the training shards (scored with --model), then each eval set's."""
     table_dir = str(Path(o.table) if o.table else out / "table")
-    remove_dead_writers_temporaries(Path(table_dir))  # of a run killed mid-write
+    # --table may be a folder of the user's: only our tables' temporaries, of a killed run
+    remove_dead_writers_temporaries(Path(table_dir), ".*.parquet.*.tmp")
     state_dir = str(out / STATE_DIR)
     shas: dict[str, dict[str, str]] = {}
 

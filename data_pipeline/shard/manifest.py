@@ -115,11 +115,12 @@ def write_json_atomic(path: Path, data: Any, lines: bool = False) -> None:
         raise
 
 
-def remove_dead_writers_temporaries(folder: Path) -> list[Path]:
-    """Delete `.NAME.PID.tmp` files (what the atomic writes leave) of writers no longer running:
-    a run killed mid-write leaves one; a live process's (a concurrent run) is kept."""
+def remove_dead_writers_temporaries(folder: Path, pattern: str = ".*.tmp") -> list[Path]:
+    """Delete `.NAME.PID.tmp` files (what the atomic writes leave) matching `pattern` of writers
+    no longer running: a run killed mid-write leaves one; a live process's (a concurrent run)
+    is kept."""
     removed = []
-    for path in folder.glob(".*.tmp") if folder.is_dir() else ():
+    for path in folder.glob(pattern) if folder.is_dir() else ():
         pid = path.name.rsplit(".", 2)[-2]
         if not pid.isdigit() or process_alive(int(pid)):
             continue

@@ -838,5 +838,7 @@ def test_a_dead_writers_temporary_is_removed_and_a_live_ones_kept(tmp_path):
     mine = tmp_path / "table.parquet"
     for path in (dead, live, mine):
         path.write_bytes(b"x")
-    assert remove_dead_writers_temporaries(tmp_path) == [dead]
-    assert live.exists() and mine.exists() and not dead.exists()
+    users = tmp_path / f".notes.txt.{no_such_pid}.tmp"  # not a table: kept under the pattern
+    users.write_bytes(b"x")
+    assert remove_dead_writers_temporaries(tmp_path, ".*.parquet.*.tmp") == [dead]
+    assert live.exists() and mine.exists() and users.exists() and not dead.exists()
