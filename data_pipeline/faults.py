@@ -12,6 +12,8 @@ Training (read by the trainer, `TrainingFaults`):
   of step N, in a native call where no Python signal handler runs, as a rank stuck in a driver or
   NCCL call does; the others then wait in the next collective.
 - UMT_FAULT_SLOW_RANK=R:S: rank R sleeps S seconds in every step (a slow node).
+- UMT_FAULT_SLOW_START=R:S: rank R sleeps S seconds before it installs its signal handlers (a
+  node slow to start, while the others already train).
 - UMT_FAULT_KILL_IN_CHECKPOINT_WRITE=N[:RANK][@RUN]: with checkpoint.async_save, every rank (or
   only RANK) SIGKILLs itself in the middle of the background write of step N's checkpoint: after
   its first file, once training has gone on past the save.
@@ -45,6 +47,7 @@ NAN_AT_STEP = "UMT_FAULT_NAN_AT_STEP"
 DATA_STALL = "UMT_FAULT_DATA_STALL"
 HANG_AT_STEP = "UMT_FAULT_HANG_AT_STEP"
 SLOW_RANK = "UMT_FAULT_SLOW_RANK"
+SLOW_START = "UMT_FAULT_SLOW_START"
 KILL_IN_CHECKPOINT_WRITE = "UMT_FAULT_KILL_IN_CHECKPOINT_WRITE"
 KILL_IN_DOWNLOAD = "UMT_FAULT_KILL_IN_DOWNLOAD"
 SHARD_FAILPOINT = "UMT_SHARD_FAILPOINT"
@@ -62,6 +65,7 @@ class TrainingFaults:
     hang_at_step: int = -1
     slow_s: float = 0.0  # this rank's sleep in every step
     kill_in_checkpoint_write: int = -1
+    slow_start_s: float = 0.0  # this rank's sleep before it installs its signal handlers
 
     def nan_at(self, step: int, micro: int, skipped_run: int) -> bool:
         return step == self.nan_at_step and micro == 0 and skipped_run == 0
@@ -83,6 +87,10 @@ class TrainingFaults:
         if self.slow_s > 0:
             time.sleep(self.slow_s)
 
+    def slow_start(self) -> None:
+        if self.slow_start_s > 0:
+            time.sleep(self.slow_start_s)
+
     def kill_in_write(self, step: int) -> None:
         """In the background write of step `step`'s checkpoint, after its first file."""
         if step == self.kill_in_checkpoint_write:
@@ -99,6 +107,7 @@ class TrainingFaults:
         run = int(env.get("SLURM_RESTART_COUNT") or 0)
         stall_step, _, stall_s = env.get(DATA_STALL, "-1:0").partition(":")
         slow_rank, _, slow_s = env.get(SLOW_RANK, "-1:0").partition(":")
+        late_rank, _, late_s = env.get(SLOW_START, "-1:0").partition(":")
         return cls(
             _step_for(env.get(KILL_AT_STEP, ""), rank, run),
             int(env.get(NAN_AT_STEP, -1)),
@@ -107,6 +116,7 @@ class TrainingFaults:
             _step_for(env.get(HANG_AT_STEP, ""), rank, run),
             float(slow_s or 0) if int(slow_rank) == rank else 0.0,
             _step_for(env.get(KILL_IN_CHECKPOINT_WRITE, ""), rank, run),
+            float(late_s or 0) if int(late_rank) == rank else 0.0,
         )
 
 

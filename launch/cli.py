@@ -6,10 +6,13 @@ Each command lives in its own module and is imported only when it runs, so `umt 
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import os
 import sys
+import threading
 from collections.abc import Callable
+from typing import NoReturn
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -90,5 +93,32 @@ def run_guarded(prog: str, main_fn: Callable[[list[str]], int | None], argv: lis
         return 1
 
 
+def exit_process(code: int) -> NoReturn:
+    """End this process with `code`, skipping only the interpreter's teardown of its modules.
+
+    With torch, DeepSpeed and transformers imported, that teardown costs about 2 s of CPU per
+    process (`python -c "import umt.train"`: 7.9 s; with `os._exit(0)` at the end: 6.1 s),
+    paid by every rank of every job and every `umt` command that loaded a model. Everything that
+    teardown does that a user could see happens first, in the interpreter's own order:
+    non-daemon threads are joined, `atexit` handlers run (logging's flush, multiprocessing's
+    worker clean-up, temporary folders), then stdout and stderr are flushed.
+    """
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # noqa: SLF001 - what the interpreter runs at exit, run early
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more can be written
+            pass
+    os._exit(code)
+
+
+def console_main() -> NoReturn:
+    """The `umt` console script: `main()`, then `exit_process` (in-process callers use main)."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

@@ -129,4 +129,6 @@ def launcher_exit_code(codes: list[int]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from launch.cli import exit_process
+
+    exit_process(main())

@@ -185,9 +185,9 @@ def requeue_slurm_job(env: Mapping[str, str]) -> None:
 
 
 if __name__ == "__main__":  # under torchrun, srun or the deepspeed launcher: one line per error
-    from launch.cli import run_guarded
+    from launch.cli import exit_process, run_guarded
 
     _rank = os.environ.get("RANK", "0")
-    sys.exit(
+    exit_process(
         run_guarded(f"umt train{f' [rank {_rank}]' if _rank != '0' else ''}", main, sys.argv[1:])
     )

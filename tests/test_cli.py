@@ -64,3 +64,31 @@ def test_version_is_the_installed_packages():
 
     proc = umt("--version")
     assert proc.returncode == 0 and proc.stdout.strip() == f"umt {metadata.version('umt')}"
+
+
+@pytest.mark.slow
+def test_exit_process_joins_threads_runs_atexit_and_flushes_before_it_exits(tmp_path):
+    """`exit_process` skips only the module teardown: a non-daemon thread's work, atexit
+    handlers and buffered output all come out, in the interpreter's order, with the exit code."""
+    trail = tmp_path / "trail.txt"
+    script = f"""
+import atexit, sys, threading
+from launch.cli import exit_process
+trail = open({str(trail)!r}, "w")
+def at_exit():
+    trail.write("atexit\\n")
+    trail.close()
+atexit.register(at_exit)
+threading.Thread(target=lambda: trail.write("thread " + str(sum(range(10**6))) + "\\n")).start()
+sys.stdout.write("unflushed stdout")
+sys.stderr.write("unflushed stderr")
+exit_process(3)
+print("not reached")
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=60
+    )
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout == "unflushed stdout"
+    assert proc.stderr == "unflushed stderr"
+    assert trail.read_text() == f"thread {sum(range(10**6))}\natexit\n"

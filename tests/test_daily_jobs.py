@@ -151,11 +151,11 @@ def test_resume_from_the_run_folder_uses_its_saved_config(workdir, trained, tmp_
     assert not (run / "checkpoints" / "step6").exists()
 
 
-def interrupt(command: list[str], cwd: Path, after: str, group: bool = False):
+def interrupt(command: list[str], cwd: Path, after: str, group: bool = False, env=None):
     """Start `command`; once a line of its stderr holds `after`, send one SIGINT: to the process
     (a launcher), or with `group` to its whole process group, as a terminal's Ctrl-C does.
     Returns (exit code, stderr)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
     env.pop("UMT_DEBUG", None)
     proc = subprocess.Popen(
         command, cwd=cwd, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True
@@ -210,7 +210,9 @@ def accelerate_file(path: Path) -> Path:
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
 def test_ctrl_c_to_the_launcher_saves_a_checkpoint_and_exits_0(tmp_path, launcher):
     """torchrun (`umt train --nproc-per-node`) and `accelerate launch` (launch.accelerate_launch)
-    pass the SIGINT on to their ranks and end as the ranks do: no torchrun traceback, exit 0."""
+    pass the SIGINT on to their ranks and end as the ranks do: no torchrun traceback, exit 0.
+    Rank 1 starts late: the Ctrl-C comes as soon as rank 0 says that Ctrl-C saves, which must
+    then hold for rank 1 too (on a loaded machine it once died of the KeyboardInterrupt)."""
     out = tmp_path / "run"
     train = [
         f"output_dir={out}", *TINY, "data.train.synthetic=true", "train.steps=100000",
@@ -222,7 +224,8 @@ def test_ctrl_c_to_the_launcher_saves_a_checkpoint_and_exits_0(tmp_path, launche
         config = accelerate_file(tmp_path / "accelerate.yaml")
         command = [sys.executable, "-m", "launch.accelerate_launch", "--config_file",
                    str(config), "-m", "launch.train", *train]  # fmt: skip
-    rc, stderr = interrupt(command, tmp_path, "training steps 1-100000")
+    late = {"UMT_FAULT_SLOW_START": "1:3"}
+    rc, stderr = interrupt(command, tmp_path, "training steps 1-100000", env=late)
     assert_stopped_cleanly(rc, stderr, out)
     assert "umt: Ctrl-C: the ranks finish their step, save a checkpoint and stop" in stderr
     assert "--nproc-per-node 2" in stderr  # the command that goes on keeps both ranks

@@ -148,10 +148,12 @@ def test_the_launcher_exit_code_says_hang_or_signal():
 
 def test_fault_hooks_name_a_step_a_rank_and_a_run():
     env = {"UMT_FAULT_HANG_AT_STEP": "5:1", "UMT_FAULT_KILL_AT_STEP": "7@1",
-           "UMT_FAULT_SLOW_RANK": "1:0.5", "UMT_FAULT_KILL_IN_CHECKPOINT_WRITE": "4:0"}  # fmt: skip
+           "UMT_FAULT_SLOW_RANK": "1:0.5", "UMT_FAULT_KILL_IN_CHECKPOINT_WRITE": "4:0",
+           "UMT_FAULT_SLOW_START": "0:2"}  # fmt: skip
     rank0, rank1 = (TrainingFaults.from_env(env, rank=r) for r in (0, 1))
     assert (rank0.hang_at_step, rank1.hang_at_step) == (-1, 5)
     assert (rank0.slow_s, rank1.slow_s) == (0.0, 0.5)
+    assert (rank0.slow_start_s, rank1.slow_start_s) == (2.0, 0.0)
     assert (rank0.kill_in_checkpoint_write, rank1.kill_in_checkpoint_write) == (4, -1)
     assert rank1.kill_at_step == -1  # run 1 of a Slurm job only
     requeued = TrainingFaults.from_env({**env, "SLURM_RESTART_COUNT": "1"}, rank=1)

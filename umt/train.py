@@ -425,6 +425,7 @@ class Trainer:
         checkpoint at the end of the step, then stop. A second SIGINT aborts without saving
         (KeyboardInterrupt: one line, no traceback; the unfinished step folder stays invisible)."""
 
+        self.faults.slow_start()  # UMT_FAULT_SLOW_START (tests)
         owner = os.getpid()
         first_interrupt = [0.0]
 
@@ -464,6 +465,9 @@ class Trainer:
         self._stalled = False
         t = self.cfg.train
         first, started = self.state.step, time.perf_counter()
+        # Every rank has its signal handlers by now (install_signal_handlers comes first): the
+        # line below, which tells a person (and the tests) that Ctrl-C saves, holds for all ranks.
+        distributed.barrier()
         if self.rank == 0:
             log.info(
                 "training steps %d-%d of %s: %d samples per step (%d ranks x %d x %d accumulated); "
