@@ -506,6 +506,7 @@ class Trainer:
             self.watchdog.stop()  # one that is reporting a hang ends the process here
             bar.close()  # before any message: a bar left open would prefix it
             batches.close()
+            self.writer.close()  # the scalars up to a failure are on disk too
 
     def _train(self, batches: DataWaiter, bar) -> dict[str, float]:
         window, last = Window(), {}
@@ -547,7 +548,6 @@ class Trainer:
         if saved_at != self.state.step:
             self.save_checkpoint()
         self.finish_checkpoints()
-        self.writer.close()
         return last
 
     def summary(self, first: int, seconds: float, last: dict[str, float]) -> str:
