@@ -266,6 +266,8 @@ def test_threads_are_the_ranks_share_of_its_cpus_minus_its_loader_workers(monkey
         0, workers=2, env={"TORCHELASTIC_RUN_ID": "x", "LOCAL_WORLD_SIZE": "4"}
     )
     assert (torchrun.count, torchrun.sharing) == (2, 4)
+    deepspeed = choose_threads(0, workers=0, env={"LOCAL_SIZE": "8", "LOCAL_RANK": "3"})
+    assert (deepspeed.count, deepspeed.sharing) == (2, 8)  # the deepspeed launcher's ranks
     srun = choose_threads(0, workers=1, env={"SLURM_CPUS_PER_TASK": "6", "SLURM_PROCID": "3"})
     assert (srun.count, srun.cpus) == (5, 6)
     assert choose_threads(0, workers=8, env={}).count == 8

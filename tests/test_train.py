@@ -335,6 +335,8 @@ def test_the_deepspeed_launcher_runs_the_same_entry_point(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    # its 2 ranks share the CPUs (it once gave each all of them: 2x oversubscribed)
+    assert re.search(r"torch CPU threads per rank: \d+ \(\d+ CPUs / 2 local ranks", proc.stderr)
     meta = (out / "checkpoints" / "step2" / "umt_meta.json").read_text()
     assert '"world_size": 2' in meta
 

@@ -47,11 +47,12 @@ def choose_threads(
 ) -> ThreadChoice:
     """`configured` (train.cpu_threads) when > 0, else this rank's share of the CPUs minus its
     loader workers. torchrun and `accelerate launch` run LOCAL_WORLD_SIZE ranks in one task's
-    CPU set; srun with a task per rank gives each its own (SLURM_CPUS_PER_TASK)."""
+    CPU set, the deepspeed launcher LOCAL_SIZE; srun with a task per rank gives each its own
+    (SLURM_CPUS_PER_TASK)."""
     env = os.environ if env is None else env
     cpus = available_cpus(env)
-    under_agent = "TORCHELASTIC_RUN_ID" in env or "LOCAL_WORLD_SIZE" in env
-    sharing = max(1, int(env.get("LOCAL_WORLD_SIZE", "1"))) if under_agent else 1
+    local = env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or "1"
+    sharing = max(1, int(local)) if local.isdigit() else 1
     if configured > 0:
         return ThreadChoice(configured, cpus, sharing, workers, True)
     return ThreadChoice(max(1, cpus // sharing - workers), cpus, sharing, workers, False)
