@@ -85,8 +85,11 @@ def test_itm_pair_metrics_count_both_sides_of_the_threshold_and_the_preference()
     assert got["preference"] == pytest.approx(100 * 2 / 3)  # pair 1 prefers its negative
 
 
-def trained_export(tmp_path, minilm_dir):
-    """A tiny model trained 2 steps (synthetic data), its checkpoint and its export."""
+@pytest.fixture(scope="module")
+def trained_export(tmp_path_factory, minilm_dir):
+    """A tiny model trained 2 steps (synthetic data), its checkpoint and its export (read only:
+    shared by the tests of this module)."""
+    tmp_path = tmp_path_factory.mktemp("trained")
     run = tmp_path / "run"
     cmd = [
         sys.executable, "-m", "launch.train", f"output_dir={run}", "model.preset=tiny",
@@ -105,33 +108,43 @@ def trained_export(tmp_path, minilm_dir):
 
 
 @pytest.mark.slow
-def test_one_and_two_ranks_and_checkpoint_and_export_give_identical_reports(tmp_path, minilm_dir):
-    ckpt, export = trained_export(tmp_path, minilm_dir)
+def test_one_and_two_ranks_and_checkpoint_and_export_and_s3_give_identical_reports(
+    tmp_path, trained_export
+):
+    """`umt eval` of the export and of the checkpoint, the same on 2 ranks, and the export on
+    shards read from moto's S3 endpoint (through a cache folder): one report."""
+    from tests.storage_servers import moto_s3
+
+    ckpt, export = trained_export
     shards = write_color_shards(tmp_path / "shards", n_images=7, per_shard=3)
     reports = {}
-    for name, model in (("export", export), ("checkpoint", ckpt)):
-        out = tmp_path / f"{name}.json"
-        cmd = [sys.executable, "-m", "launch.cli", "eval", "--model", str(model), "--shards",
-               str(shards), "--out", str(out), "--itm-rerank", "4", "--batch-size", "3"]  # fmt: skip
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert "i2t_r1" in proc.stdout  # the printed table
-        reports[name] = json.loads(out.read_text())
+    with moto_s3() as s3:
+        url = s3.upload_folder(shards, "eval/shards")
+        runs = (("export", export, shards), ("checkpoint", ckpt, shards), ("s3", export, url))
+        for name, model, where in runs:
+            out = tmp_path / f"{name}.json"
+            cmd = [sys.executable, "-m", "launch.cli", "eval", "--model", str(model), "--shards",
+                   str(where), "--out", str(out), "--itm-rerank", "4", "--batch-size", "3",
+                   "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            assert "i2t_r1" in proc.stdout  # the printed table
+            reports[name] = json.loads(out.read_text())
     out2 = tmp_path / "two_ranks.json"
     run_torchrun(REPO / "tests" / "_ranks_evaluate.py", str(export), str(shards), str(out2))
     two = json.loads(out2.read_text())
     one = reports["export"]
-    assert one["images"] == 7 and one["texts"] == 14
+    assert one["images"] == 7 and one["texts"] == 14 and reports["s3"]["images"] == 7
     for scorer in ("itc", "itm"):
-        assert one[scorer] == reports["checkpoint"][scorer] == two[scorer]
+        assert one[scorer] == reports["checkpoint"][scorer] == two[scorer] == reports["s3"][scorer]
 
 
 @pytest.mark.slow
-def test_zero_shot_classification_labels_images_by_caption(tmp_path, minilm_dir):
+def test_zero_shot_classification_labels_images_by_caption(tmp_path, trained_export):
     """Class-name prompts against images whose caption is the class name."""
     import tarfile
 
-    _, export = trained_export(tmp_path, minilm_dir)
+    _, export = trained_export
     shards = write_color_shards(tmp_path / "shards", n_images=6, per_shard=3, captions=1)
     # Re-caption: the class of image i is its colour name, given as the caption.
     for tar_path in sorted(shards.glob("*.tar")):
@@ -202,24 +215,3 @@ def test_zero3_evaluation_with_uneven_work_per_rank_finishes_and_matches_umt_eva
     assert set(want) <= set(during)
     for key, value in want.items():  # float32 in TensorBoard
         assert during[key] == pytest.approx(value, abs=1e-4), key
-
-
-@pytest.mark.slow
-def test_umt_eval_reads_shards_from_s3_like_local_ones(tmp_path, minilm_dir):
-    from tests.storage_servers import moto_s3
-
-    _, export = trained_export(tmp_path, minilm_dir)
-    shards = write_color_shards(tmp_path / "shards", n_images=7, per_shard=3)
-    reports = {}
-    with moto_s3() as s3:
-        url = s3.upload_folder(shards, "eval/shards")
-        for name, where in (("local", str(shards)), ("s3", url)):
-            out = tmp_path / f"{name}.json"
-            cmd = [sys.executable, "-m", "launch.cli", "eval", "--model", str(export), "--shards",
-                   where, "--out", str(out), "--itm-rerank", "4", "--cache-dir", str(tmp_path / "c")]  # fmt: skip
-            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-            assert proc.returncode == 0, proc.stderr[-3000:]
-            reports[name] = json.loads(out.read_text())
-    assert reports["s3"]["images"] == 7
-    for scorer in ("itc", "itm"):
-        assert reports["s3"][scorer] == reports["local"][scorer]
