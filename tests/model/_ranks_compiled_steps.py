@@ -1,11 +1,12 @@
 """Under torchrun (2 gloo ranks): the `tiny` model's steps through DeepSpeed at ZeRO 2 and 3, eager
 and with `model.compile` (inductor), from the same weights on the same batches. After 2 steps
-each run saves a checkpoint and loads the other's (compiled <-> eager), then takes a third step.
+each run saves a checkpoint and takes step 3, then goes back to step 2 from the other's
+checkpoint (compiled <-> eager) and takes step 3 again.
 
 Rank 0 writes, per stage, to argv[2]: each run's losses, the largest gradient difference
 (compiled against eager, relative to the largest gradient), whether each run's weights after the
-load equal the other's at its save (and whether the two saves differ at all), each run's compiled blocks and whether the state dicts have
-the same keys. argv[1]: a checkpoint folder.
+load equal the other's at its save (and whether step 3 had moved them, so that a load that did
+nothing would show), each run's compiled blocks and whether the state dicts have the same keys. argv[1]: a checkpoint folder.
 """
 
 from __future__ import annotations
@@ -85,12 +86,16 @@ def run_stage(stage: int, root: Path) -> dict:
             losses[name].append(loss)
             grads[name].append(g)
     steps_s = time.perf_counter() - started
-    saved = {}
-    for name, (engine, _) in runs.items():
+    saved, moved = {}, {}
+    for name, (engine, cfg) in runs.items():
         saved[name] = full_values(engine, grads=False)
         engine.save_checkpoint(str(root), tag=f"zero{stage}-{name}")
-    # Each run goes on from the other's checkpoint (DeepSpeed loads the module strictly: a key
-    # of one that the other lacks, e.g. an `_orig_mod.` prefix, fails the load).
+        losses[name].append(step(engine, cfg, 3)[0])
+        now = full_values(engine, grads=False)
+        moved[name] = any(not torch.equal(now[k], saved[name][k]) for k in now)
+    # Each run goes back to step 2 from the other's checkpoint and takes step 3 again
+    # (DeepSpeed loads the module strictly: a key of one that the other lacks, e.g. an
+    # `_orig_mod.` prefix, fails the load).
     loaded_equal = {}
     for name, other in (("eager", "compiled"), ("compiled", "eager")):
         engine, cfg = runs[name]
@@ -103,9 +108,7 @@ def run_stage(stage: int, root: Path) -> dict:
         "losses": losses,
         "grad_difference": [max_relative_difference(e, c) for e, c in zip(*grads.values())],
         "loaded_equal": loaded_equal,
-        "saved_differ": any(
-            not torch.equal(saved["eager"][k], saved["compiled"][k]) for k in saved["eager"]
-        ),
+        "moved": moved,
         "compiled_blocks": {name: compiled_blocks(run[0].module) for name, run in runs.items()},
         "state_dict_keys_equal": list(compiled.state_dict()) == list(eager.state_dict()),
         "steps_s": steps_s,
