@@ -132,6 +132,9 @@ def main(argv: list[str]) -> int:
     if "synthetic" in by_name and "shards" in by_name and by_name["synthetic"]["samples_per_s"]:
         ratio = by_name["shards"]["samples_per_s"] / by_name["synthetic"]["samples_per_s"]
         summary.append(f"shards_vs_synthetic={ratio:.2f}")
+    if "compiled" in by_name and by_name.get("synthetic", {}).get("samples_per_s"):
+        ratio = by_name["compiled"]["samples_per_s"] / by_name["synthetic"]["samples_per_s"]
+        summary.append(f"compiled_vs_eager={ratio:.2f}")  # > 1: compiled steps are faster
     if args.eval:
         ev = json.loads(Path(args.eval).read_text())
         itm = ev.get("itm", {})

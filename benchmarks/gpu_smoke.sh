@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# GPU readiness in one command, for the first run on a GPU machine (under 8 minutes on one GPU):
+# GPU readiness in one command, for the first run on a GPU machine (about 10 minutes on one GPU):
 #   [2] the `base` preset, bf16, ZeRO-2, on in-memory synthetic batches kept on the device:
 #       samples/s, MFU, peak memory, and host-device syncs per step (torch's sync debug mode);
-#   [3] the same on real shards through the loader: the data-wait fraction;
-#   [4] ZeRO-3 steps with periodic retrieval evaluation and ITM re-ranking inside training
+#   [3] run [2] again with `model.compile: true` (GPU mode only): compiled against eager
+#       (SUMMARY `compiled_vs_eager`; the first logged window, which holds the compile, is left out);
+#   [4] the same on real shards through the loader: the data-wait fraction;
+#   [5] ZeRO-3 steps with periodic retrieval evaluation and ITM re-ranking inside training
 #       (every forward a collective: the ranks must run in lockstep);
-#   [5] checkpoint + resume of run [2] (`--resume auto`, a few more steps);
-#   [6] `umt eval` under torchrun with NCCL and ITM re-ranking, on the checkpoint of [2];
+#   [6] checkpoint + resume of run [2] (`--resume auto`, a few more steps);
+#   [7] `umt eval` under torchrun with NCCL and ITM re-ranking, on the checkpoint of [2];
 # then one table and a `SUMMARY key=value ...` line.
 #
 #   benchmarks/gpu_smoke.sh          # on a machine with CUDA GPUs
@@ -50,7 +52,7 @@ fi
 echo "gpu_smoke ($MODE): preset $PRESET, $PRECISION, $NPROC rank(s), $STEPS steps x" \
   "$BATCH per rank, work folder $OUT"
 
-echo "[1/7] built-in dataset -> shards ($IMAGES + $TEST_IMAGES images, ${SIDE}px)"
+echo "[1/8] built-in dataset -> shards ($IMAGES + $TEST_IMAGES images, ${SIDE}px)"
 "$PYTHON" - "$OUT" "$IMAGES" "$TEST_IMAGES" "$SIDE" "$PER_SHARD" <<'EOF'
 import sys
 from pathlib import Path
@@ -94,16 +96,25 @@ train() {  # run name (folder $OUT/run-NAME, fresh), extra overrides...
   echo "  $name: done ($(( $(date +%s) - START )) s since start)"
 }
 
-echo "[2/7] $STEPS steps on synthetic batches kept on the device, host syncs counted"
+echo "[2/8] $STEPS steps on synthetic batches kept on the device, host syncs counted"
 UMT_SYNC_DEBUG=1 train synthetic "data.train.synthetic=true" "data.train.synthetic_distinct=8"
-echo "[3/7] $STEPS steps on the shards ($WORKERS loader workers per rank)"
+COMPILED=()
+if [[ "$MODE" == gpu ]]; then
+  echo "[3/8] run [2] again with model.compile=true (inductor; its first steps compile)"
+  UMT_SYNC_DEBUG=1 train compiled "data.train.synthetic=true" "data.train.synthetic_distinct=8" \
+    "model.compile=true"
+  COMPILED=("$OUT/run-compiled")
+else
+  echo "[3/8] compiled steps: GPU mode only (an inductor compile takes minutes on CPU)"
+fi
+echo "[4/8] $STEPS steps on the shards ($WORKERS loader workers per rank)"
 train shards "data.train.shards=$OUT/shards/train" "data.train.num_workers=$WORKERS" \
   "data.train.shuffle_window=256" "data.train.resampled=true"
-echo "[4/7] $Z3_STEPS ZeRO-3 steps with retrieval evaluation (ITM re-rank top $RERANK) inside"
+echo "[5/8] $Z3_STEPS ZeRO-3 steps with retrieval evaluation (ITM re-rank top $RERANK) inside"
 train zero3 "data.train.synthetic=true" "zero.stage=3" "zero.stage3_param_persistence_threshold=0" \
   "train.steps=$Z3_STEPS" "data.eval.shards=$OUT/shards/test" "eval.every_steps=$Z3_STEPS" \
   "eval.itm_rerank_k=$RERANK"
-echo "[5/7] resume run [2] from its checkpoint for $RESUME_STEPS more steps"
+echo "[6/8] resume run [2] from its checkpoint for $RESUME_STEPS more steps"
 RESUME_START=$(date +%s.%N)
 launch "$OUT/run-synthetic-resume.log" -m launch.train --resume auto "output_dir=$OUT/run-synthetic" \
   "${COMMON[@]}" "data.train.synthetic=true" "data.train.synthetic_distinct=8" \
@@ -112,12 +123,13 @@ RESUME_S=$("$PYTHON" -c "import time; print(f'{time.time() - $RESUME_START:.1f}'
 grep -q "resumed from" "$OUT/run-synthetic-resume.log" \
   || { echo "gpu_smoke: the resumed run did not say 'resumed from'" >&2; exit 1; }
 echo "  resumed and trained to step $(( STEPS + RESUME_STEPS )) in $RESUME_S s"
-echo "[6/7] umt eval under torchrun (ITM re-rank top $RERANK) on that checkpoint"
+echo "[7/8] umt eval under torchrun (ITM re-rank top $RERANK) on that checkpoint"
 EVAL_START=$(date +%s.%N)
 launch "$OUT/eval.log" -m launch.cli eval --model "$OUT/run-synthetic/checkpoints" \
   --shards "$OUT/shards/test" --itm-rerank "$RERANK" --out "$OUT/eval.json"
 EVAL_S=$("$PYTHON" -c "import time; print(f'{time.time() - $EVAL_START:.1f}')")
-echo "[7/7] report"
-"$PYTHON" benchmarks/_gpu_smoke_report.py "$OUT/run-synthetic" "$OUT/run-shards" "$OUT/run-zero3" \
+echo "[8/8] report"
+"$PYTHON" benchmarks/_gpu_smoke_report.py "$OUT/run-synthetic" ${COMPILED[@]+"${COMPILED[@]}"} \
+  "$OUT/run-shards" "$OUT/run-zero3" \
   --eval "$OUT/eval.json" --eval-seconds "$EVAL_S" --resume-seconds "$RESUME_S"
 echo "gpu_smoke: finished in $(( $(date +%s) - START )) s; logs and TensorBoard runs in $OUT"

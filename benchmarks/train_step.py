@@ -7,8 +7,12 @@ seeds, so their first losses agree to float rounding (printed as a check):
   pass over positives and both negatives, text trimmed to the longest caption by the loader);
 - baseline: `benchmarks/_baseline.py` (eager attention, separate Q/K/V, three fusion passes,
   negatives by all-gather; in one process the gather moves nothing, see objective_scaling.py);
-- ablations (on `small`): each of our choices undone alone, plus activation checkpointing,
-  bf16 autocast and (with --compile) `torch.compile` of the fusion blocks.
+- ablations (on `small`): each of our choices undone alone, plus activation checkpointing and
+  bf16 autocast;
+- with --compile, on every preset: `compiled`, ours with `model.compile` (each transformer block
+  of the towers and the fusion compiled by inductor, `umt.model.training.compile_blocks`); its
+  first step (the compile) is reported apart (SUMMARY `*_compiled_first_step_s`) and its step
+  time against ours as `*_compiled_time_ratio` (below 1: compiled is faster).
 Every contender first runs `--warmup` untimed rounds; then steps run in rounds that interleave
 the contenders (order rotated each round), so load from other processes hits all alike. The median step and its min-max are reported (SUMMARY: `*_spread`, (max - min)
 / median), and `ours_again` (a second copy of ours) shows the noise floor: its ratio to ours
@@ -54,6 +58,7 @@ from _baseline import configure, reference_losses  # noqa: E402
 
 from umt.flops import FORMULA, StepShape, forward_flops, train_step_flops  # noqa: E402
 from umt.model import build_model, preset_config  # noqa: E402
+from umt.model.training import compile_blocks  # noqa: E402
 from umt.objectives import ObjectiveConfig  # noqa: E402
 
 OBJECTIVES = ObjectiveConfig(itc_weight=1.0, itm_weight=1.0, mlm_weight=1.0)
@@ -161,6 +166,7 @@ class Contender:
     peaks: list[int] = field(default_factory=list)
     saved_bytes: int = 0
     first_loss: float = float("nan")
+    first_step_s: float = float("nan")  # the warm-up step: with compiled blocks, the compile
 
     def __post_init__(self):
         self.optimizer = torch.optim.AdamW(
@@ -192,6 +198,7 @@ class Contender:
         """One untimed step: allocates optimizer state, counts saved bytes, records the loss."""
         counted: dict = {}
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16)
+        t0 = time.perf_counter()
         with saved_bytes_counter(self.model, counted), autocast:
             out = self.loss_fn(self.model, self.batch, seed)
         self.first_loss = float(out.loss)
@@ -199,6 +206,7 @@ class Contender:
         out.loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.first_step_s = time.perf_counter() - t0
 
     @property
     def median_s(self) -> float:
@@ -218,7 +226,7 @@ def contenders_for(
     b: int,
     max_len: int,
     ablations: bool,
-    compile_fusion: bool = False,
+    compiled: bool = False,
     bf16: bool = True,
 ) -> tuple[list[Contender], object, Batch]:
     cfg = preset_config(preset)
@@ -239,6 +247,11 @@ def contenders_for(
             trimmed,
         ),
     ]
+    if compiled:
+        model_compiled = copy(model)
+        compile_blocks(model_compiled)
+        what = "model.compile: every transformer block compiled"
+        out.append(Contender("compiled", what, model_compiled, ours_loss, trimmed))
     if not ablations:
         return out, cfg, trimmed
     ckpt = copy(model)
@@ -255,11 +268,6 @@ def contenders_for(
     if bf16:
         bf16_model = copy(model)
         out.append(Contender("bf16_autocast", "CPU autocast bf16 (1 timed step)", bf16_model, ours_loss, trimmed, bf16=True, max_rounds=1))  # fmt: skip
-    if compile_fusion:
-        compiled = copy(model)
-        for block in compiled.fusion.blocks:
-            block.compile()
-        out.append(Contender("compiled_fusion", "torch.compile fusion blocks", compiled, ours_loss, trimmed))  # fmt: skip
     return out, cfg, trimmed
 
 
@@ -455,7 +463,11 @@ def main(argv: list[str] | None = None) -> int:
         help="torch threads (default 1: on a shared machine, OpenMP threads stall on barriers "
         "whenever another process holds one of their cores)",
     )
-    parser.add_argument("--compile", action="store_true", help="also torch.compile the fusion")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also ours with model.compile (inductor) on every preset; its first step compiles",
+    )
     parser.add_argument("--no-profile", dest="profile", action="store_false")
     args = parser.parse_args(argv)
     args.rounds = args.rounds or (5 if args.quick else 7)
@@ -494,6 +506,9 @@ def main(argv: list[str] | None = None) -> int:
             summary.append(f"{p}_{c.name}_time_ratio={c.median_s / ours.median_s:.2f}")
             summary.append(f"{p}_{c.name}_cpu_ratio={c.median_cpu_s / ours.median_cpu_s:.2f}")
         for c in r["contenders"]:
+            if c.name == "compiled":
+                summary.append(f"{p}_compiled_sps={args.batch / c.median_s:.1f}")
+                summary.append(f"{p}_compiled_first_step_s={c.first_step_s:.1f}")
             if c.name == "act_checkpointing":
                 summary.append(
                     f"{p}_act_ckpt_saved_mem_ratio={c.saved_bytes / ours.saved_bytes:.2f}"

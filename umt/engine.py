@@ -15,6 +15,7 @@ from umt import distributed
 from umt.config import Config, ConfigError
 from umt.distributed import WorldInfo
 from umt.logs import quiet_deepspeed
+from umt.model.training import compile_blocks, transformer_blocks
 
 # --- the process group --------------------------------------------------------------------------
 
@@ -141,14 +142,24 @@ def deepspeed_config(
 
 
 def build_engine(model: nn.Module, cfg: Config, ds_config: dict):
-    """The DeepSpeed engine of `model`, with its optimizer and schedule."""
+    """The DeepSpeed engine of `model`, with its optimizer and schedule; with `model.compile`,
+    its transformer blocks compiled."""
     import deepspeed
 
+    if cfg.model.compile and cfg.zero.stage == 3:
+        # ZeRO-3 gathers each block's parameters at once, in the hooks around its compiled
+        # forward, and hooks none of its submodules: their hooks would break its graph.
+        from deepspeed.utils import set_z3_leaf_module
+
+        for _, block in transformer_blocks(model):
+            set_z3_leaf_module(block, True)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=model.optimizer_groups(cfg.train.weight_decay),
         config=ds_config,
     )
+    if cfg.model.compile:
+        compile_blocks(model)
     return engine
 
 

@@ -95,6 +95,10 @@ class ModelConfig:
     (SigLIP: -10, with logit_scale_init ln 10 = 2.302585)."""
     mlm: bool = False
     """Build the MLM head (tied to the word embeddings)."""
+    compile: bool = False
+    """Training compiles each transformer block of the towers and the fusion with
+    `torch.compile` (inductor), in place (torchtitan's per-block compile): checkpoints stay
+    those of the eager model. The first steps pay the compile."""
 
 
 def _preset(text: dict, image: dict, fusion: dict, embed_dim: int, name: str) -> ModelConfig:
