@@ -14,10 +14,12 @@ When an `img2dataset` executable is found (on PATH, in the tests' cached venv th
 tests/side_venvs.py makes for it, or `--img2dataset PATH`; it pins an old webdataset, so it lives
 in a venv of its own), it runs on the 480x480 files (read as file:// URLs, 2 processes,
 keep_ratio 256, webdataset output); its figure is the one it reports itself, which leaves out its
-start-up, so `shard_vs_img2dataset` (goal >= 3) favours it.
+start-up, so `shard_vs_img2dataset` (goal >= 3) favours it; `shard_vs_img2dataset_wall` and
+`_cpu` compare its whole command (images/s, CPU per image) with ours.
 
 One warm-up round, then rounds with the contenders' order rotated; medians and the spread of the
-per-round ratios are printed.
+per-round ratios are printed. `umt_again` is a second run of `umt_area`: `shard_again` (ideally
+1.00) says how far apart two identical contenders land on this machine.
 
     python benchmarks/shard_throughput.py [--quick] [--images N] [--rounds R] [--workers 2]
 
@@ -208,6 +210,7 @@ def measure(
         "baseline": lambda out: run_baseline(table, out, 256),
         "umt_area": lambda out: run_umt(table, out, 256, workers, "area"),
         "umt_bicubic": lambda out: run_umt(table, out, 256, workers, "bicubic"),
+        "umt_again": lambda out: run_umt(table, out, 256, workers, "area"),  # the noise floor
     }
     if img2dataset:
         runs["img2dataset"] = lambda out: run_img2dataset(img2dataset, table, out, 256, workers)
@@ -268,6 +271,15 @@ def ratios(result: dict) -> dict[str, tuple[float, float, float]]:
         found["shard_vs_img2dataset"] = paired(
             result, lambda r: r["umt_area"]["ips"] / r["img2dataset"]["ips"]
         )
+        # img2dataset's whole command (start-up included) against ours: images/s and CPU
+        found["shard_vs_img2dataset_wall"] = paired(
+            result, lambda r: r["umt_area"]["ips"] / r["img2dataset"]["wall_ips"]
+        )
+        found["shard_vs_img2dataset_cpu"] = paired(
+            result, lambda r: r["img2dataset"]["cpu_ms"] / r["umt_area"]["cpu_ms"]
+        )
+    # two runs of the same thing: how far apart identical contenders land on this machine
+    found["shard_again"] = paired(result, lambda r: r["umt_area"]["ips"] / r["umt_again"]["ips"])
     return found
 
 
