@@ -40,14 +40,18 @@ import resource
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from PIL import Image, ImageFilter
 
-from data_pipeline.shard import ShardOptions, shard_dataset
-from data_pipeline.shard.options import RESAMPLE_FILTERS
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's data_pipeline, not an installed one
+
+from data_pipeline.shard import ShardOptions, shard_dataset  # noqa: E402
+from data_pipeline.shard.options import RESAMPLE_FILTERS  # noqa: E402
 
 
 def photo_like(width: int, height: int, rng: random.Random) -> Image.Image:
