@@ -1,16 +1,27 @@
-"""Images/s of `umt shard` (2 workers) against a single-process PIL + webdataset.ShardWriter loop.
+"""Images/s of `umt shard` (2 workers) against the CPU floor, a single-process PIL +
+webdataset.ShardWriter loop, and img2dataset.
 
-Both do the same work on the same JPEGs: decode, resize so the short side is 256 (keep ratio),
-encode JPEG quality 95, write WebDataset shards with a caption and a JSON record per sample.
-Two inputs: 640x480 photos (the issue's case) and 480x480 (the case img2dataset was quoted on:
-"about 700 images/s with OpenCV and 2 processes" on the 2-core development machine).
+Every contender does the same work on the same JPEGs: decode, resize so the short side is 256
+(keep ratio), encode JPEG quality 95; all but the floor also write WebDataset shards with a
+caption and a JSON record per sample. Two inputs: 640x480 photos and 480x480.
 
-When an `img2dataset` executable is found (on PATH, or `--img2dataset PATH`; it is not one of our
-dependencies: install it in a separate venv), it runs as a third contender on the same files
-(read as file:// URLs, 2 processes, keep_ratio 256, webdataset output); its figure is the one it
-reports itself, which leaves out its start-up, so the comparison favours it.
+The floor is decode + resize + encode alone, in one process, with `umt shard`'s settings (its
+"area" filter): `shard_vs_floor` is `umt shard`'s CPU time per image (parent and workers, start-up
+included) over the floor's; `shard_vs_floor_wall` the same with wall time x processes (idle
+workers count). Goal: <= 1.3.
 
-    python benchmarks/shard_throughput.py [--quick] [--images N] [--workers 2] [--img2dataset P]
+When an `img2dataset` executable is found (on PATH, in the tests' cached venv that
+tests/side_venvs.py makes for it, or `--img2dataset PATH`; it pins an old webdataset, so it lives
+in a venv of its own), it runs on the 480x480 files (read as file:// URLs, 2 processes,
+keep_ratio 256, webdataset output); its figure is the one it reports itself, which leaves out its
+start-up, so `shard_vs_img2dataset` (goal >= 3) favours it; `shard_vs_img2dataset_wall` and
+`_cpu` compare its whole command (images/s, CPU per image) with ours.
+
+One warm-up round, then rounds with the contenders' order rotated; medians and the spread of the
+per-round ratios are printed. `umt_again` is a second run of `umt_area`: `shard_again` (ideally
+1.00) says how far apart two identical contenders land on this machine.
+
+    python benchmarks/shard_throughput.py [--quick] [--images N] [--rounds R] [--workers 2]
 
 Ends with one line `SUMMARY key=value ...`.
 """
@@ -22,20 +33,25 @@ import csv
 import importlib
 import io
 import json
+import os
 import random
 import re
 import resource
 import shutil
+import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from PIL import Image, ImageFilter
 
-from data_pipeline.shard import ShardOptions, shard_dataset
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's data_pipeline, not an installed one
 
-IMG2DATASET_480_IPS = 700.0  # the issue's quote for img2dataset, 2 processes, 480x480 -> 256
+from data_pipeline.shard import ShardOptions, shard_dataset  # noqa: E402
+from data_pipeline.shard.options import RESAMPLE_FILTERS  # noqa: E402
 
 
 def photo_like(width: int, height: int, rng: random.Random) -> Image.Image:
@@ -100,15 +116,42 @@ def run_baseline(table: Path, out: Path, image_size: int) -> float:
     return time.perf_counter() - start
 
 
+def run_floor(table: Path, image_size: int, resample: str) -> float:
+    """The CPU floor: decode, resize and encode every image, nothing else, in one process, with
+    `umt shard`'s settings (keep_ratio, the same filter, quality 95). Seconds; the files are read
+    before the clock starts."""
+    with open(table, newline="") as handle:
+        blobs = [(table.parent / row["image"]).read_bytes() for row in csv.DictReader(handle)]
+    resample_filter = RESAMPLE_FILTERS[resample]
+    start = time.perf_counter()
+    for blob in blobs:
+        with Image.open(io.BytesIO(blob)) as image:
+            image.load()  # convert("RGB") would copy an RGB image: ~1 ms more here
+            pixels = image if image.mode == "RGB" else image.convert("RGB")
+            w, h = pixels.size
+            scale = image_size / min(w, h)
+            pixels = pixels.resize((round(w * scale), round(h * scale)), resample_filter)
+            pixels.save(io.BytesIO(), "JPEG", quality=95)
+    return time.perf_counter() - start
+
+
+def shard_size(count: int, workers: int) -> int:
+    """Samples per shard: the same whole number of shards for each worker (5 of 200 for 2000
+    images on 2 workers, 1 of 250 for 500), so that no worker is left idle while another
+    finishes a last shard alone, and shards of at least 200 where there are images enough."""
+    per_worker = max(1, min(5, count // (200 * workers)))
+    return -(-count // (per_worker * workers))
+
+
 def run_umt(table: Path, out: Path, image_size: int, workers: int, resample: str) -> float:
-    # 200 per shard: 10 shards for 2000 images, so both workers have whole shards to write.
+    count = sum(1 for _ in table.parent.glob("*.jpg"))
     options = ShardOptions(
         resize="keep_ratio",
         image_size=image_size,
         resample=resample,
         quality=95,
         workers=workers,
-        maxcount=200,
+        maxcount=shard_size(count, workers),
     )
     start = time.perf_counter()
     summary = shard_dataset(table, out, options)
@@ -159,101 +202,176 @@ def measure(
     count: int,
     size: tuple[int, int],
     workers: int,
-    repeats: int,
+    rounds: int,
     img2dataset: str | None,
 ) -> dict:
-    """Best-of-`repeats` images/s of each contender, runs interleaved (the machine is shared)."""
+    """Wall and CPU seconds of each contender per round: one warm-up round, then `rounds`
+    rounds, the contenders' order rotated each round (the machine is shared: paired ratios)."""
     table = make_dataset(root / name, count, size)
     mean_kb = sum(p.stat().st_size for p in table.parent.glob("*.jpg")) / count / 1024
-    best = {"baseline": 0.0, "umt_area": 0.0, "umt_bicubic": 0.0}
-    cpu_ms = {label: float("inf") for label in best}
-    for rep in range(repeats):
-        runs = {
-            "baseline": lambda out: run_baseline(table, out, 256),
-            "umt_area": lambda out: run_umt(table, out, 256, workers, "area"),
-            "umt_bicubic": lambda out: run_umt(table, out, 256, workers, "bicubic"),
-        }
-        for label, run in runs.items():
+    runs = {
+        "floor": lambda out: run_floor(table, 256, "area"),
+        "baseline": lambda out: run_baseline(table, out, 256),
+        "umt_area": lambda out: run_umt(table, out, 256, workers, "area"),
+        "umt_bicubic": lambda out: run_umt(table, out, 256, workers, "bicubic"),
+        "umt_again": lambda out: run_umt(table, out, 256, workers, "area"),  # the noise floor
+    }
+    if img2dataset:
+        runs["img2dataset"] = lambda out: run_img2dataset(img2dataset, table, out, 256, workers)
+    measured: dict[str, list[dict]] = {label: [] for label in runs}
+    labels = list(runs)
+    for rep in range(rounds + 1):
+        for label in labels[rep % len(labels) :] + labels[: rep % len(labels)]:
             out = root / f"{name}-{label}-{rep}"
             cpu_before = cpu_seconds()
-            best[label] = max(best[label], count / run(out))
-            cpu_ms[label] = min(cpu_ms[label], (cpu_seconds() - cpu_before) * 1000 / count)
-            shutil.rmtree(out)
-        if img2dataset:
-            out = root / f"{name}-img2dataset-{rep}"
-            ips, wall_ips = run_img2dataset(img2dataset, table, out, 256, workers)
-            best["img2dataset"] = max(best.get("img2dataset", 0.0), ips)
-            best["img2dataset_wall"] = max(best.get("img2dataset_wall", 0.0), wall_ips)
-            shutil.rmtree(out)
-    cpu = {f"{label}_cpu_ms": value for label, value in cpu_ms.items()}
-    return {"case": name, "images": count, "mean_kb": mean_kb, **best, **cpu}
+            result = runs[label](out)
+            cpu = cpu_seconds() - cpu_before
+            shutil.rmtree(out, ignore_errors=True)
+            if rep == 0:
+                continue  # warm-up: page cache, imports, the first spawn
+            if label == "img2dataset":
+                own_ips, wall_ips = result
+                measured[label].append(
+                    {"ips": own_ips, "wall_ips": wall_ips, "cpu_ms": cpu * 1000 / count}
+                )
+            else:
+                seconds = result
+                processes = workers if label.startswith("umt") else 1
+                measured[label].append(
+                    {
+                        "ips": count / seconds,
+                        "cpu_ms": cpu * 1000 / count,
+                        "process_ms": seconds * processes * 1000 / count,
+                    }
+                )
+    return {"case": name, "images": count, "mean_kb": mean_kb, "runs": measured}
 
 
-def print_table(results: list[dict], repeats: int, workers: int) -> None:
-    print(f"best of {repeats}; umt shard with {workers} workers, baseline in 1 process")
-    print("case     images KB/img | images/s: baseline umt-area umt-bicubic | CPU ms/image: "
-          "baseline umt-area umt-bicubic | ratio area bicubic")  # fmt: skip
-    for r in results:
-        print(
-            f"{r['case']:<8} {r['images']:>6} {r['mean_kb']:>6.0f} | {r['baseline']:>18.0f} "
-            f"{r['umt_area']:>8.0f} {r['umt_bicubic']:>11.0f} | {r['baseline_cpu_ms']:>22.1f} "
-            f"{r['umt_area_cpu_ms']:>8.1f} {r['umt_bicubic_cpu_ms']:>11.1f} | "
-            f"{r['umt_area'] / r['baseline']:>10.2f} {r['umt_bicubic'] / r['baseline']:>7.2f}"
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def paired(result: dict, ratio) -> tuple[float, float, float]:
+    """Median, min and max over rounds of `ratio(round's measurements by label)`."""
+    runs = result["runs"]
+    values = [ratio({label: runs[label][i] for label in runs}) for i in range(len(runs["floor"]))]
+    return median(values), min(values), max(values)
+
+
+def ratios(result: dict) -> dict[str, tuple[float, float, float]]:
+    found = {
+        # per image and per process: umt's CPU (parent and workers, start-up included) and the
+        # wall time of its workers, against the floor's one process
+        "shard_vs_floor": paired(result, lambda r: r["umt_area"]["cpu_ms"] / r["floor"]["cpu_ms"]),
+        "shard_vs_floor_wall": paired(
+            result, lambda r: r["umt_area"]["process_ms"] / r["floor"]["process_ms"]
+        ),
+        "shard_vs_baseline": paired(result, lambda r: r["umt_area"]["ips"] / r["baseline"]["ips"]),
+        "same_filter_vs_baseline": paired(
+            result, lambda r: r["umt_bicubic"]["ips"] / r["baseline"]["ips"]
+        ),
+    }
+    if "img2dataset" in result["runs"]:
+        found["shard_vs_img2dataset"] = paired(
+            result, lambda r: r["umt_area"]["ips"] / r["img2dataset"]["ips"]
         )
+        # img2dataset's whole command (start-up included) against ours: images/s and CPU
+        found["shard_vs_img2dataset_wall"] = paired(
+            result, lambda r: r["umt_area"]["ips"] / r["img2dataset"]["wall_ips"]
+        )
+        found["shard_vs_img2dataset_cpu"] = paired(
+            result, lambda r: r["img2dataset"]["cpu_ms"] / r["umt_area"]["cpu_ms"]
+        )
+    # two runs of the same thing: how far apart identical contenders land on this machine
+    found["shard_again"] = paired(result, lambda r: r["umt_area"]["ips"] / r["umt_again"]["ips"])
+    return found
+
+
+def print_table(results: list[dict], rounds: int, workers: int) -> None:
+    print(
+        f"median of {rounds} rounds after a warm-up, order rotated; umt shard and img2dataset "
+        f"with {workers} processes, floor and baseline in 1"
+    )
+    print("case     contender     images/s  CPU ms/image  ms/image/process")
     for r in results:
-        if "img2dataset" in r:
+        for label, runs in r["runs"].items():
+            ips = median([m["ips"] for m in runs])
+            cpu = median([m["cpu_ms"] for m in runs])
+            per_process = (
+                f"{median([m['process_ms'] for m in runs]):>17.2f}"
+                if "process_ms" in runs[0]
+                else ""
+            )
+            print(f"{r['case']:<8} {label:<12} {ips:>9.0f} {cpu:>13.2f} {per_process}")
+        for key, (mid, low, high) in ratios(r).items():
+            print(f"{r['case']:<8} {key}: {mid:.2f} (rounds {low:.2f}-{high:.2f})")
+        if "img2dataset" in r["runs"]:
+            wall_ips = median([m["wall_ips"] for m in r["runs"]["img2dataset"]])
             print(
-                f"{r['case']:<8} img2dataset: {r['img2dataset']:.0f} images/s by its own count "
-                f"(umt-area / that = {r['umt_area'] / r['img2dataset']:.2f}), "
-                f"{r['img2dataset_wall']:.0f} images/s over the whole command with its start-up"
+                f"{r['case']:<8} img2dataset's images/s is its own count; over its whole "
+                f"command, start-up included: {wall_ips:.0f}"
             )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="500 images, one run each (< 2 min)")
+    parser.add_argument("--quick", action="store_true", help="500 images, 1 round (< 2 min)")
     parser.add_argument(
         "--images", type=int, help="images per case (default 2000, 500 with --quick)"
     )
     parser.add_argument(
-        "--repeats", type=int, help="runs per contender, best kept (default 2, 1 quick)"
+        "--rounds", type=int, help="measured rounds after the warm-up (default 3, 1 quick)"
     )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument(
         "--img2dataset",
-        default=shutil.which("img2dataset"),
-        help="img2dataset executable to run as a contender (default: the one on PATH, if any)",
+        default=find_img2dataset(),
+        help="img2dataset executable to run as a contender (default: on PATH, or the one the "
+        "tests' cached venv holds)",
     )
     args = parser.parse_args()
     importlib.import_module("webdataset")  # warm: its ~2 s import must not count as baseline time
     count = args.images or (500 if args.quick else 2000)
-    repeats = args.repeats or (1 if args.quick else 2)
+    rounds = args.rounds or (1 if args.quick else 3)
+    if not args.img2dataset:
+        print("img2dataset left out: not on PATH and not in the tests' venv cache (--img2dataset)")
     with tempfile.TemporaryDirectory(prefix="umt-shard-bench-") as tmp:
         results = [
-            measure(Path(tmp), "640x480", count, (640, 480), args.workers, repeats, None),
+            measure(Path(tmp), "640x480", count, (640, 480), args.workers, rounds, None),
             measure(
-                Path(tmp), "480x480", count, (480, 480), args.workers, repeats, args.img2dataset
+                Path(tmp), "480x480", count, (480, 480), args.workers, rounds, args.img2dataset
             ),
         ]
-    print_table(results, repeats, args.workers)
-    wide, square = results
-    print(
-        "SUMMARY "
-        f"images={count} workers={args.workers} repeats={repeats} "
-        f"umt_640x480_ips={wide['umt_area']:.0f} baseline_640x480_ips={wide['baseline']:.0f} "
-        f"ratio_640x480={wide['umt_area'] / wide['baseline']:.2f} "
-        f"ratio_640x480_same_filter={wide['umt_bicubic'] / wide['baseline']:.2f} "
-        f"umt_480x480_ips={square['umt_area']:.0f} baseline_480x480_ips={square['baseline']:.0f} "
-        f"ratio_480x480={square['umt_area'] / square['baseline']:.2f} "
-        f"ratio_vs_img2dataset_quote_480x480={square['umt_area'] / IMG2DATASET_480_IPS:.2f}"
-        + (
-            f" img2dataset_480x480_ips={square['img2dataset']:.0f} "
-            f"ratio_vs_img2dataset_480x480={square['umt_area'] / square['img2dataset']:.2f} "
-            f"img2dataset_480x480_wall_ips={square['img2dataset_wall']:.0f}"
-            if "img2dataset" in square
-            else ""
+    print_table(results, rounds, args.workers)
+    fields = [f"images={count} workers={args.workers} rounds={rounds}"]
+    for r in results:
+        case = r["case"]
+        fields.append(f"umt_{case}_ips={median([m['ips'] for m in r['runs']['umt_area']]):.0f}")
+        fields.append(
+            f"floor_{case}_cpu_ms={median([m['cpu_ms'] for m in r['runs']['floor']]):.2f}"
         )
+        fields += [f"{key}_{case}={mid:.2f}" for key, (mid, _, _) in ratios(r).items()]
+    wide, square = (ratios(r) for r in results)
+    fields.append(
+        f"shard_vs_floor={max(wide['shard_vs_floor'][0], square['shard_vs_floor'][0]):.2f}"
     )
+    if "shard_vs_img2dataset" in square:
+        fields.append(f"shard_vs_img2dataset={square['shard_vs_img2dataset'][0]:.2f}")
+    print("SUMMARY " + " ".join(fields))
+
+
+def find_img2dataset() -> str | None:
+    """img2dataset on PATH, else the one tests/side_venvs.py's cache holds (it needs a venv of
+    its own: it pins an old webdataset)."""
+    found = shutil.which("img2dataset")
+    if found:
+        return found
+    cache = Path(
+        os.environ.get("UMT_TEST_VENVS")
+        or Path(tempfile.gettempdir()) / f"umt-test-venvs-{os.getuid()}"
+    )
+    cached = sorted(cache.glob("img2dataset-*/bin/img2dataset"))
+    return str(cached[-1]) if cached else None
 
 
 if __name__ == "__main__":

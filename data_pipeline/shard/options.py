@@ -80,7 +80,7 @@ class ShardOptions:
     retries: int = 2  # extra attempts after a timeout, connection error or HTTP 408/429/5xx
     max_download_bytes: int = 50 * 1024 * 1024
     # How the run goes, not what it writes (left out of the fingerprint and manifest args):
-    workers: int = 1  # processes, each writing whole shards
+    workers: int = 1  # processes (this one and workers - 1 started), each writing whole shards
     download_threads: int = 16  # concurrent downloads per worker
     num_parts: int = 1  # slices of the plan, e.g. a Slurm job array
     part_index: int = 0

@@ -49,24 +49,61 @@ class ShardJob:
 
 
 class TarMembers:
-    """Appends files to a tar with fixed metadata, so equal content gives equal bytes."""
+    """Appends files to a USTAR tar with fixed metadata, so equal content gives equal bytes.
+
+    The bytes are `tarfile`'s for the same members (tested); each header is a template with the
+    name, size and checksum filled in, several times faster than tarfile's per-member work
+    (which took ~5% of sharding's time)."""
 
     def __init__(self, fileobj: io.BufferedWriter) -> None:
-        self.tar = tarfile.open(fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT)
-
-    @property
-    def offset(self) -> int:
-        return self.tar.offset
+        self.fileobj = fileobj
+        self.offset = 0
 
     def add(self, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o444
-        info.uid = info.gid = 0
-        info.uname = info.gname = ""
-        self.tar.addfile(info, io.BytesIO(data))
+        header = member_header(name, len(data))
+        padding = -len(data) % tarfile.BLOCKSIZE
+        self.fileobj.write(header)
+        self.fileobj.write(data)
+        if padding:
+            self.fileobj.write(bytes(padding))
+        self.offset += len(header) + len(data) + padding
 
     def close(self) -> None:
-        self.tar.close()
+        """tarfile's end: two zero blocks, then zeros to a whole 10240-byte record."""
+        end = tar_size_after(self.offset, 0)
+        self.fileobj.write(bytes(end - self.offset))
+        self.offset = end
+
+
+def tar_info(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, TAR_MTIME, 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def tarfile_header(name: str, size: int) -> bytes:
+    """The header `tarfile` writes for the member (its errors too, e.g. a name too long)."""
+    return tar_info(name, size).tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+
+
+_HEADER_TEMPLATE = tarfile_header("", 0)
+_CHECKSUM = slice(148, 156)  # 8 spaces while summing; then 6 octal digits, NUL, space
+_SIZE = slice(124, 136)  # 11 octal digits and NUL
+
+
+def member_header(name: str, size: int) -> bytes:
+    """The 512-byte USTAR header of a member `name` of `size` bytes, as `tarfile_header`."""
+    encoded = name.encode("utf-8", "surrogateescape")
+    if len(encoded) > 100 or size >= 8**11 or not encoded.isascii():
+        return tarfile_header(name, size)  # split names, base-256 sizes: tarfile's own rules
+    header = bytearray(_HEADER_TEMPLATE)
+    header[: len(encoded)] = encoded
+    header[_SIZE] = b"%011o\0" % size
+    header[_CHECKSUM] = b" " * 8
+    header[_CHECKSUM] = b"%06o\0 " % sum(header)
+    return bytes(header)
 
 
 def tar_size_after(offset: int, extra: int) -> int:

@@ -35,6 +35,7 @@ from data_pipeline.shard import (
     prepare_image,
     shard_dataset,
 )
+from data_pipeline.shard.write import TarMembers, tar_info
 from launch import shard as shard_cli
 
 REPO = Path(__file__).resolve().parents[2]
@@ -240,6 +241,32 @@ def test_shards_read_back_with_tarfile_and_webdataset(tmp_path: Path) -> None:
     read = [reader.read(s, i, Counter()) for s in range(3) for i in range(4 if s < 2 else 2)]
     assert [r.key for r in read] == [s["__key__"] for s in samples]
     assert [r.image for r in read] == [s["jpg"] for s in samples]
+
+
+def test_tar_members_are_the_bytes_tarfile_writes() -> None:
+    """Headers come from a template: the same bytes as tarfile's for every kind of member (empty,
+    a whole block, a 100-byte name; non-ASCII and long names take tarfile's own path), and a
+    name USTAR cannot hold fails as it does in tarfile."""
+    members = [
+        ("000000001.jpg", bytes(range(256)) * 117),
+        ("000000001.txt", b""),
+        ("k" * 96 + ".txt", b"y" * 512),
+        ("caf\u00e9.json", b"{}"),
+        ("dir/" * 30 + "000.json", b"1"),
+    ]
+    expected = io.BytesIO()
+    with tarfile.open(fileobj=expected, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            tar.addfile(tar_info(name, len(data)), io.BytesIO(data))
+    written = io.BytesIO()
+    tar_members = TarMembers(written)
+    for name, data in members:
+        tar_members.add(name, data)
+    tar_members.close()
+    assert written.getvalue() == expected.getvalue()
+    assert tar_members.offset == len(expected.getvalue())
+    with pytest.raises(ValueError, match="name is too long"):
+        TarMembers(io.BytesIO()).add("k" * 300, b"")
 
 
 def test_every_row_is_written_or_reported_with_its_reason(tmp_path: Path) -> None:
