@@ -62,6 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     return run_guarded(f"umt {name}", module.main, rest)
 
 
+def say(line: str) -> None:
+    """`line` on stderr in one write: ranks share their launcher's stderr, and under `python -u`
+    (torchrun, srun) `print` writes the text and its newline apart, so two ranks' lines could
+    come out glued together (one line with both messages, the other empty)."""
+    sys.stderr.write(f"{line}\n")
+    sys.stderr.flush()
+
+
 def run_guarded(prog: str, main_fn: Callable[[list[str]], int | None], argv: list[str]) -> int:
     """`main_fn(argv)`, with an error no command handles shown as one line (exit 1), not a
     traceback, unless UMT_DEBUG=1 (or --debug) asks for the traceback."""
@@ -72,7 +80,7 @@ def run_guarded(prog: str, main_fn: Callable[[list[str]], int | None], argv: lis
     try:
         return int(main_fn(argv) or 0)
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+        say(f"{prog}: interrupted")
         return 130
     except BrokenPipeError:  # `umt data inspect ... | head`: the reader has what it wanted
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -85,10 +93,9 @@ def run_guarded(prog: str, main_fn: Callable[[list[str]], int | None], argv: lis
             if getattr(exc, "filename", None) and str(exc.filename) not in text
             else ""
         )
-        print(
+        say(
             f"{prog}: error: {type(exc).__name__}: {text}{where} "
-            "[unexpected: run again with --debug (or UMT_DEBUG=1) for the traceback]",
-            file=sys.stderr,
+            "[unexpected: run again with --debug (or UMT_DEBUG=1) for the traceback]"
         )
         return 1
 

@@ -9,7 +9,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Mapping
+
+from launch.cli import say
 
 log = logging.getLogger("umt.launch")
 
@@ -82,13 +85,11 @@ def main(argv: list[str] | None = None) -> int:
         check_training_inputs(cfg)  # before the process group, the model and DeepSpeed
         launched_by = check_accelerate_settings(cfg, os.environ, torch.cuda.is_available())
     except (ConfigError, CheckpointError) as exc:
-        if discover_world().rank == 0:  # every rank finds the same: say it once
-            print(f"umt train: {exc}", file=sys.stderr)
-        return 2
+        return said_by_rank0(str(exc), 2)  # every rank finds the same: said once
     done = finished_run(cfg, resume)
     if done:
         if discover_world().rank == 0:
-            print(f"umt train: {done}", file=sys.stderr)
+            say(f"umt train: {done}")
         return 0
     if args.nproc_per_node is not None and discover_world().launcher == "single":
         return launch_ranks(args.nproc_per_node, argv)
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         StorageError,
     ) as exc:
         rank = discover_world().rank
-        print(f"umt train{f' [rank {rank}]' if rank else ''}: {exc}", file=sys.stderr)
+        say(f"umt train{f' [rank {rank}]' if rank else ''}: {exc}")
         if getattr(exc, "requeue", False) and rank == 0:
             requeue_slurm_job(os.environ)  # it resumes from the last checkpoint
         return 1
@@ -132,6 +133,25 @@ def main(argv: list[str] | None = None) -> int:
     if trainer.state.step < cfg.train.steps and trainer.rank == 0 and not stopped_by_user:
         requeue_slurm_job(os.environ)
     return 0
+
+
+# How long the other ranks leave rank 0 to say a refusal they share before they say it too.
+RANK0_SAYS_S = 60.0
+
+
+def said_by_rank0(message: str, code: int) -> int:
+    """Exit `code` with a refusal every rank finds alike (its config, its checkpoint), said in
+    one line by rank 0. The other ranks wait for their launcher to end them (torchrun, `accelerate
+    launch` and srun --kill-on-bad-exit stop the rest once a rank fails): one that exited first
+    had the launcher kill rank 0 before its line, and the user saw no reason at all. Past
+    RANK0_SAYS_S (rank 0 on another node, under another launcher) they say it themselves."""
+    from umt.distributed import discover_world
+
+    world = discover_world()
+    if world.rank != 0:
+        threading.Event().wait(RANK0_SAYS_S)  # the launcher's SIGTERM ends it before
+    say(f"umt train{f' [rank {world.rank}]' if world.rank else ''}: {message}")
+    return code
 
 
 def finished_run(cfg, resume: str) -> str | None:

@@ -92,3 +92,18 @@ print("not reached")
     assert proc.stdout == "unflushed stdout"
     assert proc.stderr == "unflushed stderr"
     assert trail.read_text() == f"thread {sum(range(10**6))}\natexit\n"
+
+
+def test_a_refusal_every_rank_shares_is_said_once_by_rank_0(monkeypatch, capsys):
+    """Rank 0 says it at once; another rank waits for its launcher to end it (so that it cannot
+    get rank 0 killed before its line) and only past the wait says it too, tagged."""
+    import launch.train as train
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert train.said_by_rank0("the accelerate config asks for FSDP", 2) == 2
+    assert capsys.readouterr().err == "umt train: the accelerate config asks for FSDP\n"
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(train, "RANK0_SAYS_S", 0.0)
+    assert train.said_by_rank0("the accelerate config asks for FSDP", 2) == 2
+    assert capsys.readouterr().err == "umt train [rank 1]: the accelerate config asks for FSDP\n"
