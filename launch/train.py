@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         StorageError,
     ) as exc:
         rank = discover_world().rank
-        say(f"umt train{f' [rank {rank}]' if rank else ''}: {exc}")
+        say(f"{prog(rank)}: {exc}")
         if getattr(exc, "requeue", False) and rank == 0:
             requeue_slurm_job(os.environ)  # it resumes from the last checkpoint
         return 1
@@ -133,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     if trainer.state.step < cfg.train.steps and trainer.rank == 0 and not stopped_by_user:
         requeue_slurm_job(os.environ)
     return 0
+
+
+def prog(rank: int) -> str:
+    """How a rank's lines start: `umt train`, `umt train [rank N]` for the others."""
+    return f"umt train [rank {rank}]" if rank else "umt train"
 
 
 # How long the other ranks leave rank 0 to say a refusal they share before they say it too.
@@ -150,7 +155,7 @@ def said_by_rank0(message: str, code: int) -> int:
     world = discover_world()
     if world.rank != 0:
         threading.Event().wait(RANK0_SAYS_S)  # the launcher's SIGTERM ends it before
-    say(f"umt train{f' [rank {world.rank}]' if world.rank else ''}: {message}")
+    say(f"{prog(world.rank)}: {message}")
     return code
 
 
@@ -207,7 +212,4 @@ def requeue_slurm_job(env: Mapping[str, str]) -> None:
 if __name__ == "__main__":  # under torchrun, srun or the deepspeed launcher: one line per error
     from launch.cli import exit_process, run_guarded
 
-    _rank = os.environ.get("RANK", "0")
-    exit_process(
-        run_guarded(f"umt train{f' [rank {_rank}]' if _rank != '0' else ''}", main, sys.argv[1:])
-    )
+    exit_process(run_guarded(prog(int(os.environ.get("RANK", "0"))), main, sys.argv[1:]))
