@@ -86,8 +86,9 @@ class ContrastiveStep:
         self.micro_batches.append(batch)
         self.embeddings.append(out)
 
-    def contrast(self, seed: int) -> StepCache:
-        """Pass 2: ITC, its gradients and ITM's negatives over every sample of the step."""
+    def contrast(self, seed: int, metrics: bool = True) -> StepCache:
+        """Pass 2: ITC, its gradients and ITM's negatives over every sample of the step (and with
+        `metrics`, its accuracies)."""
         batches, embeddings = self.micro_batches, self.embeddings
         data_valid = None
         if batches[0].negative_texts is not None:
@@ -103,6 +104,7 @@ class ContrastiveStep:
             seed,
             data_valid,
             self.group,
+            metrics,
         )
         length = max(b.input_ids.shape[1] for b in batches)
         self.inputs = StepInputs(

@@ -235,6 +235,10 @@ class Trainer:
             self.last_checkpoint = self.background.completed or self.last_checkpoint
 
     # --- the step ----------------------------------------------------------------------------
+    def logs_next_step(self) -> bool:
+        """Whether the step about to run is logged: only then are its ITC accuracies computed."""
+        return self.log_cadence.due(self.state.step + 1)
+
     def forward(self, batch: TrainBatch, seed: int):
         self.watchdog.enter(phase.FORWARD)
         self.faults.hang_in(self.state.step + 1)
@@ -255,6 +259,7 @@ class Trainer:
             seed=seed,
             objectives=self.cfg.objectives,
             negative_texts=negative_texts,
+            metrics=self.logs_next_step(),
         )
 
     def train_step(self, batches: DataWaiter) -> StepResult:
@@ -312,7 +317,7 @@ class Trainer:
             contrastive = ContrastiveStep(self.engine, self.layout, self.cfg.objectives, normalize)
             for batch in drawn:
                 contrastive.embed(self.model_inputs(batch))
-            cache = contrastive.contrast(self.seed(0, step.skipped_run))
+            cache = contrastive.contrast(self.seed(0, step.skipped_run), self.logs_next_step())
             if not self.skipped_as_nonfinite(cache.loss, step):
                 break
         means: dict[str, torch.Tensor] = {}

@@ -108,6 +108,40 @@ def test_ring_in_one_process_with_any_tile_equals_gather():
         assert torch.equal(neg, outs[0][3])
 
 
+@pytest.mark.parametrize(("impl", "loss"), [("gather", "softmax"), ("ring", "softmax"),
+                                           ("ring", "sigmoid")])  # fmt: skip
+@pytest.mark.parametrize("mining", [None, Mining(2, 1.0)])
+def test_steps_that_log_nothing_skip_the_accuracies_and_nothing_else(impl, loss, mining):
+    """The trainer asks for the accuracies on log steps only (`metrics`): without them the loss,
+    every gradient and the negatives are bit for bit the same, and the accuracies are None."""
+    g = torch.Generator().manual_seed(1)
+    images = F.normalize(torch.randn(9, 6, generator=g, dtype=torch.float64), dim=-1)
+    texts = F.normalize(torch.randn(9, 6, generator=g, dtype=torch.float64), dim=-1)
+    ids = key_ids(["a", "a", "b", "c", "c", "c", "d", "e", "f"])
+    runs = []
+    for metrics in (True, False):
+        img, txt = images.clone().requires_grad_(True), texts.clone().requires_grad_(True)
+        scale = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+        bias = torch.tensor(-2.0, dtype=torch.float64, requires_grad=True)
+        out = contrastive_outputs(
+            img, txt, scale, ids, impl=impl, tile=4, mining=mining, loss=loss,
+            logit_bias=bias if loss == "sigmoid" else None, metrics=metrics,
+        )  # fmt: skip
+        out.loss.backward()
+        grads = [img.grad, txt.grad, scale.grad] + ([bias.grad] if loss == "sigmoid" else [])
+        runs.append((out, grads))
+    (logged, logged_grads), (quiet, quiet_grads) = runs
+    assert logged.accuracy_i2t is not None and logged.accuracy_t2i is not None
+    assert quiet.accuracy_i2t is None and quiet.accuracy_t2i is None
+    assert torch.equal(logged.loss, quiet.loss)
+    for a, b in zip(logged_grads, quiet_grads, strict=True):
+        assert torch.equal(a, b)
+    assert (logged.negatives is None) == (mining is None) == (quiet.negatives is None)
+    if mining is not None:
+        for a, b in zip(logged.negatives, quiet.negatives, strict=True):
+            assert torch.equal(a, b)
+
+
 def test_hashed_noise_depends_only_on_seed_stream_row_and_column():
     from umt.objectives.noise import gumbel
 

@@ -33,8 +33,8 @@ class ContrastiveOutput(NamedTuple):
     logits_i2t: torch.Tensor | None  # (b, W*b) local images against every text (gather only)
     logits_t2i: torch.Tensor | None  # (b, W*b) local texts against every image (gather only)
     positives: torch.Tensor | None  # (b, W*b) bool, True where the column shares the row's key
-    accuracy_i2t: torch.Tensor  # () fraction of local rows whose top column is a positive
-    accuracy_t2i: torch.Tensor
+    accuracy_i2t: torch.Tensor | None  # () fraction of local rows whose top column is a positive
+    accuracy_t2i: torch.Tensor | None  # (both None without `metrics`)
     negatives: HardNegatives | None = None  # with `mining`: ITM's hard negatives
 
 
@@ -112,6 +112,7 @@ def contrastive_outputs(
     loss: str = "softmax",
     logit_bias: torch.Tensor | float | None = None,
     positions: torch.Tensor | None = None,
+    metrics: bool = True,
 ) -> ContrastiveOutput:
     """ITC loss of this rank's rows, its accuracies and (with `mining`) ITM's hard negatives.
 
@@ -124,7 +125,8 @@ def contrastive_outputs(
     `ring` passes embedding blocks around the ranks in O(b * tile) memory (`umt.objectives.ring`).
     Both give the same loss, gradients and negatives. `loss`: `softmax` (InfoNCE) or `sigmoid`
     (SigLIP's pairwise loss with `logit_bias`, every same-key pair a positive), which is always
-    computed by neighbour exchange (the ring), never with an all-gather.
+    computed by neighbour exchange (the ring), never with an all-gather. `metrics`: also the
+    accuracies (None otherwise: the trainer asks on the steps it logs).
     """
     dtype = _loss_dtype(image_embeds.dtype)
     # Contiguous: a matmul's rounding depends on the operands' strides, the loss must not.
@@ -145,7 +147,7 @@ def contrastive_outputs(
         bias = 0.0 if logit_bias is None else logit_bias
         out = ring_contrastive(
             image_embeds, text_embeds, logit_scale, local_ids, group, tile, mining, loss, bias,
-            positions,
+            positions, metrics,
         )  # fmt: skip
         negatives = HardNegatives(*out.negatives) if out.negatives is not None else None
         return ContrastiveOutput(
@@ -180,8 +182,10 @@ def contrastive_outputs(
         logits_t2i, own, scaled_texts, image_embeds, groups.positive_mean(all_images)
     )
     loss = (loss_i2t + loss_t2i) / 2
-    acc_i2t = _top1_is_positive(logits_i2t, local_ids, global_ids)
-    acc_t2i = _top1_is_positive(logits_t2i, local_ids, global_ids)
+    acc_i2t = acc_t2i = None
+    if metrics:
+        acc_i2t = _top1_is_positive(logits_i2t, local_ids, global_ids)
+        acc_t2i = _top1_is_positive(logits_t2i, local_ids, global_ids)
     negatives = None
     if mining is not None:
         negatives = sample_hard_negatives(

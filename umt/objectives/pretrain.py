@@ -135,13 +135,15 @@ def configured_contrastive(
     seed: int,
     bias: torch.Tensor | None,
     positions: torch.Tensor | None = None,
+    metrics: bool = True,
 ):
     """`contrastive_outputs` as objectives.* set it up, mining ITM's negatives when ITM is on.
-    The negatives' noise is a hash of global positions: one seed for every rank."""
+    The negatives' noise is a hash of global positions: one seed for every rank. `metrics`: the
+    accuracies too (the steps that log them)."""
     mining = Mining(mix_seed(seed, 0x1F), cfg.itm_mining_sharpness) if cfg.itm_weight > 0 else None
     return contrastive_outputs(
         image, text, scale, image_ids, group, impl=cfg.itc_impl, tile=cfg.itc_tile,
-        mining=mining, loss=cfg.itc_loss, logit_bias=bias, positions=positions,
+        mining=mining, loss=cfg.itc_loss, logit_bias=bias, positions=positions, metrics=metrics,
     )  # fmt: skip
 
 
@@ -155,19 +157,21 @@ def pretraining_losses(
     seed: int,
     group: dist.ProcessGroup | None = None,
     negative_texts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    metrics: bool = True,
 ) -> PretrainOutput:
     """All objectives of one micro-batch on this rank's rows; collectives run over `group`.
 
     `negative_texts` = (input_ids (b, T'), attention_mask, valid (b,) bool): a hard-negative
     caption per image from the data (NegCLIP-style), scored by ITM as a fourth group of pairs
-    beside the mined ones.
+    beside the mined ones. `metrics`: the ITC accuracies too (the trainer asks on log steps).
     """
     cfg = cfg or ObjectiveConfig()
     text = model.embed_text(input_ids, attention_mask)
     image = model.embed_image(pixel_values)
     itc = configured_contrastive(
-        cfg, image.embeds, text.embeds, model.scale(), image_ids, group, seed, model.logit_bias()
-    )
+        cfg, image.embeds, text.embeds, model.scale(), image_ids, group, seed, model.logit_bias(),
+        metrics=metrics,
+    )  # fmt: skip
     loss = cfg.itc_weight * itc.loss
     logs = itc_logs(itc.loss, itc.accuracy_i2t, itc.accuracy_t2i, model.scale(), model.logit_bias())
     if cfg.itm_weight > 0:
@@ -199,12 +203,9 @@ def pretraining_losses(
 
 
 def itc_logs(loss, accuracy_i2t, accuracy_t2i, scale, bias) -> dict[str, torch.Tensor]:
-    logs = {
-        "loss/itc": loss.detach(),
-        "itc/accuracy_i2t": accuracy_i2t,
-        "itc/accuracy_t2i": accuracy_t2i,
-        "logit_scale": scale.detach(),
-    }
+    logs = {"loss/itc": loss.detach(), "logit_scale": scale.detach()}
+    if accuracy_i2t is not None:  # computed on the steps that log them
+        logs |= {"itc/accuracy_i2t": accuracy_i2t, "itc/accuracy_t2i": accuracy_t2i}
     if bias is not None:
         logs["logit_bias"] = bias.detach()
     return logs

@@ -6,8 +6,10 @@ grows with the global batch. Here the other ranks' embedding blocks travel aroun
 keeps an online log-sum-exp, the mean logit of its positives (soft targets over the same-key
 columns, across ranks too), its top-1 (for the accuracies) and a streaming Gumbel-max for the
 ITM negatives; within a block the columns are taken `tile` at a time. Backward goes around the
-ring again, recomputing each tile's logits; the gradient for a block travels with it and arrives
-at its owner after a last hop. Peak memory O(b * tile) for the loss, no all-gather.
+ring again, recomputing each tile's logits: the next block is on its way while this one is
+scored, and the gradient of each block follows it, arriving at its owner after a last hop. Peak
+memory O(b * tile) for the loss, no all-gather. Accuracies (top-1 per row) are kept only on the
+steps that log them (`metrics`); the sigmoid loss then skips its text rows' logits altogether.
 
 Loss, gradients and drawn negatives equal the all-gathered version's (`contrastive_outputs`).
 """
@@ -25,8 +27,8 @@ from umt.objectives.hard_negatives import IMAGES, TEXTS, GumbelMax
 
 class RingOutput(NamedTuple):
     loss: torch.Tensor  # () this rank's loss, as `contrastive_outputs`
-    accuracy_i2t: torch.Tensor  # ()
-    accuracy_t2i: torch.Tensor  # ()
+    accuracy_i2t: torch.Tensor | None  # () with `metrics`
+    accuracy_t2i: torch.Tensor | None  # ()
     negatives: tuple[torch.Tensor, ...] | None  # text_index, text_valid, image_index, image_valid
 
 
@@ -71,20 +73,25 @@ class _Ring:
 
 
 class _RowStats:
-    """Running statistics of each local row over the columns seen so far: its top-1 and, with
-    `softmax`, the online log-sum-exp and its positives' logit sum and count (the sigmoid loss
-    needs none of these)."""
+    """Running statistics of each local row over the columns seen so far: with `softmax`, the
+    online log-sum-exp and its positives' logit sum and count (the sigmoid loss needs none of
+    these); with `top1`, its top column (for the accuracy; only on steps that log it)."""
 
-    def __init__(self, b: int, dtype: torch.dtype, device: torch.device, softmax: bool = True):
-        self.softmax = softmax
+    def __init__(self, b: int, dtype: torch.dtype, device: torch.device, softmax: bool, top1: bool):
+        self.softmax, self.top1 = softmax, top1
         if softmax:
             self.max = torch.full((b,), float("-inf"), dtype=dtype, device=device)
             self.sum = torch.zeros(b, dtype=dtype, device=device)  # of exp(logit - max)
             self.positive_sum = torch.zeros(b, dtype=dtype, device=device)
             self.positive_count = torch.zeros(b, dtype=dtype, device=device)
-        self.top = torch.full((b,), float("-inf"), dtype=dtype, device=device)
-        self.top_col = torch.full((b,), -1, dtype=torch.long, device=device)
-        self.top_positive = torch.zeros(b, dtype=torch.bool, device=device)
+        if top1:
+            self.top = torch.full((b,), float("-inf"), dtype=dtype, device=device)
+            self.top_col = torch.full((b,), -1, dtype=torch.long, device=device)
+            self.top_positive = torch.zeros(b, dtype=torch.bool, device=device)
+
+    @property
+    def needed(self) -> bool:
+        return self.softmax or self.top1
 
     def update(self, logits: torch.Tensor, positives: torch.Tensor, cols: torch.Tensor) -> None:
         value, at = logits.max(dim=1)
@@ -96,16 +103,20 @@ class _RowStats:
             self.max = new_max
             self.positive_sum += (logits * positives).sum(dim=1)
             self.positive_count += positives.sum(dim=1)
-        col = cols[at]
-        better = (value > self.top) | ((value == self.top) & (col < self.top_col))
-        self.top = torch.where(better, value, self.top)
-        self.top_col = torch.where(better, col, self.top_col)
-        self.top_positive = torch.where(
-            better, positives.gather(1, at[:, None])[:, 0], self.top_positive
-        )
+        if self.top1:
+            col = cols[at]
+            better = (value > self.top) | ((value == self.top) & (col < self.top_col))
+            self.top = torch.where(better, value, self.top)
+            self.top_col = torch.where(better, col, self.top_col)
+            self.top_positive = torch.where(
+                better, positives.gather(1, at[:, None])[:, 0], self.top_positive
+            )
 
     def lse(self) -> torch.Tensor:
         return self.max + torch.log(self.sum)
+
+    def accuracy(self) -> torch.Tensor | None:
+        return self.top_positive.float().mean() if self.top1 else None
 
 
 def _positives(
@@ -127,12 +138,15 @@ class _RingContrastive(torch.autograd.Function):
     its text rows are scored for the accuracy and the negatives only."""
 
     @staticmethod
-    def forward(ctx, images, texts, scale, bias, ids, rows, group, tile, mining, kind):
+    def forward(ctx, images, texts, scale, bias, ids, rows, group, tile, mining, kind, metrics):
         ring = _Ring(group)
         b = images.shape[0]
         softmax = kind == "softmax"
-        i2t = _RowStats(b, images.dtype, images.device, softmax)
-        t2i = _RowStats(b, images.dtype, images.device, softmax)
+        i2t = _RowStats(b, images.dtype, images.device, softmax, metrics)
+        t2i = _RowStats(b, images.dtype, images.device, softmax, metrics)
+        # The sigmoid loss scores image rows against text columns; the text rows only feed the
+        # accuracy and the negatives, so steps that need neither skip their logits.
+        score_texts = t2i.needed or mining is not None
         pairwise = torch.zeros((), dtype=images.dtype, device=images.device)
         if mining is not None:
             draw_texts = GumbelMax(rows, mining.seed, TEXTS)
@@ -146,12 +160,15 @@ class _RingContrastive(torch.autograd.Function):
                 cols = block_rows[start:end]  # the columns' global positions
                 positives = _positives(ids, rows, block_ids[start:end], cols)
                 logits_i2t = scaled_images @ block_texts[start:end].T
-                logits_t2i = scaled_texts @ block_images[start:end].T
-                i2t.update(logits_i2t, positives, cols)
-                t2i.update(logits_t2i, positives, cols)
-                if kind == "sigmoid":
-                    signs = positives.to(images.dtype) * 2 - 1
-                    pairwise -= F.logsigmoid(signs * (logits_i2t + bias)).sum()
+                if i2t.needed:
+                    i2t.update(logits_i2t, positives, cols)
+                if kind == "sigmoid":  # -log sigmoid(+-z) over the tile, z = logit + bias
+                    z = logits_i2t + bias
+                    pairwise -= F.logsigmoid(torch.where(positives, z, -z)).sum()
+                if score_texts:
+                    logits_t2i = scaled_texts @ block_images[start:end].T
+                    if t2i.needed:
+                        t2i.update(logits_t2i, positives, cols)
                 if mining is not None:
                     draw_texts.update(logits_i2t * mining.sharpness, positives, cols)
                     draw_images.update(logits_t2i * mining.sharpness, positives, cols)
@@ -169,14 +186,13 @@ class _RingContrastive(torch.autograd.Function):
             loss = pairwise / b
             ctx.save_for_backward(images, texts, scale, bias, ids, rows)
         ctx.group, ctx.tile, ctx.kind = group, tile, kind
-        accuracy_i2t = i2t.top_positive.float().mean()
-        accuracy_t2i = t2i.top_positive.float().mean()
+        accuracies = (i2t.accuracy(), t2i.accuracy()) if metrics else ()
         negatives = ()
         if mining is not None:
             negatives = (*draw_texts.result(), *draw_images.result())
-        for t in (accuracy_i2t, accuracy_t2i, *negatives):
+        for t in (*accuracies, *negatives):
             ctx.mark_non_differentiable(t)
-        return (loss, accuracy_i2t, accuracy_t2i, *negatives)
+        return (loss, *accuracies, *negatives)
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
@@ -193,7 +209,11 @@ class _RingContrastive(torch.autograd.Function):
         columns = [texts, images] if softmax else [texts]
         block = [ids, rows, *columns, *(torch.zeros_like(c) for c in columns)]
         n = len(columns)
+        # Per-element factors of the (b, c) gradient are folded into its (b, D) products.
+        factor = grad_loss / (2 * b) if softmax else grad_loss / b
         for k in range(ring.world):
+            # The columns move on while they are scored here; their gradients follow after.
+            ahead = ring.start_hop(block[: 2 + n]) if k < ring.world - 1 else None
             block_ids, block_rows = block[:2]
             block_columns, block_grads = block[2 : 2 + n], block[2 + n :]
             directions = [(images, block_columns[0], grad_images, block_grads[0])]
@@ -204,28 +224,27 @@ class _RingContrastive(torch.autograd.Function):
                 positives = _positives(ids, rows, block_ids[start:end], cols)
                 for d, (local, other, grad_local, grad_other) in enumerate(directions):
                     raw = local @ other[start:end].T  # (b, c) similarities
-                    if softmax:
-                        probs = torch.exp(scale * raw - lse[d][:, None])
-                        count = ctx.counts[d]
-                        g = (probs - positives / count[:, None]) * (grad_loss / (2 * b))
-                    else:
-                        signs = positives.to(raw.dtype) * 2 - 1
-                        g = -signs * torch.sigmoid(-signs * (scale * raw + bias)) * (grad_loss / b)
-                        grad_bias += g.sum()
-                    grad_local += scale * (g @ other[start:end])
-                    grad_other[start:end] += scale * (g.T @ local)
-                    grad_scale += (g * raw).sum()
-            if ring.world > 1:  # the block moves on; its gradient with it (home after a last hop)
-                hop = block if k < ring.world - 1 else block[2 + n :]
-                received = ring.finish_hop(ring.start_hop(hop))
-                block = received if k < ring.world - 1 else block[: 2 + n] + received
+                    if softmax:  # softmax(row) - uniform over the row's positives
+                        g = torch.addcmul(-lse[d][:, None], raw, scale).exp_()
+                        g.sub_(positives / ctx.counts[d][:, None])
+                    else:  # d/dz of -log sigmoid(+-z): sigmoid(z) - [a positive]
+                        g = torch.addcmul(bias, raw, scale).sigmoid_()
+                        g.add_(positives, alpha=-1)
+                        grad_bias += g.sum() * factor
+                    grad_local += (g @ other[start:end]) * (scale * factor)
+                    grad_other[start:end] += (g.T @ local) * (scale * factor)
+                    grad_scale += torch.vdot(g.view(-1), raw.view(-1)) * factor
+            if ring.world > 1:  # the gradients hop too (home after a last hop)
+                grads = ring.finish_hop(ring.start_hop(block_grads))
+                columns_now = ring.finish_hop(ahead) if ahead is not None else block[: 2 + n]
+                block = columns_now + grads
         home = block[2 + n :]  # the gradients of this rank's own columns
         if softmax:
             grad_texts += home[0]
             grad_images += home[1]
         else:
             grad_texts = home[0]
-        return grad_images, grad_texts, grad_scale, grad_bias, None, None, None, None, None, None
+        return (grad_images, grad_texts, grad_scale, grad_bias, *[None] * 7)
 
 
 def ring_contrastive(
@@ -239,13 +258,15 @@ def ring_contrastive(
     loss: str = "softmax",
     logit_bias: torch.Tensor | float = 0.0,
     positions: torch.Tensor | None = None,
+    metrics: bool = True,
 ) -> RingOutput:
     """ITC of this rank's rows (b, D) against every rank's, exact, in O(b * tile) memory.
 
     `ids` (b,) int64 image keys (`data_pipeline.sample_ids.key_ids`); `mining`: also draw ITM
     hard negatives (as `sample_hard_negatives`); `loss`: `softmax` (InfoNCE) or `sigmoid`
     (SigLIP, with `logit_bias`); `positions` (b,): the rows' global positions (default
-    rank * b + i), travelling with their block. Every rank calls it with the same b.
+    rank * b + i), travelling with their block; `metrics`: also the accuracies (the step logs
+    them), else None. Every rank calls it with the same b.
     """
     if loss not in ("softmax", "sigmoid"):
         raise ValueError(f"objectives.itc_loss must be softmax or sigmoid (got {loss!r})")
@@ -259,7 +280,8 @@ def ring_contrastive(
             + _Ring(group).rank * (images.shape[0])
         )
     out = _RingContrastive.apply(
-        images, texts, scale, bias, ids, positions, group, tile, mining, loss
+        images, texts, scale, bias, ids, positions, group, tile, mining, loss, metrics
     )
-    loss, accuracy_i2t, accuracy_t2i, *negatives = out
-    return RingOutput(loss, accuracy_i2t, accuracy_t2i, tuple(negatives) if negatives else None)
+    loss, *rest = out
+    accuracies, negatives = (rest[:2], rest[2:]) if metrics else ((None, None), rest)
+    return RingOutput(loss, *accuracies, tuple(negatives) if negatives else None)

@@ -132,6 +132,7 @@ def step_contrastive(
     seed: int,
     data_negatives_valid: torch.Tensor | None = None,  # (A * b,) bool, with data negatives
     group: dist.ProcessGroup | None = None,
+    metrics: bool = True,  # the accuracies too (a step that logs them)
 ) -> StepCache:
     """Pass 2: ITC over every sample of the step, its gradients, and ITM's negatives."""
     text = text_embeds.detach().requires_grad_(True)
@@ -139,7 +140,9 @@ def step_contrastive(
     scale = scale.detach().requires_grad_(True)
     bias = bias.detach().requires_grad_(True) if bias is not None else None
     positions = layout.all_positions(text.device)
-    itc = configured_contrastive(cfg, image, text, scale, image_ids, group, seed, bias, positions)
+    itc = configured_contrastive(
+        cfg, image, text, scale, image_ids, group, seed, bias, positions, metrics
+    )
     leaves = [text, image, scale] + ([bias] if bias is not None else [])
     # Every rank runs this backward: the gather's (or the ring's) collectives are in it.
     grads = torch.autograd.grad(itc.loss, leaves)
@@ -252,10 +255,12 @@ def pretraining_objective(
     negative_texts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     embeddings_only: bool = False,
     cached: CachedMicroBatch | None = None,
+    metrics: bool = True,
 ) -> PretrainOutput | ContrastiveEmbeddings:
     """The model's training forward (`umt.model.build_model` gives it to the model): the losses
     of one micro-batch, or with one contrastive batch per step, pass 1 (`embeddings_only`) or
-    pass 3 (`cached`) of one of its micro-batches."""
+    pass 3 (`cached`) of one of its micro-batches. `metrics`: the ITC accuracies too (the
+    trainer asks on the steps it logs)."""
     if embeddings_only:
         return contrastive_embeddings(model, pixel_values, input_ids, attention_mask)
     cfg = cfg or ObjectiveConfig()
@@ -266,5 +271,5 @@ def pretraining_objective(
         )  # fmt: skip
     return pretraining_losses(
         model, pixel_values, input_ids, attention_mask, image_ids, cfg, seed,
-        negative_texts=negative_texts,
+        negative_texts=negative_texts, metrics=metrics,
     )  # fmt: skip
