@@ -7,6 +7,10 @@ freed tensors leave the RSS; /proc/self/clear_refs resets the peak). Contenders:
 - gather: UMT's all-gathered ITC (`objectives.itc_impl: gather`);
 - ring: UMT's ring ITC (`itc_impl: ring`, `itc_tile`);
 - sigmoid: UMT's sigmoid loss (neighbour exchange through the ring);
+- sigmoid_again: the same, a second time: the noise floor of the comparison;
+- sigmoid_logged: the same on a step that logs (its accuracies computed too);
+UMT's contenders run as a training step that does not log runs (no accuracies; the trainer asks
+for them on log steps only), as open_clip's losses compute none.
 - open_clip / open_clip_siglip: `ClipLoss(local_loss=True, gather_with_grad=True)` and
   `SigLipLoss` (bidirectional neighbour exchange) from open_clip's own `loss.py`, given by
   `--open-clip-loss`, when it could be had.
@@ -43,11 +47,12 @@ with contextlib.suppress(OSError, AttributeError):  # M_MMAP_THRESHOLD: freed te
 
 
 def contenders(open_clip_path: str | None, tile: int):
-    def umt(impl: str, loss: str):
+    def umt(impl: str, loss: str, metrics: bool = False):
         def run(images, texts, scale, bias):
             return contrastive_outputs(
-                images, texts, scale, None, impl=impl, tile=tile, loss=loss, logit_bias=bias
-            ).loss
+                images, texts, scale, None, impl=impl, tile=tile, loss=loss, logit_bias=bias,
+                metrics=metrics,
+            ).loss  # fmt: skip
 
         return run
 
@@ -55,6 +60,8 @@ def contenders(open_clip_path: str | None, tile: int):
         "gather": umt("gather", "softmax"),
         "ring": umt("ring", "softmax"),
         "sigmoid": umt("ring", "sigmoid"),
+        "sigmoid_again": umt("ring", "sigmoid"),
+        "sigmoid_logged": umt("ring", "sigmoid", metrics=True),
     }
     if open_clip_path:
         spec = importlib.util.spec_from_file_location("open_clip_loss", open_clip_path)

@@ -205,7 +205,15 @@ def itc_main(args) -> int:
         row["loss"].append(r["loss"])
     contenders = sorted(
         {c for _, c in table},
-        key=["gather", "ring", "sigmoid", "open_clip", "open_clip_siglip"].index,
+        key=[
+            "gather",
+            "ring",
+            "sigmoid",
+            "sigmoid_again",
+            "sigmoid_logged",
+            "open_clip",
+            "open_clip_siglip",
+        ].index,  # fmt: skip
     )
     print(
         f"loss forward + backward at {args.world} gloo ranks, dim {args.dim}, ring tile "
@@ -250,6 +258,9 @@ def itc_main(args) -> int:
         f"ring_mem_growth_{lo}_to_{top}={ratio(peak(top, 'ring'), peak(lo, 'ring')):.2f}",
         f"{base}_mem_growth_{lo}_to_{hi}={ratio(peak(hi, base), peak(lo, base)):.2f}",
     ]
+    for name in ("sigmoid_again", "sigmoid_logged"):  # the noise floor; a step that logs
+        if (hi, name) in table:
+            summary.append(f"{name}_vs_sigmoid={ratio(secs(hi, name), secs(hi, 'sigmoid')):.2f}")
     if (hi, "open_clip_siglip") in table:
         summary.append(
             "sigmoid_time_vs_open_clip_siglip="
