@@ -5,6 +5,7 @@ Per contender it records the seconds of forward + backward (median of `--repeats
 warm-up; the repeats interleave the contenders) and the peak RSS above the RSS before the call (glibc's mmap threshold pinned low so
 freed tensors leave the RSS; /proc/self/clear_refs resets the peak). Contenders:
 - gather: UMT's all-gathered ITC (`objectives.itc_impl: gather`);
+- gather_again: the same, a second time: the noise floor of the comparison with ClipLoss;
 - ring: UMT's ring ITC (`itc_impl: ring`, `itc_tile`);
 - sigmoid: UMT's sigmoid loss (neighbour exchange through the ring);
 - sigmoid_again: the same, a second time: the noise floor of the comparison;
@@ -58,6 +59,7 @@ def contenders(open_clip_path: str | None, tile: int):
 
     found = {
         "gather": umt("gather", "softmax"),
+        "gather_again": umt("gather", "softmax"),
         "ring": umt("ring", "softmax"),
         "sigmoid": umt("ring", "sigmoid"),
         "sigmoid_again": umt("ring", "sigmoid"),
@@ -103,7 +105,8 @@ def main() -> None:
         g = torch.Generator().manual_seed(rank)
         images = F.normalize(torch.randn(b, args.dim, generator=g), dim=-1)
         texts = F.normalize(torch.randn(b, args.dim, generator=g), dim=-1)
-        names = [n for n in only if b <= args.gather_up_to or n not in ("gather", "open_clip")]
+        held = ("gather", "gather_again", "open_clip")  # hold (b, W*b) logits
+        names = [n for n in only if b <= args.gather_up_to or n not in held]
         times = {n: [] for n in names}  # (larger batches: their logits would not fit in memory)
         peaks = {n: [] for n in names}
         losses = {}

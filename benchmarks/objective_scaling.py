@@ -37,7 +37,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RANKS = REPO / "benchmarks" / "_objective_ranks.py"
-TINY_WIDTH, TINY_EMBED = 64, 32  # the tiny preset's tower/fusion width and ITC embedding size
+TINY_WIDTH, TINY_EMBED = 64, 32
+# --itc contenders in table order (`benchmarks/_itc_ranks.py`): ours, the noise floors, the peers.
+CONTENDERS = ["gather", "gather_again", "ring", "sigmoid", "sigmoid_again", "sigmoid_logged",
+              "open_clip", "open_clip_siglip"]  # fmt: skip  # the tiny preset's tower/fusion width and ITC embedding size
 
 
 def predicted_bytes(w: int, b: int, t: int, n: int, d: int = TINY_WIDTH, e: int = TINY_EMBED):
@@ -190,6 +193,7 @@ def itc_main(args) -> int:
             str(REPO / "benchmarks" / "_itc_ranks.py"), f"--batches={args.local}",
             f"--dim={args.dim}", f"--tile={args.tile}", f"--out={out}",
             f"--repeats={args.repeats}", f"--gather-up-to={args.gather_up_to}",
+            *([f"--only={args.only}"] if args.only else []),
             *([f"--open-clip-loss={loss_py}"] if loss_py else []),
         ]  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -205,15 +209,7 @@ def itc_main(args) -> int:
         row["loss"].append(r["loss"])
     contenders = sorted(
         {c for _, c in table},
-        key=[
-            "gather",
-            "ring",
-            "sigmoid",
-            "sigmoid_again",
-            "sigmoid_logged",
-            "open_clip",
-            "open_clip_siglip",
-        ].index,  # fmt: skip
+        key=CONTENDERS.index,
     )
     print(
         f"loss forward + backward at {args.world} gloo ranks, dim {args.dim}, ring tile "
@@ -248,19 +244,23 @@ def itc_main(args) -> int:
     def secs(b: int, c: str) -> float:
         return table[b, c]["seconds"]
 
-    summary = [
-        f"world={args.world}",
-        f"global={hi * args.world}",
-        f"ring_mem_vs_{base}={ratio(peak(hi, 'ring'), peak(hi, base)):.3f}",
-        f"ring_time_vs_{base}={ratio(secs(hi, 'ring'), secs(hi, base)):.2f}",
-        f"sigmoid_time_vs_{base}={ratio(secs(hi, 'sigmoid'), secs(hi, base)):.2f}",
-        f"gather_time_vs_{base}={ratio(secs(hi, 'gather'), secs(hi, base)):.2f}",
-        f"ring_mem_growth_{lo}_to_{top}={ratio(peak(top, 'ring'), peak(lo, 'ring')):.2f}",
-        f"{base}_mem_growth_{lo}_to_{hi}={ratio(peak(hi, base), peak(lo, base)):.2f}",
-    ]
-    for name in ("sigmoid_again", "sigmoid_logged"):  # the noise floor; a step that logs
-        if (hi, name) in table:
-            summary.append(f"{name}_vs_sigmoid={ratio(secs(hi, name), secs(hi, 'sigmoid')):.2f}")
+    ran = {c for _, c in table}
+    summary = [f"world={args.world}", f"global={hi * args.world}"]
+    if "ring" in ran:
+        summary.append(f"ring_mem_vs_{base}={ratio(peak(hi, 'ring'), peak(hi, base)):.3f}")
+    for name in ("ring", "sigmoid", "gather"):
+        if name in ran and name != base:
+            summary.append(f"{name}_time_vs_{base}={ratio(secs(hi, name), secs(hi, base)):.2f}")
+    if "ring" in ran:
+        summary.append(
+            f"ring_mem_growth_{lo}_to_{top}={ratio(peak(top, 'ring'), peak(lo, 'ring')):.2f}"
+        )
+    summary.append(f"{base}_mem_growth_{lo}_to_{hi}={ratio(peak(hi, base), peak(lo, base)):.2f}")
+    # The noise floors (a second copy of ours), and a step that logs its accuracies.
+    for name, of in (("gather_again", "gather"), ("sigmoid_again", "sigmoid"),
+                     ("sigmoid_logged", "sigmoid")):  # fmt: skip
+        if (hi, name) in table and (hi, of) in table:
+            summary.append(f"{name}_vs_{of}={ratio(secs(hi, name), secs(hi, of)):.2f}")
     if (hi, "open_clip_siglip") in table:
         summary.append(
             "sigmoid_time_vs_open_clip_siglip="
@@ -319,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tile", type=int, default=1024, help="ring tile for --itc")
     parser.add_argument("--repeats", type=int, default=1, help="timed calls after a warm-up")
     parser.add_argument("--no-open-clip", action="store_true", help="--itc without open_clip")
+    parser.add_argument(
+        "--only", default="", help="--itc: comma-separated contenders (default: all of them)"
+    )
     parser.add_argument(
         "--gather-up-to",
         type=int,

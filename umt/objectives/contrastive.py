@@ -33,6 +33,7 @@ class ContrastiveOutput(NamedTuple):
     logits_i2t: torch.Tensor | None  # (b, W*b) local images against every text (gather only)
     logits_t2i: torch.Tensor | None  # (b, W*b) local texts against every image (gather only)
     positives: torch.Tensor | None  # (b, W*b) bool, True where the column shares the row's key
+    # (gather, with `metrics` or `mining`)
     accuracy_i2t: torch.Tensor | None  # () fraction of local rows whose top column is a positive
     accuracy_t2i: torch.Tensor | None  # (both None without `metrics`)
     negatives: HardNegatives | None = None  # with `mining`: ITM's hard negatives
@@ -166,8 +167,11 @@ def contrastive_outputs(
         else gather_no_grad(positions, group)
     )
     # The columns are gathered from the local rows, so a row's own column always has its key:
-    # sharing a key is the whole positive relation here.
-    positives = local_ids[:, None] == global_ids[None, :]
+    # sharing a key is the whole positive relation here. (b, W*b): only for the negatives' draw
+    # and with `metrics`; the loss itself needs no such mask (`_KeyGroups`).
+    positives = None
+    if mining is not None or metrics:
+        positives = local_ids[:, None] == global_ids[None, :]
     own = torch.arange(b, device=device) + rank(group) * b  # the rows' columns, gather order
     groups = _KeyGroups.of(local_ids, global_ids, dtype)
 
