@@ -142,3 +142,43 @@ def umt_train_ranks(out: Path, *args: str, nproc: int = 2) -> list[str]:
         sys.executable, "-m", "launch.torchrun", "--standalone", f"--nproc_per_node={nproc}",
         "-m", "launch.train", *args, f"output_dir={out}",
     ]  # fmt: skip
+
+
+# Module fixtures cheap enough to build on each worker: they group nothing.
+CHEAP_SHARED_FIXTURES = {"demo_shards", "partition"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Tests that share a module- or class-scoped fixture (often a training run) form one
+    `xdist_group`, so that under `-n 2 --dist loadgroup` they run on one worker and the fixture
+    runs once, not once per worker. Groups join when a test uses two such fixtures. The groups,
+    the largest units of work, go first, so that no worker is left with one at the end."""
+    parent: dict[str, str] = {}
+
+    def root(key: str) -> str:
+        while parent.setdefault(key, key) != key:
+            key = parent[key]
+        return key
+
+    keys_of = []
+    for item in items:
+        keys = []
+        infos = getattr(item, "_fixtureinfo", None)
+        for name in getattr(item, "fixturenames", ()):
+            defs = infos.name2fixturedefs.get(name) if infos else None
+            if not defs or name in CHEAP_SHARED_FIXTURES:
+                continue
+            if defs[-1].scope not in ("module", "class", "package"):
+                continue
+            callspec = getattr(item, "callspec", None)
+            param = callspec.params.get(name, "") if callspec else ""
+            keys.append(f"{defs[-1].baseid or item.module.__name__}::{name}[{param}]")
+        for other in keys[1:]:
+            parent[root(other)] = root(keys[0])
+        keys_of.append(keys)
+    for item, keys in zip(items, keys_of, strict=True):
+        if keys:
+            item.add_marker(pytest.mark.xdist_group(root(keys[0]).replace("@", "_")))
+    grouped = [item for item, keys in zip(items, keys_of, strict=True) if keys]
+    items[:] = grouped + [item for item, keys in zip(items, keys_of, strict=True) if not keys]

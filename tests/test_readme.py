@@ -46,7 +46,7 @@ def test_demo_figures_are_those_of_the_recorded_demo_run():
 
 def test_quick_start_test_commands_are_what_ci_runs():
     ci = (REPO / ".ci" / "run").read_text()
-    slow = "python -m pytest -q -m slow -n 2 --dist worksteal tests"
+    slow = "python -m pytest -q -m slow -n 2 --dist loadgroup tests"
     for command in ('python -m pytest -q -m "not slow" tests', slow):
         assert command in README and command in ci, command
 
