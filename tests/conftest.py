@@ -173,12 +173,15 @@ def pytest_collection_modifyitems(config, items):
                 continue
             callspec = getattr(item, "callspec", None)
             param = callspec.params.get(name, "") if callspec else ""
-            keys.append(f"{defs[-1].baseid or item.module.__name__}::{name}[{param}]")
+            key = f"{defs[-1].baseid or item.module.__name__}::{name}"
+            keys.append(f"{key}:{param}" if param != "" else key)
         for other in keys[1:]:
             parent[root(other)] = root(keys[0])
         keys_of.append(keys)
     for item, keys in zip(items, keys_of, strict=True):
         if keys:
-            item.add_marker(pytest.mark.xdist_group(root(keys[0]).replace("@", "_")))
+            # xdist takes a nodeid's group from after its last "@", unless a "]" follows it.
+            name = root(keys[0]).translate(str.maketrans("@[]", "_()"))
+            item.add_marker(pytest.mark.xdist_group(name))
     grouped = [item for item, keys in zip(items, keys_of, strict=True) if keys]
     items[:] = grouped + [item for item, keys in zip(items, keys_of, strict=True) if not keys]

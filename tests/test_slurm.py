@@ -45,7 +45,9 @@ def default_partition() -> str | None:
     proc = subprocess.run(["sinfo", "-h", "-o", "%P %T"], capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         name, state = line.split()
-        if name.endswith("*") and state.rstrip("*~#").split("+")[0] in ("idle", "mixed", "alloc"):
+        # A node still finishing another test's job (the slow tier runs two at a time) is usable.
+        usable = ("idle", "mixed", "alloc", "allocated", "completing", "planned")
+        if name.endswith("*") and state.rstrip("*~#").split("+")[0] in usable:
             return name.rstrip("*")
     return None
 
