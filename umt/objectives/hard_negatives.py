@@ -31,24 +31,42 @@ class GumbelMax:
     """Streaming argmax over columns of (logit + Gumbel(seed, stream, row, column)) among the
     non-positives of each row: columns may come in any order and tiles of any width."""
 
-    def __init__(self, rows: torch.Tensor, seed: int, stream: int):
+    def __init__(
+        self, rows: torch.Tensor, seed: int, stream: int, state: list[torch.Tensor] | None = None
+    ):
         self.rows, self.seed, self.stream = rows, seed, stream  # rows: (b,) global indices
+        if state is not None:  # carried from another rank (`state`)
+            self.best, self.col, seen = state
+            self.any = seen.view(torch.bool)
+            return
         self.best = torch.full(rows.shape, float("-inf"), dtype=torch.float64, device=rows.device)
         self.col = torch.full(rows.shape, -1, dtype=torch.long, device=rows.device)
         self.any = torch.zeros(rows.shape, dtype=torch.bool, device=rows.device)
 
+    def state(self) -> list[torch.Tensor]:
+        """The running draw as tensors that can travel to another rank (no bool dtype)."""
+        return [self.best, self.col, self.any.view(torch.uint8)]
+
     @torch.no_grad()
-    def update(self, logits: torch.Tensor, positives: torch.Tensor, cols: torch.Tensor) -> None:
-        """`logits` (b, c) already scaled by the sharpness, `positives` (b, c), `cols` (c,)."""
-        noisy = logits.double() + gumbel(self.seed, self.stream, self.rows, cols)
+    def update(
+        self,
+        logits: torch.Tensor,
+        positives: torch.Tensor,
+        cols: torch.Tensor,
+        part: slice = slice(None),
+    ) -> None:
+        """`logits` (r, c) already scaled by the sharpness, `positives` (r, c), `cols` (c,), for
+        the rows `part` (all of them by default)."""
+        noisy = logits.double() + gumbel(self.seed, self.stream, self.rows[part], cols)
         noisy = noisy.masked_fill(positives, float("-inf"))
         value, at = noisy.max(dim=1)  # the first maximum: the lowest column of the tile
         col = cols[at]
+        best, current = self.best[part], self.col[part]
         # Ties (of -inf, in practice) go to the lower global column, whatever the order.
-        better = (value > self.best) | ((value == self.best) & (col < self.col))
-        self.best = torch.where(better, value, self.best)
-        self.col = torch.where(better, col, self.col)
-        self.any |= ~positives.all(dim=1)
+        better = (value > best) | ((value == best) & (col < current))
+        self.best[part] = torch.where(better, value, best)
+        self.col[part] = torch.where(better, col, current)
+        self.any[part] |= ~positives.all(dim=1)
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(global column of each row's draw, valid). Documented fallback: a row with no

@@ -73,12 +73,30 @@ class _Ring:
 
 
 class _RowStats:
-    """Running statistics of each local row over the columns seen so far: with `softmax`, the
-    online log-sum-exp and its positives' logit sum and count (the sigmoid loss needs none of
-    these); with `top1`, its top column (for the accuracy; only on steps that log it)."""
+    """Running statistics of rows over the columns seen so far: with `softmax`, the online
+    log-sum-exp and its positives' logit sum and count (the sigmoid loss needs none of these);
+    with `top1`, its top column (for the accuracy; only on steps that log it). `state` (from
+    `state()`) continues the statistics another rank kept."""
 
-    def __init__(self, b: int, dtype: torch.dtype, device: torch.device, softmax: bool, top1: bool):
+    def __init__(
+        self,
+        b: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        softmax: bool,
+        top1: bool,
+        state: list[torch.Tensor] | None = None,
+    ):
         self.softmax, self.top1 = softmax, top1
+        if state is not None:
+            state = list(state)
+            if softmax:
+                self.max, self.sum, self.positive_sum, self.positive_count = state[:4]
+                del state[:4]
+            if top1:
+                self.top, self.top_col, top_positive = state
+                self.top_positive = top_positive.view(torch.bool)
+            return
         if softmax:
             self.max = torch.full((b,), float("-inf"), dtype=dtype, device=device)
             self.sum = torch.zeros(b, dtype=dtype, device=device)  # of exp(logit - max)
@@ -93,23 +111,41 @@ class _RowStats:
     def needed(self) -> bool:
         return self.softmax or self.top1
 
-    def update(self, logits: torch.Tensor, positives: torch.Tensor, cols: torch.Tensor) -> None:
+    def state(self) -> list[torch.Tensor]:
+        """The statistics as tensors that can travel to another rank (no bool dtype)."""
+        out = []
+        if self.softmax:
+            out += [self.max, self.sum, self.positive_sum, self.positive_count]
+        if self.top1:
+            out += [self.top, self.top_col, self.top_positive.view(torch.uint8)]
+        return out
+
+    def update(
+        self,
+        logits: torch.Tensor,
+        positives: torch.Tensor,
+        cols: torch.Tensor,
+        part: slice = slice(None),
+    ) -> None:
+        """`logits` and `positives` (r, c) for the rows `part` (all by default), `cols` (c,)."""
         value, at = logits.max(dim=1)
         if self.softmax:
-            new_max = torch.maximum(self.max, value)
-            self.sum = self.sum * torch.exp(self.max - new_max) + torch.exp(
+            old = self.max[part]
+            new_max = torch.maximum(old, value)
+            self.sum[part] = self.sum[part] * torch.exp(old - new_max) + torch.exp(
                 logits - new_max[:, None]
             ).sum(dim=1)
-            self.max = new_max
-            self.positive_sum += (logits * positives).sum(dim=1)
-            self.positive_count += positives.sum(dim=1)
+            self.max[part] = new_max
+            self.positive_sum[part] += (logits * positives).sum(dim=1)
+            self.positive_count[part] += positives.sum(dim=1)
         if self.top1:
             col = cols[at]
-            better = (value > self.top) | ((value == self.top) & (col < self.top_col))
-            self.top = torch.where(better, value, self.top)
-            self.top_col = torch.where(better, col, self.top_col)
-            self.top_positive = torch.where(
-                better, positives.gather(1, at[:, None])[:, 0], self.top_positive
+            top, top_col = self.top[part], self.top_col[part]
+            better = (value > top) | ((value == top) & (col < top_col))
+            self.top[part] = torch.where(better, value, top)
+            self.top_col[part] = torch.where(better, col, top_col)
+            self.top_positive[part] = torch.where(
+                better, positives.gather(1, at[:, None])[:, 0], self.top_positive[part]
             )
 
     def lse(self) -> torch.Tensor:
@@ -135,7 +171,13 @@ class _RingContrastive(torch.autograd.Function):
     """`kind` softmax: symmetric InfoNCE with soft targets over same-key columns (both directions,
     online log-sum-exp). `kind` sigmoid: SigLIP's pairwise loss over image rows x text columns,
     -sum log sigmoid(z * (scale * sim + bias)) / b, z = +1 for same-key pairs and -1 otherwise;
-    its text rows are scored for the accuracy and the negatives only."""
+    its text rows are scored for the accuracy and the negatives only.
+
+    Only text blocks travel. A tile of local images x visiting texts serves both directions: its
+    rows update this rank's image (i2t) statistics, its columns the visiting texts' (t2i)
+    statistics, which travel with their block and come home after a last hop. One matmul per
+    tile forward and three in backward (recompute, both gradients), where scoring each direction
+    on its own rank takes two and six."""
 
     @staticmethod
     def forward(ctx, images, texts, scale, bias, ids, rows, group, tile, mining, kind, metrics):
@@ -143,45 +185,52 @@ class _RingContrastive(torch.autograd.Function):
         b = images.shape[0]
         softmax = kind == "softmax"
         i2t = _RowStats(b, images.dtype, images.device, softmax, metrics)
+        # The visiting texts' statistics (over the images seen so far) and negative images.
         t2i = _RowStats(b, images.dtype, images.device, softmax, metrics)
-        # The sigmoid loss scores image rows against text columns; the text rows only feed the
-        # accuracy and the negatives, so steps that need neither skip their logits.
-        score_texts = t2i.needed or mining is not None
-        pairwise = torch.zeros((), dtype=images.dtype, device=images.device)
+        draw_images = GumbelMax(rows, mining.seed, IMAGES) if mining is not None else None
+        carried = t2i.state() + (draw_images.state() if mining is not None else [])
+        n = len(t2i.state())  # how many of them are statistics (the rest: the draw)
         if mining is not None:
             draw_texts = GumbelMax(rows, mining.seed, TEXTS)
-            draw_images = GumbelMax(rows, mining.seed, IMAGES)
-        scaled_images, scaled_texts = scale * images, scale * texts
-        block = [texts, images, ids, rows]
+        pairwise = torch.zeros((), dtype=images.dtype, device=images.device)
+        scaled_images = scale * images
+        block = [texts, ids, rows]
         for k in range(ring.world):
             pending = ring.start_hop(block) if k < ring.world - 1 else None  # overlaps the tiles
-            block_texts, block_images, block_ids, block_rows = block
+            block_texts, block_ids, block_rows = block
+            t2i = _RowStats(b, images.dtype, images.device, softmax, metrics, carried[:n])
+            if mining is not None:
+                draw_images = GumbelMax(block_rows, mining.seed, IMAGES, carried[n:])
             for start, end in _tiles(b, tile):
-                cols = block_rows[start:end]  # the columns' global positions
+                part, cols = slice(start, end), block_rows[start:end]  # columns' global positions
                 positives = _positives(ids, rows, block_ids[start:end], cols)
-                logits_i2t = scaled_images @ block_texts[start:end].T
+                logits = scaled_images @ block_texts[start:end].T  # (b, c) images x texts
                 if i2t.needed:
-                    i2t.update(logits_i2t, positives, cols)
+                    i2t.update(logits, positives, cols)
+                if t2i.needed:
+                    t2i.update(logits.T, positives.T, rows, part)
                 if kind == "sigmoid":  # -log sigmoid(+-z) over the tile, z = logit + bias
-                    z = logits_i2t + bias
+                    z = logits + bias
                     pairwise -= F.logsigmoid(torch.where(positives, z, -z)).sum()
-                if score_texts:
-                    logits_t2i = scaled_texts @ block_images[start:end].T
-                    if t2i.needed:
-                        t2i.update(logits_t2i, positives, cols)
                 if mining is not None:
-                    draw_texts.update(logits_i2t * mining.sharpness, positives, cols)
-                    draw_images.update(logits_t2i * mining.sharpness, positives, cols)
+                    sharp = logits * mining.sharpness
+                    draw_texts.update(sharp, positives, cols)
+                    draw_images.update(sharp.T, positives.T, rows, part)
+            carried = t2i.state() + (draw_images.state() if mining is not None else [])
+            if ring.world > 1:  # the texts' statistics go on with them: home after a last hop
+                carried = ring.finish_hop(ring.start_hop(carried))
             if pending is not None:
                 block = ring.finish_hop(pending)
+        # This rank's own texts' statistics, over every image.
+        t2i = _RowStats(b, images.dtype, images.device, softmax, metrics, carried[:n])
         if softmax:
             lse_i2t, lse_t2i = i2t.lse(), t2i.lse()
             per_row = (lse_i2t - i2t.positive_sum / i2t.positive_count) + (
                 lse_t2i - t2i.positive_sum / t2i.positive_count
             )
             loss = per_row.mean() / 2
-            ctx.save_for_backward(images, texts, scale, bias, ids, rows, lse_i2t, lse_t2i)
-            ctx.counts = (i2t.positive_count, t2i.positive_count)
+            weights = (1 / i2t.positive_count, 1 / t2i.positive_count)
+            ctx.save_for_backward(images, texts, scale, bias, ids, rows, lse_i2t, lse_t2i, *weights)
         else:
             loss = pairwise / b
             ctx.save_for_backward(images, texts, scale, bias, ids, rows)
@@ -189,62 +238,65 @@ class _RingContrastive(torch.autograd.Function):
         accuracies = (i2t.accuracy(), t2i.accuracy()) if metrics else ()
         negatives = ()
         if mining is not None:
-            negatives = (*draw_texts.result(), *draw_images.result())
+            mine = GumbelMax(rows, mining.seed, IMAGES, carried[n:])
+            negatives = (*draw_texts.result(), *mine.result())
         for t in (*accuracies, *negatives):
             ctx.mark_non_differentiable(t)
         return (loss, *accuracies, *negatives)
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
-        images, texts, scale, bias, ids, rows, *lse = ctx.saved_tensors
+        images, texts, scale, bias, ids, rows, *saved = ctx.saved_tensors
         softmax = ctx.kind == "softmax"
         ring = _Ring(ctx.group)
         b = images.shape[0]
+        factor = grad_loss / (2 * b) if softmax else grad_loss / b  # of this rank's loss
         grad_images = torch.zeros_like(images)
-        grad_texts = torch.zeros_like(texts) if softmax else None  # sigmoid: all of it comes home
         grad_scale, grad_bias = torch.zeros_like(scale), torch.zeros_like(bias)
-        # What travels: the columns each direction scores against, and their gradients. The
-        # sigmoid loss scores image rows against text columns only: no image block and no image
-        # gradient buffer travel.
-        columns = [texts, images] if softmax else [texts]
-        block = [ids, rows, *columns, *(torch.zeros_like(c) for c in columns)]
-        n = len(columns)
-        # Per-element factors of the (b, c) gradient are folded into its (b, D) products.
-        factor = grad_loss / (2 * b) if softmax else grad_loss / b
+        block = [texts, ids, rows]
+        if softmax:  # a text's t2i term is its owner's loss: its statistics and factor travel
+            lse_i2t, lse_t2i, weight_i2t, weight_t2i = saved
+            block += [lse_t2i, weight_t2i, factor.reshape(1)]
+            row_weight = (weight_i2t * factor)[:, None]
+        # The sigmoid's factor is one scalar, folded into the (b, D) products; the softmax's
+        # differ between its two directions, so they are in g.
+        fold = scale if softmax else scale * factor
+        # The visiting texts' gradient and (softmax) their t2i terms' share of the scale's
+        # gradient, which belongs to their owner's loss: both travel with them, home at the end.
+        grad_block = torch.zeros_like(texts)
+        block_scale = torch.zeros(1, dtype=scale.dtype, device=scale.device)
         for k in range(ring.world):
-            # The columns move on while they are scored here; their gradients follow after.
-            ahead = ring.start_hop(block[: 2 + n]) if k < ring.world - 1 else None
-            block_ids, block_rows = block[:2]
-            block_columns, block_grads = block[2 : 2 + n], block[2 + n :]
-            directions = [(images, block_columns[0], grad_images, block_grads[0])]
-            if softmax:
-                directions.append((texts, block_columns[1], grad_texts, block_grads[1]))
+            # The texts move on while they are scored here; their gradient follows after.
+            ahead = ring.start_hop(block) if k < ring.world - 1 else None
+            block_texts, block_ids, block_rows = block[:3]
             for start, end in _tiles(b, ctx.tile):
-                cols = block_rows[start:end]
-                positives = _positives(ids, rows, block_ids[start:end], cols)
-                for d, (local, other, grad_local, grad_other) in enumerate(directions):
-                    raw = local @ other[start:end].T  # (b, c) similarities
-                    if softmax:  # softmax(row) - uniform over the row's positives
-                        g = torch.addcmul(-lse[d][:, None], raw, scale).exp_()
-                        g.sub_(positives / ctx.counts[d][:, None])
-                    else:  # d/dz of -log sigmoid(+-z): sigmoid(z) - [a positive]
-                        g = torch.addcmul(bias, raw, scale).sigmoid_()
-                        g.add_(positives, alpha=-1)
-                        grad_bias += g.sum() * factor
-                    grad_local += (g @ other[start:end]) * (scale * factor)
-                    grad_other[start:end] += (g.T @ local) * (scale * factor)
+                other = block_texts[start:end]
+                positives = _positives(ids, rows, block_ids[start:end], block_rows[start:end])
+                raw = images @ other.T  # (b, c) similarities
+                if softmax:  # each direction's softmax - uniform over the positives, weighted
+                    lse_cols, weight_cols, owner = block[3][start:end], block[4][start:end], block[5]
+                    logits = raw * scale
+                    g = (logits - lse_i2t[:, None]).exp_().mul_(factor)
+                    g.sub_(positives * row_weight)
+                    g_cols = logits.sub_(lse_cols[None, :]).exp_().mul_(owner)
+                    g_cols.sub_(positives * (weight_cols * owner)[None, :])
+                    # The scale's gradient from the texts' t2i terms belongs to their owner.
+                    grad_scale += torch.vdot(g.view(-1), raw.view(-1))  # this rank's i2t
+                    block_scale += torch.vdot(g_cols.view(-1), raw.view(-1))
+                    g.add_(g_cols)
+                else:  # d/dz of -log sigmoid(+-z): sigmoid(z) - [a positive]
+                    g = torch.addcmul(bias, raw, scale).sigmoid_()
+                    g.add_(positives, alpha=-1)
+                    grad_bias += g.sum() * factor
                     grad_scale += torch.vdot(g.view(-1), raw.view(-1)) * factor
+                grad_images += (g @ other) * fold
+                grad_block[start:end] += (g.T @ images) * fold
             if ring.world > 1:  # the gradients hop too (home after a last hop)
-                grads = ring.finish_hop(ring.start_hop(block_grads))
-                columns_now = ring.finish_hop(ahead) if ahead is not None else block[: 2 + n]
-                block = columns_now + grads
-        home = block[2 + n :]  # the gradients of this rank's own columns
-        if softmax:
-            grad_texts += home[0]
-            grad_images += home[1]
-        else:
-            grad_texts = home[0]
-        return (grad_images, grad_texts, grad_scale, grad_bias, *[None] * 7)
+                grad_block, block_scale = ring.finish_hop(ring.start_hop([grad_block, block_scale]))
+                if ahead is not None:
+                    block = ring.finish_hop(ahead)
+        grad_scale += block_scale[0]
+        return (grad_images, grad_block, grad_scale, grad_bias, *[None] * 7)
 
 
 def ring_contrastive(
