@@ -68,6 +68,13 @@ class GumbelMax:
         self.col[part] = torch.where(better, col, current)
         self.any[part] |= ~positives.all(dim=1)
 
+    def absorb(self, other: GumbelMax) -> None:
+        """Fold in the draw of the same rows over other columns."""
+        better = (other.best > self.best) | ((other.best == self.best) & (other.col < self.col))
+        self.best = torch.where(better, other.best, self.best)
+        self.col = torch.where(better, other.col, self.col)
+        self.any = self.any | other.any
+
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(global column of each row's draw, valid). Documented fallback: a row with no
         non-positive column (a global batch of one image) points at itself and is left out of

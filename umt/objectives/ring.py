@@ -1,15 +1,19 @@
 """Exact ITC without the global logits (`objectives.itc_impl: ring`), after Inf-CL.
 
 The all-gathered ITC holds this rank's (b, W*b) logits, their softmax and their gradient: memory
-grows with the global batch. Here the other ranks' embedding blocks travel around a ring instead
-(send to rank+1, receive from rank-1; the next block arrives while this one is scored). Each row
-keeps an online log-sum-exp, the mean logit of its positives (soft targets over the same-key
-columns, across ranks too), its top-1 (for the accuracies) and a streaming Gumbel-max for the
-ITM negatives; within a block the columns are taken `tile` at a time. Backward goes around the
-ring again, recomputing each tile's logits: the next block is on its way while this one is
-scored, and the gradient of each block follows it, arriving at its owner after a last hop. Peak
-memory O(b * tile) for the loss, no all-gather. Accuracies (top-1 per row) are kept only on the
-steps that log them (`metrics`); the sigmoid loss then skips its text rows' logits altogether.
+grows with the global batch. Here the other ranks' text blocks travel around a ring instead
+(send to rank+1, receive from rank-1; the next block arrives while this one is scored), and
+each tile of local images x visiting texts serves both directions. Its rows update this rank's
+images' statistics: an online log-sum-exp, the mean logit of the positives (soft targets over
+same-key columns, across ranks too), the top-1 (for the accuracies) and a streaming Gumbel-max
+for the ITM negatives. Its columns update the same statistics of the visiting texts over this
+rank's images; those partial statistics reach the texts' owner in one all-to-all at the end.
+Within a block the columns are taken `tile` at a time. Backward goes around the ring again,
+recomputing each tile's logits; each text block's gradient is summed along the ring one hop
+behind the block and reaches its owner after a last hop. That is one matmul per tile forward
+and three backward, where scoring each direction on its own rank (as `ClipLoss` with
+`local_loss` does) takes two and four, and peak memory O(b * tile) for the loss, no all-gather.
+Accuracies (top-1 per row) are kept only on the steps that log them (`metrics`).
 
 Loss, gradients and drawn negatives equal the all-gathered version's (`contrastive_outputs`).
 """
@@ -69,6 +73,16 @@ class _Ring:
         requests, received = pending
         for request in requests:
             request.wait()
+        return received
+
+    def to_owners(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """`parts[k]` (b, n): what this rank computed about the block of rank - k (the one here
+        at hop k). Returns (W, b, n): what each rank computed about this rank's block."""
+        send = torch.stack([parts[(self.rank - owner) % self.world] for owner in range(self.world)])
+        if self.world == 1:
+            return send
+        received = torch.empty_like(send)
+        dist.all_to_all_single(received, send, group=self.group)
         return received
 
 
@@ -148,6 +162,24 @@ class _RowStats:
                 better, positives.gather(1, at[:, None])[:, 0], self.top_positive[part]
             )
 
+    def absorb(self, other: _RowStats) -> None:
+        """Fold in statistics of the same rows over other columns."""
+        if self.softmax:
+            new_max = torch.maximum(self.max, other.max)
+            self.sum = self.sum * torch.exp(self.max - new_max) + other.sum * torch.exp(
+                other.max - new_max
+            )
+            self.max = new_max
+            self.positive_sum = self.positive_sum + other.positive_sum
+            self.positive_count = self.positive_count + other.positive_count
+        if self.top1:
+            better = (other.top > self.top) | (
+                (other.top == self.top) & (other.top_col < self.top_col)
+            )
+            self.top = torch.where(better, other.top, self.top)
+            self.top_col = torch.where(better, other.top_col, self.top_col)
+            self.top_positive = torch.where(better, other.top_positive, self.top_positive)
+
     def lse(self) -> torch.Tensor:
         return self.max + torch.log(self.sum)
 
@@ -160,6 +192,15 @@ def _positives(
 ) -> torch.Tensor:
     """(b, c) bool: same image key, or the pair itself (global row index == column index)."""
     return (row_ids[:, None] == col_ids[None, :]) | (rows[:, None] == cols[None, :])
+
+
+def _pack(state: list[torch.Tensor]) -> torch.Tensor:
+    """(b, n) float64 of n per-row tensors (int64 positions < 2**53 and floats are exact)."""
+    return torch.stack([t.to(torch.float64) for t in state], dim=1)
+
+
+def _unpack(packed: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [packed[:, i].to(t.dtype) for i, t in enumerate(like)]
 
 
 def _tiles(b: int, tile: int):
@@ -175,32 +216,35 @@ class _RingContrastive(torch.autograd.Function):
 
     Only text blocks travel. A tile of local images x visiting texts serves both directions: its
     rows update this rank's image (i2t) statistics, its columns the visiting texts' (t2i)
-    statistics, which travel with their block and come home after a last hop. One matmul per
-    tile forward and three in backward (recompute, both gradients), where scoring each direction
-    on its own rank takes two and six."""
+    statistics over this rank's images, which go to the texts' owner in one all-to-all at the
+    end (so no rank waits for another's statistics on the way). One matmul per tile forward
+    and three in backward (recompute, both gradients), where scoring each direction on its own
+    rank takes two and six with the recompute (`ClipLoss`: two and four, holding the logits)."""
 
     @staticmethod
     def forward(ctx, images, texts, scale, bias, ids, rows, group, tile, mining, kind, metrics):
         ring = _Ring(group)
         b = images.shape[0]
         softmax = kind == "softmax"
-        i2t = _RowStats(b, images.dtype, images.device, softmax, metrics)
-        # The visiting texts' statistics (over the images seen so far) and negative images.
-        t2i = _RowStats(b, images.dtype, images.device, softmax, metrics)
-        draw_images = GumbelMax(rows, mining.seed, IMAGES) if mining is not None else None
-        carried = t2i.state() + (draw_images.state() if mining is not None else [])
-        n = len(t2i.state())  # how many of them are statistics (the rest: the draw)
+
+        def stats() -> _RowStats:
+            return _RowStats(b, images.dtype, images.device, softmax, metrics)
+
+        i2t = stats()
         if mining is not None:
             draw_texts = GumbelMax(rows, mining.seed, TEXTS)
+        # Per visiting block: its texts' statistics over this rank's images, and their draws.
+        columns = stats().needed or mining is not None
+        parts = []
         pairwise = torch.zeros((), dtype=images.dtype, device=images.device)
         scaled_images = scale * images
         block = [texts, ids, rows]
         for k in range(ring.world):
             pending = ring.start_hop(block) if k < ring.world - 1 else None  # overlaps the tiles
             block_texts, block_ids, block_rows = block
-            t2i = _RowStats(b, images.dtype, images.device, softmax, metrics, carried[:n])
+            t2i = stats()
             if mining is not None:
-                draw_images = GumbelMax(block_rows, mining.seed, IMAGES, carried[n:])
+                draw_images = GumbelMax(block_rows, mining.seed, IMAGES)
             for start, end in _tiles(b, tile):
                 part, cols = slice(start, end), block_rows[start:end]  # columns' global positions
                 positives = _positives(ids, rows, block_ids[start:end], cols)
@@ -216,13 +260,23 @@ class _RingContrastive(torch.autograd.Function):
                     sharp = logits * mining.sharpness
                     draw_texts.update(sharp, positives, cols)
                     draw_images.update(sharp.T, positives.T, rows, part)
-            carried = t2i.state() + (draw_images.state() if mining is not None else [])
-            if ring.world > 1:  # the texts' statistics go on with them: home after a last hop
-                carried = ring.finish_hop(ring.start_hop(carried))
+            if columns:
+                parts.append(_pack(t2i.state() + (draw_images.state() if mining else [])))
             if pending is not None:
                 block = ring.finish_hop(pending)
-        # This rank's own texts' statistics, over every image.
-        t2i = _RowStats(b, images.dtype, images.device, softmax, metrics, carried[:n])
+        # This rank's own texts' statistics and draws over every rank's images.
+        t2i = stats()
+        if columns:
+            template = stats().state()
+            if mining is not None:
+                mine = GumbelMax(rows, mining.seed, IMAGES)
+                template_draw = mine.state()
+            for packed in ring.to_owners(parts):
+                state = _unpack(packed, template + (template_draw if mining else []))
+                n = len(template)
+                t2i.absorb(_RowStats(b, images.dtype, images.device, softmax, metrics, state[:n]))
+                if mining is not None:
+                    mine.absorb(GumbelMax(rows, mining.seed, IMAGES, state[n:]))
         if softmax:
             lse_i2t, lse_t2i = i2t.lse(), t2i.lse()
             per_row = (lse_i2t - i2t.positive_sum / i2t.positive_count) + (
@@ -238,7 +292,6 @@ class _RingContrastive(torch.autograd.Function):
         accuracies = (i2t.accuracy(), t2i.accuracy()) if metrics else ()
         negatives = ()
         if mining is not None:
-            mine = GumbelMax(rows, mining.seed, IMAGES, carried[n:])
             negatives = (*draw_texts.result(), *mine.result())
         for t in (*accuracies, *negatives):
             ctx.mark_non_differentiable(t)
@@ -261,26 +314,29 @@ class _RingContrastive(torch.autograd.Function):
         # The sigmoid's factor is one scalar, folded into the (b, D) products; the softmax's
         # differ between its two directions, so they are in g.
         fold = scale if softmax else scale * factor
-        # The visiting texts' gradient and (softmax) their t2i terms' share of the scale's
-        # gradient, which belongs to their owner's loss: both travel with them, home at the end.
-        grad_block = torch.zeros_like(texts)
-        block_scale = torch.zeros(1, dtype=scale.dtype, device=scale.device)
+        # Each block's gradient (and, softmax, its t2i terms' share of the scale's gradient,
+        # which belongs to its owner's loss) is summed along the ring behind it, one hop late:
+        # a rank adds its share of block k once the sum up to the previous rank is in, while
+        # it scores block k + 1; the last hop takes each sum home.
+        summed = None
         for k in range(ring.world):
-            # The texts move on while they are scored here; their gradient follows after.
+            # The texts move on while they are scored here.
             ahead = ring.start_hop(block) if k < ring.world - 1 else None
             block_texts, block_ids, block_rows = block[:3]
+            grad_block = torch.zeros_like(texts)
+            block_scale = torch.zeros(1, dtype=scale.dtype, device=scale.device)
             for start, end in _tiles(b, ctx.tile):
                 other = block_texts[start:end]
                 positives = _positives(ids, rows, block_ids[start:end], block_rows[start:end])
                 raw = images @ other.T  # (b, c) similarities
                 if softmax:  # each direction's softmax - uniform over the positives, weighted
-                    lse_cols, weight_cols, owner = block[3][start:end], block[4][start:end], block[5]
+                    block_lse, block_weight, owner = block[3:]
+                    lse_cols, weight_cols = block_lse[start:end], block_weight[start:end]
                     logits = raw * scale
                     g = (logits - lse_i2t[:, None]).exp_().mul_(factor)
                     g.sub_(positives * row_weight)
                     g_cols = logits.sub_(lse_cols[None, :]).exp_().mul_(owner)
                     g_cols.sub_(positives * (weight_cols * owner)[None, :])
-                    # The scale's gradient from the texts' t2i terms belongs to their owner.
                     grad_scale += torch.vdot(g.view(-1), raw.view(-1))  # this rank's i2t
                     block_scale += torch.vdot(g_cols.view(-1), raw.view(-1))
                     g.add_(g_cols)
@@ -291,10 +347,16 @@ class _RingContrastive(torch.autograd.Function):
                     grad_scale += torch.vdot(g.view(-1), raw.view(-1)) * factor
                 grad_images += (g @ other) * fold
                 grad_block[start:end] += (g.T @ images) * fold
-            if ring.world > 1:  # the gradients hop too (home after a last hop)
-                grad_block, block_scale = ring.finish_hop(ring.start_hop([grad_block, block_scale]))
-                if ahead is not None:
-                    block = ring.finish_hop(ahead)
+            if summed is not None:  # the sums of this block up to the previous rank
+                before, before_scale = ring.finish_hop(summed)
+                grad_block += before
+                block_scale += before_scale
+            if ring.world > 1:  # on to the next rank, which scores this block next
+                summed = ring.start_hop([grad_block, block_scale])
+            if ahead is not None:
+                block = ring.finish_hop(ahead)
+        if summed is not None:  # this rank's own texts, summed over every rank
+            grad_block, block_scale = ring.finish_hop(summed)
         grad_scale += block_scale[0]
         return (grad_images, grad_block, grad_scale, grad_bias, *[None] * 7)
 
