@@ -2,8 +2,14 @@
 backward, for each contender and local batch, on random L2-normalised embeddings (b, D).
 
 Per contender it records the seconds of forward + backward (median of `--repeats`, after a
-warm-up; the repeats interleave the contenders) and the peak RSS above the RSS before the call (glibc's mmap threshold pinned low so
-freed tensors leave the RSS; /proc/self/clear_refs resets the peak). Contenders:
+warm-up; the repeats interleave the contenders) and, in calls of their own made first, the peak
+RSS above the RSS before the call. The memory calls pin glibc's mmap threshold at 64 KiB, so
+every tensor is mapped when allocated and unmapped when freed, and the peak RSS is the peak of
+live tensors (/proc/self/clear_refs resets it). The timed calls run with glibc's heap as a
+training process has it (threshold 32 MiB, the top of glibc's own dynamic one: freed blocks are
+reused). Timing under the pinned threshold would charge each
+allocation its page faults: a loss made of many tile-sized temporaries (the ring) would pay for
+the measurement. Contenders:
 - gather: UMT's all-gathered ITC (`objectives.itc_impl: gather`);
 - gather_again: the same, a second time: the noise floor of the comparison with ClipLoss;
 - ring: UMT's ring ITC (`itc_impl: ring`, `itc_tile`);
@@ -43,8 +49,18 @@ from _objective_ranks import reset_peak_rss  # noqa: E402
 
 from umt.objectives import contrastive_outputs  # noqa: E402
 
-with contextlib.suppress(OSError, AttributeError):  # M_MMAP_THRESHOLD: freed tensors leave the RSS
-    ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)
+M_MMAP_THRESHOLD = -3
+try:
+    LIBC = ctypes.CDLL("libc.so.6")
+except OSError:
+    LIBC = None
+
+
+def heap(measure_memory: bool) -> None:
+    """glibc's mmap threshold: 64 KiB for the memory calls, else 32 MiB."""
+    if LIBC is not None:
+        with contextlib.suppress(AttributeError):
+            LIBC.mallopt(M_MMAP_THRESHOLD, 64 * 1024 if measure_memory else 32 * 1024 * 1024)
 
 
 def contenders(open_clip_path: str | None, tile: int):
@@ -100,47 +116,60 @@ def main() -> None:
     rank = dist.get_rank()
     found = contenders(args.open_clip_loss, args.tile)
     only = [c for c in args.only.split(",") if c] or list(found)
-    records = []
-    for b in (int(x) for x in args.batches.split(",")):
+    batches = [int(x) for x in args.batches.split(",")]
+    held = ("gather", "gather_again", "open_clip")  # hold (b, W*b) logits
+    # (larger batches leave them out: their logits would not fit in memory)
+    names = {b: [n for n in only if b <= args.gather_up_to or n not in held] for b in batches}
+    peaks, times, losses = {}, {}, {}
+
+    def call(b: int, name: str) -> float:
+        """Seconds of one forward + backward on every rank; the loss and peak RSS recorded."""
         g = torch.Generator().manual_seed(rank)
-        images = F.normalize(torch.randn(b, args.dim, generator=g), dim=-1)
-        texts = F.normalize(torch.randn(b, args.dim, generator=g), dim=-1)
-        held = ("gather", "gather_again", "open_clip")  # hold (b, W*b) logits
-        names = [n for n in only if b <= args.gather_up_to or n not in held]
-        times = {n: [] for n in names}  # (larger batches: their logits would not fit in memory)
-        peaks = {n: [] for n in names}
-        losses = {}
-        # Repeats interleave the contenders (order rotated, reversed every other repeat), so
-        # load from other processes hits all alike; repeat 0 warms each up.
+        img = F.normalize(torch.randn(b, args.dim, generator=g), dim=-1).requires_grad_(True)
+        txt = F.normalize(torch.randn(b, args.dim, generator=g), dim=-1).requires_grad_(True)
+        scale = torch.tensor(10.0, requires_grad=True)
+        bias = torch.tensor(-10.0, requires_grad=True)
+        dist.barrier()
+        before = reset_peak_rss()
+        start = time.perf_counter()
+        out = found[name](img, txt, scale, bias)
+        out.backward()
+        dist.barrier()
+        seconds = time.perf_counter() - start
+        peaks[b, name] = status_bytes("VmHWM") - before
+        losses[b, name] = float(out)
+        return seconds
+
+    # Memory first, with the threshold pinned from the start (a warm-up call, then the measured
+    # one), while no freed block can sit resident in the heap. Then time, the repeats
+    # interleaving the contenders (order rotated, reversed every other repeat) so load from
+    # other processes hits all alike; repeat 0 warms each up.
+    heap(measure_memory=True)
+    for b in batches:
+        for name in names[b]:
+            call(b, name)
+            call(b, name)
+    memory = dict(peaks)
+    heap(measure_memory=False)
+    for b in batches:
         for repeat in range(args.repeats + 1):
-            order = names[repeat % len(names) :] + names[: repeat % len(names)]
+            order = names[b][repeat % len(names[b]) :] + names[b][: repeat % len(names[b])]
             for name in order[::-1] if repeat % 2 else order:
-                img = images.clone().requires_grad_(True)
-                txt = texts.clone().requires_grad_(True)
-                scale = torch.tensor(10.0, requires_grad=True)
-                bias = torch.tensor(-10.0, requires_grad=True)
-                dist.barrier()
-                before = reset_peak_rss()
-                start = time.perf_counter()
-                out = found[name](img, txt, scale, bias)
-                out.backward()
-                dist.barrier()
+                seconds = call(b, name)
                 if repeat:
-                    times[name].append(time.perf_counter() - start)
-                    peaks[name].append(status_bytes("VmHWM") - before)
-                losses[name] = float(out)
-                del out, img, txt
-        for name in names:
-            records.append(
-                {
-                    "rank": rank,
-                    "contender": name,
-                    "local": b,
-                    "seconds": statistics.median(times[name]),
-                    "peak_bytes": max(peaks[name]),
-                    "loss": losses[name],
-                }
-            )
+                    times.setdefault((b, name), []).append(seconds)
+    records = [
+        {
+            "rank": rank,
+            "contender": name,
+            "local": b,
+            "seconds": statistics.median(times[b, name]),
+            "peak_bytes": memory[b, name],
+            "loss": losses[b, name],
+        }
+        for b in batches
+        for name in names[b]
+    ]
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, records)
     if rank == 0:

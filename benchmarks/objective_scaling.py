@@ -213,8 +213,9 @@ def itc_main(args) -> int:
     )
     print(
         f"loss forward + backward at {args.world} gloo ranks, dim {args.dim}, ring tile "
-        f"{args.tile}; peak RSS above the start of the call (max over ranks), seconds (slowest "
-        f"rank, median of {args.repeats})"
+        f"{args.tile}; peak RSS above the start of a call of its own, mmap threshold pinned "
+        f"(max over ranks); seconds (slowest rank, median of {args.repeats}, glibc's heap as "
+        "in training)"
     )
     print(f"{'local':>6} {'global':>7} " + "".join(f"{c + ' MiB':>22}{'s':>7}" for c in contenders))
     locals_ = sorted({b for b, _ in table})
