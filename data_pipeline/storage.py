@@ -370,6 +370,27 @@ def list_names(folder: str) -> list[str]:
     return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
 
 
+def object_sizes(folder: str) -> dict[str, int]:
+    """{name: bytes} of the objects directly in an S3 `folder`, from one listing (a request per
+    1000 objects); {} elsewhere (an HTTP index page gives no reliable sizes)."""
+    if scheme(folder) != "s3":
+        return {}
+    fs = filesystem(folder)
+
+    def listing() -> dict[str, int]:
+        try:
+            entries = fs.ls(folder, detail=True, refresh=True)
+        except FileNotFoundError:
+            return {}
+        return {
+            basename(e["name"]): int(e["size"])
+            for e in entries
+            if e.get("type") == "file" and e.get("size") is not None
+        }
+
+    return retrying("listing", folder, listing)
+
+
 def remove(location: str) -> None:
     if is_remote(location):
         fs = filesystem(location)

@@ -290,6 +290,9 @@ def resolve_source(spec: SourceSpec) -> Source:
             f"(first: {missing[0]})"
         )
     folder_counts: dict[str, dict[str, int] | None] = {}
+    if storage.is_dir(location) and paths:
+        folder_counts[storage.parent(paths[0])] = counts  # read above: not again
+    folder_sizes: dict[str, dict[str, int]] = {}
     shards = []
     for p in paths:
         folder = storage.parent(p)
@@ -298,6 +301,12 @@ def resolve_source(spec: SourceSpec) -> Source:
         known = folder_counts[folder] or {}
         shard_name = storage.basename(p)
         count, size = known[shard_name] if shard_name in known else (count_samples(p), None)
+        if size is None and storage.is_remote(p):
+            # Sizes the manifest does not give (sizes.json, other tools' tars): one listing
+            # of the folder, not a request per shard in every process that opens it.
+            if folder not in folder_sizes:
+                folder_sizes[folder] = storage.object_sizes(folder)
+            size = folder_sizes[folder].get(shard_name)
         shards.append(Shard(p, count, size))
     return source_from(spec, name, tuple(shards))
 

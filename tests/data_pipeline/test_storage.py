@@ -168,3 +168,27 @@ def test_index_shards_in_the_store_then_read_them_by_range(tmp_path, capsys):
         assert "8 shards: 8 right" in capsys.readouterr().out
         code, got, err = order(capsys, url, "--remote-read", "range")
         assert code == 0 and got == want, err
+
+
+@pytest.mark.slow
+def test_a_remote_folder_is_read_once_and_sizes_json_shards_get_their_sizes_from_one_listing(
+    local, monkeypatch
+):
+    """A folder of other tools' tars (sizes.json, no manifest) in S3: the shards' sizes come
+    from one listing, so no process asks each shard's size again; the manifest and sizes.json
+    are read once, not once more per folder of the shards."""
+    from data_pipeline.loader.dataset import resolve_dataset
+
+    (local / "manifest.json").unlink()
+    reads = []
+    original = storage.read_text_if_exists
+    monkeypatch.setattr(
+        storage, "read_text_if_exists", lambda where: reads.append(where) or original(where)
+    )
+    with moto_s3() as server:
+        url = server.upload_folder(local, "foreign")
+        dataset = resolve_dataset(url)
+    assert [s.bytes for s in dataset.shards] == [
+        (local / storage.basename(s.path)).stat().st_size for s in dataset.shards
+    ]
+    assert sorted(storage.basename(r) for r in reads) == ["manifest.json", "sizes.json"]
