@@ -27,6 +27,12 @@ class HardNegatives(NamedTuple):
     image_valid: torch.Tensor  # (b,) bool
 
 
+def beats(value: torch.Tensor, col: torch.Tensor, best: torch.Tensor, best_col: torch.Tensor):
+    """Where (value, col) beats the running (best, best_col): a higher value; on a tie, the lower
+    global column, so the result does not depend on the order columns come in."""
+    return (value > best) | ((value == best) & (col < best_col))
+
+
 class GumbelMax:
     """Streaming argmax over columns of (logit + Gumbel(seed, stream, row, column)) among the
     non-positives of each row: columns may come in any order and tiles of any width."""
@@ -62,15 +68,14 @@ class GumbelMax:
         value, at = noisy.max(dim=1)  # the first maximum: the lowest column of the tile
         col = cols[at]
         best, current = self.best[part], self.col[part]
-        # Ties (of -inf, in practice) go to the lower global column, whatever the order.
-        better = (value > best) | ((value == best) & (col < current))
+        better = beats(value, col, best, current)  # ties: -inf, in practice
         self.best[part] = torch.where(better, value, best)
         self.col[part] = torch.where(better, col, current)
         self.any[part] |= ~positives.all(dim=1)
 
     def absorb(self, other: GumbelMax) -> None:
         """Fold in the draw of the same rows over other columns."""
-        better = (other.best > self.best) | ((other.best == self.best) & (other.col < self.col))
+        better = beats(other.best, other.col, self.best, self.col)
         self.best = torch.where(better, other.best, self.best)
         self.col = torch.where(better, other.col, self.col)
         self.any = self.any | other.any

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from umt.objectives.hard_negatives import IMAGES, TEXTS, GumbelMax
+from umt.objectives.hard_negatives import IMAGES, TEXTS, GumbelMax, beats
 
 
 class RingOutput(NamedTuple):
@@ -155,7 +155,7 @@ class _RowStats:
         if self.top1:
             col = cols[at]
             top, top_col = self.top[part], self.top_col[part]
-            better = (value > top) | ((value == top) & (col < top_col))
+            better = beats(value, col, top, top_col)
             self.top[part] = torch.where(better, value, top)
             self.top_col[part] = torch.where(better, col, top_col)
             self.top_positive[part] = torch.where(
@@ -173,9 +173,7 @@ class _RowStats:
             self.positive_sum = self.positive_sum + other.positive_sum
             self.positive_count = self.positive_count + other.positive_count
         if self.top1:
-            better = (other.top > self.top) | (
-                (other.top == self.top) & (other.top_col < self.top_col)
-            )
+            better = beats(other.top, other.top_col, self.top, self.top_col)
             self.top = torch.where(better, other.top, self.top)
             self.top_col = torch.where(better, other.top_col, self.top_col)
             self.top_positive = torch.where(better, other.top_positive, self.top_positive)
