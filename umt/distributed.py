@@ -309,6 +309,17 @@ def gather_no_grad(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> t
     return torch.cat(parts, dim=0)
 
 
+@torch.no_grad()
+def exchange(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """All-to-all of equal parts: `x` (W, ...) sends x[s] to rank s; returns (W, ...) whose row s
+    came from rank s."""
+    if not is_distributed(group):
+        return x
+    received = torch.empty_like(x)
+    dist.all_to_all_single(received, x.contiguous(), group=group)
+    return received
+
+
 class FetchPlan(NamedTuple):
     """Who sends which rows to whom, for one set of requested global row indices."""
 

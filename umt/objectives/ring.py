@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from umt import distributed
 from umt.objectives.hard_negatives import IMAGES, TEXTS, GumbelMax, beats
 
 
@@ -79,11 +80,7 @@ class _Ring:
         """`parts[k]` (b, n): what this rank computed about the block of rank - k (the one here
         at hop k). Returns (W, b, n): what each rank computed about this rank's block."""
         send = torch.stack([parts[(self.rank - owner) % self.world] for owner in range(self.world)])
-        if self.world == 1:
-            return send
-        received = torch.empty_like(send)
-        dist.all_to_all_single(received, send, group=self.group)
-        return received
+        return distributed.exchange(send, self.group) if self.world > 1 else send
 
 
 class _RowStats:
