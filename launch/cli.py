@@ -7,11 +7,13 @@ Each command lives in its own module and is imported only when it runs, so `umt 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import gc
 import importlib
 import os
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import NoReturn
 
 # command -> (module, one-line help)
@@ -60,6 +62,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(COMMANDS[name][0])
     return run_guarded(f"umt {name}", module.main, rest)
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[Callable[[], None]]:
+    """Python's cyclic garbage collector off while a command starts up: importing torch,
+    transformers and DeepSpeed, building the model and its engine, loading weights. Those make
+    millions of objects and few cycles, and the collections they set off cost about 1 s of CPU
+    per process (a tiny training run: 5.6 s of CPU with the collector on, 4.3-4.7 s with it off).
+    Yields `work_begins`, which turns the collector back on (if it was on) where the command's
+    own work starts; leaving the block does too, whatever way it is left."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+
+    def work_begins() -> None:
+        if was_enabled:
+            gc.enable()
+
+    try:
+        yield work_begins
+    finally:
+        work_begins()
 
 
 def say(line: str) -> None:

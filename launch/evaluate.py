@@ -7,7 +7,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+
+from launch.cli import gc_paused
 
 
 def main(argv: list[str]) -> int:
@@ -52,7 +55,11 @@ def main(argv: list[str]) -> int:
         "--name", help="set name in TensorBoard tags (default: the shard folder's name)"
     )
     args = parser.parse_args(argv)
+    with gc_paused() as work_begins:  # start-up, until the model is loaded
+        return evaluate(args, work_begins)
 
+
+def evaluate(args: argparse.Namespace, work_begins: Callable[[], None]) -> int:
     from umt.checkpoint import CheckpointError
     from umt.distributed import discover_world, init_distributed, shutdown
     from umt.evaluate import (
@@ -85,6 +92,7 @@ def main(argv: list[str]) -> int:
     if processor.tokenizer is None:
         print("umt eval: the model carries no tokenizer name; export it with one", file=sys.stderr)
         return 1
+    work_begins()
     data = EvalData(
         args.shards,
         processor.tokenizer,

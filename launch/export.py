@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from launch.cli import gc_paused
+
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="umt export", description=__doc__)
@@ -14,7 +16,11 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("out_dir", help="export folder to write")
     args = parser.parse_args(argv)
+    with gc_paused():  # all of it is start-up: imports, loading and writing the weights
+        return export(args)
 
+
+def export(args: argparse.Namespace) -> int:
     from umt.checkpoint import CheckpointError
     from umt.export import ExportError, export_checkpoint
     from umt.logs import setup_logging

@@ -10,9 +10,9 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
-from launch.cli import say
+from launch.cli import gc_paused, say
 
 log = logging.getLogger("umt.launch")
 
@@ -65,7 +65,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    with gc_paused() as work_begins:  # start-up, until the trainer is built
+        return _main(sys.argv[1:] if argv is None else argv, work_begins)
+
+
+def _main(argv: list[str], work_begins: Callable[[], None]) -> int:
     args = parse_args(argv)
     from umt.checkpoint import CheckpointError
     from umt.config import ConfigError, load_config
@@ -113,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer = Trainer(cfg, args.resume, args.restart, args.new_mixture)
         trainer.install_signal_handlers()
+        work_begins()
         trainer.train()
     except (
         CheckpointError,

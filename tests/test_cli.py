@@ -107,3 +107,48 @@ def test_a_refusal_every_rank_shares_is_said_once_by_rank_0(monkeypatch, capsys)
     monkeypatch.setattr(train, "RANK0_SAYS_S", 0.0)
     assert train.said_by_rank0("the accelerate config asks for FSDP", 2) == 2
     assert capsys.readouterr().err == "umt train [rank 1]: the accelerate config asks for FSDP\n"
+
+
+def test_the_garbage_collector_is_paused_for_start_up_and_restored_however_it_ends():
+    import gc
+
+    from launch.cli import gc_paused
+
+    assert gc.isenabled()
+    with gc_paused() as work_begins:
+        assert not gc.isenabled()
+        work_begins()  # the command's own work runs with the collector on
+        assert gc.isenabled()
+    with pytest.raises(RuntimeError), gc_paused():
+        raise RuntimeError("a start-up that fails")
+    assert gc.isenabled()
+    gc.disable()  # a caller that turned it off keeps it off
+    try:
+        with gc_paused() as work_begins:
+            work_begins()
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_umt_train_starts_up_without_the_garbage_collector_and_gives_it_back(tmp_path, monkeypatch):
+    """The checks before the process group run with the collector paused; a refusal there gives
+    it back (in-process callers keep theirs)."""
+    import gc
+
+    import launch.train as train
+    import umt.preflight
+    from umt.config import ConfigError
+
+    seen = []
+
+    def refuse(cfg):
+        seen.append(gc.isenabled())
+        raise ConfigError("data.train.shards: no such folder")
+
+    monkeypatch.setattr(umt.preflight, "check_training_inputs", refuse)
+    argv = ["--resume", "none", f"output_dir={tmp_path / 'run'}", "data.train.synthetic=true"]
+    code = train.main(argv)
+    assert code == 2 and seen == [False]
+    assert gc.isenabled()
