@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from umt.engine import clamp_logit_scale, start_logit_scale  # noqa: E402
 from umt.model.unified import LogitScale  # noqa: E402
 
-STEPS, LR = 80, 0.05
+STEPS, LR = 40, 0.1
 TARGETS = [200.0] * (STEPS // 2) + [30.0] * (STEPS // 2)
 
 
