@@ -95,38 +95,15 @@ def test_zero_stage_trains_and_loss_goes_down_on_a_fixed_batch(tmp_path, stage):
 
 
 def assert_export_round_trip(run_dir: Path) -> None:
-    """`umt export` + `umt.load` give DeepSpeed's own zero_to_fp32 consolidation, and a working model."""
-    import subprocess
-    import sys
-
+    """`umt export`'s function + `umt.load` give DeepSpeed's own zero_to_fp32 consolidation, and a
+    working model (in this process: the command and the checkpoint's zero_to_fp32.py script run as
+    processes in test_hf_export and test_daily_jobs)."""
     import umt
+    from umt.export import export_checkpoint
 
-    export = run_dir / "export"
-    subprocess.run(
-        [sys.executable, "-m", "launch.cli", "export", str(run_dir / "checkpoints"), str(export)],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-    )
-    script = run_dir / "checkpoints" / "zero_to_fp32.py"
-    fp32 = run_dir / "zero_to_fp32"
-    subprocess.run(
-        [
-            sys.executable,
-            str(script),
-            str(run_dir / "checkpoints"),
-            str(fp32),
-            "--safe_serialization",
-        ],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-    )
-    from safetensors.torch import load_file
-
-    reference = {}
-    for f in sorted(fp32.glob("*.safetensors")):
-        reference |= load_file(str(f))
+    export = export_checkpoint(run_dir / "checkpoints", run_dir / "export")
+    latest = (run_dir / "checkpoints" / "latest").read_text()
+    reference = consolidated(run_dir, latest)
     model, processor = umt.load(export)
     ours = model.state_dict()
     assert reference and set(reference) <= set(ours)
