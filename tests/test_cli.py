@@ -111,6 +111,7 @@ def test_a_refusal_every_rank_shares_is_said_once_by_rank_0(monkeypatch, capsys)
 
 def test_the_garbage_collector_is_paused_for_start_up_and_restored_however_it_ends():
     import gc
+    import os
 
     from launch.cli import gc_paused
 
@@ -122,6 +123,16 @@ def test_the_garbage_collector_is_paused_for_start_up_and_restored_however_it_en
     with pytest.raises(RuntimeError), gc_paused():
         raise RuntimeError("a start-up that fails")
     assert gc.isenabled()
+    with gc_paused():  # a process forked meanwhile (a loader worker) has the collector on
+        read, write = os.pipe()
+        child = os.fork()
+        if child == 0:
+            os.write(write, b"1" if gc.isenabled() else b"0")
+            os._exit(0)
+        os.close(write)
+        assert os.read(read, 1) == b"1" and not gc.isenabled()
+        os.waitpid(child, 0)
+        os.close(read)
     gc.disable()  # a caller that turned it off keeps it off
     try:
         with gc_paused() as work_begins:
