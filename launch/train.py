@@ -96,6 +96,7 @@ def _main(argv: list[str], work_begins: Callable[[], None]) -> int:
             say(f"umt train: {done}")
         return 0
     if args.nproc_per_node is not None and discover_world().launcher == "single":
+        work_begins()  # from here this process supervises its ranks, for the whole run
         return launch_ranks(args.nproc_per_node, argv)
     args.resume = resume
     if discover_world().rank == 0 and not args.restart:

@@ -163,3 +163,8 @@ def test_umt_train_starts_up_without_the_garbage_collector_and_gives_it_back(tmp
     code = train.main(argv)
     assert code == 2 and seen == [False]
     assert gc.isenabled()
+    # `--nproc-per-node`: this process supervises its ranks for the whole run, collector on.
+    monkeypatch.setattr(umt.preflight, "check_training_inputs", lambda cfg: seen.append("checked"))
+    monkeypatch.setattr(train, "launch_ranks", lambda n, argv: seen.append(gc.isenabled()) or 0)
+    assert train.main(["--nproc-per-node", "2", *argv]) == 0
+    assert seen[1:] == ["checked", True]
