@@ -80,7 +80,7 @@ class _Ring:
         """`parts[k]` (b, n): what this rank computed about the block of rank - k (the one here
         at hop k). Returns (W, b, n): what each rank computed about this rank's block."""
         send = torch.stack([parts[(self.rank - owner) % self.world] for owner in range(self.world)])
-        return distributed.exchange(send, self.group) if self.world > 1 else send
+        return distributed.exchange(send, self.group)  # one rank: `send` itself
 
 
 class _RowStats:
