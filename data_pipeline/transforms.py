@@ -16,7 +16,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_pipeline.pixels import Box, eval_crop_box, normalize_pixels, stack_images, to_rgb
+from data_pipeline.pixels import (
+    Box,
+    eval_crop_box,
+    normalize_pixels,
+    resized_crop,
+    stack_images,
+    to_rgb,
+)
 
 
 @dataclass(frozen=True)
@@ -104,14 +111,11 @@ def transform_image(data: bytes, cfg: ImageTransformConfig, rng: random.Random) 
         # palette / alpha / CMYK / 16-bit / float: resample in 8-bit RGB, converted as the
         # sharder does (alpha over white, high bit depths scaled, not clipped)
         image = to_rgb(image)
-    out = image.resize(
-        (cfg.image_size, cfg.image_size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0
-    )
-    if out.mode != "RGB":
-        out = out.convert("RGB")
+    out = resized_crop(image, box, cfg.image_size)
     if cfg.train and cfg.hflip and rng.random() < 0.5:
-        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return np.asarray(out, dtype=np.uint8)
+        # flipped in (3, H, W) order, the layout `resized_crop` leaves its pixels in
+        out = np.flip(out.transpose(2, 0, 1), axis=2).copy().transpose(1, 2, 0)
+    return out
 
 
 def normalize_images(

@@ -162,7 +162,9 @@ def collate_batch(samples: list[DecodedSample], cfg: LoaderConfig, tokenizer: An
     """Stack pixels, tokenise all captions in one call, hash image keys."""
     captions = [s.caption for s in samples]
     if samples[0].pixels is not None:
-        pixels = stack_images([s.pixels for s in samples])
+        # in a DataLoader worker, made in shared memory: the main process maps it, no copy
+        in_worker = torch.utils.data.get_worker_info() is not None
+        pixels = stack_images([s.pixels for s in samples], shared=in_worker)
     else:
         pixels = torch.empty(0)
     if tokenizer is not None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from data_pipeline.pixels import resized_crop, stack_images
 from data_pipeline.transforms import (
     ImageTransformConfig,
     draft_jpeg,
@@ -75,9 +76,10 @@ def test_draft_output_is_close_to_full_decode():
 
 def test_draft_decode_of_real_photos_stays_within_a_few_grey_levels_of_a_full_decode():
     """sklearn's two photos (640x427) as JPEG q90, eval and train crops to 64, 96 and 160 px
-    (1/4, 1/4 and 1/2 scale decodes): mean |draft - full| <= 4.5 of 255, 99th percentile <= 32,
-    max <= 96 (measured at q85 and q95: 1.3-4.1, 10-29 and 21-83, the max at sharp edges); same
-    shape and dtype.
+    (1/4, 1/4 and 1/2 scale decodes): mean |draft - full| <= 4.5 of 255, 99th percentile <= 36,
+    max <= 100 (measured at q85, q90 and q95: 1.8-4.3, 16-33 and 53-95, the max at sharp edges;
+    part of it is the crop box rounded to whole pixels of the smaller decode); same shape and
+    dtype.
     At 224 px no 1/2 scale keeps the crop large enough: the output is the full decode's."""
     from sklearn.datasets import load_sample_images
 
@@ -96,7 +98,53 @@ def test_draft_decode_of_real_photos_stays_within_a_few_grey_levels_of_a_full_de
             if size == 224:
                 assert diff.max() == 0
                 continue
-            assert diff.mean() <= 4.5 and np.percentile(diff, 99) <= 32 and diff.max() <= 96
+            assert diff.mean() <= 4.5 and np.percentile(diff, 99) <= 36 and diff.max() <= 100
+
+
+def test_resized_crop_is_pils_crop_then_bicubic_resize_to_within_a_grey_level():
+    """torch's uint8 antialiased bicubic against PIL's `crop(box).resize(size, BICUBIC)` (what
+    torchvision's resized crop does) on sklearn's two photos, 40 random boxes each, down- and
+    upscaling: 99.9% of values within 1 grey level, mean under 0.05, none over 12 (measured:
+    mean 0.012, 99.9th percentile 1, max 8)."""
+    from sklearn.datasets import load_sample_images
+
+    rng, diffs = random.Random(0), []
+    for photo in load_sample_images().images:
+        image = Image.fromarray(photo)
+        width, height = image.size
+        for _ in range(40):
+            w, h = rng.randint(20, width), rng.randint(20, height)
+            left, top = rng.randint(0, width - w), rng.randint(0, height - h)
+            box, size = (left, top, left + w, top + h), rng.choice([16, 64, 224, 384])
+            ours = resized_crop(image, box, size)
+            pil = np.asarray(image.crop(box).resize((size, size), Image.Resampling.BICUBIC))
+            assert ours.shape == (size, size, 3) and ours.dtype == np.uint8
+            diffs.append(np.abs(ours.astype(int) - pil.astype(int)).ravel())
+    diff = np.concatenate(diffs)
+    assert diff.mean() < 0.05 and np.percentile(diff, 99.9) <= 1 and diff.max() <= 12
+
+
+def test_resized_crop_rounds_the_box_to_whole_pixels_inside_the_image():
+    image = smooth_image(40, 30)
+    inside = resized_crop(image, (10.4, 5.6, 30.4, 25.5), 20)  # rounds to (10, 6, 30, 26): 20x20
+    assert np.array_equal(inside, np.asarray(image)[6:26, 10:30])
+    clipped = resized_crop(image, (-3.0, -2.0, 50.0, 40.0), 8)  # the whole image
+    assert np.array_equal(clipped, resized_crop(image, (0, 0, 40, 30), 8))
+    assert resized_crop(image, (5.0, 5.0, 5.2, 5.1), 4).shape == (4, 4, 3)  # at least 1 pixel
+    grey = resized_crop(image.convert("L"), (0, 0, 40, 30), 8)
+    assert grey.shape == (8, 8, 3) and (grey[..., 0] == grey[..., 2]).all()
+
+
+def test_stack_images_copies_views_and_arrays_alike_and_can_make_the_batch_in_shared_memory():
+    rng = np.random.default_rng(0)
+    plain = rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    view = np.ascontiguousarray(plain.transpose(2, 0, 1)).transpose(1, 2, 0)  # as resized_crop
+    frozen = plain.copy()
+    frozen.flags.writeable = False  # as np.asarray of a PIL image
+    batch = stack_images([plain, view, frozen])
+    want = torch.from_numpy(np.stack([plain] * 3)).permute(0, 3, 1, 2)
+    assert batch.is_contiguous() and batch.dtype == torch.uint8 and torch.equal(batch, want)
+    assert not batch.is_shared() and stack_images([plain], shared=True).is_shared()
 
 
 @pytest.mark.parametrize(
@@ -116,6 +164,8 @@ def test_flip_is_off_by_default_and_random_when_on():
     flipping = ImageTransformConfig(32, True, (1.0, 1.0), (1.0, 1.0), hflip=True)
     flips = [transform_image(data, flipping, random.Random(s)) for s in range(8)]
     assert {bool(o[:, 0].mean() < o[:, -1].mean()) for o in flips} == {True, False}
+    flipped = next(f for f, o in zip(flips, outs) if not np.array_equal(f, o))
+    assert np.array_equal(flipped, outs[0][:, ::-1])  # a mirror of the same crop
 
 
 def test_corrupt_bytes_raise():
