@@ -13,6 +13,7 @@ import random
 from dataclasses import dataclass
 
 import numpy as np
+import simplejpeg
 import torch
 from PIL import Image
 
@@ -82,36 +83,99 @@ def crop_box(width: int, height: int, cfg: ImageTransformConfig, rng: random.Ran
     return eval_crop_box(width, height)
 
 
-def draft_jpeg(image: Image.Image, box: Box, out_size: int) -> Box:
-    """Ask the JPEG decoder for the smallest 1/2^k scale that keeps `box` at >= `out_size`; rescale `box`.
+def draft_scale(size: tuple[int, int], box: Box, out_size: int) -> int:
+    """The JPEG decode scale 1/a (a in 1, 2, 4, 8) that keeps `box` at >= `out_size` pixels: PIL's
+    `draft` rule for `draft_request` (a = the largest power of 2 <= min(W // want_w, H // want_h))."""
+    want_w, want_h = draft_request(size, box, out_size)
+    most = min(size[0] // want_w, size[1] // want_h)
+    return next(a for a in (8, 4, 2, 1) if most >= a or a == 1)
 
-    Decoding at 1/4 scale skips most of the IDCT work, which is where full-size decode spends
-    its time. A no-op for formats other than JPEG.
-    """
-    if image.format != "JPEG":
-        return box
-    width, height = image.size
+
+def draft_request(size: tuple[int, int], box: Box, out_size: int) -> tuple[int, int]:
+    """The smallest whole image whose `box` is still `out_size` pixels or more on each side."""
     crop_w, crop_h = box[2] - box[0], box[3] - box[1]
-    want = (
-        max(1, math.ceil(out_size * width / crop_w)),
-        max(1, math.ceil(out_size * height / crop_h)),
+    return (
+        max(1, math.ceil(out_size * size[0] / crop_w)),
+        max(1, math.ceil(out_size * size[1] / crop_h)),
     )
-    image.draft("RGB", want)
-    fx, fy = image.size[0] / width, image.size[1] / height
+
+
+def scale_box(box: Box, before: tuple[int, int], after: tuple[int, int]) -> Box:
+    """`box` in an image of size `before`, in the same image decoded at size `after`."""
+    fx, fy = after[0] / before[0], after[1] / before[1]
     return (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
 
 
+def draft_jpeg(image: Image.Image, box: Box, out_size: int) -> Box:
+    """Ask PIL's JPEG decoder for the smallest 1/2^k scale that keeps `box` at >= `out_size`;
+    rescale `box`. A no-op for formats other than JPEG."""
+    if image.format != "JPEG":
+        return box
+    size = image.size
+    image.draft("RGB", draft_request(size, box, out_size))
+    return scale_box(box, size, image.size)
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of a baseline or progressive JPEG that `decode_jpeg` can take; None for
+    other data, or for a JPEG PIL should open (past PIL's decompression-bomb limit: PIL refuses
+    it, where decoding it here could take gigabytes)."""
+    if data[:3] != b"\xff\xd8\xff":
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None  # PIL says what is wrong with it
+    if colorspace not in ("YCbCr", "Gray"):
+        return None  # CMYK, YCCK: PIL converts them to RGB its own way (1 level apart)
+    if width * height > (Image.MAX_IMAGE_PIXELS or math.inf):
+        return None
+    return width, height
+
+
+def decode_jpeg(data: bytes, size: tuple[int, int], scale: int) -> np.ndarray | None:
+    """(H, W, 3) uint8 RGB, decoded at 1/`scale` by libjpeg-turbo's scaled IDCT (simplejpeg):
+    the pixels PIL's `draft` + decode give, straight into a numpy array (PIL's copy out costs a
+    quarter of the decode). None where libjpeg-turbo reports any error, warnings included
+    (a truncated file, stray bytes PIL would skip): PIL decides those."""
+    try:
+        return simplejpeg.decode_jpeg(
+            data,
+            colorspace="RGB",
+            min_width=math.ceil(size[0] / scale),
+            min_height=math.ceil(size[1] / scale),
+            strict=True,
+        )
+    except ValueError:
+        return None
+
+
 def transform_image(data: bytes, cfg: ImageTransformConfig, rng: random.Random) -> np.ndarray:
-    """Encoded image bytes -> (image_size, image_size, 3) uint8 RGB array. Raises on a corrupt image."""
-    image = Image.open(io.BytesIO(data))
-    box = crop_box(image.size[0], image.size[1], cfg, rng)
-    if cfg.draft:
-        box = draft_jpeg(image, box, cfg.image_size)
-    if image.mode not in ("RGB", "L"):
-        # palette / alpha / CMYK / 16-bit / float: resample in 8-bit RGB, converted as the
-        # sharder does (alpha over white, high bit depths scaled, not clipped)
-        image = to_rgb(image)
-    out = resized_crop(image, box, cfg.image_size)
+    """Encoded image bytes -> (image_size, image_size, 3) uint8 RGB array. Raises on a corrupt image.
+
+    JPEGs decode through libjpeg-turbo into numpy (`decode_jpeg`), with `draft` at a reduced
+    scale (1/2, 1/4, 1/8) where the crop allows, which skips most of the IDCT work; anything
+    else, and any JPEG that decoder reports an error for, through PIL: the same pixels either way.
+    """
+    size = jpeg_size(data)
+    image = None if size is not None else Image.open(io.BytesIO(data))
+    box = crop_box(*(size or image.size), cfg, rng)
+    pixels = None
+    if size is not None:
+        scale = draft_scale(size, box, cfg.image_size) if cfg.draft else 1
+        pixels = decode_jpeg(data, size, scale)
+        if pixels is not None:
+            box = scale_box(box, size, (pixels.shape[1], pixels.shape[0]))
+        else:
+            image = Image.open(io.BytesIO(data))
+    if pixels is None:
+        if cfg.draft:
+            box = draft_jpeg(image, box, cfg.image_size)
+        if image.mode not in ("RGB", "L"):
+            # palette / alpha / CMYK / 16-bit / float: resample in 8-bit RGB, converted as the
+            # sharder does (alpha over white, high bit depths scaled, not clipped)
+            image = to_rgb(image)
+    out = resized_crop(image if pixels is None else pixels, box, cfg.image_size)
     if cfg.train and cfg.hflip and rng.random() < 0.5:
         # flipped in (3, H, W) order, the layout `resized_crop` leaves its pixels in
         out = np.flip(out.transpose(2, 0, 1), axis=2).copy().transpose(1, 2, 0)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from data_pipeline import transforms
 from data_pipeline.pixels import resized_crop, stack_images
 from data_pipeline.transforms import (
     ImageTransformConfig,
@@ -99,6 +100,66 @@ def test_draft_decode_of_real_photos_stays_within_a_few_grey_levels_of_a_full_de
                 assert diff.max() == 0
                 continue
             assert diff.mean() <= 4.5 and np.percentile(diff, 99) <= 36 and diff.max() <= 100
+
+
+def pil_path(monkeypatch):
+    """transform_image as it runs without the libjpeg-turbo path: every image through PIL."""
+    monkeypatch.setattr(transforms, "jpeg_size", lambda data: None)
+
+
+@pytest.mark.parametrize(
+    ("mode", "save"),
+    [
+        ("RGB", {"quality": 90}),  # 4:2:0
+        ("RGB", {"quality": 95, "subsampling": 0}),  # 4:4:4
+        ("RGB", {"quality": 85, "progressive": True}),
+        ("L", {"quality": 90}),
+    ],
+)
+def test_jpegs_decode_through_libjpeg_turbo_to_the_pixels_pil_gives(mode, save, monkeypatch):
+    """sklearn's photos, every draft scale (1, 1/2, 1/4, 1/8), eval and train crops, flips:
+    the same arrays, to the bit, as PIL's draft and decode."""
+    from sklearn.datasets import load_sample_images
+
+    configs = [ImageTransformConfig(s, False) for s in (16, 32, 64, 160, 224)]
+    configs += [ImageTransformConfig(s, True, hflip=True) for s in (48, 96, 224)]
+    configs.append(ImageTransformConfig(96, False, draft=False))
+    photos = [encode(Image.fromarray(p).convert(mode), "JPEG", **save) for p in load_sample_images().images]  # fmt: skip
+    scales = {transforms.draft_scale((640, 427), transforms.crop_box(640, 427, c, random.Random(0)), c.image_size) for c in configs}  # fmt: skip
+    assert scales == {1, 2, 4, 8}
+    assert {transforms.jpeg_size(d) for d in photos} == {(640, 427)}  # all take the fast path
+
+    def outputs():
+        return [transform_image(d, c, random.Random(s)) for d in photos for c in configs for s in range(3)]  # fmt: skip
+
+    fast = outputs()
+    pil_path(monkeypatch)
+    assert all(np.array_equal(a, b) for a, b in zip(fast, outputs(), strict=True))
+
+
+def test_jpegs_libjpeg_turbo_reports_an_error_for_go_through_pil(monkeypatch):
+    """CMYK (converted as PIL converts it), stray bytes before a marker (PIL skips them), a
+    truncated file (PIL refuses it, as before) and one past PIL's decompression-bomb limit."""
+    photo = smooth_image(64, 48)
+    cmyk = encode(photo.convert("CMYK"), "JPEG", quality=95)
+    plain = encode(photo, "JPEG", quality=95)
+    sos = plain.index(b"\xff\xda")
+    stray = plain[:sos] + b"\x00\x00" + plain[sos:]
+    cfg = ImageTransformConfig(32, train=False)
+    assert transforms.jpeg_size(cmyk) is None
+    assert transforms.jpeg_size(stray) is None or transforms.decode_jpeg(stray, (64, 48), 1) is None
+    fast = [transform_image(d, cfg, random.Random(0)) for d in (cmyk, stray)]
+    assert transforms.decode_jpeg(plain[:-100], (64, 48), 1) is None
+    with pytest.raises(OSError, match="truncated"):
+        transform_image(plain[:-100], cfg, random.Random(0))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL: 2x the limit is a bomb
+    assert transforms.jpeg_size(plain) is None
+    with pytest.raises(Image.DecompressionBombError):
+        transform_image(plain, cfg, random.Random(0))
+    monkeypatch.undo()
+    pil_path(monkeypatch)
+    for data, out in zip((cmyk, stray), fast, strict=True):
+        assert np.array_equal(out, transform_image(data, cfg, random.Random(0)))
 
 
 def test_resized_crop_is_pils_crop_then_bicubic_resize_to_within_a_grey_level():
