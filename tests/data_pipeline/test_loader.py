@@ -20,16 +20,17 @@ import torch
 
 from data_pipeline.loader import (
     Batch,
+    LoaderConfig,
     LoaderConfigError,
     LoaderDataError,
     LoaderStateError,
     build_loader,
     resolve_dataset,
 )
-from data_pipeline.loader.batch import fill_slots
+from data_pipeline.loader.batch import DecodedSample, collate_batch, fill_slots
 from data_pipeline.loader.dataset import expand_braces, parse_source_specs
 from data_pipeline.loader.order import GlobalOrder, plan_epoch
-from data_pipeline.loader.reader import ShardReader, read_tar_samples
+from data_pipeline.loader.reader import RawSample, ShardReader, read_tar_samples
 from data_pipeline.tar_index import (
     TarIndexError,
     _split_with_tarfile,
@@ -273,6 +274,25 @@ def test_a_truncated_tar_loses_only_the_samples_it_cut(tmp_path):
 
 def test_fill_slots_takes_the_next_decoded_sample_cyclically():
     assert fill_slots(["a", None, "c", None]) == ["a", "c", "c", "a"]
+
+
+def test_a_worker_makes_its_batch_pixels_in_shared_memory(monkeypatch):
+    """Inside a DataLoader worker the batch is stacked straight into shared memory (the main
+    process maps it: no copy on the way); in the training process, in ordinary memory."""
+    import data_pipeline.loader.batch as batch_module
+
+    pixels = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
+    samples = [
+        DecodedSample(RawSample(f"k{i}", f"k{i}", b"", "a caption", ("a caption",)), "a caption", p)
+        for i, p in enumerate(pixels)
+    ]
+    cfg = LoaderConfig(shards="unused", batch_size=2)
+    here = collate_batch(samples, cfg, tokenizer=None)
+    monkeypatch.setattr(batch_module.torch.utils.data, "get_worker_info", lambda: object())
+    in_worker = collate_batch(samples, cfg, tokenizer=None)
+    assert not here.pixel_values.is_shared() and in_worker.pixel_values.is_shared()
+    want = torch.from_numpy(pixels).permute(0, 3, 1, 2)
+    assert torch.equal(here.pixel_values, want) and torch.equal(in_worker.pixel_values, want)
     assert fill_slots([None, None]) is None
 
 
