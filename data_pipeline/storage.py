@@ -101,6 +101,7 @@ def filesystem(location: str):
                 "s3",
                 client_kwargs=client,
                 config_kwargs={"retries": {"max_attempts": 1, "mode": "standard"}},
+                session=_s3_session(),
                 skip_instance_cache=True,
             )
             fs.retries = 1
@@ -108,6 +109,25 @@ def filesystem(location: str):
         else:
             _filesystems[key] = fsspec.filesystem("http", skip_instance_cache=True)
     return _filesystems[key]
+
+
+_botocore_loader: Any = None
+
+
+def _s3_session():
+    """A new aiobotocore session per process (its credentials and clients are its own) sharing
+    one botocore data loader: the parsed service models and endpoint rules, pure data. A loader
+    worker forked from a process that has used S3 inherits it, and its first client starts in
+    0.05 s of CPU instead of 0.13-0.15 s (measured against moto on loopback)."""
+    global _botocore_loader
+    from aiobotocore.session import AioSession
+
+    session = AioSession()
+    if _botocore_loader is None:
+        _botocore_loader = session.get_component("data_loader")
+    else:
+        session.register_component("data_loader", _botocore_loader)
+    return session
 
 
 def _status(exc: BaseException) -> int | None:

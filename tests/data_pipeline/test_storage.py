@@ -192,3 +192,31 @@ def test_a_remote_folder_is_read_once_and_sizes_json_shards_get_their_sizes_from
         (local / storage.basename(s.path)).stat().st_size for s in dataset.shards
     ]
     assert sorted(storage.basename(r) for r in reads) == ["manifest.json", "sizes.json"]
+
+
+@pytest.mark.slow
+def test_a_forked_worker_makes_its_own_s3_client_on_the_parsed_models_it_inherits(local, s3):
+    """A loader worker forks from a process that has used S3. It makes its own session and
+    client (credentials, connections), but on botocore's data loader (the parsed service models
+    and endpoint rules) that it inherits: its client starts without parsing them again, and it
+    reads as the parent does."""
+    _, url = s3
+    shard = f"{url}/data-000000.tar"
+    size = storage.size(shard)
+    parent = storage.filesystem(shard)
+    models = parent.session.get_component("data_loader")
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child reports through the pipe and leaves without pytest's teardown
+        try:
+            child = storage.filesystem(shard)
+            own = child is not parent and child.session is not parent.session
+            shared = child.session.get_component("data_loader") is models
+            os.write(write_end, repr((own, shared, storage.size(shard))).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        report = pipe.read()
+    assert os.waitpid(pid, 0)[1] == 0
+    assert report == repr((True, True, size))
