@@ -73,7 +73,10 @@ def test_kill_9_mid_curation_then_rerun_writes_the_same_subset_byte_for_byte(tmp
         assert killed.returncode == -9, killed.stderr[-3000:]
         assert not (tmp_path / "s" / "subset.json").exists()
         done = list((tmp_path / "s" / ".umt-curate" / "done").glob("*.json"))
-        assert 0 < len(done) < 10 if point != "finalize" else len(done) == 10  # 9 + 1 eval
+        # 9 shards + 1 eval. Killed once train-000004's record is written: most often with
+        # shards still unscanned, but under load the other worker may have scanned them all by
+        # then (the rerun then goes straight to the global step).
+        assert 0 < len(done) <= 10 if point != "finalize" else len(done) == 10
         rerun = curate_cli(*args)
         assert "527 samples in 9 shards" in rerun.stdout
         again = outputs(tmp_path / "s") | {f"m/{k}": v for k, v in outputs(tmp_path / "m").items()}
@@ -86,9 +89,14 @@ def test_ranks_under_torchrun_write_the_subset_of_one_process(tmp_path, planted)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                 "--master_addr=127.0.0.1", f"--master_port={free_port()}"]  # fmt: skip
     ranks = curate_cli(*args, "--out", str(tmp_path / "two"), launcher=torchrun)
-    # Each rank scanned its half; the one that finished last wrote the subset.
-    assert "shards scanned here; the last rank to finish writes the subset" in ranks.stdout
-    assert "527 samples in 9 shards" in ranks.stdout
+    # Each rank scanned its half. A rank that finds a shard still unscanned says so and stops;
+    # the last to finish writes the subset. Two that finish together both find every shard
+    # scanned: the first through the lock writes, the second finds it written. Each rank then
+    # prints the subset's summary.
+    lines = ranks.stdout.splitlines()
+    summary = [line for line in lines if line.startswith("527 samples in 9 shards:")]
+    waiting = [line for line in lines if "shards scanned here; the last rank to finish" in line]
+    assert len(lines) == 2 and len(summary) >= 1 and len(summary) + len(waiting) == 2, lines
     for name in ("subset.json", "removed.jsonl"):
         assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
 
