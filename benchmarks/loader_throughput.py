@@ -18,12 +18,17 @@ antialiased bicubic resize), so `vs_webdataset` and `vs_mosaic` compare reading 
 alone: a faster transform speeds those contenders up as much as ours.
 - `ours_full_decode` (only when named in `--contenders`): ours with `jpeg_draft` off, every
   JPEG decoded at full size (`draft_vs_full_decode`);
+- `ours_again`: a second copy of `ours`, the noise floor: `ours_again_vs_ours` (ideally 1.00)
+  says how far two identical contenders differ in this run, so how far the other ratios can be
+  trusted;
 - `ours_mix3`: the same loader on a mixture of three sources of the same samples (shards 1/2,
   1/4 and 1/4 of them at x1, x0.5 and x1.5: an epoch of the same size, each source read from its
   own windows and interleaved), against `ours` on one source: what mixing costs
   (`mix3_vs_single`).
-Rounds alternate between contenders so load from other processes hits all alike; the median is
-reported. mosaicml-streaming is a contender, not a dependency: it is imported from
+Every contender first runs one untimed warm-up pass (imports, first clients, the page cache).
+Then rounds interleave the contenders, their order rotated each round, so load from other
+processes hits all alike; the median is reported, and each ratio's spread (its min-max over the
+rounds, each round's contenders paired). mosaicml-streaming is a contender, not a dependency: it is imported from
 `--mosaic-site` (default `~/.cache/umt-bench/mosaic`), installed there with pip when missing
 (its own requirements pin transformers < 5 and torchvision, which cannot share our environment;
 only what local reading needs is installed), and left out with a note when it cannot be had.
@@ -341,6 +346,18 @@ def time_pass(make_batches, max_batches: int) -> PassResult:
     return PassResult(samples, wall, cpu, first, first_size)
 
 
+def round_order(names: list[str], r: int) -> list[str]:
+    """Round r's order, rotated by r: each contender runs first once every len(names) rounds."""
+    shift = r % len(names)
+    return names[shift:] + names[:shift]
+
+
+def paired_ratio(results: dict[str, list[PassResult]], num: str, den: str) -> tuple[float, ...]:
+    """(median, min, max) over the rounds of num's samples/s over den's in the same round."""
+    ratios = [a.per_s / b.per_s for a, b in zip(results[num], results[den])]
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
 def usable_storages(wanted: list[str]) -> tuple[list[str], dict[str, str]]:
     """(storages whose loopback server can start here, {left out: why}): a benchmark on a
     machine without nginx or moto still measures the rest."""
@@ -382,6 +399,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small run, a few minutes on 2 cores")
     parser.add_argument("--samples", type=int, default=None, help="default 512 (--quick) or 4096")
     parser.add_argument("--rounds", type=int, default=None, help="default 2 (--quick) or 3")
+    parser.add_argument(
+        "--warmup", type=int, default=1, help="untimed rounds before the timed ones (default 1)"
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=224)
@@ -403,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         "--contenders",
         default=None,
         help="comma-separated subset to run (default all but ours_full_decode: ours with "
-        "data.jpeg_draft off), e.g. ours,ours_mix3; ours always runs",
+        "data.jpeg_draft off), e.g. webdataset,ours_mix3; ours and its copy ours_again always run",
     )
     args = parser.parse_args(argv)
     num_samples = args.samples or (512 if args.quick else 4096)
@@ -451,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
             contenders = {
                 "webdataset": lambda u=urls, c=cfg: iter(webdataset_loader(u, c, tokenizer, buffer)),
                 "ours": lambda c=cfg: build_loader(replace(c, cache_dir=fresh("ours")), 0, 1).batches(per_epoch),
+                "ours_again": lambda c=cfg: build_loader(replace(c, cache_dir=fresh("again")), 0, 1).batches(per_epoch),
                 "ours_mix3": lambda c=mixed: build_loader(replace(c, cache_dir=fresh("mix")), 0, 1).batches(per_epoch),
             }  # fmt: skip
             if kind == "local":
@@ -468,19 +489,22 @@ def main(argv: list[str] | None = None) -> int:
                     replace(c, cache_dir=fresh("full")), 0, 1
                 ).batches(per_epoch)
             if args.contenders:
-                wanted = {"ours", *args.contenders.split(",")}
+                wanted = {"ours", "ours_again", *args.contenders.split(",")}
                 contenders = {n: make for n, make in contenders.items() if n in wanted}
             results: dict[str, list[PassResult]] = {name: [] for name in contenders}
-            for _ in range(rounds):
-                for name, make in contenders.items():
-                    results[name].append(time_pass(make, per_epoch))
+            for r in range(args.warmup + rounds):
+                for name in round_order(list(contenders), r):
+                    result = time_pass(contenders[name], per_epoch)
+                    if r >= args.warmup:
+                        results[name].append(result)
             tables[kind] = results
 
     print(
         f"{num_samples} samples of {args.source_size} JPEG "
         f"({image_bytes / num_samples / 1e3:.0f} KB avg), {num_shards} shards -> "
         f"{args.image_size}px, batch {args.batch_size}, {args.workers} workers, "
-        f"{rounds} rounds (median); remote passes start from an empty cache; "
+        f"{rounds} rounds (median) after {args.warmup} warm-up, order rotated; remote passes "
+        f"start from an empty cache; "
         f"load average {os.getloadavg()}"
     )
     if streaming_base is None:
@@ -496,19 +520,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nfrom {kind}:")
         print(
             f"{'loader':<18}{'samples/s':>11}{'ours is':>9}{'samples/cpu-s':>15}{'ours is':>9}"
-            f"{'first batch s':>15}{'after it /s':>13}{'ours is':>9}"
+            f"{'first batch s':>15}{'after it /s':>13}{'ours is':>9}{'ours is, per round':>20}"
         )
         for name in results:
+            _, low, high = paired_ratio(results, "ours", name)
+            spread = "" if name == "ours" else f"{low:.2f}-{high:.2f}x"
             print(
                 f"{name:<18}{wall[name]:>11.1f}{wall['ours'] / wall[name]:>8.2f}x"
                 f"{cpu[name]:>15.1f}{cpu['ours'] / cpu[name]:>8.2f}x{first[name]:>15.2f}"
                 f"{steady[name]:>13.1f}{steady['ours'] / steady[name]:>8.2f}x"
+                f"{spread:>20}"
             )
         tag = "" if kind == "local" else f"{kind}_"
         summary += [
             f"{tag}ours_samples_per_s={wall['ours']:.1f}",
             f"{tag}ours_first_batch_s={first['ours']:.2f}",
         ]
+        if "ours_again" in results:  # the noise floor: two identical contenders
+            mid, low, high = paired_ratio(results, "ours_again", "ours")
+            summary += [
+                f"{tag}ours_again_vs_ours={mid:.2f}",
+                f"{tag}ours_again_range={low:.2f}-{high:.2f}",
+            ]
         if "ours_mix3" in results:
             summary += [
                 f"{tag}mix3_vs_single={wall['ours_mix3'] / wall['ours']:.3f}",
@@ -520,9 +553,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{tag}draft_vs_full_decode={wall['ours'] / wall['ours_full_decode']:.2f}"
             )
         for name in results:
-            if name not in ("ours", "ours_mix3", "ours_full_decode"):
+            if name not in ("ours", "ours_again", "ours_mix3", "ours_full_decode"):
+                _, low, high = paired_ratio(results, "ours", name)
                 summary += [
                     f"{tag}vs_{name}={wall['ours'] / wall[name]:.2f}",
+                    f"{tag}vs_{name}_range={low:.2f}-{high:.2f}",
                     f"{tag}steady_vs_{name}={steady['ours'] / steady[name]:.2f}",
                     f"{tag}cpu_vs_{name}={cpu['ours'] / cpu[name]:.2f}",
                     f"{tag}{name}_first_batch_s={first[name]:.2f}",

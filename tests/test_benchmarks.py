@@ -179,6 +179,11 @@ def test_loader_throughput_quick_compares_every_contender_on_the_same_samples():
     assert float(values["ours_samples_per_s"]) > 0 and float(values["ours_first_batch_s"]) > 0
     for contender in ("webdataset", "open_clip"):
         assert float(values[f"vs_{contender}"]) > 0
+        low, high = map(float, values[f"vs_{contender}_range"].split("-"))
+        assert 0 < low <= high
+    # the noise floor: a second copy of ours, paired round by round, from local disk and S3
+    assert float(values["ours_again_vs_ours"]) > 0 and float(values["s3_ours_again_vs_ours"]) > 0
+    assert "after 1 warm-up, order rotated" in out
     assert float(values["mix3_vs_single"]) > 0  # a 3-source mixture of the same samples
     # mosaic streaming is installed by the benchmark itself; without it, the reason is printed
     assert "vs_mosaic" in values or "mosaic streaming left out:" in out
