@@ -196,6 +196,16 @@ def test_resized_crop_rounds_the_box_to_whole_pixels_inside_the_image():
     assert grey.shape == (8, 8, 3) and (grey[..., 0] == grey[..., 2]).all()
 
 
+def test_flipped_views_are_taken_like_any_array():
+    """A flipped view (negative strides), which torch refuses to share, is copied first."""
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    flipped = np.fliplr(pixels)
+    assert torch.equal(stack_images([flipped]), stack_images([flipped.copy()]))
+    assert np.array_equal(
+        resized_crop(flipped, (0, 0, 5, 6), 4), resized_crop(flipped.copy(), (0, 0, 5, 6), 4)
+    )
+
+
 def test_stack_images_copies_views_and_arrays_alike_and_can_make_the_batch_in_shared_memory():
     rng = np.random.default_rng(0)
     plain = rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)
