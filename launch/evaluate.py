@@ -120,7 +120,8 @@ def evaluate(args: argparse.Namespace, work_begins: Callable[[], None]) -> int:
                 f"zero-shot: {report['samples']} images, {report['classes']} classes: "
                 f"top-1 {report['top1']:.2f}%, top-5 {report['top5']:.2f}% (chance "
                 f"{report['chance_top1']:.2f}% and {report['chance_top5']:.2f}%; "
-                f"{report['unlabelled']} unlabelled left out)"
+                f"{report['unlabelled']} unlabelled and {report['unreadable']} unreadable "
+                "left out)"
             )
             if args.out:
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)

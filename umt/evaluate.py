@@ -434,7 +434,10 @@ def zero_shot_classification(
     A sample's label is the caption that equals a class name, ignoring case (shard a folder of
     `<class>.txt` sidecars or a table whose caption column is the class), or with `label_field`
     the value of that json field (`umt shard --save-additional-columns label`); others are
-    counted as unlabelled. No labelled sample at all is an error (EvalDataError).
+    counted as unlabelled. A sample that cannot be read or decoded is left out and counted
+    (`unreadable`, by reason in the log), as in retrieval: one bad image does not stop the run (on
+    several ranks it would leave the others waiting in the next forward). No labelled sample at
+    all is an error (EvalDataError).
     """
 
     device = next(model.parameters()).device
@@ -457,11 +460,14 @@ def zero_shot_classification(
     transform = ImageTransformConfig(data.image_size, train=False, draft=data.jpeg_draft)
     correct1 = correct5 = counted = unlabelled = 0
     fields: set[str] = set()  # the json fields the samples have (for an error about label_field)
+    read_errors: Counter = Counter()  # the same on every rank: each reads every sample
+    corrupt = 0  # images of this rank's samples that do not decode
 
     def my_batches():
-        nonlocal unlabelled
+        nonlocal unlabelled, corrupt
         arrays, labels = [], []
-        for i, sample in enumerate(iter_raw_samples(data.shards, cache_dir=data.cache_dir)):
+        samples = iter_raw_samples(data.shards, read_errors, cache_dir=data.cache_dir)
+        for i, sample in enumerate(samples):
             if i % world_size() != rank():
                 continue
             fields.update(sample.meta)
@@ -469,7 +475,11 @@ def zero_shot_classification(
             if label is None:
                 unlabelled += 1
                 continue
-            arrays.append(transform_image(sample.image, transform, random.Random(0)))
+            try:
+                arrays.append(transform_image(sample.image, transform, random.Random(0)))
+            except Exception:  # noqa: BLE001 - PIL raises many types for corrupt data
+                corrupt += 1
+                continue
             labels.append(label)
             if len(arrays) == data.batch_size:
                 yield arrays, labels
@@ -491,8 +501,11 @@ def zero_shot_classification(
         correct1 += int((top[:, 0] == target).sum())
         correct5 += int((top == target[:, None]).any(1).sum())
         counted += len(labels)
-    totals = torch.tensor([correct1, correct5, counted, unlabelled], dtype=torch.long)
-    c1, c5, n, skipped = all_reduce(totals).tolist()
+    totals = torch.tensor([correct1, correct5, counted, unlabelled, corrupt], dtype=torch.long)
+    c1, c5, n, skipped, corrupt = all_reduce(totals).tolist()
+    unreadable = dict(read_errors) | ({"corrupt_image": corrupt} if corrupt else {})
+    if unreadable:
+        log.warning("evaluation data: skipped %s", unreadable)
     if n == 0:
         seen = sorted(set().union(*all_gather_object(sorted(fields))))
         if label_field and label_field not in seen:
@@ -510,6 +523,7 @@ def zero_shot_classification(
         "classes": len(classes),
         "samples": n,
         "unlabelled": skipped,
+        "unreadable": sum(unreadable.values()),
         "top1": percent(c1, n),
         "top5": percent(c5, n),
         # A guess among the classes (the samples' labels spread evenly): top-k = k / classes.
