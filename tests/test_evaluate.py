@@ -14,6 +14,33 @@ from tests.shard_writer import write_color_shards
 from umt.evaluate import itm_pair_metrics, itm_pair_scores, recall_at_k, rerank_topk
 
 
+def test_evaluation_gives_the_tensors_an_exports_processor_gives_from_the_same_file():
+    """A 640x480 JPEG to 64 px would be decoded at 1/4 scale in training (data.jpeg_draft);
+    evaluation decodes it in full, as a user's PIL image is: the same tensor as `eval_pixels` (the
+    processor an export carries), bit for bit."""
+    import io
+    import random
+
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    from data_pipeline.pixels import eval_pixels
+    from data_pipeline.transforms import ImageTransformConfig, normalize_images, transform_image
+    from umt.evaluate import eval_transform
+
+    mean, std = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
+    for photo in load_sample_images().images:
+        buf = io.BytesIO()
+        Image.fromarray(photo).crop((0, 0, 640, 427)).save(buf, "JPEG", quality=90)
+        data = buf.getvalue()
+        ours = transform_image(data, eval_transform(64), random.Random(0))
+        want = eval_pixels([Image.open(io.BytesIO(data))], 64, mean, std)
+        assert torch.equal(normalize_images([ours], mean, std), want)
+        draft = transform_image(data, ImageTransformConfig(64, train=False), random.Random(0))
+        assert not np.array_equal(draft, ours)  # what training's draft decode would have given
+
+
 def test_recall_on_a_hand_made_matrix_with_five_captions_per_image():
     # 2 images x 5 captions. Image 0's captions are texts 0-4, image 1's are 5-9.
     text_to_image = torch.tensor([0] * 5 + [1] * 5)

@@ -111,7 +111,8 @@ class DataConfig:
     jpeg_draft: bool = True
     """Decode a JPEG at 1/2, 1/4 or 1/8 scale (DCT scaling) when its crop stays at least
     image_size there: a faster decode that differs from a full decode by a few grey levels on
-    average (under 4.5/255 on sklearn's photos; docs/scaling.md). false: always decode in full."""
+    average (under 4.5/255 on sklearn's photos; docs/scaling.md). false: always decode in full.
+    Training's loader only: evaluation decodes in full, as an export's processor is given images."""
     log_sample_keys: bool = False
     """Write, per rank and step, the keys of the samples trained on to OUTPUT_DIR/sample_keys/
     rank{R}.txt (`step key key ...`; kept exact across resumes: lines after the checkpoint resumed

@@ -180,7 +180,13 @@ class EvalData:
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     cache_dir: str | None = None  # node cache for remote shards (default: data_pipeline's)
-    jpeg_draft: bool = True  # data.jpeg_draft
+
+
+def eval_transform(image_size: int) -> ImageTransformConfig:
+    """How evaluation prepares an image: decoded in full (never at a draft scale, whatever
+    data.jpeg_draft says for training), its central square resized: the tensor an export's
+    processor makes from the same file opened with PIL, so evaluation scores what users get."""
+    return ImageTransformConfig(image_size, train=False, draft=False)
 
 
 @torch.no_grad()
@@ -195,7 +201,7 @@ def embed_eval_shards(
     ZeRO-3 each forward is a collective.
     """
 
-    transform = ImageTransformConfig(data.image_size, train=False, draft=data.jpeg_draft)
+    transform = eval_transform(data.image_size)
     errors: Counter = Counter()
     me, w = rank(), world_size()
     dtype = next(model.parameters()).dtype
@@ -457,7 +463,7 @@ def zero_shot_classification(
     )
 
     lookup = {c.strip().lower(): i for i, c in enumerate(classes)}
-    transform = ImageTransformConfig(data.image_size, train=False, draft=data.jpeg_draft)
+    transform = eval_transform(data.image_size)
     correct1 = correct5 = counted = unlabelled = 0
     fields: set[str] = set()  # the json fields the samples have (for an error about label_field)
     read_errors: Counter = Counter()  # the same on every rank: each reads every sample
@@ -553,7 +559,6 @@ def evaluate_run_step(model, cfg, step: int, samples: int, writer) -> dict:
         cfg.data.eval.max_text_len,
         cfg.train.micro_batch_size,
         cache_dir=cfg.data.cache_dir,
-        jpeg_draft=cfg.data.jpeg_draft,
     )
     device = next(model.parameters()).device
     report = evaluate_retrieval(model, data, cfg.eval.itm_rerank_k, device=device)
