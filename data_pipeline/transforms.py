@@ -100,10 +100,12 @@ def draft_request(size: tuple[int, int], box: Box, out_size: int) -> tuple[int, 
     )
 
 
-def scale_box(box: Box, before: tuple[int, int], after: tuple[int, int]) -> Box:
-    """`box` in an image of size `before`, in the same image decoded at size `after`."""
-    fx, fy = after[0] / before[0], after[1] / before[1]
-    return (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
+def scale_box(box: Box, scale: float) -> Box:
+    """`box` in the same image decoded at 1/`scale`: pixel j of that decode is the source's
+    [j * scale, (j + 1) * scale) (the DCT scaling's blocks; PIL's `draft` maps its box the same
+    way). Not ceil(W / scale) / W: that stretches the box towards the right and bottom edges,
+    by up to one decoded pixel."""
+    return (box[0] / scale, box[1] / scale, box[2] / scale, box[3] / scale)
 
 
 def draft_jpeg(image: Image.Image, box: Box, out_size: int) -> Box:
@@ -112,8 +114,10 @@ def draft_jpeg(image: Image.Image, box: Box, out_size: int) -> Box:
     if image.format != "JPEG":
         return box
     size = image.size
-    image.draft("RGB", draft_request(size, box, out_size))
-    return scale_box(box, size, image.size)
+    drafted = image.draft("RGB", draft_request(size, box, out_size))
+    if drafted is None:  # no scaling
+        return box
+    return scale_box(box, size[0] / drafted[1][2])  # drafted box: (0, 0, W / scale, H / scale)
 
 
 def jpeg_size(data: bytes) -> tuple[int, int] | None:
@@ -165,7 +169,7 @@ def transform_image(data: bytes, cfg: ImageTransformConfig, rng: random.Random) 
         scale = draft_scale(size, box, cfg.image_size) if cfg.draft else 1
         pixels = decode_jpeg(data, size, scale)
         if pixels is not None:
-            box = scale_box(box, size, (pixels.shape[1], pixels.shape[0]))
+            box = scale_box(box, scale)
         else:
             image = Image.open(io.BytesIO(data))
     if pixels is None:

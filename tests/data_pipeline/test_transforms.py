@@ -102,6 +102,17 @@ def test_draft_decode_of_real_photos_stays_within_a_few_grey_levels_of_a_full_de
             assert diff.mean() <= 4.5 and np.percentile(diff, 99) <= 36 and diff.max() <= 100
 
 
+def test_a_box_maps_to_a_reduced_decode_as_pils_draft_maps_it():
+    """Pixel j of a 1/s decode is the source's [j * s, (j + 1) * s): a box scales by 1/s (PIL's
+    `draft` says so too), not by ceil(W / s) / W, which stretched it towards the right and bottom
+    edges by up to one decoded pixel."""
+    image = Image.open(io.BytesIO(encode(smooth_image(427, 301), "JPEG")))
+    box = (13.0, 7.0, 413.0, 297.0)
+    assert draft_jpeg(image, box, 100) == (6.5, 3.5, 206.5, 148.5)  # at 1/2: 214x151 pixels
+    assert image.size == (214, 151)
+    assert transforms.scale_box(box, 2) == (6.5, 3.5, 206.5, 148.5)
+
+
 def pil_path(monkeypatch):
     """transform_image as it runs without the libjpeg-turbo path: every image through PIL."""
     monkeypatch.setattr(transforms, "jpeg_size", lambda data: None)
