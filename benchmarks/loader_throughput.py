@@ -346,6 +346,57 @@ def time_pass(make_batches, max_batches: int) -> PassResult:
     return PassResult(samples, wall, cpu, first, first_size)
 
 
+def cpu_split(tars: list[Path], cfg: LoaderConfig, tokenizer, buffer: int, rounds: int) -> dict:
+    """Where a sample's CPU goes, in this process (no workers; medians of `rounds`), ms/sample:
+    the transform alone on every sample's bytes; ours (index, read, transform, tokenise, batch);
+    webdataset (tar stream, shuffle, the same transform and batching); and per sample, handing a
+    batch to the main process: pickled into shared memory by the DataLoader (webdataset's) or
+    made there by the worker (ours)."""
+    local = replace(cfg, num_workers=0)
+    samples = [(s["jpg"], s["__key__"]) for s in wds.WebDataset([str(t) for t in tars], shardshuffle=False)]  # fmt: skip
+    transform = our_transform(local)
+
+    def per_sample(run) -> float:
+        start = time.process_time()
+        count = run()
+        return (time.process_time() - start) / count * 1e3
+
+    def transform_all() -> int:
+        for data, key in samples:
+            transform(data, rng=random.Random(key))
+        return len(samples)
+
+    def ours() -> int:
+        maker = build_loader(local, 0, 1).maker()
+        batches = len(samples) // cfg.batch_size
+        for r in range(batches):
+            maker.micro_batch(r)
+        return batches * cfg.batch_size
+
+    def webdataset() -> int:
+        urls = [str(t) for t in tars]
+        return sum(len(b[0]) for b in webdataset_loader(urls, local, tokenizer, buffer))
+
+    planes = [np.zeros((cfg.image_size, cfg.image_size, 3), np.uint8)] * cfg.batch_size
+
+    def pickled() -> int:
+        for _ in range(20):  # a batch in private memory, moved to shared memory when pickled
+            stack_images(planes).share_memory_()
+        return 20 * cfg.batch_size
+
+    def shared() -> int:
+        for _ in range(20):
+            stack_images(planes, shared=True)
+        return 20 * cfg.batch_size
+
+    runs = {"transform": transform_all, "ours": ours, "webdataset": webdataset, "send_pickled": pickled, "send_shared": shared}  # fmt: skip
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for r in range(rounds):
+        for name in round_order(list(runs), r):
+            times[name].append(per_sample(runs[name]))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def round_order(names: list[str], r: int) -> list[str]:
     """Round r's order, rotated by r: each contender runs first once every len(names) rounds."""
     shift = r % len(names)
@@ -419,6 +470,13 @@ def main(argv: list[str] | None = None) -> int:
         help="where mosaicml-streaming is imported from (installed there when missing)",
     )
     parser.add_argument("--no-mosaic", action="store_true", help="leave mosaic streaming out")
+    parser.add_argument(
+        "--split",
+        action="store_true",
+        help="also measure, in one process, where a sample's CPU goes (transform, reading and "
+        "batching, the hand-over to the main process) and the ratio to webdataset a loader "
+        "with no reading or batching cost would reach",
+    )
     parser.add_argument(
         "--contenders",
         default=None,
@@ -498,6 +556,7 @@ def main(argv: list[str] | None = None) -> int:
                     if r >= args.warmup:
                         results[name].append(result)
             tables[kind] = results
+        split = cpu_split(tars, base_cfg, tokenizer, buffer, rounds) if args.split else None
 
     print(
         f"{num_samples} samples of {args.source_size} JPEG "
@@ -562,6 +621,33 @@ def main(argv: list[str] | None = None) -> int:
                     f"{tag}cpu_vs_{name}={cpu['ours'] / cpu[name]:.2f}",
                     f"{tag}{name}_first_batch_s={first[name]:.2f}",
                 ]
+    if split is not None:
+        ours_total = split["ours"] + split["send_shared"]
+        wds_total = split["webdataset"] + split["send_pickled"]
+        ceiling = wds_total / (split["transform"] + split["send_shared"])
+        print(f"\nCPU ms per sample in one process (median of {rounds}):")
+        rows = [
+            ("the transform alone (decode, crop, resize)", split["transform"]),
+            ("ours: read + transform + tokenise + batch", split["ours"]),
+            ("  beyond the transform", split["ours"] - split["transform"]),
+            ("  + batch made in shared memory", split["send_shared"]),
+            ("webdataset: stream + shuffle + transform + batch", split["webdataset"]),
+            ("  beyond the transform", split["webdataset"] - split["transform"]),
+            ("  + batch pickled into shared memory", split["send_pickled"]),
+        ]
+        for label, value in rows:
+            print(f"{label:<52}{value:>8.3f}")
+        print(
+            f"ours against webdataset from these: {wds_total / ours_total:.2f}x; with no reading "
+            f"or batching cost at all: {ceiling:.2f}x"
+        )
+        summary += [
+            f"transform_ms={split['transform']:.3f}",
+            f"ours_beyond_transform_ms={split['ours'] - split['transform']:.3f}",
+            f"webdataset_beyond_transform_ms={split['webdataset'] - split['transform']:.3f}",
+            f"split_vs_webdataset={wds_total / ours_total:.2f}",
+            f"ceiling_vs_webdataset={ceiling:.2f}",
+        ]
     print("SUMMARY " + " ".join(summary))
     return 0
 

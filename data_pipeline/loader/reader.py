@@ -88,18 +88,25 @@ def assemble_sample(key: str, members: dict[str, bytes], errors: Counter) -> Raw
 class ShardReader:
     """Random access to samples of many shards, by (shard, index within it).
 
-    Keeps the indexes and open files of the most recently used shards (a worker reads the few
-    shards of the current window over and over). A remote shard is read from its copy in the
-    node's `cache` (downloaded on first use), or by one range request per sample when `cache` is
-    None. A remote read that cannot succeed raises `StorageError` (one line naming the URL);
-    local damage is counted per sample.
+    Keeps the indexes and open files of the most recently used shards (a worker reads the
+    shards of the current windows over and over): `keep_open` of them at first, and one more
+    each time a shard closed to make room is needed again, up to `MAX_OPEN`. So the shards read
+    in turn stay open however many the windows span (a window over many small shards, or a
+    mixture's windows, one per source), where reopening one costs its index again: a header scan
+    of its copy, ~13 ms for 64 samples. A remote shard is read from its copy in the node's
+    `cache` (downloaded on first use), or by one range request per sample when `cache` is None.
+    A remote read that cannot succeed raises `StorageError` (one line naming the URL); local
+    damage is counted per sample.
     """
+
+    MAX_OPEN = 128  # two file descriptors each with the cache (the copy and its lock)
 
     def __init__(
         self, shards: tuple[Shard, ...], cache: ShardCache | None = None, keep_open: int = 32
     ):
         self.shards, self.cache, self.keep_open = shards, cache, keep_open
         self._open: OrderedDict[int, _OpenShard] = OrderedDict()
+        self._closed: OrderedDict[int, None] = OrderedDict()  # closed to make room, lately
         self._broken: dict[int, str] = {}  # shard -> reason it cannot be read at all
 
     def _get(self, shard: int, errors: Counter) -> _OpenShard | None:
@@ -128,9 +135,16 @@ class ShardReader:
         if shard in self._broken:
             errors[self._broken[shard]] += 1
             return None
+        if shard in self._closed:  # needed again soon after it made room: keep one more open
+            del self._closed[shard]
+            self.keep_open = min(self.keep_open + 1, self.MAX_OPEN)
         self._open[shard] = entry
-        if len(self._open) > self.keep_open:
-            self._open.popitem(last=False)[1].close()
+        while len(self._open) > self.keep_open:
+            closed, oldest = self._open.popitem(last=False)
+            oldest.close()
+            self._closed[closed] = None
+            if len(self._closed) > self.MAX_OPEN:
+                self._closed.popitem(last=False)
         return entry
 
     def preload(self, wanted: list[tuple[int, int]]) -> None:
