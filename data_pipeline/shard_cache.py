@@ -10,7 +10,10 @@ process of the node has. Safe under concurrency and crashes, with files and `flo
   the lock, then use the copy;
 * readers hold a shared lock on `NAME.lock` while they keep the shard open, and eviction only
   removes shards whose lock it can take exclusively: a shard some rank still reads stays. Locks
-  die with their process, so a crash leaves none behind.
+  die with their process, so a crash leaves none behind;
+* beside a copy, `NAME.index.json` keeps its tar index for the node's other processes (written
+  whole by the first that needs it, while holding the copy; removed with the copy, and before a
+  new copy takes its name, under the exclusive lock).
 
 Eviction keeps the cache under `limit_bytes` by removing the least recently used shards not in
 use; a limit smaller than the shards in use at once is exceeded rather than broken.
@@ -35,11 +38,20 @@ def default_cache_dir() -> str:
     return os.path.join(os.environ.get("TMPDIR", "/tmp"), f"umt-shard-cache-{os.getuid()}")
 
 
+SIDECAR_SUFFIX = ".index.json"  # a copy's tar index, beside it (see `index_path`)
+
+
 class CachedShard:
     """A complete local copy, held (shared lock) until `release()`."""
 
     def __init__(self, path: Path, lock_fd: int):
         self.path, self._lock_fd = path, lock_fd
+
+    @property
+    def index_path(self) -> Path:
+        """Where the copy's tar index is kept for every process of the node (written by the first
+        that needs it; removed with the copy, and before a new copy takes its name)."""
+        return index_path_of(self.path)
 
     def release(self) -> None:
         if self._lock_fd >= 0:
@@ -110,6 +122,7 @@ class ShardCache:
         tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
         try:
             storage.download(url, str(tmp), expected_bytes)
+            remove_index_of(path)  # that of an earlier copy
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -121,7 +134,7 @@ class ShardCache:
         return [
             p
             for p in self.root.glob("*/*")
-            if p.is_file() and not p.name.endswith((".lock", ".part"))
+            if p.is_file() and not p.name.endswith((".lock", ".part", ".tmp", SIDECAR_SUFFIX))
         ]
 
     def evict(self, need_bytes: int = 0) -> int:
@@ -142,6 +155,7 @@ class ShardCache:
             try:
                 size = path.stat().st_size
                 path.unlink()
+                remove_index_of(path)
                 freed += size
                 storage.io_counters["evictions"] += 1
             except FileNotFoundError:
@@ -149,6 +163,18 @@ class ShardCache:
             finally:
                 os.close(lock_fd)
         return freed
+
+
+def index_path_of(copy: Path) -> Path:
+    return copy.with_name(copy.name + SIDECAR_SUFFIX)
+
+
+def remove_index_of(copy: Path) -> None:
+    """The index kept beside a copy, and any half-written one (its writer was killed). Called
+    under the copy's exclusive lock: no process holds the copy, so none is writing one."""
+    index_path_of(copy).unlink(missing_ok=True)
+    for stale in copy.parent.glob(f"{copy.name}{SIDECAR_SUFFIX}*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def _try_lock(fd: int, mode: int) -> bool:

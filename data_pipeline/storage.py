@@ -162,6 +162,10 @@ def fatal_reason(exc: BaseException) -> str | None:
         return f"{type(exc).__name__}: {exc}"
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES):
         return str(exc)
+    if "cannot schedule new futures after shutdown" in str(exc):
+        # The interpreter is exiting (botocore wraps asyncio's RuntimeError): a retry would
+        # only sleep and fail again, holding up the exit.
+        return "the process is exiting"
     return None
 
 

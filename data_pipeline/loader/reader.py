@@ -16,8 +16,12 @@ Reasons: `missing_shard` (the file is gone), `bad_index` (the index does not mat
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
 import tarfile
+import tempfile
 import zlib
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
@@ -37,6 +41,7 @@ from data_pipeline.tar_index import (
     split_members,
 )
 
+log = logging.getLogger("umt.data")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTENSIONS = ("txt", "caption")
 # Why a sample could not be used (decoding adds `corrupt_image`).
@@ -120,8 +125,11 @@ class ShardReader:
                 return entry
             del self._open[shard]  # the copy has arrived: read it instead of ranges
             entry.close()
+            known = entry.index  # from the shard's index file: the copy needs no other
+        else:
+            known = None
         try:
-            entry = _OpenShard.open(self.shards[shard], self.cache)
+            entry = _OpenShard.open(self.shards[shard], self.cache, known)
         except FileNotFoundError:
             self._broken[shard] = "missing_shard"
         except TarIndexError as exc:
@@ -209,7 +217,10 @@ class _OpenShard:
     fetched: dict[int, bytes] = field(default_factory=dict)  # samples preloaded while bridging
 
     @classmethod
-    def open(cls, shard: Shard, cache: ShardCache | None) -> _OpenShard:
+    def open(
+        cls, shard: Shard, cache: ShardCache | None, known: TarIndex | None = None
+    ) -> _OpenShard:
+        """`known`: the shard's index already read (while bridging), used for its copy."""
         path = shard.path
         if storage.is_remote(path) and cache is not None and not cache.has(path):
             # Not in the cache yet (its prefetch is under way): bridge with range requests when
@@ -223,9 +234,10 @@ class _OpenShard:
         if storage.is_remote(path) and cache is not None:
             held = cache.acquire(path, shard.bytes)
             try:
-                # Indexed from the local copy (a header scan, milliseconds): no request more.
                 local = str(held.path)
-                return cls(index_of_file(path, local), storage.RangeReader(local), held)
+                if known is None or known.bytes != os.path.getsize(local):
+                    known = copy_index(path, held)
+                return cls(known, storage.RangeReader(local), held)
             except BaseException:
                 held.release()
                 raise
@@ -235,6 +247,37 @@ class _OpenShard:
         self.reader.close()
         if self.held is not None:
             self.held.release()
+
+
+def copy_index(location: str, held: CachedShard) -> TarIndex:
+    """The tar index of a shard's copy in the node cache: from the index kept beside the copy,
+    else built from the copy's headers (no request) and kept there for the node's other
+    processes. A header scan costs ~1.4 s of CPU for 10,000 samples, reading the kept index ~5 ms;
+    each worker of each rank opens every shard of its windows, so the node scans each copy once,
+    not once per worker."""
+    local = str(held.path)
+    size = os.path.getsize(local)
+    try:
+        index = TarIndex.from_json(json.loads(held.index_path.read_bytes()), str(held.index_path))
+        if index.bytes == size:
+            return index
+    except (OSError, ValueError, TarIndexError):
+        pass  # none yet, or not this copy's: built again below
+    index = index_of_file(location, local)
+    tmp = None
+    try:  # kept whole or not at all (a temporary name, then a rename)
+        handle, tmp = tempfile.mkstemp(
+            prefix=held.index_path.name, suffix=".tmp", dir=held.path.parent
+        )
+        with os.fdopen(handle, "w") as out:
+            json.dump(index.to_json(), out, separators=(",", ":"))
+        os.replace(tmp, held.index_path)
+    except OSError as exc:  # a full or read-only disk: this process has its index all the same
+        log.debug("could not keep the index of %s beside its copy: %s", location, exc)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+    return index
 
 
 def read_tar_samples(

@@ -41,7 +41,7 @@ from data_pipeline.loader.config import (
 )
 from data_pipeline.loader.dataset import Dataset, resolve_dataset
 from data_pipeline.loader.order import GlobalOrder, micro_batch_positions
-from data_pipeline.loader.reader import RawSample, ShardReader, read_tar_samples
+from data_pipeline.loader.reader import RawSample, ShardReader, copy_index, read_tar_samples
 from data_pipeline.loader.state import (
     data_change,
     describe_phase,
@@ -108,6 +108,12 @@ class MicroBatchMaker:
             self._prefetcher.submit(_prefetch_one, self.cache, self.dataset.shards[shard])
         while len(self._prefetched) > 1024:  # shards drawn again later are fetched again
             self._prefetched.popitem(last=False)
+
+    def close(self) -> None:
+        """Stop prefetching: shards not started are left (a download under way finishes)."""
+        if self._prefetcher is not None:
+            self._prefetcher.shutdown(wait=False, cancel_futures=True)
+            self._prefetcher = None
 
     def io_since_last(self) -> dict[str, int]:
         """Storage counters of this process since the previous call (retries, downloads ...)."""
@@ -277,8 +283,15 @@ class StreamingLoader:
     def batches(self, count: int | None = None) -> Iterator[Batch]:
         """The next `count` batches (default: endless); with a count, workers make no more."""
         workers = self.cfg.num_workers
+        maker = self.maker()  # in this process without workers; else each worker has a copy
+        try:
+            yield from self._batches(maker, workers, count)
+        finally:
+            maker.close()
+
+    def _batches(self, maker: MicroBatchMaker, workers: int, count: int | None) -> Iterator[Batch]:
         loader = DataLoader(
-            RankStream(self.maker(), self.cfg.slots_per_rank, count),
+            RankStream(maker, self.cfg.slots_per_rank, count),
             batch_size=None,
             num_workers=workers,
             collate_fn=_as_is,
@@ -429,7 +442,11 @@ def shard_cache(cfg: LoaderConfig, dataset: Dataset) -> ShardCache | None:
 
 def _prefetch_one(cache: ShardCache, shard) -> None:
     try:
-        cache.acquire(shard.path, shard.bytes).release()
+        held = cache.acquire(shard.path, shard.bytes)
+        try:
+            copy_index(shard.path, held)  # kept beside the copy: ready before any worker reads
+        finally:
+            held.release()
     except Exception as exc:  # noqa: BLE001 - the read that needs it reports the error
         log.debug("prefetch of %s failed: %s", shard.path, exc)
 

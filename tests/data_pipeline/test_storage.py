@@ -47,6 +47,18 @@ def http(local, tmp_path):
         yield server
 
 
+def test_a_failure_of_an_exiting_interpreter_is_not_retried():
+    """A prefetch download still queued when the process exits fails with asyncio's "cannot
+    schedule new futures after shutdown" (wrapped by botocore): retried 5 times with backoff,
+    it held up the exit by seconds and logged a warning per retry."""
+    from botocore.exceptions import HTTPClientError
+
+    wrapped = HTTPClientError(error=RuntimeError("cannot schedule new futures after shutdown"))
+    assert storage.fatal_reason(wrapped) == "the process is exiting"
+    assert storage.fatal_reason(RuntimeError("cannot schedule new futures after shutdown"))
+    assert storage.fatal_reason(HTTPClientError(error=ConnectionResetError())) is None
+
+
 def order(capsys, shards: str, *extra: str) -> tuple[int, list[str], str]:
     args = ["data", "order", shards, "--batch-size", "3", "--world-size", "2", "--workers", "2"]
     code = umt([*args, "--sample-keys", "--steps", "10", *extra])
@@ -66,6 +78,31 @@ def test_order_from_s3_equals_the_local_order(local, s3, tmp_path, capsys):
     code, ranged, err = order(capsys, url, "--remote-read", "range")
     assert code == 0 and ranged == want, err
     assert not (tmp_path / "range-cache").exists()
+
+
+@pytest.mark.slow
+def test_a_mixture_from_s3_equals_the_local_mixture_and_the_node_keeps_each_copys_index(
+    local, s3, tmp_path, capsys
+):
+    """Three sources, each read from its own window over several shards: the reader cycles over
+    more shards than it first keeps open (it grows), bridged shards' indexes serve their copies,
+    and each copy's index is kept beside it for the node's other processes."""
+    server, url = s3
+
+    def mixture(base: str) -> str:
+        return f"a={base}/data-{{000000..000002}}.tar,b={base}/data-{{000003..000005}}.tar:x0.5,c={base}/data-{{000006..000007}}.tar:x2"  # fmt: skip
+
+    extra = ["--shuffle-window", "12", "--steps", "8"]
+    code, want, err = order(capsys, mixture(str(local)), *extra)
+    assert code == 0 and len(want) == 8, err
+    cache = tmp_path / "cache"
+    code, got, err = order(capsys, mixture(url), *extra, "--cache-dir", str(cache))
+    assert code == 0, err
+    assert got == want
+    copies = sorted(p.name for p in cache.glob("*/*.tar"))
+    kept = sorted(p.name[: -len(".index.json")] for p in cache.glob("*/*.tar.index.json"))
+    # (a copy whose prefetch was cut by the command's end may not have its index yet)
+    assert copies and kept and set(kept) <= set(copies)
 
 
 @pytest.mark.slow
