@@ -7,7 +7,9 @@ from numpy.
 
 from __future__ import annotations
 
+import functools
 import io
+import logging
 import math
 import random
 from dataclasses import dataclass
@@ -25,6 +27,8 @@ from data_pipeline.pixels import (
     stack_images,
     to_rgb,
 )
+
+log = logging.getLogger("umt.data")
 
 
 @dataclass(frozen=True)
@@ -124,7 +128,7 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) of a baseline or progressive JPEG that `decode_jpeg` can take; None for
     other data, or for a JPEG PIL should open (past PIL's decompression-bomb limit: PIL refuses
     it, where decoding it here could take gigabytes)."""
-    if data[:3] != b"\xff\xd8\xff":
+    if data[:3] != b"\xff\xd8\xff" or not simplejpeg_agrees_with_pil():
         return None
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
@@ -135,6 +139,40 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
     if width * height > (Image.MAX_IMAGE_PIXELS or math.inf):
         return None
     return width, height
+
+
+@functools.cache
+def simplejpeg_agrees_with_pil() -> bool:
+    """Whether simplejpeg's libjpeg-turbo gives Pillow's pixels here, checked once per process
+    on small JPEGs (4:2:0, 4:4:4, progressive, greyscale; full and 1/2 scale). Each wheel bundles
+    its own build: where they differ, every JPEG goes through Pillow (slower, the same pixels as
+    an export's processor), with one warning, rather than training and evaluation seeing other
+    pixels than users do."""
+    rng = np.random.default_rng(0)
+    rgb = np.clip(np.linspace(0, 255, 37 * 29 * 3).reshape(29, 37, 3) + rng.normal(0, 20, (29, 37, 3)), 0, 255)  # fmt: skip
+    image = Image.fromarray(rgb.astype(np.uint8), "RGB")
+    variants = [
+        (image, {"quality": 90}),
+        (image, {"quality": 95, "subsampling": 0}),
+        (image, {"quality": 85, "progressive": True}),
+        (image.convert("L"), {"quality": 90}),
+    ]
+    for probe, options in variants:
+        buffer = io.BytesIO()
+        probe.save(buffer, "JPEG", **options)
+        data = buffer.getvalue()
+        for scale in (1, 2):
+            ours = decode_jpeg(data, probe.size, scale)
+            pil = Image.open(io.BytesIO(data))
+            pil.draft("RGB", (probe.size[0] // scale, probe.size[1] // scale))  # PIL: 1/scale
+            if ours is None or not np.array_equal(ours, np.asarray(pil.convert("RGB"))):
+                log.warning(
+                    "simplejpeg %s decodes JPEGs differently from Pillow %s (their libjpeg-turbo "
+                    "builds differ): decoding every image with Pillow instead",
+                    simplejpeg.__version__, Image.__version__,
+                )  # fmt: skip
+                return False
+    return True
 
 
 def decode_jpeg(data: bytes, size: tuple[int, int], scale: int) -> np.ndarray | None:

@@ -113,6 +113,32 @@ def test_a_box_maps_to_a_reduced_decode_as_pils_draft_maps_it():
     assert transforms.scale_box(box, 2) == (6.5, 3.5, 206.5, 148.5)
 
 
+def test_where_simplejpeg_decodes_otherwise_than_pillow_every_jpeg_goes_through_pillow(
+    monkeypatch, caplog
+):
+    """Each wheel bundles its own libjpeg-turbo: where simplejpeg's gives other pixels than
+    Pillow's (another build), training would see other pixels than an export's users. Checked
+    once per process on small JPEGs; then every image goes through Pillow, with one warning."""
+    import simplejpeg
+
+    data = encode(smooth_image(64, 48), "JPEG", quality=90)
+    cfg = ImageTransformConfig(32, False)
+    real_decode = simplejpeg.decode_jpeg
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", lambda *a, **k: real_decode(*a, **k) ^ 1)
+    transforms.simplejpeg_agrees_with_pil.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="umt.data"):
+            got = transform_image(data, cfg, random.Random(0))
+        assert "decodes JPEGs differently from Pillow" in caplog.text
+        assert transforms.jpeg_size(data) is None  # no JPEG takes the libjpeg-turbo path
+        pil_path(monkeypatch)
+        assert np.array_equal(got, transform_image(data, cfg, random.Random(0)))
+    finally:
+        transforms.simplejpeg_agrees_with_pil.cache_clear()
+    monkeypatch.undo()
+    assert transforms.simplejpeg_agrees_with_pil()  # the wheels installed here agree
+
+
 def pil_path(monkeypatch):
     """transform_image as it runs without the libjpeg-turbo path: every image through PIL."""
     monkeypatch.setattr(transforms, "jpeg_size", lambda data: None)
