@@ -22,6 +22,7 @@ use; a limit smaller than the shards in use at once is exceeded rather than brok
 from __future__ import annotations
 
 import fcntl
+import glob
 import hashlib
 import os
 import shutil
@@ -116,7 +117,9 @@ class ShardCache:
             raise
 
     def _download(self, url: str, path: Path, expected_bytes: int | None) -> None:
-        for stale in path.parent.glob(f"{path.name}.*.part"):  # a crashed download's leftovers
+        for stale in path.parent.glob(
+            f"{glob.escape(path.name)}.*.part"
+        ):  # a crashed download's leftovers
             stale.unlink(missing_ok=True)
         self.evict(need_bytes=expected_bytes or 0)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
@@ -173,7 +176,7 @@ def remove_index_of(copy: Path) -> None:
     """The index kept beside a copy, and any half-written one (its writer was killed). Called
     under the copy's exclusive lock: no process holds the copy, so none is writing one."""
     index_path_of(copy).unlink(missing_ok=True)
-    for stale in copy.parent.glob(f"{copy.name}{SIDECAR_SUFFIX}*.tmp"):
+    for stale in copy.parent.glob(f"{glob.escape(copy.name)}{SIDECAR_SUFFIX}*.tmp"):
         stale.unlink(missing_ok=True)
 
 

@@ -97,8 +97,8 @@ class ShardReader:
     shards of the current windows over and over): `keep_open` of them at first, and one more
     each time a shard closed to make room is needed again, up to `MAX_OPEN`. So the shards read
     in turn stay open however many the windows span (a window over many small shards, or a
-    mixture's windows, one per source), where reopening one costs its index again: a header scan
-    of its copy, ~13 ms for 64 samples. A remote shard is read from its copy in the node's
+    mixture's windows, one per source), where reopening one would read its index again (with a
+    lock, a stat and a parse). A remote shard is read from its copy in the node's
     `cache` (downloaded on first use), or by one range request per sample when `cache` is None.
     A remote read that cannot succeed raises `StorageError` (one line naming the URL); local
     damage is counted per sample.
