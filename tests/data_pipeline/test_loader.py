@@ -332,6 +332,31 @@ def test_a_copys_index_is_built_once_per_node_and_kept_beside_it(tmp_path, monke
     assert not copy.exists() and not held.index_path.exists() and not half.exists()
 
 
+def test_local_shards_without_index_files_are_named_once_with_the_command_that_indexes_them(
+    tmp_path, caplog
+):
+    """Without index files every worker of every rank scans each shard's tar headers when it
+    opens it (1.4 s of CPU per 10,000 samples): rank 0 says so once, with the command to run;
+    the command's indexes end the warning."""
+    write_dataset(tmp_path, [5, 6])
+    cfg = keys_only(str(tmp_path))
+    with caplog.at_level("WARNING", logger="umt.data"):
+        build_loader(cfg, 1, 2)  # not rank 0: silent
+        assert "no index file" not in caplog.text
+        build_loader(cfg, 0, 2)
+    assert (
+        f"2 of the first 2 local shards have no index file ({tmp_path}/data-000000.tar)"
+        in caplog.text
+    )
+    assert f"`umt data index {tmp_path}` writes the indexes once" in caplog.text
+    caplog.clear()
+    for tar in sorted(tmp_path.glob("*.tar")):
+        write_index(index_of_file(str(tar)), index_location(str(tar)))
+    with caplog.at_level("WARNING", logger="umt.data"):
+        build_loader(cfg, 0, 2)
+    assert "no index file" not in caplog.text
+
+
 def test_fill_slots_takes_the_next_decoded_sample_cyclically():
     assert fill_slots(["a", None, "c", None]) == ["a", "c", "c", "a"]
 
