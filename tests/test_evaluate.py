@@ -201,6 +201,36 @@ def test_zero_shot_classification_labels_images_by_caption(tmp_path, trained_exp
     assert "top-1" in proc.stdout
 
 
+@pytest.mark.slow
+def test_retrieval_counts_the_images_it_leaves_out(tmp_path, trained_export):
+    """An image that does not decode is left out of retrieval and counted in the report and its
+    printed table (it was only in a log line)."""
+    import io
+    import tarfile
+
+    _, export = trained_export
+    shards = write_color_shards(tmp_path / "shards", n_images=7, per_shard=3)
+    tar_path = shards / "data-000001.tar"
+    with tarfile.open(tar_path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    cut = next(m.name for m, _ in members if m.name.endswith(".png"))
+    with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for m, data in members:
+            if m.name == cut:
+                data = data[: len(data) // 3]
+                m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    out = tmp_path / "report.json"
+    cmd = [sys.executable, "-m", "launch.cli", "eval", "--model", str(export), "--shards",
+           str(shards), "--out", str(out), "--batch-size", "3"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["images"] == 6 and report["unreadable"] == 1
+    assert "6 images, 12 texts, 1 unreadable left out" in proc.stdout
+    assert "skipped {'corrupt_image': 1}" in proc.stderr
+
+
 def eval_scalars(run_dir, prefix: str) -> dict[str, float]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -138,6 +138,7 @@ class EvalFeatures:
     text_mask: torch.Tensor | None  # (T, L)
     text_to_image: torch.Tensor  # (T,)
     image_keys: list[str]
+    unreadable: int = 0  # samples left out: not read from their shard, or their image not decoded
 
 
 def retrieval_report(
@@ -196,7 +197,8 @@ def embed_eval_shards(
     """Embed every image and every caption of the shards; sample i is embedded by rank i % W.
 
     Each image appears once with all of its captions (shards made with `umt shard --per image`).
-    A sample whose image cannot be decoded is skipped and counted in the log. Every rank runs the
+    A sample that cannot be read or whose image cannot be decoded is left out, counted (by reason
+    in rank 0's log, in total as `unreadable`). Every rank runs the
     same number of forward passes (a rank out of samples embeds a throw-away one), since under
     ZeRO-3 each forward is a collective.
     """
@@ -268,8 +270,12 @@ def embed_eval_shards(
         embedded = embed(batch)
         if real:
             mine.append(embedded)
-    if errors:
-        log.warning("evaluation data: skipped %s", dict(errors))
+    # Read errors are the same on every rank (each reads every sample); a rank decodes its own.
+    corrupt = errors.pop("corrupt_image", 0)
+    corrupt = int(all_reduce(torch.tensor([corrupt], dtype=torch.long)).item())
+    skipped = dict(errors) | ({"corrupt_image": corrupt} if corrupt else {})
+    if skipped and me == 0:
+        log.warning("evaluation data: skipped %s", skipped)
 
     parts = [p for rank_parts in all_gather_object(mine) for p in rank_parts]
     entries = sorted(
@@ -298,6 +304,7 @@ def embed_eval_shards(
         text_mask=torch.cat(text_mask) if keep_tokens else None,
         text_to_image=torch.tensor(text_to_image),
         image_keys=image_keys,
+        unreadable=sum(skipped.values()),
     )
 
 
@@ -328,14 +335,18 @@ def evaluate_retrieval(
     chance: dict[str, float] = {}
     for k in KS:
         chance |= chance_recall(n_images, n_texts / n_images, k)
-    return {"images": n_images, "texts": n_texts, "chance": chance, **report}
+    return {
+        "images": n_images, "texts": n_texts, "unreadable": features.unreadable, "chance": chance,
+        **report,
+    }  # fmt: skip
 
 
 def format_report(report: dict) -> str:
     """A table: one row per scorer, columns R@1/5/10 in both directions and the mean."""
     cols = [f"i2t_r{k}" for k in KS] + [f"t2i_r{k}" for k in KS] + ["r_mean"]
     head = f"{'scorer':<8}" + "".join(f"{c:>9}" for c in cols)
-    lines = [f"{report['images']} images, {report['texts']} texts", head]
+    left_out = f", {report['unreadable']} unreadable left out" if report.get("unreadable") else ""
+    lines = [f"{report['images']} images, {report['texts']} texts{left_out}", head]
     for name in ("chance", "itc", "itm"):
         if name in report:
             row = report[name]
