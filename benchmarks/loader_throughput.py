@@ -486,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     num_samples = args.samples or (512 if args.quick else 4096)
     rounds = args.rounds or (2 if args.quick else 3)
+    if rounds < 1 or args.warmup < 0:
+        parser.error(f"--rounds must be >= 1 and --warmup >= 0 (got {rounds} and {args.warmup})")
     source_size = tuple(int(x) for x in args.source_size.split("x"))
     storages, left_out = usable_storages([s for s in args.storage.split(",") if s])
     torch.set_num_threads(1)

@@ -163,6 +163,23 @@ def test_forward_flops_with_data_negatives_equal_torch_flop_counter():
     assert counter.get_total_flops() == pytest.approx(sum(forward_flops(cfg, shape).values()))
 
 
+@pytest.mark.parametrize("flags", [["--warmup", "-1"], ["--rounds", "-2"]])
+def test_loader_throughput_refuses_negative_rounds_in_one_line(flags):
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/loader_throughput.py", *flags],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            f"--rounds must be >= 1 and --warmup >= 0 (got {3 if flags[0] == '--warmup' else -2} "
+            f"and {-1 if flags[0] == '--warmup' else 1})"
+        )
+    )
+
+
 @pytest.mark.slow
 def test_loader_throughput_quick_compares_every_contender_on_the_same_samples():
     """Without nginx (pointed at a missing binary), http is left out with one line and the rest
