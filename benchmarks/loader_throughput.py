@@ -25,6 +25,11 @@ alone: a faster transform speeds those contenders up as much as ours.
   1/4 and 1/4 of them at x1, x0.5 and x1.5: an epoch of the same size, each source read from its
   own windows and interleaved), against `ours` on one source: what mixing costs
   (`mix3_vs_single`).
+From object storage (`--storage s3,http`): moto's S3 server and nginx on loopback. moto 5 reads
+a whole object for every range request; the test helper (`tests/storage_servers.py`) makes it
+read only the range, as S3 does, or a range of a 38 MB shard cost 32 ms of server CPU here.
+The server shares the 2 cores (moto runs in this process), so request counts weigh more here
+than against a real store, where a request costs latency and no CPU of ours.
 Every contender first runs one untimed warm-up pass (imports, first clients, the page cache).
 Then rounds interleave the contenders, their order rotated each round, so load from other
 processes hits all alike; the median is reported, and each ratio's spread (its min-max over the

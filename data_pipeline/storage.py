@@ -19,6 +19,7 @@ import logging
 import os
 import posixpath
 import random
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -83,32 +84,43 @@ def basename(location: str) -> str:
 # --- remote filesystems and retries ----------------------------------------------------------
 
 _filesystems: dict[tuple, Any] = {}
+_filesystems_lock = threading.Lock()
 
 
 def filesystem(location: str):
     """The fsspec filesystem of a remote location, one per process (fork-safe: a child makes its own)."""
-    import fsspec
-
     kind = "s3" if scheme(location) == "s3" else "http"
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     key = (os.getpid(), kind, endpoint if kind == "s3" else None)
-    if key not in _filesystems:
-        if kind == "s3":
-            client = {"endpoint_url": endpoint} if endpoint else {}
-            # One try per call (s3fs's and botocore's retries off): retries are ours, so they
-            # are counted and bounded.
-            fs = fsspec.filesystem(
-                "s3",
-                client_kwargs=client,
-                config_kwargs={"retries": {"max_attempts": 1, "mode": "standard"}},
-                session=_s3_session(),
-                skip_instance_cache=True,
-            )
-            fs.retries = 1
+    fs = _filesystems.get(key)
+    if fs is None:
+        with _filesystems_lock:  # threads of a process (prefetch, reads) share one client
+            fs = _filesystems.get(key) or _new_filesystem(kind, endpoint)
             _filesystems[key] = fs
-        else:
-            _filesystems[key] = fsspec.filesystem("http", skip_instance_cache=True)
-    return _filesystems[key]
+    return fs
+
+
+def _new_filesystem(kind: str, endpoint: str | None):
+    import fsspec
+
+    if kind != "s3":
+        return fsspec.filesystem("http", skip_instance_cache=True)
+    client = {"endpoint_url": endpoint} if endpoint else {}
+    # One try per call (s3fs's and botocore's retries off): retries are ours, so they are
+    # counted and bounded.
+    fs = fsspec.filesystem(
+        "s3",
+        client_kwargs=client,
+        config_kwargs={"retries": {"max_attempts": 1, "mode": "standard"}},
+        session=_s3_session(),
+        skip_instance_cache=True,
+    )
+    fs.retries = 1
+    # The client now, once: s3fs makes it on the first request, and threads whose first
+    # requests run together each made one (measured: two index files at once took 0.10 s
+    # where one after the other took 0.065 s; 0.3 s in a loader worker at start).
+    fs.connect()
+    return fs
 
 
 _botocore_loader: Any = None

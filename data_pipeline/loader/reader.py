@@ -25,6 +25,7 @@ import tempfile
 import zlib
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from data_pipeline import storage
@@ -114,7 +115,8 @@ class ShardReader:
         self._closed: OrderedDict[int, None] = OrderedDict()  # closed to make room, lately
         self._broken: dict[int, str] = {}  # shard -> reason it cannot be read at all
 
-    def _get(self, shard: int, errors: Counter) -> _OpenShard | None:
+    def _get(self, shard: int, errors: Counter, opening: Future | None = None) -> _OpenShard | None:
+        """`opening`: the shard being opened already (its result or failure is used)."""
         if shard in self._broken:
             errors[self._broken[shard]] += 1
             return None
@@ -129,7 +131,10 @@ class ShardReader:
         else:
             known = None
         try:
-            entry = _OpenShard.open(self.shards[shard], self.cache, known)
+            if opening is not None:
+                entry = opening.result()
+            else:
+                entry = _OpenShard.open(self.shards[shard], self.cache, known)
         except FileNotFoundError:
             self._broken[shard] = "missing_shard"
         except TarIndexError as exc:
@@ -157,18 +162,48 @@ class ShardReader:
 
     def preload(self, wanted: list[tuple[int, int]]) -> None:
         """Fetch at once, concurrently, the samples (shard, index) about to be read from shards
-        still bridged by range requests (one request each otherwise, in turn)."""
+        still bridged by range requests (one request each otherwise, in turn). The remote
+        shards this opens are opened together (their index files requested at once), and the
+        ranges of all of them requested together: one round trip for each, not one per shard."""
         by_shard: dict[int, list[int]] = {}
         for shard, index in wanted:
             by_shard.setdefault(shard, []).append(index)
-        for shard, indices in by_shard.items():
-            entry = self._get(shard, Counter())
-            if entry is None or not entry.bridging:
-                continue
-            indices = [i for i in dict.fromkeys(indices) if i < len(entry.index)]
-            ranges = [(entry.index.offsets[i], entry.index.lengths[i]) for i in indices]
-            parts = storage.read_ranges(self.shards[shard].path, ranges)
-            entry.fetched.update(zip(indices, parts))
+        to_open = [s for s in by_shard if self._opens_by_request(s)]
+        with ThreadPoolExecutor(8, "umt-open") as pool:
+            opening = {}
+            if len(to_open) > 1:  # one shard alone is opened in this thread, as on any read
+                opening = {
+                    s: pool.submit(_OpenShard.open, self.shards[s], self.cache) for s in to_open
+                }
+            bridged: dict[int, tuple[_OpenShard, list[int]]] = {}
+            try:
+                for shard, indices in by_shard.items():
+                    entry = self._get(shard, Counter(), opening.pop(shard, None))
+                    if entry is not None and entry.bridging:
+                        indices = [i for i in dict.fromkeys(indices) if i < len(entry.index)]
+                        bridged[shard] = (entry, indices)
+            finally:  # a failure above: shards opened for nothing are closed
+                for future in opening.values():
+                    if not future.cancel() and future.exception() is None:
+                        future.result().close()
+            reads = {
+                shard: pool.submit(
+                    storage.read_ranges,
+                    self.shards[shard].path,
+                    [(entry.index.offsets[i], entry.index.lengths[i]) for i in indices],
+                )
+                for shard, (entry, indices) in bridged.items()
+            }
+            for shard, read in reads.items():
+                entry, indices = bridged[shard]
+                entry.fetched.update(zip(indices, read.result()))
+
+    def _opens_by_request(self, shard: int) -> bool:
+        """Whether opening `shard` now takes a request (a remote shard not open, not copied)."""
+        path = self.shards[shard].path
+        if shard in self._open or shard in self._broken or not storage.is_remote(path):
+            return False
+        return self.cache is None or not self.cache.has(path)
 
     def shard_name(self, shard: int) -> str:
         return storage.basename(self.shards[shard].path)
@@ -251,10 +286,10 @@ class _OpenShard:
 
 def copy_index(location: str, held: CachedShard) -> TarIndex:
     """The tar index of a shard's copy in the node cache: from the index kept beside the copy,
-    else built from the copy's headers (no request) and kept there for the node's other
-    processes. A header scan costs ~1.4 s of CPU for 10,000 samples, reading the kept index ~5 ms;
-    each worker of each rank opens every shard of its windows, so the node scans each copy once,
-    not once per worker."""
+    else the shard's own index file (one request), else built from the copy's headers, and kept
+    beside the copy for the node's other processes. A header scan costs ~1.4 s of CPU for 10,000
+    samples (73 ms for 512), reading an index ~5 ms; each worker of each rank opens every shard
+    of its windows, so the node reads each index once, not once per worker."""
     local = str(held.path)
     size = os.path.getsize(local)
     try:
@@ -263,7 +298,13 @@ def copy_index(location: str, held: CachedShard) -> TarIndex:
             return index
     except (OSError, ValueError, TarIndexError):
         pass  # none yet, or not this copy's: built again below
-    index = index_of_file(location, local)
+    try:  # checked against the copy's size; a stale or damaged one is left for the scan
+        index = read_index(location, local_copy=local) if storage.is_remote(location) else None
+    except (TarIndexError, StorageError) as exc:
+        log.debug("%s; the copy's headers are read instead", exc)
+        index = None
+    if index is None:
+        index = index_of_file(location, local)
     tmp = None
     try:  # kept whole or not at all (a temporary name, then a rename)
         handle, tmp = tempfile.mkstemp(

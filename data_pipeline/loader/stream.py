@@ -162,6 +162,9 @@ class MicroBatchMaker:
         ids, epochs = self.order.samples(first, b)
         shards, indices = self.dataset.locate(ids)
         self.reader.preload(list(zip(shards.tolist(), indices.tolist())))
+        # Copies are fetched once this micro-batch's own samples are in: started before, the
+        # downloads delay the first batch's requests (one event loop, the same cores).
+        self.prefetch(round_index)
         decoded = [self.sample_at(first + j, errors, failures, ids[j]) for j in range(b)]
         filled = fill_slots(decoded)
         if filled is None:
@@ -206,7 +209,6 @@ class RankStream(IterableDataset):
             rounds = range(worker, self.limit, self.num_workers)
         for round_index in rounds:
             try:
-                self.maker.prefetch(round_index)
                 yield self.maker.micro_batch(round_index)
             except (LoaderDataError, StorageError) as exc:
                 yield _Failure(str(exc))

@@ -300,30 +300,33 @@ def test_shards_read_in_turn_stay_open_however_many_the_windows_span(tmp_path, m
 def test_a_copys_index_is_built_once_per_node_and_kept_beside_it(tmp_path, monkeypatch):
     """Every worker of every rank opens each shard of its windows: each scanned the copy's tar
     headers (1.4 s of CPU for 10,000 samples). The first keeps the index beside the copy, the
-    others read it (~5 ms); an index of another copy is not taken; eviction removes both."""
+    others read it (~5 ms); an index of another copy is not taken; eviction removes both. (A
+    shard with an index file in the store gives its copy that one: tests/.../test_storage.py.)"""
     import shutil
 
     import data_pipeline.loader.reader as reader_module
     from data_pipeline.loader.reader import copy_index
     from data_pipeline.shard_cache import ShardCache
+    from tests.storage_servers import moto_s3
 
     write_dataset(tmp_path / "src", [5])
     cache = ShardCache(tmp_path / "cache")
-    url = "s3://bucket/ds/data-000000.tar"
-    copy = cache.path_for(url)
-    copy.parent.mkdir(parents=True)
-    shutil.copy(tmp_path / "src" / "data-000000.tar", copy)  # as a download leaves it
     scans = []
     real_scan = reader_module.index_of_file
     monkeypatch.setattr(reader_module, "index_of_file", lambda *a: scans.append(a) or real_scan(*a))
-    held = cache.acquire(url)
-    first = copy_index(url, held)
-    assert first == real_scan(url, str(copy)) and len(scans) == 1
-    assert copy_index(url, held) == first and len(scans) == 1  # another process: no scan
-    assert held.index_path.is_file() and cache._copies() == [copy]
-    other = first.to_json() | {"bytes": first.bytes + 512}  # made for a copy of another size
-    held.index_path.write_text(json.dumps(other))
-    assert copy_index(url, held) == first and len(scans) == 2
+    with moto_s3() as server:  # the shard in the store has no index file
+        url = server.upload_folder(tmp_path / "src", "ds") + "/data-000000.tar"
+        copy = cache.path_for(url)
+        copy.parent.mkdir(parents=True)
+        shutil.copy(tmp_path / "src" / "data-000000.tar", copy)  # as a download leaves it
+        held = cache.acquire(url)
+        first = copy_index(url, held)
+        assert first == real_scan(url, str(copy)) and len(scans) == 1
+        assert copy_index(url, held) == first and len(scans) == 1  # another process: no scan
+        assert held.index_path.is_file() and cache._copies() == [copy]
+        other = first.to_json() | {"bytes": first.bytes + 512}  # made for a copy of another size
+        held.index_path.write_text(json.dumps(other))
+        assert copy_index(url, held) == first and len(scans) == 2
     held.release()
     half = held.index_path.with_name(held.index_path.name + "x1y2.tmp")  # its writer was killed
     half.write_text("{")
