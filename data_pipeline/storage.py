@@ -298,7 +298,8 @@ class RangeReader:
 
     def __init__(self, location: str):
         self.location = location
-        self._fd = -1 if is_remote(location) else os.open(location, os.O_RDONLY)
+        self.remote = is_remote(location)
+        self._fd = -1 if self.remote else os.open(location, os.O_RDONLY)
 
     def read(self, offset: int, length: int) -> bytes:
         if self._fd < 0:

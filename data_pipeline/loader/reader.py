@@ -161,10 +161,12 @@ class ShardReader:
         return entry
 
     def preload(self, wanted: list[tuple[int, int]]) -> None:
-        """Fetch at once, concurrently, the samples (shard, index) about to be read from shards
-        still bridged by range requests (one request each otherwise, in turn). The remote
-        shards this opens are opened together (their index files requested at once), and the
-        ranges of all of them requested together: one round trip for each, not one per shard."""
+        """Fetch at once, concurrently, the samples (shard, index) about to be read by range
+        requests: from shards still bridged while their copies arrive, or all remote shards
+        with `remote_read: range` (each sample was one request in turn: 32 round trips one
+        after the other for a micro-batch of 32). The remote shards this opens are opened
+        together (their index files requested at once), and the ranges of all of them
+        requested together: one round trip for each, not one per shard."""
         by_shard: dict[int, list[int]] = {}
         for shard, index in wanted:
             by_shard.setdefault(shard, []).append(index)
@@ -179,7 +181,7 @@ class ShardReader:
             try:
                 for shard, indices in by_shard.items():
                     entry = self._get(shard, Counter(), opening.pop(shard, None))
-                    if entry is not None and entry.bridging:
+                    if entry is not None and entry.by_request:
                         indices = [i for i in dict.fromkeys(indices) if i < len(entry.index)]
                         bridged[shard] = (entry, indices)
             finally:  # a failure above: shards opened for nothing are closed
@@ -249,7 +251,12 @@ class _OpenShard:
     reader: storage.RangeReader
     held: CachedShard | None = None  # the cache copy, kept from eviction while open
     bridging: bool = False  # range reads while the copy is still being fetched
-    fetched: dict[int, bytes] = field(default_factory=dict)  # samples preloaded while bridging
+    fetched: dict[int, bytes] = field(default_factory=dict)  # samples preloaded by request
+
+    @property
+    def by_request(self) -> bool:
+        """Its samples are read by range requests (bridging, or a remote shard with no copy)."""
+        return self.bridging or self.reader.remote
 
     @classmethod
     def open(

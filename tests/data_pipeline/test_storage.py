@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from itertools import islice
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,7 +19,7 @@ from data_pipeline.shard_cache import ShardCache
 from data_pipeline.tar_index import index_location, index_of_file, write_index
 from launch.cli import main as umt
 from tests.conftest import REPO
-from tests.data_pipeline.loader_fixtures import keys_only, write_dataset
+from tests.data_pipeline.loader_fixtures import keys_by_position, keys_only, write_dataset
 from tests.storage_servers import BUCKET, moto_s3, nginx
 
 COUNTS = [7, 5, 6, 4, 3, 7, 2, 6]  # 40 samples in 8 shards
@@ -179,6 +180,31 @@ def test_a_copys_index_is_the_shards_index_file_not_a_scan_of_the_copy(
     held = cache.acquire(shard)
     assert copy_index(shard, held) == real_scan(shard, str(held.path)) and len(scans) == 1
     held.release()
+
+
+def test_range_reads_of_a_micro_batch_are_requested_together(s3, local, monkeypatch):
+    """With `remote_read: range` every sample was one request, one after the other: a round
+    trip each, 32 in turn for a micro-batch of 32. They are now requested together."""
+    _, url = s3
+    cfg = keys_only(
+        url + "/",
+        batch_size=4,
+        shuffle_window=8,
+        remote_read="range",
+        decode_images=True,
+        image_size=16,
+    )
+    want = keys_by_position(replace(cfg, shards=str(local)), 2, 3)
+    single, together = [], []
+    real_single, real_together = storage.read_range, storage.read_ranges
+    monkeypatch.setattr(storage, "read_range", lambda *a: single.append(a) or real_single(*a))
+    monkeypatch.setattr(
+        storage,
+        "read_ranges",
+        lambda loc, ranges: together.append(ranges) or real_together(loc, ranges),
+    )
+    assert keys_by_position(cfg, 2, 3) == want
+    assert not single and sum(map(len, together)) == 2 * 3 * 4
 
 
 def order(capsys, shards: str, *extra: str) -> tuple[int, list[str], str]:
