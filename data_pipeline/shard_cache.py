@@ -97,7 +97,7 @@ class ShardCache:
                 if path.is_file() and _try_lock(lock_fd, fcntl.LOCK_SH):
                     if path.is_file():  # not evicted between the check and the lock
                         os.utime(path)  # most recently used
-                        storage.io_counters["cache_hits"] += 1
+                        storage.count(cache_hits=1)
                         return CachedShard(path, lock_fd)
                     fcntl.flock(lock_fd, fcntl.LOCK_UN)
                 elif not path.is_file() and _try_lock(lock_fd, fcntl.LOCK_EX):
@@ -160,7 +160,7 @@ class ShardCache:
                 path.unlink()
                 remove_index_of(path)
                 freed += size
-                storage.io_counters["evictions"] += 1
+                storage.count(evictions=1)
             except FileNotFoundError:
                 pass
             finally:

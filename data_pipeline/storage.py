@@ -36,6 +36,25 @@ BACKOFF_S = float(os.environ.get("UMT_STORAGE_BACKOFF_S", 0.25))  # first wait; 
 # Counters of this process (a loader worker sends their changes with each batch).
 IO_COUNTERS = ("retries", "requests", "bytes", "downloads", "cache_hits", "evictions", "uploads")
 io_counters: Counter = Counter()
+_io_lock = threading.Lock()
+
+
+def count(**deltas: int) -> None:
+    """Add to `io_counters`, from any thread (prefetch, concurrent opens and reads). On CPython
+    with the GIL an item's `+=` is not interrupted (tried: 4 threads x 20,000 lost nothing);
+    without the GIL it is a read and a write, and two threads between them lose an increment."""
+    with _io_lock:
+        io_counters.update(deltas)
+
+
+def _new_locks_after_fork() -> None:
+    # A lock held by another thread at fork (a download counting, a client being made) stays
+    # held in the child, where no thread will release it: the child's first use would hang.
+    global _io_lock, _filesystems_lock
+    _io_lock, _filesystems_lock = threading.Lock(), threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_locks_after_fork)
 
 
 class StorageError(RuntimeError):
@@ -197,7 +216,7 @@ def retrying(what: str, location: str, operation: Callable[[], T]) -> T:
                     f"{what} {location}: still failing after {RETRIES} attempts "
                     f"({type(exc).__name__}: {str(exc)[:200]})"
                 ) from None
-            io_counters["retries"] += 1
+            count(retries=1)
             wait = min(8.0, BACKOFF_S * 2**attempt) * (0.5 + random.random())
             log.warning(
                 "%s %s failed (%s: %s); retry %d of %d in %.1f s",
@@ -238,8 +257,7 @@ def read_bytes(location: str) -> bytes:
 
     def fetch() -> bytes:
         data = filesystem(location).cat_file(location)
-        io_counters["requests"] += 1
-        io_counters["bytes"] += len(data)
+        count(requests=1, bytes=len(data))
         return data
 
     return retrying("reading", location, fetch)
@@ -266,8 +284,7 @@ def read_range(location: str, offset: int, length: int) -> bytes:
 
     def fetch() -> bytes:
         data = filesystem(location).cat_file(location, start=offset, end=offset + length)
-        io_counters["requests"] += 1
-        io_counters["bytes"] += len(data)
+        count(requests=1, bytes=len(data))
         if len(data) != length:
             raise EOFError(f"{length} bytes wanted at {offset}, {len(data)} returned")
         return data
@@ -283,8 +300,7 @@ def read_ranges(location: str, ranges: list[tuple[int, int]]) -> list[bytes]:
         starts = [offset for offset, _ in ranges]
         ends = [offset + length for offset, length in ranges]
         parts = fs.cat_ranges([location] * len(ranges), starts, ends, on_error="raise")
-        io_counters["requests"] += len(ranges)
-        io_counters["bytes"] += sum(len(p) for p in parts)
+        count(requests=len(ranges), bytes=sum(len(p) for p in parts))
         for part, (offset, length) in zip(parts, ranges):
             if len(part) != length:
                 raise EOFError(f"{length} bytes wanted at {offset}, {len(part)} returned")
@@ -337,8 +353,7 @@ def download(location: str, destination: str, expected_bytes: int | None = None)
         ):
             if want is not None and written != want:
                 raise EOFError(f"{written} bytes arrived, {source} {want}")
-        io_counters["downloads"] += 1
-        io_counters["bytes"] += written
+        count(downloads=1, bytes=written)
         return written
 
     return retrying("downloading", location, copy)
@@ -380,7 +395,7 @@ def put_file(local_path: str, location: str) -> None:
         retrying(
             "uploading to", location, lambda: filesystem(location).put_file(local_path, location)
         )
-        io_counters["uploads"] += 1
+        count(uploads=1)
         return
     os.makedirs(os.path.dirname(location) or ".", exist_ok=True)
     tmp = f"{location}.{os.getpid()}.tmp"

@@ -88,6 +88,11 @@ def test_moto_serves_a_range_without_reading_the_whole_object(s3):
     assert get(Range=f"bytes=100-{n + 50}") == data[100:]
     assert read == [96, 10, 25, n - 100]
     assert get() == data and get(Range="bytes=0-1,5-6") == data  # moto's own: whole
+    assert get(Range="bytes=10-5") == data  # (as moto answers it: the whole object)
+    server.client.put_object(Bucket=BUCKET, Key="empty", Body=b"")
+    assert (
+        server.client.get_object(Bucket=BUCKET, Key="empty", Range="bytes=-5")["Body"].read() == b""
+    )
     with pytest.raises(Exception, match="InvalidRange"):
         get(Range=f"bytes={n + 5}-")
 
@@ -100,6 +105,20 @@ def test_threads_of_a_process_share_one_s3_client(s3, monkeypatch):
     fs = storage.filesystem(url)
     assert fs._s3 is not None  # made before any request
     assert storage.filesystem(url) is fs
+
+
+def test_a_fork_while_another_thread_holds_a_storage_lock_leaves_the_child_usable():
+    """A loader worker forked while a thread of its parent made the S3 client (or counted a
+    download) inherited that lock held, with no thread to release it: its first request hung."""
+    for lock in (storage._filesystems_lock, storage._io_lock):
+        with lock:
+            pid = os.fork()
+            if pid == 0:  # the child: its locks are free
+                free = storage._filesystems_lock.acquire(timeout=5)
+                free = free and storage._io_lock.acquire(timeout=5)
+                os._exit(0 if free else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
 
 
 def test_a_micro_batchs_shards_are_opened_together_and_copied_after_its_reads(
