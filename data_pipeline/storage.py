@@ -200,9 +200,13 @@ def fatal_reason(exc: BaseException) -> str | None:
     return None
 
 
-def retrying(what: str, location: str, operation: Callable[[], T]) -> T:
-    """`operation()`, retried on transient failures with exponential backoff (with jitter)."""
-    for attempt in range(RETRIES):
+def retrying(
+    what: str, location: str, operation: Callable[[], T], attempts: int | None = None
+) -> T:
+    """`operation()`, retried on transient failures with exponential backoff (with jitter), up
+    to `attempts` times in all (default RETRIES)."""
+    attempts = RETRIES if attempts is None else attempts
+    for attempt in range(attempts):
         try:
             return operation()
         except StorageError:
@@ -211,16 +215,17 @@ def retrying(what: str, location: str, operation: Callable[[], T]) -> T:
             reason = fatal_reason(exc)
             if reason is not None:
                 raise StorageError(f"{what} {location}: {reason}") from None
-            if attempt == RETRIES - 1:
+            if attempt == attempts - 1:
                 raise StorageError(
-                    f"{what} {location}: still failing after {RETRIES} attempts "
+                    f"{what} {location}: still failing after {attempts} attempt"
+                    f"{'s' if attempts > 1 else ''} "
                     f"({type(exc).__name__}: {str(exc)[:200]})"
                 ) from None
             count(retries=1)
             wait = min(8.0, BACKOFF_S * 2**attempt) * (0.5 + random.random())
             log.warning(
                 "%s %s failed (%s: %s); retry %d of %d in %.1f s",
-                what, location, type(exc).__name__, str(exc)[:120], attempt + 1, RETRIES - 1, wait,
+                what, location, type(exc).__name__, str(exc)[:120], attempt + 1, attempts - 1, wait,
             )  # fmt: skip
             time.sleep(wait)
     raise AssertionError("unreachable")
@@ -250,7 +255,8 @@ def size(location: str) -> int:
     return os.path.getsize(location)
 
 
-def read_bytes(location: str) -> bytes:
+def read_bytes(location: str, attempts: int | None = None) -> bytes:
+    """The whole file or object; a remote one tried up to `attempts` times (see `retrying`)."""
     if not is_remote(location):
         with open(location, "rb") as handle:
             return handle.read()
@@ -260,19 +266,19 @@ def read_bytes(location: str) -> bytes:
         count(requests=1, bytes=len(data))
         return data
 
-    return retrying("reading", location, fetch)
+    return retrying("reading", location, fetch, attempts)
 
 
-def read_text(location: str) -> str:
-    return read_bytes(location).decode("utf-8")
+def read_text(location: str, attempts: int | None = None) -> str:
+    return read_bytes(location, attempts).decode("utf-8")
 
 
-def read_text_if_exists(location: str) -> str | None:
+def read_text_if_exists(location: str, attempts: int | None = None) -> str | None:
     """The text at `location`, or None where there is nothing (other failures raise)."""
     if not is_remote(location):
         return read_text(location) if os.path.isfile(location) else None
     try:
-        return read_text(location)
+        return read_text(location, attempts)
     except StorageError as exc:
         if str(exc).endswith(": not found"):
             return None

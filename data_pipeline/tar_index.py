@@ -137,12 +137,16 @@ def index_of_file(shard_location: str, local_copy: str | None = None) -> TarInde
 
 
 def read_index(
-    shard_location: str, local_copy: str | None = None, size: int | None = None
+    shard_location: str,
+    local_copy: str | None = None,
+    size: int | None = None,
+    attempts: int | None = None,
 ) -> TarIndex | None:
     """The index beside a shard (local or remote), checked against the tar's size (`size` when
-    given, else that of `local_copy`, else asked of storage); None if there is none."""
+    given, else that of `local_copy`, else asked of storage); None if there is none. A remote
+    one is requested up to `attempts` times (default: storage's retries)."""
     where = index_location(shard_location)
-    text = storage.read_text_if_exists(where)
+    text = storage.read_text_if_exists(where, attempts)
     if text is None:
         return None
     try:

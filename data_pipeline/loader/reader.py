@@ -305,8 +305,14 @@ def copy_index(location: str, held: CachedShard) -> TarIndex:
             return index
     except (OSError, ValueError, TarIndexError):
         pass  # none yet, or not this copy's: built again below
-    try:  # checked against the copy's size; a stale or damaged one is left for the scan
-        index = read_index(location, local_copy=local) if storage.is_remote(location) else None
+    try:  # checked against the copy's size; a stale or damaged one is left for the scan. One
+        # attempt: a failing store would cost its retries' backoff (~8 s) where the scan of the
+        # copy on local disk costs at most a few seconds and cannot fail that way.
+        index = (
+            read_index(location, local_copy=local, attempts=1)
+            if storage.is_remote(location)
+            else None
+        )
     except (TarIndexError, StorageError) as exc:
         log.debug("%s; the copy's headers are read instead", exc)
         index = None

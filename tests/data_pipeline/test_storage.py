@@ -201,6 +201,37 @@ def test_a_copys_index_is_the_shards_index_file_not_a_scan_of_the_copy(
     held.release()
 
 
+def test_a_copys_index_is_scanned_at_once_when_the_stores_index_file_fails(
+    local, tmp_path, monkeypatch
+):
+    """The index file of a copied shard was requested with the store's retries: a failing
+    server stalled the copy's opening for their backoff (~8 s) before the scan of the copy on
+    local disk, which is never that slow. One attempt, then the scan."""
+    import shutil
+
+    import data_pipeline.loader.reader as reader_module
+    from data_pipeline.loader.reader import copy_index
+
+    scans = []
+    real_scan = reader_module.index_of_file
+    monkeypatch.setattr(reader_module, "index_of_file", lambda *a: scans.append(a) or real_scan(*a))
+    with nginx(
+        local.parent, tmp_path / "nginx", fail_with_500=("/shards/data-000001.index.json",)
+    ) as server:
+        shard = f"{server.base}/shards/data-000001.tar"
+        cache = ShardCache(tmp_path / "cache")
+        copy = cache.path_for(shard)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(local / "data-000001.tar", copy)  # as a download leaves it
+        held = cache.acquire(shard)
+        try:
+            assert copy_index(shard, held) == real_scan(shard, str(held.path))
+        finally:
+            held.release()
+        assert len(scans) == 1  # the copy was scanned
+        assert server.requests("/shards/data-000001.index.json") == [500]
+
+
 def test_range_reads_of_a_micro_batch_are_requested_together(s3, local, monkeypatch):
     """With `remote_read: range` every sample was one request, one after the other: a round
     trip each, 32 in turn for a micro-batch of 32. They are now requested together."""
