@@ -193,9 +193,15 @@ def server_missing(kind: str) -> str:
 
 
 @contextmanager
-def nginx(root: Path, work: Path, fail_with_500: tuple[str, ...] = ()):
+def nginx(
+    root: Path,
+    work: Path,
+    fail_with_500: tuple[str, ...] = (),
+    answers: dict[str, int] | None = None,
+):
     """nginx serving `root` at http://127.0.0.1:PORT/ (Range requests included); each path of
-    `fail_with_500` always answers 500. Needs Debian's nginx and root (as CI runs)."""
+    `fail_with_500` always answers 500, each of `answers` its status. Needs Debian's nginx and
+    root (as CI runs)."""
     missing = server_missing("http")
     if missing:
         import pytest
@@ -204,7 +210,8 @@ def nginx(root: Path, work: Path, fail_with_500: tuple[str, ...] = ()):
     binary = nginx_binary()
     port = free_port()
     work.mkdir(parents=True, exist_ok=True)
-    failing = "".join(f"    location = {p} {{ return 500; }}\n" for p in fail_with_500)
+    statuses = {**dict.fromkeys(fail_with_500, 500), **(answers or {})}
+    failing = "".join(f"    location = {p} {{ return {c}; }}\n" for p, c in statuses.items())
     temp_paths = "".join(
         f"  {name}_temp_path {work / name};\n"
         for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")

@@ -232,6 +232,55 @@ def test_a_copys_index_is_scanned_at_once_when_the_stores_index_file_fails(
         assert server.requests("/shards/data-000001.index.json") == [500]
 
 
+def test_s3_objects_are_read_at_presigned_urls_and_a_refusal_is_read_through_s3fs(
+    s3, local, tmp_path, monkeypatch, caplog
+):
+    """botocore's request handling cost ~2 ms of CPU per range request (a worker reads every
+    sample of a shard being copied by range) and s3fs's download twice curl's per byte: an
+    object's bytes are read over plain HTTP at a presigned URL. A store that refuses the URL
+    (another region, no presigning) is read through s3fs; a URL's signature reaches no log."""
+    server, url = s3
+    monkeypatch.setattr(storage, "_buckets_read_by_s3fs", set())
+    shard = f"{url}/data-000001.tar"
+    body = (local / "data-000001.tar").read_bytes()
+    routes = []
+    real_filesystem = storage.filesystem
+    monkeypatch.setattr(
+        storage,
+        "filesystem",
+        lambda loc, kind=None: routes.append(kind) or real_filesystem(loc, kind),
+    )
+    spans = [(0, 512), (1024, 700), (len(body) - 100, 100)]
+    assert storage.read_ranges(shard, spans) == [body[o : o + n] for o, n in spans]
+    assert storage.read_range(shard, 7, 93) == body[7:100]
+    assert storage.read_bytes(shard) == body
+    copy = tmp_path / "copy.tar"
+    assert storage.download(shard, str(copy), len(body)) == len(body)
+    assert copy.read_bytes() == body
+    assert routes.count("presigned") == 4
+    with pytest.raises(storage.StorageError, match="data-000009.tar: not found"):
+        storage.read_bytes(f"{url}/data-000009.tar")
+
+    signed = "/refused/data.tar?X-Amz-Signature=secret"
+    with nginx(
+        local.parent, tmp_path / "nginx", answers={"/refused/data.tar": 403, "/failing": 500}
+    ) as web:
+        s3fs = real_filesystem(shard)
+        monkeypatch.setattr(s3fs, "url", lambda path, expires: web.base + signed)
+        assert storage.read_range(shard, 7, 93) == body[7:100]  # refused, then through s3fs
+        assert storage.read_bytes(shard) == body  # through s3fs at once
+        assert web.requests(signed) == [403] and storage._buckets_read_by_s3fs == {BUCKET}
+
+        storage._buckets_read_by_s3fs.clear()
+        monkeypatch.setattr(storage, "BACKOFF_S", 0.001)
+        monkeypatch.setattr(storage, "RETRIES", 2)
+        monkeypatch.setattr(s3fs, "url", lambda path, expires: web.base + "/failing?sig=secret")
+        with pytest.raises(storage.StorageError) as failed:
+            storage.read_range(shard, 7, 93)
+        assert "after 2 attempts" in str(failed.value) and "/failing?..." in str(failed.value)
+    assert "secret" not in str(failed.value) + caplog.text
+
+
 def test_range_reads_of_a_micro_batch_are_requested_together(s3, local, monkeypatch):
     """With `remote_read: range` every sample was one request, one after the other: a round
     trip each, 32 in turn for a micro-batch of 32. They are now requested together."""
