@@ -130,7 +130,18 @@ def _new_filesystem(kind: str, endpoint: str | None):
     import fsspec
 
     if kind != "s3":
-        return fsspec.filesystem("http", skip_instance_cache=True, encoded=kind == "presigned")
+        import aiohttp
+
+        # aiohttp gives a whole request 5 minutes by default, which cuts a large shard's download
+        # on a slow link and retries it from the start, forever. As botocore: 60 s to connect,
+        # and 60 s without a byte is a stall; no limit on the whole.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=60, sock_read=60)
+        return fsspec.filesystem(
+            "http",
+            skip_instance_cache=True,
+            encoded=kind == "presigned",
+            client_kwargs={"timeout": timeout},
+        )
     client = {"endpoint_url": endpoint} if endpoint else {}
     # One try per call (s3fs's and botocore's retries off): retries are ours, so they are
     # counted and bounded.

@@ -258,6 +258,10 @@ def test_s3_objects_are_read_at_presigned_urls_and_a_refusal_is_read_through_s3f
     assert storage.download(shard, str(copy), len(body)) == len(body)
     assert copy.read_bytes() == body
     assert routes.count("presigned") == 4
+    # A shard's download is not cut at aiohttp's default 5 minutes for a whole request (a
+    # large shard on a slow link); a stall is 60 s without a byte, as botocore's.
+    timeout = real_filesystem(shard, "presigned").client_kwargs["timeout"]
+    assert timeout.total is None and timeout.sock_read == 60
     with pytest.raises(storage.StorageError, match="data-000009.tar: not found"):
         storage.read_bytes(f"{url}/data-000009.tar")
 
