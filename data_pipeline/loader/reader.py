@@ -22,6 +22,7 @@ import logging
 import os
 import tarfile
 import tempfile
+import threading
 import zlib
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
@@ -272,6 +273,7 @@ class _OpenShard:
             except TarIndexError:
                 remote_index = None
             if remote_index is not None:
+                _indexes_read.keep(path, remote_index)
                 return cls(remote_index, storage.RangeReader(path), bridging=True)
         if storage.is_remote(path) and cache is not None:
             held = cache.acquire(path, shard.bytes)
@@ -291,10 +293,43 @@ class _OpenShard:
             self.held.release()
 
 
+class _IndexesRead:
+    """The index files of remote shards this process has read lately (bridging their copies),
+    for the copies' indexes: the prefetch that finishes a copy asked the store for the index
+    file again, a request in the first batches' busiest moment (measured: 0.05-0.13 s each)."""
+
+    SIZE = 256
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._indexes: OrderedDict[str, TarIndex] = OrderedDict()
+
+    def keep(self, location: str, index: TarIndex) -> None:
+        with self._lock:
+            self._indexes[location] = index
+            self._indexes.move_to_end(location)
+            while len(self._indexes) > self.SIZE:
+                self._indexes.popitem(last=False)
+
+    def get(self, location: str, size: int) -> TarIndex | None:
+        """The index read for `location`, if it was made for a tar of `size` bytes."""
+        with self._lock:
+            index = self._indexes.get(location)
+        return index if index is not None and index.bytes == size else None
+
+    def after_fork(self) -> None:  # a lock held by another thread at fork stays held in the child
+        self._lock = threading.Lock()
+
+
+_indexes_read = _IndexesRead()
+os.register_at_fork(after_in_child=_indexes_read.after_fork)
+
+
 def copy_index(location: str, held: CachedShard) -> TarIndex:
     """The tar index of a shard's copy in the node cache: from the index kept beside the copy,
-    else the shard's own index file (one request), else built from the copy's headers, and kept
-    beside the copy for the node's other processes. A header scan costs ~1.4 s of CPU for 10,000
+    else the one this process read bridging the copy, else the shard's own index file (one
+    request), else built from the copy's headers; kept beside the copy for the node's other
+    processes. A header scan costs ~1.4 s of CPU for 10,000
     samples (73 ms for 512), reading an index ~5 ms; each worker of each rank opens every shard
     of its windows, so the node reads each index once, not once per worker."""
     local = str(held.path)
@@ -305,14 +340,12 @@ def copy_index(location: str, held: CachedShard) -> TarIndex:
             return index
     except (OSError, ValueError, TarIndexError):
         pass  # none yet, or not this copy's: built again below
+    index = _indexes_read.get(location, size)
     try:  # checked against the copy's size; a stale or damaged one is left for the scan. One
         # attempt: a failing store would cost its retries' backoff (~8 s) where the scan of the
         # copy on local disk costs at most a few seconds and cannot fail that way.
-        index = (
-            read_index(location, local_copy=local, attempts=1)
-            if storage.is_remote(location)
-            else None
-        )
+        if index is None and storage.is_remote(location):
+            index = read_index(location, local_copy=local, attempts=1)
     except (TarIndexError, StorageError) as exc:
         log.debug("%s; the copy's headers are read instead", exc)
         index = None

@@ -201,6 +201,35 @@ def test_a_copys_index_is_the_shards_index_file_not_a_scan_of_the_copy(
     held.release()
 
 
+def test_a_copy_takes_the_index_read_while_bridging_it_without_asking_the_store_again(
+    s3, local, tmp_path, monkeypatch
+):
+    """The prefetch that finished a copy asked the store for the shard's index file, which the
+    worker had read moments before to bridge the copy: a request in the first batches' busiest
+    moment (0.05-0.13 s each, measured)."""
+    import data_pipeline.loader.reader as reader_module
+    from data_pipeline.loader.dataset import Shard
+
+    monkeypatch.setattr(reader_module, "_indexes_read", reader_module._IndexesRead())
+    scans = []
+    real_scan = reader_module.index_of_file
+    monkeypatch.setattr(reader_module, "index_of_file", lambda *a: scans.append(a) or real_scan(*a))
+    _, url = s3
+    path = f"{url}/data-000002.tar"
+    shard = Shard(path, COUNTS[2], (local / "data-000002.tar").stat().st_size)
+    cache = ShardCache(tmp_path / "cache")
+    bridge = reader_module._OpenShard.open(shard, cache)
+    assert bridge.bridging
+    held = cache.acquire(path, shard.bytes)  # the prefetch's download
+    try:
+        requests = storage.io_counters["requests"]
+        assert reader_module.copy_index(path, held) == bridge.index
+        assert storage.io_counters["requests"] == requests and not scans
+    finally:
+        held.release()
+        bridge.close()
+
+
 def test_a_copys_index_is_scanned_at_once_when_the_stores_index_file_fails(
     local, tmp_path, monkeypatch
 ):
