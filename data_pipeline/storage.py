@@ -38,6 +38,7 @@ RETRIES = int(os.environ.get("UMT_STORAGE_RETRIES", 6))  # attempts of one opera
 # S3 objects' bytes read at presigned URLs (0: through s3fs, as every other S3 operation).
 PRESIGNED_READS = os.environ.get("UMT_S3_PRESIGNED_READS", "1") != "0"
 PRESIGN_EXPIRES_S = 3600
+PRESIGNED_DOWNLOAD_MAX_BYTES = 50 << 20  # s3fs downloads larger objects in concurrent parts
 BACKOFF_S = float(os.environ.get("UMT_STORAGE_BACKOFF_S", 0.25))  # first wait; doubles, max 8 s
 # Counters of this process (a loader worker sends their changes with each batch).
 IO_COUNTERS = ("retries", "requests", "bytes", "downloads", "cache_hits", "evictions", "uploads")
@@ -136,24 +137,27 @@ def _new_filesystem(kind: str, endpoint: str | None):
         # on a slow link and retries it from the start, forever. As botocore: 60 s to connect,
         # and 60 s without a byte is a stall; no limit on the whole.
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=60, sock_read=60)
+        session: dict[str, Any] = {"timeout": timeout}
+        extra: dict[str, Any] = {}
+        if kind == "presigned":  # as botocore: the proxy variables, the stored bytes as they are
+            session.update(
+                trust_env=True, auto_decompress=False, raise_for_status=_raise_unless_2xx
+            )
+            extra["get_client"] = _presigned_session
         return fsspec.filesystem(
             "http",
             skip_instance_cache=True,
             encoded=kind == "presigned",
-            client_kwargs={"timeout": timeout},
+            client_kwargs=session,
+            **extra,
         )
     client = {"endpoint_url": endpoint} if endpoint else {}
     # One try per call (s3fs's and botocore's retries off): retries are ours, so they are
     # counted and bounded.
-    # SigV4 for presigned URLs too (botocore's presigning defaults to SigV2 in us-east-1, which
-    # buckets made since 2020 refuse).
     fs = fsspec.filesystem(
         "s3",
         client_kwargs=client,
-        config_kwargs={
-            "retries": {"max_attempts": 1, "mode": "standard"},
-            "signature_version": "s3v4",
-        },
+        config_kwargs={"retries": {"max_attempts": 1, "mode": "standard"}},
         session=_s3_session(),
         skip_instance_cache=True,
     )
@@ -162,40 +166,97 @@ def _new_filesystem(kind: str, endpoint: str | None):
     # requests run together each made one (measured: two index files at once took 0.10 s
     # where one after the other took 0.065 s; 0.3 s in a loader worker at start).
     fs.connect()
+    # botocore presigns with SigV2 unless a signature version is set, which buckets made since
+    # 2020 refuse; setting one for the client would take S3 Express's session auth from every
+    # request. So only presigned URLs are told to keep SigV4.
+    fs.s3.meta.events.register_first("choose-signer.s3", _presign_with_sigv4)
     return fs
+
+
+def _presign_with_sigv4(signature_version: str, **_) -> str | None:
+    if signature_version.endswith("-query") and "v4" in signature_version:
+        return None if signature_version.startswith("v4a") else signature_version
+    return None
+
+
+async def _presigned_session(**kwargs):
+    """The HTTP session of presigned reads (made in fsspec's loop), trusting botocore's CA
+    bundle where one is set (an internal CA of an on-premises store)."""
+    import aiohttp
+
+    ca_bundle = os.environ.get("AWS_CA_BUNDLE") or os.environ.get("REQUESTS_CA_BUNDLE")
+    if ca_bundle:
+        import ssl
+
+        kwargs["connector"] = aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=ca_bundle))
+    return aiohttp.ClientSession(**kwargs)
+
+
+async def _raise_unless_2xx(response) -> None:
+    """aiohttp raises for >= 400 only: S3's PermanentRedirect (a 301 with no Location, another
+    region's endpoint) would be read as the object's bytes."""
+    import aiohttp
+
+    if response.status >= 400:
+        response.raise_for_status()
+    elif not 200 <= response.status < 300:
+        raise aiohttp.ClientResponseError(
+            response.request_info, response.history, status=response.status,
+            message=response.reason or "", headers=response.headers,
+        )  # fmt: skip
 
 
 _buckets_read_by_s3fs: set[str] = set()  # presigned reads refused there (this process)
 
 
-def _reading(location: str, read: Callable[[Any, str], T]) -> T:
+def _reading(location: str, read: Callable[[Any, str], T], presign: bool = True) -> T:
     """`read(fs, path)` of a remote object's bytes. An S3 object is read over plain HTTP at a
     presigned URL: botocore's request handling costs ~2 ms of CPU per request and s3fs's
     download twice curl's per byte, where signing a URL costs 0.3 ms and aiohttp reads a range
     in ~0.6 ms (measured against moto on loopback: 32 ranges in 19 ms of the client's CPU
     against 64 ms; a 5 MB object in 4.3 ms against 9.2). Loader workers read every sample of a
-    shard still being copied by range, and every shard whole. A store that refuses the URL
-    (a 4xx other than not found: another region than the client's, a store without presigning,
-    a requester-pays bucket) is read through s3fs from then on, in this process."""
-    if scheme(location) != "s3" or not PRESIGNED_READS:
+    shard still being copied by range, and small shards whole.
+
+    What s3fs handles and a URL cannot is read through s3fs: directory buckets (S3 Express's
+    session auth) and access point ARNs always; and a bucket whose store refused the URL (a
+    3xx or 4xx other than not found: another region than the client's, a store without
+    presigning) or whose certificate or proxy the HTTP client could not use, once s3fs has
+    read it (from then on, in this process)."""
+    if scheme(location) != "s3" or not PRESIGNED_READS or not presign:
         return read(filesystem(location), location)
     bucket = location.partition("://")[2].partition("/")[0]
     s3 = filesystem(location)
-    if bucket in _buckets_read_by_s3fs:
+    if bucket in _buckets_read_by_s3fs or bucket.endswith("--x-s3") or bucket.startswith("arn:"):
         return read(s3, location)
     url = s3.url(location, expires=PRESIGN_EXPIRES_S)
     try:
         return read(filesystem(url, "presigned"), url)
     except Exception as exc:  # noqa: BLE001 - a refusal is read again below; the rest raises
         status = _status(exc)
-        if status is None or not 400 <= status < 500 or status in (404, 408, 410, 416, 429):
+        refused = status is not None and 300 <= status < 500
+        if status in (404, 408, 410, 416, 429) or not (refused or _unusable_connection(exc)):
             raise
-        log.info(
-            "s3://%s refused a presigned read (HTTP %d); its objects are read through s3fs",
-            bucket, status,
+        why = f"HTTP {status}" if status is not None else type(exc).__name__
+    result = read(s3, location)
+    if bucket not in _buckets_read_by_s3fs:
+        log.warning(
+            "s3://%s: a presigned read failed (%s) where s3fs's succeeded; this process reads "
+            "its objects through s3fs (slower; UMT_S3_PRESIGNED_READS=0 does so from the start)",
+            bucket, why,
         )  # fmt: skip
         _buckets_read_by_s3fs.add(bucket)
-    return read(s3, location)
+    return result
+
+
+def _unusable_connection(exc: BaseException) -> bool:
+    """A certificate or proxy the HTTP client could not use, where botocore may (its CA bundle,
+    its proxy settings)."""
+    import aiohttp
+
+    return isinstance(
+        exc,
+        (aiohttp.ClientSSLError, aiohttp.ClientProxyConnectionError, aiohttp.ClientHttpProxyError),
+    )
 
 
 _SIGNED_QUERY = re.compile(r"(https?://[^\s?'\"]+)\?[^\s'\"]*")
@@ -205,6 +266,19 @@ def _without_signatures(text: str) -> str:
     """`text` with the query of every URL in it cut (a presigned URL is a credential while it
     lasts: it never reaches a log or a message)."""
     return _SIGNED_QUERY.sub(r"\1?...", text)
+
+
+class _NoSignatures(logging.Filter):
+    """fsspec's HTTP client logs each URL it reads at DEBUG: cut their queries."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "?" in message:
+            record.msg, record.args = _without_signatures(message), ()
+        return True
+
+
+logging.getLogger("fsspec.http").addFilter(_NoSignatures())
 
 
 _botocore_loader: Any = None
@@ -279,7 +353,7 @@ def retrying(
         except Exception as exc:  # noqa: BLE001 - classified below
             reason = fatal_reason(exc)
             if reason is not None:
-                raise StorageError(f"{what} {location}: {reason}") from None
+                raise StorageError(f"{what} {location}: {_without_signatures(reason)}") from None
             if attempt == attempts - 1:
                 raise StorageError(
                     f"{what} {location}: still failing after {attempts} attempt"
@@ -412,14 +486,22 @@ class RangeReader:
 
 
 def download(location: str, destination: str, expected_bytes: int | None = None) -> int:
-    """Copy a remote object to a local file in one streamed request, retried from the start; returns its size, checked against what the
-    server announced and `expected_bytes` (the manifest's) when given.
+    """Copy a remote object to a local file, retried from the start; returns its size, checked
+    against what the server announced and `expected_bytes` (the manifest's) when given.
 
+    An S3 object known to be smaller than s3fs's part (50 MiB) streams from a presigned URL
+    (half s3fs's CPU per byte); a larger or unknown one goes through s3fs, which fetches its
+    parts concurrently (one stream is capped at tens of MB/s on S3).
     The caller gives a temporary path and renames it once complete (see `ShardCache`)."""
+    small = expected_bytes is not None and expected_bytes < PRESIGNED_DOWNLOAD_MAX_BYTES
 
     def copy() -> int:
         progress = _DownloadProgress()
-        _reading(location, lambda fs, path: fs.get_file(path, destination, callback=progress))
+        _reading(
+            location,
+            lambda fs, path: fs.get_file(path, destination, callback=progress),
+            presign=small,
+        )
         with open(destination, "rb+") as handle:
             os.fsync(handle.fileno())
         written = os.path.getsize(destination)

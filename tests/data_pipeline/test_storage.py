@@ -3,7 +3,9 @@ loopback, through the node cache or by range requests, with failures a person ca
 
 from __future__ import annotations
 
+import gzip
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -266,9 +268,14 @@ def test_s3_objects_are_read_at_presigned_urls_and_a_refusal_is_read_through_s3f
 ):
     """botocore's request handling cost ~2 ms of CPU per range request (a worker reads every
     sample of a shard being copied by range) and s3fs's download twice curl's per byte: an
-    object's bytes are read over plain HTTP at a presigned URL. A store that refuses the URL
-    (another region, no presigning) is read through s3fs; a URL's signature reaches no log."""
+    object's bytes are read over plain HTTP at a presigned URL (SigV4: botocore presigns with
+    SigV2 by default, which buckets made since 2020 refuse), as stored (no decompression).
+    Large or unsized downloads stay with s3fs (concurrent parts). A store that refuses the URL
+    (another region, no presigning; a 301 with no Location is S3's answer from another region's
+    endpoint, not the object) is read through s3fs, and its bucket is read so from then on once
+    s3fs has succeeded; a URL's signature reaches no log."""
     server, url = s3
+    caplog.set_level(logging.DEBUG, logger="fsspec")  # fsspec logs each URL it reads
     monkeypatch.setattr(storage, "_buckets_read_by_s3fs", set())
     shard = f"{url}/data-000001.tar"
     body = (local / "data-000001.tar").read_bytes()
@@ -287,6 +294,17 @@ def test_s3_objects_are_read_at_presigned_urls_and_a_refusal_is_read_through_s3f
     assert storage.download(shard, str(copy), len(body)) == len(body)
     assert copy.read_bytes() == body
     assert routes.count("presigned") == 4
+    assert "X-Amz-Algorithm=AWS4-HMAC-SHA256" in real_filesystem(shard).url(shard, expires=60)
+    routes.clear()
+    assert storage.download(shard, str(tmp_path / "unsized.tar")) == len(body)
+    monkeypatch.setattr(storage, "PRESIGNED_DOWNLOAD_MAX_BYTES", len(body))
+    assert storage.download(shard, str(tmp_path / "large.tar"), len(body)) == len(body)
+    assert "presigned" not in routes
+    packed = gzip.compress(body)
+    key = "data/shards/packed.tar"
+    server.client.put_object(Bucket=BUCKET, Key=key, Body=packed, ContentEncoding="gzip")
+    assert storage.read_bytes(f"s3://{BUCKET}/{key}") == packed
+    assert storage.read_range(f"s3://{BUCKET}/{key}", 10, 50) == packed[10:60]
     # A shard's download is not cut at aiohttp's default 5 minutes for a whole request (a
     # large shard on a slow link); a stall is 60 s without a byte, as botocore's.
     timeout = real_filesystem(shard, "presigned").client_kwargs["timeout"]
@@ -295,14 +313,24 @@ def test_s3_objects_are_read_at_presigned_urls_and_a_refusal_is_read_through_s3f
         storage.read_bytes(f"{url}/data-000009.tar")
 
     signed = "/refused/data.tar?X-Amz-Signature=secret"
-    with nginx(
-        local.parent, tmp_path / "nginx", answers={"/refused/data.tar": 403, "/failing": 500}
-    ) as web:
+    answers = {"/refused/data.tar": 403, "/moved/data.tar": 301, "/failing": 500}
+    with nginx(local.parent, tmp_path / "nginx", answers=answers) as web:
         s3fs = real_filesystem(shard)
         monkeypatch.setattr(s3fs, "url", lambda path, expires: web.base + signed)
+        # A 403 for a key that is not there (S3's answer without s3:ListBucket): s3fs says
+        # not found, and the bucket keeps its presigned reads.
+        with pytest.raises(storage.StorageError, match="data-000009.tar: not found"):
+            storage.read_bytes(f"{url}/data-000009.tar")
+        assert not storage._buckets_read_by_s3fs
         assert storage.read_range(shard, 7, 93) == body[7:100]  # refused, then through s3fs
         assert storage.read_bytes(shard) == body  # through s3fs at once
-        assert web.requests(signed) == [403] and storage._buckets_read_by_s3fs == {BUCKET}
+        assert web.requests(signed) == [403, 403] and storage._buckets_read_by_s3fs == {BUCKET}
+
+        storage._buckets_read_by_s3fs.clear()
+        moved = "/moved/data.tar?X-Amz-Signature=secret"
+        monkeypatch.setattr(s3fs, "url", lambda path, expires: web.base + moved)
+        assert storage.read_bytes(shard) == body  # not nginx's page for the 301
+        assert web.requests(moved) == [301] and storage._buckets_read_by_s3fs == {BUCKET}
 
         storage._buckets_read_by_s3fs.clear()
         monkeypatch.setattr(storage, "BACKOFF_S", 0.001)
@@ -312,6 +340,7 @@ def test_s3_objects_are_read_at_presigned_urls_and_a_refusal_is_read_through_s3f
             storage.read_range(shard, 7, 93)
         assert "after 2 attempts" in str(failed.value) and "/failing?..." in str(failed.value)
     assert "secret" not in str(failed.value) + caplog.text
+    assert "X-Amz-Signature" not in caplog.text and "/data-000001.tar?..." in caplog.text
 
 
 def test_range_reads_of_a_micro_batch_are_requested_together(s3, local, monkeypatch):
