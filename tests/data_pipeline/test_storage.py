@@ -297,9 +297,21 @@ def test_s3_objects_are_read_at_presigned_urls_and_a_refusal_is_read_through_s3f
     assert "X-Amz-Algorithm=AWS4-HMAC-SHA256" in real_filesystem(shard).url(shard, expires=60)
     routes.clear()
     assert storage.download(shard, str(tmp_path / "unsized.tar")) == len(body)
-    monkeypatch.setattr(storage, "PRESIGNED_DOWNLOAD_MAX_BYTES", len(body))
-    assert storage.download(shard, str(tmp_path / "large.tar"), len(body)) == len(body)
     assert "presigned" not in routes
+    # A large one in concurrent parts (the last one short), each where it belongs; an object
+    # larger than the manifest says is not taken for the shard.
+    monkeypatch.setattr(storage, "DOWNLOAD_PART_BYTES", 1000)
+    monkeypatch.setattr(storage, "DOWNLOAD_CONCURRENCY", 3)
+    parts = []
+    real_parts = storage._get_in_parts
+    monkeypatch.setattr(storage, "_get_in_parts", lambda *a: parts.append(a) or real_parts(*a))
+    assert len(body) % 1000 and storage.download(shard, str(copy), len(body)) == len(body)
+    assert copy.read_bytes() == body and len(parts) == 1
+    monkeypatch.setattr(storage, "RETRIES", 1)
+    with pytest.raises(storage.StorageError, match=f"the server announced {len(body)} bytes"):
+        storage.download(shard, str(copy), len(body) - 1)
+    with pytest.raises(storage.StorageError, match="data-000001.tar"):  # parts past its end
+        storage.download(shard, str(copy), len(body) + 5000)
     packed = gzip.compress(body)
     key = "data/shards/packed.tar"
     server.client.put_object(Bucket=BUCKET, Key=key, Body=packed, ContentEncoding="gzip")
