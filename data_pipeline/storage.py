@@ -21,14 +21,13 @@ import logging
 import os
 import posixpath
 import random
-import re
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from data_pipeline import faults
+from data_pipeline import faults, presigned
 
 log = logging.getLogger("umt.data")
 T = TypeVar("T")
@@ -132,30 +131,12 @@ def _new_filesystem(kind: str, endpoint: str | None):
     import fsspec
 
     if kind != "s3":
-        import aiohttp
-
-        # aiohttp gives a whole request 5 minutes by default, which cuts a large shard's download
-        # on a slow link and retries it from the start, forever. As botocore: 60 s to connect,
-        # and 60 s without a byte is a stall; no limit on the whole.
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=60, sock_read=60)
-        session: dict[str, Any] = {"timeout": timeout}
-        extra: dict[str, Any] = {}
-        if kind == "presigned":  # as botocore: the proxy variables, the stored bytes as they are
-            import urllib.request
-
-            # aiohttp's trust_env looks the proxy variables up on every request (0.37 ms of CPU
-            # each, measured: as much as the rest of a range request): only where one is set.
-            session.update(
-                trust_env=bool(urllib.request.getproxies()),
-                auto_decompress=False,
-                raise_for_status=_raise_unless_2xx,
-            )
-            extra["get_client"] = _presigned_session
+        extra = {"get_client": presigned.session} if kind == "presigned" else {}
         return fsspec.filesystem(
             "http",
             skip_instance_cache=True,
             encoded=kind == "presigned",
-            client_kwargs=session,
+            client_kwargs=presigned.session_options(kind),
             **extra,
         )
     client = {"endpoint_url": endpoint} if endpoint else {}
@@ -176,41 +157,8 @@ def _new_filesystem(kind: str, endpoint: str | None):
     # botocore presigns with SigV2 unless a signature version is set, which buckets made since
     # 2020 refuse; setting one for the client would take S3 Express's session auth from every
     # request. So only presigned URLs are told to keep SigV4.
-    fs.s3.meta.events.register_first("choose-signer.s3", _presign_with_sigv4)
+    fs.s3.meta.events.register_first("choose-signer.s3", presigned.presign_with_sigv4)
     return fs
-
-
-def _presign_with_sigv4(signature_version: str, **_) -> str | None:
-    if signature_version.endswith("-query") and "v4" in signature_version:
-        return None if signature_version.startswith("v4a") else signature_version
-    return None
-
-
-async def _presigned_session(**kwargs):
-    """The HTTP session of presigned reads (made in fsspec's loop), trusting botocore's CA
-    bundle where one is set (an internal CA of an on-premises store)."""
-    import aiohttp
-
-    ca_bundle = os.environ.get("AWS_CA_BUNDLE") or os.environ.get("REQUESTS_CA_BUNDLE")
-    if ca_bundle:
-        import ssl
-
-        kwargs["connector"] = aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=ca_bundle))
-    return aiohttp.ClientSession(**kwargs)
-
-
-async def _raise_unless_2xx(response) -> None:
-    """aiohttp raises for >= 400 only: S3's PermanentRedirect (a 301 with no Location, another
-    region's endpoint) would be read as the object's bytes."""
-    import aiohttp
-
-    if response.status >= 400:
-        response.raise_for_status()
-    elif not 200 <= response.status < 300:
-        raise aiohttp.ClientResponseError(
-            response.request_info, response.history, status=response.status,
-            message=response.reason or "", headers=response.headers,
-        )  # fmt: skip
 
 
 _buckets_read_by_s3fs: set[str] = set()  # presigned reads refused there (this process)
@@ -241,7 +189,9 @@ def _reading(location: str, read: Callable[[Any, str], T], presign: bool = True)
     except Exception as exc:  # noqa: BLE001 - a refusal is read again below; the rest raises
         status = _status(exc)
         refused = status is not None and 300 <= status < 500
-        if status in (404, 408, 410, 416, 429) or not (refused or _unusable_connection(exc)):
+        if status in (404, 408, 410, 416, 429) or not (
+            refused or presigned.unusable_connection(exc)
+        ):
             raise
         why = f"HTTP {status}" if status is not None else type(exc).__name__
     result = read(s3, location)
@@ -253,39 +203,6 @@ def _reading(location: str, read: Callable[[Any, str], T], presign: bool = True)
         )  # fmt: skip
         _buckets_read_by_s3fs.add(bucket)
     return result
-
-
-def _unusable_connection(exc: BaseException) -> bool:
-    """A certificate or proxy the HTTP client could not use, where botocore may (its CA bundle,
-    its proxy settings)."""
-    import aiohttp
-
-    return isinstance(
-        exc,
-        (aiohttp.ClientSSLError, aiohttp.ClientProxyConnectionError, aiohttp.ClientHttpProxyError),
-    )
-
-
-_SIGNED_QUERY = re.compile(r"(https?://[^\s?'\"]+)\?[^\s'\"]*")
-
-
-def _without_signatures(text: str) -> str:
-    """`text` with the query of every URL in it cut (a presigned URL is a credential while it
-    lasts: it never reaches a log or a message)."""
-    return _SIGNED_QUERY.sub(r"\1?...", text)
-
-
-class _NoSignatures(logging.Filter):
-    """fsspec's HTTP client logs each URL it reads at DEBUG: cut their queries."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if "?" in message:
-            record.msg, record.args = _without_signatures(message), ()
-        return True
-
-
-logging.getLogger("fsspec.http").addFilter(_NoSignatures())
 
 
 _botocore_loader: Any = None
@@ -360,18 +277,20 @@ def retrying(
         except Exception as exc:  # noqa: BLE001 - classified below
             reason = fatal_reason(exc)
             if reason is not None:
-                raise StorageError(f"{what} {location}: {_without_signatures(reason)}") from None
+                raise StorageError(
+                    f"{what} {location}: {presigned.without_signatures(reason)}"
+                ) from None
             if attempt == attempts - 1:
                 raise StorageError(
                     f"{what} {location}: still failing after {attempts} attempt"
                     f"{'s' if attempts > 1 else ''} "
-                    f"({type(exc).__name__}: {_without_signatures(str(exc))[:200]})"
+                    f"({type(exc).__name__}: {presigned.without_signatures(str(exc))[:200]})"
                 ) from None
             count(retries=1)
             wait = min(8.0, BACKOFF_S * 2**attempt) * (0.5 + random.random())
             log.warning(
                 "%s %s failed (%s: %s); retry %d of %d in %.1f s",
-                what, location, type(exc).__name__, _without_signatures(str(exc))[:120],
+                what, location, type(exc).__name__, presigned.without_signatures(str(exc))[:120],
                 attempt + 1, attempts - 1, wait,
             )  # fmt: skip
             time.sleep(wait)
@@ -504,7 +423,10 @@ def download(location: str, destination: str, expected_bytes: int | None = None)
 
     def get(fs, path: str, progress: _DownloadProgress) -> None:
         if path != location and expected_bytes >= DOWNLOAD_PART_BYTES:  # a presigned URL
-            _get_in_parts(fs, path, destination, expected_bytes, progress)
+            presigned.get_in_parts(
+                fs, path, destination, expected_bytes, progress,
+                DOWNLOAD_PART_BYTES, DOWNLOAD_CONCURRENCY,
+            )  # fmt: skip
         else:
             fs.get_file(path, destination, callback=progress)
 
@@ -526,60 +448,6 @@ def download(location: str, destination: str, expected_bytes: int | None = None)
         return written
 
     return retrying("downloading", location, copy)
-
-
-def _get_in_parts(fs, url: str, destination: str, size: int, progress: _DownloadProgress) -> None:
-    """`url`'s `size` bytes into `destination` by concurrent range requests of
-    `DOWNLOAD_PART_BYTES`, each streamed to its place in the file; the object's size the server
-    announces (Content-Range) is given to `progress`."""
-    import asyncio
-
-    import fsspec.asyn
-
-    fd = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-
-    async def part(session, start: int, end: int, slots: asyncio.Semaphore) -> None:
-        async with (
-            slots,
-            session.get(
-                fs.encode_url(url), headers={"Range": f"bytes={start}-{end - 1}"}
-            ) as response,
-        ):
-            total = response.headers.get("Content-Range", "").rpartition("/")[2]
-            if response.status != 206 or not total.isdigit():
-                raise EOFError(f"a range was answered with HTTP {response.status}, not a part")
-            progress.set_size(int(total))
-            if int(total) != size:
-                raise EOFError(f"the server announced {total} bytes, the manifest says {size}")
-            at = start
-            async for chunk in response.content.iter_chunked(1 << 20):
-                os.pwrite(fd, chunk[: end - at], at)
-                at += len(chunk)
-                progress.relative_update(len(chunk))
-            if at != end:
-                raise EOFError(f"{at - start} bytes of the part at {start}, {end - start} wanted")
-
-    async def all_parts() -> None:
-        session = await fs.set_session()
-        slots = asyncio.Semaphore(DOWNLOAD_CONCURRENCY)
-        tasks = [
-            asyncio.ensure_future(
-                part(session, start, min(start + DOWNLOAD_PART_BYTES, size), slots)
-            )
-            for start in range(0, size, DOWNLOAD_PART_BYTES)
-        ]
-        try:
-            await asyncio.gather(*tasks)
-        except BaseException:  # the rest cancelled and awaited: none writes once fd is closed
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
-
-    try:
-        fsspec.asyn.sync(fs.loop, all_parts)
-    finally:
-        os.close(fd)
 
 
 class _DownloadProgress:

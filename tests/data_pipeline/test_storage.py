@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from data_pipeline import storage
+from data_pipeline import presigned, storage
 from data_pipeline.shard_cache import ShardCache
 from data_pipeline.tar_index import index_location, index_of_file, write_index
 from launch.cli import main as umt
@@ -303,8 +303,8 @@ def test_s3_objects_are_read_at_presigned_urls_and_a_refusal_is_read_through_s3f
     monkeypatch.setattr(storage, "DOWNLOAD_PART_BYTES", 1000)
     monkeypatch.setattr(storage, "DOWNLOAD_CONCURRENCY", 3)
     parts = []
-    real_parts = storage._get_in_parts
-    monkeypatch.setattr(storage, "_get_in_parts", lambda *a: parts.append(a) or real_parts(*a))
+    real_parts = presigned.get_in_parts
+    monkeypatch.setattr(presigned, "get_in_parts", lambda *a: parts.append(a) or real_parts(*a))
     assert len(body) % 1000 and storage.download(shard, str(copy), len(body)) == len(body)
     assert copy.read_bytes() == body and len(parts) == 1
     monkeypatch.setattr(storage, "RETRIES", 1)
