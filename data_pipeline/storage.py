@@ -16,6 +16,7 @@ local writes go to a temporary name, are fsynced and renamed, with the same prom
 
 from __future__ import annotations
 
+import bisect
 import errno
 import logging
 import os
@@ -37,6 +38,13 @@ RETRIES = int(os.environ.get("UMT_STORAGE_RETRIES", 6))  # attempts of one opera
 # S3 objects' bytes read at presigned URLs (0: through s3fs, as every other S3 operation).
 PRESIGNED_READS = os.environ.get("UMT_S3_PRESIGNED_READS", "1") != "0"
 PRESIGN_EXPIRES_S = 3600
+# A shard's samples read while its copy is on its way (whose bytes are downloaded anyway) that
+# lie at most this far apart are one request: a request's first byte costs what ~1 MB more of
+# it does (S3: 20-50 ms against ~100 MB/s per connection; Arrow sizes its hole limit the same
+# way), and the store counts requests. By range alone (no copy) only adjacent ones are merged:
+# every byte more is a byte more of egress.
+BRIDGE_HOLE_BYTES = 1 << 20
+RANGE_SPAN_BYTES = 8 << 20  # a merged request's most
 DOWNLOAD_PART_BYTES = 50 << 20  # larger objects are downloaded in concurrent parts, as by s3fs
 DOWNLOAD_CONCURRENCY = 8
 BACKOFF_S = float(os.environ.get("UMT_STORAGE_BACKOFF_S", 0.25))  # first wait; doubles, max 8 s
@@ -366,24 +374,46 @@ def read_range(location: str, offset: int, length: int) -> bytes:
     return retrying("reading", location, fetch)
 
 
-def read_ranges(location: str, ranges: list[tuple[int, int]]) -> list[bytes]:
-    """Several (offset, length) ranges of one remote object, requested concurrently."""
-
-    starts = [offset for offset, _ in ranges]
-    ends = [offset + length for offset, length in ranges]
+def read_ranges(location: str, ranges: list[tuple[int, int]], hole: int = 0) -> list[bytes]:
+    """Several (offset, length) ranges of one remote object, requested concurrently; ranges at
+    most `hole` bytes apart are requested as one (see `merge_ranges`)."""
+    spans = merge_ranges(ranges, hole)
+    starts = [start for start, _ in spans]
+    ends = [end for _, end in spans]
 
     def fetch() -> list[bytes]:
-        parts = _reading(
+        got = _reading(
             location,
-            lambda fs, path: fs.cat_ranges([path] * len(ranges), starts, ends, on_error="raise"),
+            lambda fs, path: fs.cat_ranges([path] * len(spans), starts, ends, on_error="raise"),
         )
-        count(requests=len(ranges), bytes=sum(len(p) for p in parts))
-        for part, (offset, length) in zip(parts, ranges):
-            if len(part) != length:
-                raise EOFError(f"{length} bytes wanted at {offset}, {len(part)} returned")
+        count(requests=len(spans), bytes=sum(len(p) for p in got))
+        for data, (start, end) in zip(got, spans):
+            if len(data) != end - start:
+                raise EOFError(f"{end - start} bytes wanted at {start}, {len(data)} returned")
+        parts = []
+        for offset, length in ranges:
+            i = bisect.bisect_right(starts, offset) - 1
+            parts.append(got[i][offset - starts[i] : offset - starts[i] + length])
         return parts
 
     return retrying("reading", location, fetch)
+
+
+def merge_ranges(ranges: list[tuple[int, int]], hole: int = 0) -> list[tuple[int, int]]:
+    """(start, end) spans covering `ranges` ((offset, length)), sorted, with ranges at most
+    `hole` bytes apart in one span of at most `RANGE_SPAN_BYTES` (a longer range alone)."""
+    spans: list[tuple[int, int]] = []
+    for offset, length in sorted(ranges):
+        end = offset + length
+        if (
+            spans
+            and offset - spans[-1][1] <= hole
+            and (max(end, spans[-1][1]) - spans[-1][0] <= RANGE_SPAN_BYTES)
+        ):
+            spans[-1] = (spans[-1][0], max(end, spans[-1][1]))
+        else:
+            spans.append((offset, end))
+    return spans
 
 
 class RangeReader:

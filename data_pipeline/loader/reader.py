@@ -194,6 +194,7 @@ class ShardReader:
                     storage.read_ranges,
                     self.shards[shard].path,
                     [(entry.index.offsets[i], entry.index.lengths[i]) for i in indices],
+                    storage.BRIDGE_HOLE_BYTES if entry.bridging else 0,
                 )
                 for shard, (entry, indices) in bridged.items()
             }

@@ -160,12 +160,17 @@ def test_a_micro_batchs_shards_are_opened_together_and_copied_after_its_reads(
         lambda self, round_index: events.append(("prefetch", round_index)),
     )
     monkeypatch.setattr(reader_module.ShardReader, "preload", preload)
+    holes = []
+    real_ranges = storage.read_ranges
+    monkeypatch.setattr(storage, "read_ranges", lambda *a: holes.append(a[2]) or real_ranges(*a))
     cfg = keys_only(url + "/", batch_size=4, shuffle_window=8, cache_dir=str(tmp_path / "cache"))
     loader = build_loader(cfg, 0, 1)
     (batch,) = islice(loader.batches(1), 1)
     assert len(batch.keys) == 4 and not batch.errors
     # The barrier held (opened together), and the copies were asked for after the reads.
     assert events == [("preload", 2), "read", ("prefetch", 0)]
+    # Bridged shards' samples within 1 MiB are one request (the copies' bytes come anyway).
+    assert holes == [storage.BRIDGE_HOLE_BYTES] * 2
 
 
 def test_a_copys_index_is_the_shards_index_file_not_a_scan_of_the_copy(
@@ -361,6 +366,27 @@ def test_s3_objects_are_read_at_presigned_urls_and_a_refusal_is_read_through_s3f
     assert "X-Amz-Signature" not in caplog.text and "/data-000001.tar?..." in caplog.text
 
 
+def test_ranges_close_together_are_requested_as_one(s3, local, monkeypatch):
+    """The samples of a shard one micro-batch reads lie a few samples apart, and each was a
+    request of its own: a request's first byte costs what ~1 MB more of it does, and the store
+    counts requests. Ranges at most the hole apart are one request, up to a span's size (the
+    loader's hole: 1 MiB while a copy is on its way, none by range alone)."""
+    _, url = s3
+    shard = f"{url}/data-000001.tar"
+    body = (local / "data-000001.tar").read_bytes()
+    monkeypatch.setattr(storage, "RANGE_SPAN_BYTES", 3000)
+    ranges = [(5000, 100), (0, 512), (600, 200), (5200, 10), (0, 512), (1500, 1600), (9000, 4000)]
+    spans = [(0, 800), (1500, 3100), (5000, 5210), (9000, 13000)]
+    assert storage.merge_ranges(ranges, 1000) == spans  # the third joined would span 3,100
+    requests = storage.io_counters["requests"]
+    assert storage.read_ranges(shard, ranges, 1000) == [body[o : o + n] for o, n in ranges]
+    assert storage.io_counters["requests"] - requests == len(spans)
+    # No hole (reads by range alone, every byte egress): only adjacent or overlapping ones.
+    ranges = [(0, 512), (512, 100), (700, 10), (650, 60)]
+    assert storage.merge_ranges(ranges) == [(0, 612), (650, 710)]
+    assert storage.read_ranges(shard, ranges) == [body[o : o + n] for o, n in ranges]
+
+
 def test_range_reads_of_a_micro_batch_are_requested_together(s3, local, monkeypatch):
     """With `remote_read: range` every sample was one request, one after the other: a round
     trip each, 32 in turn for a micro-batch of 32. They are now requested together."""
@@ -380,10 +406,13 @@ def test_range_reads_of_a_micro_batch_are_requested_together(s3, local, monkeypa
     monkeypatch.setattr(
         storage,
         "read_ranges",
-        lambda loc, ranges: together.append(ranges) or real_together(loc, ranges),
+        lambda loc, ranges, hole: (
+            together.append((ranges, hole)) or real_together(loc, ranges, hole)
+        ),
     )
     assert keys_by_position(cfg, 2, 3) == want
-    assert not single and sum(map(len, together)) == 2 * 3 * 4
+    assert not single and sum(len(r) for r, _ in together) == 2 * 3 * 4
+    assert {hole for _, hole in together} == {0}  # by range alone: no byte more than asked
 
 
 def order(capsys, shards: str, *extra: str) -> tuple[int, list[str], str]:
