@@ -177,8 +177,8 @@ def _reading(location: str, read: Callable[[Any, str], T], presign: bool = True)
     presigned URL: botocore's request handling costs ~2 ms of CPU per request and s3fs's
     download twice curl's per byte, where signing a URL costs 0.3 ms and aiohttp reads a range
     in ~0.6 ms (measured against moto on loopback: 32 ranges in 19 ms of the client's CPU
-    against 64 ms; a 5 MB object in 4.3 ms against 9.2). Loader workers read every sample of a
-    shard still being copied by range, and small shards whole.
+    against 64 ms; a 5 MB object in 4.3 ms against 9.2). Loader workers read the samples of a
+    shard still being copied by range, and every shard of known size whole.
 
     What s3fs handles and a URL cannot is read through s3fs: directory buckets (S3 Express's
     session auth) and access point ARNs always; and a bucket whose store refused the URL (a
