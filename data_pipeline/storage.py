@@ -257,6 +257,10 @@ def fatal_reason(exc: BaseException) -> str | None:
         "InvalidConfigError",
     ):
         return f"no usable credentials ({exc})"
+    if type(exc).__name__ == "ParamValidationError":  # botocore's: a bucket name, an empty key
+        return "not a valid S3 object: " + " ".join(str(exc).split()).removeprefix(
+            "Parameter validation failed: "
+        )
     status = _status(exc)
     if status is not None and 400 <= status < 500 and status not in (408, 429):
         return f"HTTP {status}"

@@ -65,6 +65,25 @@ def test_a_failure_of_an_exiting_interpreter_is_not_retried():
     assert storage.fatal_reason(HTTPClientError(error=ConnectionResetError())) is None
 
 
+def test_a_location_botocore_refuses_to_send_is_one_line_at_once(s3, monkeypatch):
+    """A bucket name S3 cannot have, or a folder where an object is wanted: botocore refuses to
+    send the request, and that was retried 6 times (~8 s of backoff) before a message of three
+    lines."""
+    _, url = s3
+    monkeypatch.setattr(storage, "PRESIGNED_READS", False)  # every request through botocore
+    retries = storage.io_counters["retries"]
+    for location, reason in (
+        ("s3://bad!bucket/x.json", "Invalid bucket name"),
+        (url.split("/data")[0] + "/", "Invalid length for parameter Key"),
+    ):
+        with pytest.raises(storage.StorageError) as failed:
+            storage.read_bytes(location)
+        message = str(failed.value)
+        assert message.startswith(f"reading {location}: not a valid S3 object: {reason}")
+        assert "\n" not in message
+    assert storage.io_counters["retries"] == retries
+
+
 def test_moto_serves_a_range_without_reading_the_whole_object(s3):
     """The S3 stand-in of tests and benchmarks: moto 5 read a whole object for each range request
     (32 ms for 100 KB of 40 MB against 4.4 ms of 1 MB), which made range reads of large shards
