@@ -113,13 +113,10 @@ def get_in_parts(
 
     fd = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
 
-    async def part(session, start: int, end: int, slots: asyncio.Semaphore) -> None:
-        async with (
-            slots,
-            session.get(
-                fs.encode_url(url), headers={"Range": f"bytes={start}-{end - 1}"}
-            ) as response,
-        ):
+    async def part(session, start: int, end: int) -> None:
+        async with session.get(
+            fs.encode_url(url), headers={"Range": f"bytes={start}-{end - 1}"}
+        ) as response:
             total = response.headers.get("Content-Range", "").rpartition("/")[2]
             if response.status != 206 or not total.isdigit():
                 raise EOFError(f"a range was answered with HTTP {response.status}, not a part")
@@ -136,11 +133,14 @@ def get_in_parts(
 
     async def all_parts() -> None:
         session = await fs.set_session()
-        slots = asyncio.Semaphore(concurrency)
-        tasks = [
-            asyncio.ensure_future(part(session, start, min(start + part_bytes, size), slots))
-            for start in range(0, size, part_bytes)
-        ]
+        starts = iter(range(0, size, part_bytes))  # shared: each worker takes the next part
+
+        async def worker() -> None:
+            for start in starts:
+                await part(session, start, min(start + part_bytes, size))
+
+        # `concurrency` tasks whatever the size (a manifest's size is not trusted to be sane).
+        tasks = [asyncio.ensure_future(worker()) for _ in range(concurrency)]
         try:
             await asyncio.gather(*tasks)
         except BaseException:  # the rest cancelled and awaited: none writes once fd is closed
