@@ -35,8 +35,6 @@ T = TypeVar("T")
 
 REMOTE_SCHEMES = ("s3", "http", "https")
 RETRIES = int(os.environ.get("UMT_STORAGE_RETRIES", 6))  # attempts of one operation
-# S3 objects' bytes read at presigned URLs (0: through s3fs, as every other S3 operation).
-PRESIGNED_READS = os.environ.get("UMT_S3_PRESIGNED_READS", "1") != "0"
 PRESIGN_EXPIRES_S = 3600
 # A shard's samples read while its copy is on its way (whose bytes are downloaded anyway) that
 # lie at most this far apart are one request: a request's first byte costs what ~1 MB more of
@@ -169,6 +167,17 @@ def _new_filesystem(kind: str, endpoint: str | None):
     return fs
 
 
+def presigned_reads() -> bool:
+    """UMT_S3_PRESIGNED_READS: S3 objects' bytes read at presigned URLs (1, the default) or
+    through s3fs as every other S3 operation (0)."""
+    value = os.environ.get("UMT_S3_PRESIGNED_READS", "1").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise StorageError(f"UMT_S3_PRESIGNED_READS={value!r}: use 1 (the default) or 0")
+
+
 _buckets_read_by_s3fs: set[str] = set()  # presigned reads refused there (this process)
 
 
@@ -185,7 +194,7 @@ def _reading(location: str, read: Callable[[Any, str], T], presign: bool = True)
     3xx or 4xx other than not found: another region than the client's, a store without
     presigning) or whose certificate or proxy the HTTP client could not use, once s3fs has
     read it (from then on, in this process)."""
-    if scheme(location) != "s3" or not PRESIGNED_READS or not presign:
+    if scheme(location) != "s3" or not presign or not presigned_reads():
         return read(filesystem(location), location)
     bucket = location.partition("://")[2].partition("/")[0]
     s3 = filesystem(location)

@@ -70,7 +70,7 @@ def test_a_location_botocore_refuses_to_send_is_one_line_at_once(s3, monkeypatch
     send the request, and that was retried 6 times (~8 s of backoff) before a message of three
     lines."""
     _, url = s3
-    monkeypatch.setattr(storage, "PRESIGNED_READS", False)  # every request through botocore
+    monkeypatch.setenv("UMT_S3_PRESIGNED_READS", "0")  # every request through botocore
     retries = storage.io_counters["retries"]
     for location, reason in (
         ("s3://bad!bucket/x.json", "Invalid bucket name"),
@@ -322,6 +322,15 @@ def test_s3_objects_are_read_at_presigned_urls_and_a_refusal_is_read_through_s3f
     routes.clear()
     assert storage.download(shard, str(tmp_path / "unsized.tar")) == len(body)
     assert "presigned" not in routes
+    # Turned off (any usual spelling), every read goes through s3fs; a value that is neither
+    # on nor off is one line, not a guess.
+    for off in ("0", "false", "Off"):
+        monkeypatch.setenv("UMT_S3_PRESIGNED_READS", off)
+        assert storage.read_range(shard, 7, 93) == body[7:100] and "presigned" not in routes
+    monkeypatch.setenv("UMT_S3_PRESIGNED_READS", "maybe")
+    with pytest.raises(storage.StorageError, match="UMT_S3_PRESIGNED_READS='maybe': use 1"):
+        storage.read_range(shard, 7, 93)
+    monkeypatch.delenv("UMT_S3_PRESIGNED_READS")
     # A large one in concurrent parts (the last one short), each where it belongs; an object
     # larger than the manifest says is not taken for the shard.
     monkeypatch.setattr(storage, "DOWNLOAD_PART_BYTES", 1000)
