@@ -169,6 +169,18 @@ class HttpServer:
         return codes
 
 
+def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 that no system trusts, and its key (openssl)."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -198,10 +210,11 @@ def nginx(
     work: Path,
     fail_with_500: tuple[str, ...] = (),
     answers: dict[str, int] | None = None,
+    tls: tuple[Path, Path] | None = None,
 ):
     """nginx serving `root` at http://127.0.0.1:PORT/ (Range requests included); each path of
-    `fail_with_500` always answers 500, each of `answers` its status. Needs Debian's nginx and
-    root (as CI runs)."""
+    `fail_with_500` always answers 500, each of `answers` its status; with `tls` (certificate,
+    key), at https://. Needs Debian's nginx and root (as CI runs)."""
     missing = server_missing("http")
     if missing:
         import pytest
@@ -227,8 +240,9 @@ events {{ worker_connections 256; }}
 http {{
   access_log {work / "access.log"};
 {temp_paths}  server {{
-    listen 127.0.0.1:{port};
+    listen 127.0.0.1:{port}{" ssl" if tls else ""};
     root {root};
+{f"    ssl_certificate {tls[0]};{chr(10)}    ssl_certificate_key {tls[1]};" if tls else ""}
 {failing}  }}
 }}
 """
@@ -250,7 +264,8 @@ http {{
                 if time.monotonic() > deadline:
                     raise RuntimeError("nginx did not accept connections within 30 s") from None
                 time.sleep(0.05)
-        yield HttpServer(f"http://127.0.0.1:{port}", root, work / "access.log")
+        scheme = "https" if tls else "http"
+        yield HttpServer(f"{scheme}://127.0.0.1:{port}", root, work / "access.log")
     finally:
         process.terminate()
         process.wait(timeout=30)

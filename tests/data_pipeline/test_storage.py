@@ -415,6 +415,34 @@ def test_ranges_close_together_are_requested_as_one(s3, local, monkeypatch):
     assert storage.read_ranges(shard, ranges) == [body[o : o + n] for o, n in ranges]
 
 
+def test_presigned_reads_trust_the_ca_bundle_and_fall_back_on_a_certificate_they_cannot(
+    s3, local, tmp_path, monkeypatch
+):
+    """botocore trusts AWS_CA_BUNDLE (an on-premises store's own CA); aiohttp trusts only the
+    system's. The presigned reads take the bundle; where the certificate still cannot be
+    verified, they are read through s3fs (which has its own settings) instead of failing."""
+    from tests.storage_servers import self_signed_certificate
+
+    server, url = s3
+    shard = f"{url}/data-000001.tar"
+    body = (local / "data-000001.tar").read_bytes()
+    cert, key = self_signed_certificate(tmp_path)
+    with nginx(local.parent, tmp_path / "nginx", tls=(cert, key)) as web:
+        signed = web.base + "/shards/data-000001.tar"
+        for trusted in (True, False):
+            monkeypatch.setattr(storage, "_filesystems", {})  # clients and sessions made anew
+            monkeypatch.setattr(storage, "_buckets_read_by_s3fs", set())
+            for name in ("AWS_CA_BUNDLE", "REQUESTS_CA_BUNDLE"):
+                monkeypatch.delenv(name, raising=False)
+            if trusted:
+                monkeypatch.setenv("AWS_CA_BUNDLE", str(cert))
+            monkeypatch.setattr(storage.filesystem(shard), "url", lambda path, expires: signed)
+            assert storage.read_range(shard, 7, 93) == body[7:100]
+            assert storage._buckets_read_by_s3fs == (set() if trusted else {BUCKET})
+        # Only the trusted read reached the server; the other failed its TLS handshake.
+        assert web.requests("/shards/data-000001.tar") == [206]
+
+
 def test_range_reads_of_a_micro_batch_are_requested_together(s3, local, monkeypatch):
     """With `remote_read: range` every sample was one request, one after the other: a round
     trip each, 32 in turn for a micro-batch of 32. They are now requested together."""
