@@ -374,17 +374,7 @@ def read_text_if_exists(location: str, attempts: int | None = None) -> str | Non
 
 def read_range(location: str, offset: int, length: int) -> bytes:
     """Bytes [offset, offset + length) of a remote object (a range request)."""
-
-    def fetch() -> bytes:
-        data = _reading(
-            location, lambda fs, path: fs.cat_file(path, start=offset, end=offset + length)
-        )
-        count(requests=1, bytes=len(data))
-        if len(data) != length:
-            raise EOFError(f"{length} bytes wanted at {offset}, {len(data)} returned")
-        return data
-
-    return retrying("reading", location, fetch)
+    return read_ranges(location, [(offset, length)])[0]
 
 
 def read_ranges(location: str, ranges: list[tuple[int, int]], hole: int = 0) -> list[bytes]:
