@@ -171,7 +171,7 @@ class ShardReader:
         by_shard: dict[int, list[int]] = {}
         for shard, index in wanted:
             by_shard.setdefault(shard, []).append(index)
-        to_open = [s for s in by_shard if self._opens_by_request(s)]
+        to_open = [s for s in by_shard if self.opens_by_request(s)]
         with ThreadPoolExecutor(8, "umt-open") as pool:
             opening = {}
             if len(to_open) > 1:  # one shard alone is opened in this thread, as on any read
@@ -202,7 +202,7 @@ class ShardReader:
                 entry, indices = bridged[shard]
                 entry.fetched.update(zip(indices, read.result()))
 
-    def _opens_by_request(self, shard: int) -> bool:
+    def opens_by_request(self, shard: int) -> bool:
         """Whether opening `shard` now takes a request (a remote shard not open, not copied)."""
         path = self.shards[shard].path
         if shard in self._open or shard in self._broken or not storage.is_remote(path):
@@ -269,8 +269,12 @@ class _OpenShard:
         if storage.is_remote(path) and cache is not None and not cache.has(path):
             # Not in the cache yet (its prefetch is under way): bridge with range requests when
             # the shard has an index file, rather than wait for the whole shard.
-            try:  # checked against the manifest's size where known (no request more)
-                remote_index = read_index(path, size=shard.bytes)
+            # Read by this process already (the rank's process before its workers started,
+            # `read_indexes_ahead`, or an earlier bridge), else requested: checked against the
+            # manifest's size where known (no request more).
+            remote_index = _indexes_read.get(path, shard.bytes)
+            try:
+                remote_index = remote_index or read_index(path, size=shard.bytes)
             except TarIndexError:
                 remote_index = None
             if remote_index is not None:
@@ -312,11 +316,12 @@ class _IndexesRead:
             while len(self._indexes) > self.SIZE:
                 self._indexes.popitem(last=False)
 
-    def get(self, location: str, size: int) -> TarIndex | None:
-        """The index read for `location`, if it was made for a tar of `size` bytes."""
+    def get(self, location: str, size: int | None) -> TarIndex | None:
+        """The index read for `location`, if it was made for a tar of `size` bytes (any size
+        where the manifest gives none: the index was checked against the store's when read)."""
         with self._lock:
             index = self._indexes.get(location)
-        return index if index is not None and index.bytes == size else None
+        return index if index is not None and size in (None, index.bytes) else None
 
     def after_fork(self) -> None:  # a lock held by another thread at fork stays held in the child
         self._lock = threading.Lock()
@@ -324,6 +329,31 @@ class _IndexesRead:
 
 _indexes_read = _IndexesRead()
 os.register_at_fork(after_in_child=_indexes_read.after_fork)
+
+
+def read_indexes_ahead(shards: list[Shard]) -> dict[str, TarIndex]:
+    """{location: index} of the remote `shards`' index files, requested together, once each.
+    One try: a shard whose index file is missing, stale or failing is left out, and its reader
+    does what it does without this (tries itself, or scans its copy)."""
+
+    def one(shard: Shard) -> TarIndex | None:
+        try:
+            return read_index(shard.path, size=shard.bytes, attempts=1)
+        except (TarIndexError, StorageError, OSError) as exc:
+            log.debug("index of %s not read ahead: %s", shard.path, exc)
+            return None
+
+    remote = [s for s in dict.fromkeys(shards) if storage.is_remote(s.path)]
+    with ThreadPoolExecutor(min(16, max(1, len(remote))), "umt-index") as pool:
+        found = dict(zip((s.path for s in remote), pool.map(one, remote)))
+    return {path: index for path, index in found.items() if index is not None}
+
+
+def keep_indexes(indexes: dict[str, TarIndex]) -> None:
+    """Indexes read by another process (`read_indexes_ahead` in the rank's process), for this
+    one's readers."""
+    for location, index in indexes.items():
+        _indexes_read.keep(location, index)
 
 
 def copy_index(location: str, held: CachedShard) -> TarIndex:

@@ -41,7 +41,14 @@ from data_pipeline.loader.config import (
 )
 from data_pipeline.loader.dataset import Dataset, resolve_dataset
 from data_pipeline.loader.order import GlobalOrder, micro_batch_positions
-from data_pipeline.loader.reader import RawSample, ShardReader, copy_index, read_tar_samples
+from data_pipeline.loader.reader import (
+    RawSample,
+    ShardReader,
+    copy_index,
+    keep_indexes,
+    read_indexes_ahead,
+    read_tar_samples,
+)
 from data_pipeline.loader.state import (
     data_change,
     describe_phase,
@@ -51,7 +58,7 @@ from data_pipeline.loader.state import (
 )
 from data_pipeline.shard_cache import ShardCache, default_cache_dir
 from data_pipeline.storage import StorageError
-from data_pipeline.tar_index import index_location
+from data_pipeline.tar_index import TarIndex, index_location
 from data_pipeline.transforms import load_tokenizer
 
 log = logging.getLogger("umt.data")
@@ -88,6 +95,20 @@ class MicroBatchMaker:
         self._prefetcher: ThreadPoolExecutor | None = None
         self._prefetched: OrderedDict[int, None] = OrderedDict()
         self._io_seen: Counter = Counter()
+        self.indexes_ahead: dict[str, TarIndex] = {}  # for the workers: `read_indexes_ahead`
+
+    def read_indexes_ahead(self, rounds: int) -> None:
+        """In the rank's process, before its workers start: the index files of the remote shards
+        that the first `rounds` micro-batches (each worker's first) open by request, read once
+        and together, for every worker (each worker read them all itself: K requests per file
+        per rank, the first batch's longest wait after the workers' start)."""
+        b, wanted = self.cfg.batch_size, []
+        for round_index in range(rounds):
+            first = micro_batch_positions(self.start, round_index, self.rank, self.world_size, b)
+            shards, _ = self.dataset.locate(self.order.samples(first, b)[0])
+            wanted += shards.tolist()
+        opened = [s for s in dict.fromkeys(wanted) if self.reader.opens_by_request(s)]
+        self.indexes_ahead = read_indexes_ahead([self.dataset.shards[s] for s in opened])
 
     def prefetch(self, round_index: int) -> None:
         """Fetch into the node cache, in the background, the remote shards of the stream from
@@ -207,6 +228,7 @@ class RankStream(IterableDataset):
         rounds = itertools.count(worker, self.num_workers)
         if self.limit is not None:
             rounds = range(worker, self.limit, self.num_workers)
+        keep_indexes(self.maker.indexes_ahead)
         for round_index in rounds:
             try:
                 yield self.maker.micro_batch(round_index)
@@ -290,6 +312,8 @@ class StreamingLoader:
         workers = self.cfg.num_workers
         maker = self.maker()  # in this process without workers; else each worker has a copy
         try:
+            if workers > 0:
+                maker.read_indexes_ahead(workers if count is None else min(workers, count))
             yield from self._batches(maker, workers, count)
         finally:
             maker.close()

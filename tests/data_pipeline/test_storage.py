@@ -192,6 +192,29 @@ def test_a_micro_batchs_shards_are_opened_together_and_copied_after_its_reads(
     assert holes == [storage.BRIDGE_HOLE_BYTES] * 2
 
 
+@pytest.mark.slow
+def test_the_first_micro_batches_index_files_are_read_once_for_all_workers(local, tmp_path):
+    """Each loader worker requested the index files of the shards its first micro-batch bridges
+    (the same files K times per rank, 64 times on a node of 8 ranks of 8 workers), the first
+    batch's longest wait after the workers' start (65 of its 410 ms from moto, measured). The
+    rank's process reads them once, together, before its workers start; the batches are the
+    ones the shards give on local disk."""
+    from data_pipeline.loader import build_loader
+
+    with nginx(local.parent, tmp_path / "nginx") as server:
+        cfg = keys_only(
+            f"{server.base}/shards/", batch_size=8, shuffle_window=40, num_workers=2,
+            cache_dir=str(tmp_path / "cache"),
+        )  # fmt: skip
+        remote = [b.keys for b in build_loader(cfg, 0, 1).batches(2)]
+        local_cfg = replace(cfg, shards=f"{local}/", cache_dir=None)
+        assert remote == [b.keys for b in build_loader(local_cfg, 0, 1).batches(2)]
+        shards = [{key.split("-")[1] for key in keys} for keys in remote]
+        assert shards[0] & shards[1]  # both workers' first micro-batches bridge a shard
+        for shard in shards[0] | shards[1]:
+            assert server.requests(f"/shards/data-{int(shard):06d}.index.json") == [200]
+
+
 def test_a_copys_index_is_the_shards_index_file_not_a_scan_of_the_copy(
     s3, local, tmp_path, monkeypatch
 ):
