@@ -5,6 +5,7 @@ URL, a credential while it lasts, reaches no log and no message."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -48,10 +49,28 @@ async def session(**kwargs):
 
     ca_bundle = os.environ.get("AWS_CA_BUNDLE") or os.environ.get("REQUESTS_CA_BUNDLE")
     if ca_bundle:
-        import ssl
-
-        kwargs["connector"] = aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=ca_bundle))
+        kwargs["connector"] = aiohttp.TCPConnector(ssl=ca_context(ca_bundle))
     return aiohttp.ClientSession(**kwargs)
+
+
+def ca_context(ca_bundle: str):
+    """An SSL context trusting `ca_bundle`, made once per process and bundle file (while the
+    file is unchanged). Loading a system's bundle takes ~22 ms of CPU, and every loader worker
+    made its own before its first request; forked from a process that has read S3, a worker
+    now inherits it (as aiohttp's own default contexts, made when it is imported)."""
+    try:
+        stat = os.stat(ca_bundle)
+        stamp = (stat.st_mtime_ns, stat.st_size)
+    except OSError:
+        stamp = None  # loading it names the problem
+    return _ca_context(ca_bundle, stamp)
+
+
+@functools.lru_cache(maxsize=4)
+def _ca_context(ca_bundle: str, stamp: tuple[int, int] | None):
+    import ssl
+
+    return ssl.create_default_context(cafile=ca_bundle)
 
 
 async def raise_unless_2xx(response) -> None:
