@@ -59,15 +59,15 @@ def ca_context(ca_bundle: str):
     made its own before its first request; forked from a process that has read S3, a worker
     now inherits it (as aiohttp's own default contexts, made when it is imported)."""
     try:
-        stat = os.stat(ca_bundle)
-        stamp = (stat.st_mtime_ns, stat.st_size)
+        stat = os.stat(ca_bundle)  # a file replaced keeps neither its inode nor its ctime
+        stamp = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
     except OSError:
         stamp = None  # loading it names the problem
     return _ca_context(ca_bundle, stamp)
 
 
 @functools.lru_cache(maxsize=4)
-def _ca_context(ca_bundle: str, stamp: tuple[int, int] | None):
+def _ca_context(ca_bundle: str, stamp: tuple[int, ...] | None):
     import ssl
 
     return ssl.create_default_context(cafile=ca_bundle)

@@ -334,10 +334,16 @@ def is_file(location: str) -> bool:
     return os.path.isfile(location)
 
 
-def size(location: str) -> int:
+def size(location: str, attempts: int | None = None) -> int:
+    """Bytes of a file or object; a remote one asked up to `attempts` times (see `retrying`)."""
     if is_remote(location):
         return int(
-            retrying("reading the size of", location, lambda: filesystem(location).size(location))
+            retrying(
+                "reading the size of",
+                location,
+                lambda: filesystem(location).size(location),
+                attempts,
+            )
         )
     return os.path.getsize(location)
 

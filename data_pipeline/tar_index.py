@@ -144,7 +144,8 @@ def read_index(
 ) -> TarIndex | None:
     """The index beside a shard (local or remote), checked against the tar's size (`size` when
     given, else that of `local_copy`, else asked of storage); None if there is none. A remote
-    one is requested up to `attempts` times (default: storage's retries)."""
+    one (and the tar's size, where asked) is requested up to `attempts` times (default: storage's
+    retries)."""
     where = index_location(shard_location)
     text = storage.read_text_if_exists(where, attempts)
     if text is None:
@@ -157,7 +158,9 @@ def read_index(
     if size is not None:
         actual = size
     else:
-        actual = os.path.getsize(local_copy) if local_copy else storage.size(shard_location)
+        actual = (
+            os.path.getsize(local_copy) if local_copy else storage.size(shard_location, attempts)
+        )
     if index.bytes != actual:
         raise TarIndexError(
             f"{where} was made for a tar of {index.bytes} bytes, {shard_location} has {actual}: "

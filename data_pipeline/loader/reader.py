@@ -115,6 +115,9 @@ class ShardReader:
         self._open: OrderedDict[int, _OpenShard] = OrderedDict()
         self._closed: OrderedDict[int, None] = OrderedDict()  # closed to make room, lately
         self._broken: dict[int, str] = {}  # shard -> reason it cannot be read at all
+        # Index files the rank's process read before this worker started, each for its shard's
+        # first opening by request (`read_indexes_ahead`).
+        self.ahead: dict[str, TarIndex] = {}
 
     def _get(self, shard: int, errors: Counter, opening: Future | None = None) -> _OpenShard | None:
         """`opening`: the shard being opened already (its result or failure is used)."""
@@ -135,7 +138,10 @@ class ShardReader:
             if opening is not None:
                 entry = opening.result()
             else:
-                entry = _OpenShard.open(self.shards[shard], self.cache, known)
+                path = self.shards[shard].path
+                entry = _OpenShard.open(
+                    self.shards[shard], self.cache, known, self.ahead.pop(path, None)
+                )
         except FileNotFoundError:
             self._broken[shard] = "missing_shard"
         except TarIndexError as exc:
@@ -176,7 +182,14 @@ class ShardReader:
             opening = {}
             if len(to_open) > 1:  # one shard alone is opened in this thread, as on any read
                 opening = {
-                    s: pool.submit(_OpenShard.open, self.shards[s], self.cache) for s in to_open
+                    s: pool.submit(
+                        _OpenShard.open,
+                        self.shards[s],
+                        self.cache,
+                        None,
+                        self.ahead.pop(self.shards[s].path, None),
+                    )  # fmt: skip
+                    for s in to_open
                 }
             bridged: dict[int, tuple[_OpenShard, list[int]]] = {}
             try:
@@ -262,25 +275,32 @@ class _OpenShard:
 
     @classmethod
     def open(
-        cls, shard: Shard, cache: ShardCache | None, known: TarIndex | None = None
+        cls,
+        shard: Shard,
+        cache: ShardCache | None,
+        known: TarIndex | None = None,
+        ahead: TarIndex | None = None,
     ) -> _OpenShard:
-        """`known`: the shard's index already read (while bridging), used for its copy."""
+        """`known`: the shard's index already read (while bridging), used for its copy. `ahead`:
+        its index file as the rank's process read it before this worker started
+        (`read_indexes_ahead`), used for its first opening by request."""
         path = shard.path
-        if storage.is_remote(path) and cache is not None and not cache.has(path):
+        remote = storage.is_remote(path)
+        if remote and ahead is None and shard.bytes is not None:
+            # Read by this process lately (bridging it before), made for a tar of the size the
+            # manifest gives: what a request would return, checked as it would be.
+            ahead = _indexes_read.get(path, shard.bytes)
+        if remote and cache is not None and not cache.has(path):
             # Not in the cache yet (its prefetch is under way): bridge with range requests when
             # the shard has an index file, rather than wait for the whole shard.
-            # Read by this process already (the rank's process before its workers started,
-            # `read_indexes_ahead`, or an earlier bridge), else requested: checked against the
-            # manifest's size where known (no request more).
-            remote_index = _indexes_read.get(path, shard.bytes)
-            try:
-                remote_index = remote_index or read_index(path, size=shard.bytes)
+            try:  # checked against the manifest's size where known (no request more)
+                remote_index = ahead if ahead is not None else read_index(path, size=shard.bytes)
             except TarIndexError:
                 remote_index = None
             if remote_index is not None:
                 _indexes_read.keep(path, remote_index)
                 return cls(remote_index, storage.RangeReader(path), bridging=True)
-        if storage.is_remote(path) and cache is not None:
+        if remote and cache is not None:
             held = cache.acquire(path, shard.bytes)
             try:
                 local = str(held.path)
@@ -290,6 +310,8 @@ class _OpenShard:
             except BaseException:
                 held.release()
                 raise
+        if remote and ahead is not None:  # `remote_read: range`
+            return cls(ahead, storage.RangeReader(path))
         return cls(load_index(path), storage.RangeReader(path))
 
     def close(self) -> None:
@@ -316,12 +338,11 @@ class _IndexesRead:
             while len(self._indexes) > self.SIZE:
                 self._indexes.popitem(last=False)
 
-    def get(self, location: str, size: int | None) -> TarIndex | None:
-        """The index read for `location`, if it was made for a tar of `size` bytes (any size
-        where the manifest gives none: the index was checked against the store's when read)."""
+    def get(self, location: str, size: int) -> TarIndex | None:
+        """The index read for `location`, if it was made for a tar of `size` bytes."""
         with self._lock:
             index = self._indexes.get(location)
-        return index if index is not None and size in (None, index.bytes) else None
+        return index if index is not None and index.bytes == size else None
 
     def after_fork(self) -> None:  # a lock held by another thread at fork stays held in the child
         self._lock = threading.Lock()
@@ -333,18 +354,21 @@ os.register_at_fork(after_in_child=_indexes_read.after_fork)
 
 def read_indexes_ahead(shards: list[Shard]) -> dict[str, TarIndex]:
     """{location: index} of the remote `shards`' index files, requested together, once each.
-    One try: a shard whose index file is missing, stale or failing is left out, and its reader
-    does what it does without this (tries itself, or scans its copy)."""
+    One try (the tar's size too, where the manifest gives none): a shard whose index file is
+    missing, stale or failing is left out, and its reader does what it does without this (tries
+    itself, or scans its copy)."""
 
     def one(shard: Shard) -> TarIndex | None:
         try:
             return read_index(shard.path, size=shard.bytes, attempts=1)
-        except (TarIndexError, StorageError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - best effort: the reader tries again itself
             log.debug("index of %s not read ahead: %s", shard.path, exc)
             return None
 
-    remote = [s for s in dict.fromkeys(shards) if storage.is_remote(s.path)]
-    with ThreadPoolExecutor(min(16, max(1, len(remote))), "umt-index") as pool:
+    remote = list({s.path: s for s in shards if storage.is_remote(s.path)}.values())
+    if not remote:
+        return {}
+    with ThreadPoolExecutor(min(32, len(remote)), "umt-index") as pool:
         found = dict(zip((s.path for s in remote), pool.map(one, remote)))
     return {path: index for path, index in found.items() if index is not None}
 

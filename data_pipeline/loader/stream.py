@@ -58,7 +58,7 @@ from data_pipeline.loader.state import (
 )
 from data_pipeline.shard_cache import ShardCache, default_cache_dir
 from data_pipeline.storage import StorageError
-from data_pipeline.tar_index import TarIndex, index_location
+from data_pipeline.tar_index import index_location
 from data_pipeline.transforms import load_tokenizer
 
 log = logging.getLogger("umt.data")
@@ -95,20 +95,24 @@ class MicroBatchMaker:
         self._prefetcher: ThreadPoolExecutor | None = None
         self._prefetched: OrderedDict[int, None] = OrderedDict()
         self._io_seen: Counter = Counter()
-        self.indexes_ahead: dict[str, TarIndex] = {}  # for the workers: `read_indexes_ahead`
+
+    MAX_INDEXES_AHEAD = 64
 
     def read_indexes_ahead(self, rounds: int) -> None:
         """In the rank's process, before its workers start: the index files of the remote shards
         that the first `rounds` micro-batches (each worker's first) open by request, read once
-        and together, for every worker (each worker read them all itself: K requests per file
-        per rank, the first batch's longest wait after the workers' start)."""
-        b, wanted = self.cfg.batch_size, []
+        and together for every worker (`reader.ahead`). Each worker read them all itself: the
+        same files K times per rank where the micro-batches share shards (a shuffle window's
+        draws do), on the first batch's path. Those most shared first, up to
+        `MAX_INDEXES_AHEAD`: the rest are each worker's own, read by it as before."""
+        b, rounds_of = self.cfg.batch_size, Counter()
         for round_index in range(rounds):
             first = micro_batch_positions(self.start, round_index, self.rank, self.world_size, b)
             shards, _ = self.dataset.locate(self.order.samples(first, b)[0])
-            wanted += shards.tolist()
-        opened = [s for s in dict.fromkeys(wanted) if self.reader.opens_by_request(s)]
-        self.indexes_ahead = read_indexes_ahead([self.dataset.shards[s] for s in opened])
+            rounds_of.update(set(shards.tolist()))
+        wanted = [s for s, _ in rounds_of.most_common() if self.reader.opens_by_request(s)]
+        shards = [self.dataset.shards[s] for s in wanted[: self.MAX_INDEXES_AHEAD]]
+        self.reader.ahead = read_indexes_ahead(shards)
 
     def prefetch(self, round_index: int) -> None:
         """Fetch into the node cache, in the background, the remote shards of the stream from
@@ -228,7 +232,7 @@ class RankStream(IterableDataset):
         rounds = itertools.count(worker, self.num_workers)
         if self.limit is not None:
             rounds = range(worker, self.limit, self.num_workers)
-        keep_indexes(self.maker.indexes_ahead)
+        keep_indexes(self.maker.reader.ahead)  # for the copies' indexes too
         for round_index in rounds:
             try:
                 yield self.maker.micro_batch(round_index)
@@ -330,7 +334,9 @@ class StreamingLoader:
             # in_order stays True: round k comes from worker k mod K, and each batch's round is
             # checked below to catch a change.
         )
-        for expected, item in enumerate(loader):
+        items = iter(loader)  # the workers start, each with its copy of the maker
+        maker.reader.ahead = {}
+        for expected, item in enumerate(items):
             if isinstance(item, _Failure):
                 raise LoaderDataError(f"rank {self.rank}: {item.message}")
             if item.round != expected:

@@ -284,9 +284,9 @@ def test_shards_read_in_turn_stay_open_however_many_the_windows_span(tmp_path, m
     opened = []
     real_open = reader_module._OpenShard.open.__func__
 
-    def counting_open(cls, shard, cache, known=None):
+    def counting_open(cls, shard, cache, known=None, ahead=None):
         opened.append(shard.path)
-        return real_open(cls, shard, cache, known)
+        return real_open(cls, shard, cache, known, ahead)
 
     monkeypatch.setattr(reader_module._OpenShard, "open", classmethod(counting_open))
     reader = ShardReader(resolve_dataset(str(tmp_path), False).shards, keep_open=3)

@@ -160,10 +160,10 @@ def test_a_micro_batchs_shards_are_opened_together_and_copied_after_its_reads(
     real_open = reader_module._OpenShard.open.__func__
     events = []
 
-    def open_together(cls, shard, cache, known=None):
+    def open_together(cls, shard, cache, known=None, ahead=None):
         if known is None and not cache.has(shard.path):  # a first open: by its index file
             both_open.wait()
-        return real_open(cls, shard, cache, known)
+        return real_open(cls, shard, cache, known, ahead)
 
     real_preload = reader_module.ShardReader.preload
 
@@ -193,18 +193,22 @@ def test_a_micro_batchs_shards_are_opened_together_and_copied_after_its_reads(
 
 
 @pytest.mark.slow
-def test_the_first_micro_batches_index_files_are_read_once_for_all_workers(local, tmp_path):
-    """Each loader worker requested the index files of the shards its first micro-batch bridges
-    (the same files K times per rank, 64 times on a node of 8 ranks of 8 workers), the first
-    batch's longest wait after the workers' start (65 of its 410 ms from moto, measured). The
-    rank's process reads them once, together, before its workers start; the batches are the
-    ones the shards give on local disk."""
+@pytest.mark.parametrize("remote_read", ["cache", "range"])
+def test_the_first_micro_batches_index_files_are_read_once_for_all_workers(
+    local, tmp_path, remote_read
+):
+    """Each loader worker requested the index files of the shards its first micro-batch opens
+    by request (the same files K times per rank, 64 times on a node of 8 ranks of 8 workers),
+    the first batch's longest wait after the workers' start (65 of its 410 ms from moto,
+    measured). The rank's process reads them once, together, before its workers start, for
+    bridged copies and for `remote_read: range` alike; the batches are the ones the shards give
+    on local disk."""
     from data_pipeline.loader import build_loader
 
     with nginx(local.parent, tmp_path / "nginx") as server:
         cfg = keys_only(
             f"{server.base}/shards/", batch_size=8, shuffle_window=40, num_workers=2,
-            cache_dir=str(tmp_path / "cache"),
+            cache_dir=str(tmp_path / "cache"), remote_read=remote_read,
         )  # fmt: skip
         remote = [b.keys for b in build_loader(cfg, 0, 1).batches(2)]
         local_cfg = replace(cfg, shards=f"{local}/", cache_dir=None)
@@ -213,6 +217,28 @@ def test_the_first_micro_batches_index_files_are_read_once_for_all_workers(local
         assert shards[0] & shards[1]  # both workers' first micro-batches bridge a shard
         for shard in shards[0] | shards[1]:
             assert server.requests(f"/shards/data-{int(shard):06d}.index.json") == [200]
+
+
+def test_indexes_read_ahead_take_one_try_and_leave_any_failure_to_the_workers(local, tmp_path):
+    """The rank's process reads ahead before its workers start: a failing store must not hold
+    them back by its retries (~8 s), nor make a run fail that the workers' own reads would
+    carry. One request per file (and for the tar's size where the manifest gives none); an
+    index file that fails or is missing is left out, for the worker to read as before."""
+    from data_pipeline.loader.dataset import Shard
+    from data_pipeline.loader.reader import read_indexes_ahead
+
+    (local / "data-000002.index.json").unlink()
+    failing = ("/shards/data-000001.index.json", "/shards/data-000003.tar")
+    with nginx(local.parent, tmp_path / "nginx", fail_with_500=failing) as server:
+        base = f"{server.base}/shards"
+        shards = [Shard(f"{base}/data-{i:06d}.tar", COUNTS[i]) for i in range(4)]  # no sizes
+        found = read_indexes_ahead(shards + shards[:1])  # a shard twice: read once
+        assert list(found) == [shards[0].path]
+        assert found[shards[0].path] == index_of_file(str(local / "data-000000.tar"))
+        for i, codes in enumerate([[200], [500], [404], [200]]):
+            assert server.requests(f"/shards/data-{i:06d}.index.json") == codes
+        # shard 3's index file came, its size did not: asked once
+        assert server.requests("/shards/data-000003.tar", "HEAD") == [500]
 
 
 def test_a_copys_index_is_the_shards_index_file_not_a_scan_of_the_copy(
